@@ -1,0 +1,136 @@
+"""The model-adapter interface every backbone implements (toy world, SD3/SD3.5, FLUX.1).
+
+The trainer, the sampler and the rewards only ever talk to a :class:`FlowModelAdapter`. An adapter hides
+the backbone's own conventions (timestep scale, latent packing, VAE scaling, text encoders) behind four
+operations in the rectified-flow convention used throughout solace:
+
+* ``z_t = (1 - t) * z0 + t * eps`` with ``t = sigma`` in [0, 1] (t = 1 is pure noise);
+* ``velocity(z_t, t, cond)`` returns ``v ~ eps - z0`` (the *conditional* velocity, no CFG);
+* the sampler integrates from t = 1 to t = 0 with ``z_{next} = z + v * (t_next - t)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning for a batch: named tensors whose first dimension is the batch.
+
+    Each adapter decides which tensors it needs (toy: token embeddings and a mask; SD3: ``prompt_embeds``
+    and ``pooled_prompt_embeds``; FLUX: ``prompt_embeds``, ``pooled_prompt_embeds``, ``text_ids``).
+    Tensors listed in ``shared`` are not batched (e.g. FLUX's ``text_ids``) and pass through unchanged.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    shared: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return next(iter(self.tensors.values())).shape[0]
+
+    def index(self, idx: torch.Tensor | Sequence[int] | slice) -> Conditioning:
+        if not isinstance(idx, slice | torch.Tensor):
+            idx = torch.as_tensor(list(idx), dtype=torch.long)
+        return Conditioning({k: v[idx] for k, v in self.tensors.items()}, dict(self.shared))
+
+    def repeat_interleave(self, n: int) -> Conditioning:
+        return Conditioning({k: v.repeat_interleave(n, dim=0) for k, v in self.tensors.items()}, dict(self.shared))
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Conditioning:
+        def mv(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else None)
+
+        return Conditioning({k: mv(v) for k, v in self.tensors.items()}, {k: mv(v) for k, v in self.shared.items()})
+
+    @staticmethod
+    def cat(items: Sequence[Conditioning]) -> Conditioning:
+        if not items:
+            raise ValueError("Conditioning.cat needs at least one item")
+        keys = items[0].tensors.keys()
+        return Conditioning(
+            {k: torch.cat([c.tensors[k] for c in items], dim=0) for k in keys}, dict(items[0].shared)
+        )
+
+
+@runtime_checkable
+class FlowModelAdapter(Protocol):
+    """What solace needs from a text-to-image flow-matching model.
+
+    Attributes:
+        name: short identifier written to logs and reports.
+        denoiser: the ``nn.Module`` that LoRA is attached to (SD3/FLUX transformer, toy U-Net).
+        lora_target_modules: module-name patterns for PEFT's ``target_modules``.
+        shift: the scheduler's sigma shift (SD3: 3.0); ``schedule`` uses it.
+    """
+
+    name: str
+    denoiser: nn.Module
+    lora_target_modules: list[str]
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    def latent_shape(self) -> tuple[int, ...]:
+        """Shape of one sample's latent (no batch dimension)."""
+        ...
+
+    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
+        """Encode prompts once; the empty string gives the unconditional embedding used by CFG."""
+        ...
+
+    def velocity(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """Conditional velocity ``v(z_t, t, c)`` for a batch; ``t`` has shape (B,) with values in [0, 1]."""
+        ...
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images as float RGB in [0, 1], shape (B, 3, H, W)."""
+        ...
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images float RGB in [0, 1] (B, 3, H, W) -> clean latents z0."""
+        ...
+
+    def sigmas(self, num_steps: int) -> torch.Tensor:
+        """The sampler's sigma schedule, ``num_steps + 1`` values from 1 (noise) down to 0 (data)."""
+        ...
+
+
+@contextlib.contextmanager
+def adapters_disabled(module: nn.Module) -> Iterator[None]:
+    """Run the LoRA-off reference policy, whether or not ``module`` is wrapped (DDP/FSDP) or has LoRA.
+
+    Works on a bare module, a PEFT model, or a module whose submodules carry PEFT LoRA layers, and through
+    ``DistributedDataParallel``/FSDP wrappers (which expose the wrapped model as ``.module``).
+    """
+    inner = module
+    while hasattr(inner, "module") and isinstance(inner.module, nn.Module):
+        inner = inner.module
+    if hasattr(inner, "disable_adapter") and callable(inner.disable_adapter):
+        with inner.disable_adapter():
+            yield
+        return
+    # Layers injected with peft.inject_adapter_in_model / add_adapter: toggle each LoRA layer.
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # pragma: no cover - peft is a hard dependency
+        yield
+        return
+    layers = [m for m in inner.modules() if isinstance(m, BaseTunerLayer)]
+    previous = [m.disable_adapters for m in layers]
+    try:
+        for m in layers:
+            m.enable_adapters(False)
+        yield
+    finally:
+        for m, was_disabled in zip(layers, previous, strict=True):
+            m.enable_adapters(not was_disabled)

@@ -1,0 +1,294 @@
+"""FLUX.1 (dev-style) behind the :class:`~solace.models.base.FlowModelAdapter` interface.
+
+Conventions and how they map onto solace's:
+
+* **Noise/time.** FLUX uses the same rectified flow as SD3, ``z_t = (1 - sigma) z0 + sigma eps``, and its
+  transformer predicts ``eps - z0``; ``t = sigma`` in [0, 1]. ``FluxPipeline.__call__`` hands the transformer
+  ``timestep / 1000`` with ``timesteps = sigmas * 1000``, i.e. sigma itself (the transformer multiplies by
+  1000 internally). :meth:`FluxAdapter.velocity` passes ``timestep = t``, computed as ``(1000 t) / 1000`` in
+  the latent dtype so that it is bit-identical to the pipeline's.
+* **Schedule.** FLUX.1-dev's scheduler uses *dynamic* shifting: sigmas are ``linspace(1, 1/N, N)`` through
+  the exponential time shift with ``mu = flux_mu(image_seq_len)`` (``base_shift``/``max_shift`` from the
+  scheduler config). :meth:`FluxAdapter.sigmas` returns exactly those (plus the trailing 0). There is no
+  static ``shift`` in play; :attr:`FluxAdapter.shift` only mirrors the config and :attr:`FluxAdapter.mu`
+  holds the shift actually used.
+* **Packed latents.** The sampler, the trajectories and the rewards work on FLUX's *packed* latents,
+  shape ``(seq, 4 C)`` per sample with ``seq = (H/2)(W/2)`` (2x2 patches of the 16-channel VAE latent),
+  exactly what ``FluxPipeline`` iterates on and returns with ``output_type="latent"``. Packing is a fixed
+  permutation of the VAE latent's elements, so every elementwise operation of solace (Euler/SDE steps,
+  Gaussian log-probs averaged over elements, re-noising, MSEs) is unchanged by it; only :meth:`decode` and
+  :meth:`encode_images` unpack/pack. :meth:`latent_shape` is the packed shape.
+* **Positional ids.** ``img_ids`` (``(seq, 3)``, from the latent grid) and ``text_ids`` (zeros, ``(L, 3)``)
+  are not batched: :meth:`encode_prompts` puts them in ``Conditioning.shared``; :meth:`velocity` falls back
+  to computing them when a conditioning lacks them.
+* **Guidance.** FLUX.1-dev is *guidance-distilled*: the guidance scale is an input of the transformer
+  (``guidance_embeds=True``; default 3.5) and sampling uses a single conditional forward. Run solace's
+  sampler with ``cfg_scale=1`` (the default for FLUX configs); ``cfg_scale > 1`` with the empty prompt as
+  ``null_cond`` is FluxPipeline's "true CFG" (``true_cfg_scale`` with ``negative_prompt=""``), which doubles
+  the cost and is rarely useful for dev. The guidance embedding is part of :meth:`velocity`, so probes and
+  training passes see the same guidance value as sampling.
+
+**Self-confidence probing on FLUX.** The SOLACE reward re-noises a clean packed latent ``z0`` as
+``z_t = (1 - t) z0 + t eps`` at the *sampler's own* sigmas (the dynamically shifted FLUX sigmas of
+:meth:`sigmas`, excluding the final 0), asks :meth:`velocity` (conditional, with the guidance embedding) for
+``v`` and recovers ``eps_hat = v + z0``. Since the probe noises are i.i.d. Gaussian per element, drawing
+them in packed shape is the same distribution as drawing them unpacked, and the per-element MSE is identical.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from solace.errors import MissingDependencyError, check
+from solace.models.base import Conditioning
+from solace.models.sd3 import (
+    SD3_LORA_TARGETS,
+    check_scheduler_config,
+    default_device,
+    freeze,
+    load_pipeline,
+    parse_dtype,
+    vae_scale_factor_of,
+    vae_scaling,
+)
+from solace.sampling.schedule import flux_mu, flux_sigmas, shift_sigmas
+
+FLUX_LORA_TARGETS = list(SD3_LORA_TARGETS)
+"""Attention projections of the double-stream blocks (and q/k/v of the single-stream blocks), as Flow-GRPO."""
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, (H/2)(W/2), 4C): FLUX's 2x2 patch packing (``FluxPipeline._pack_latents``)."""
+    B, C, H, W = latents.shape
+    x = latents.view(B, C, H // 2, 2, W // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(B, (H // 2) * (W // 2), C * 4)
+
+
+def unpack_latents(packed: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, (H/2)(W/2), 4C) -> (B, C, H, W), ``H``/``W`` in latent pixels (inverse of :func:`pack_latents`)."""
+    B, _, C4 = packed.shape
+    x = packed.view(B, height // 2, width // 2, C4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(B, C4 // 4, height, width)
+
+
+def latent_image_ids(
+    height: int, width: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``(H/2 * W/2, 3)`` ids ``(0, row, col)`` of the packed tokens (as ``FluxPipeline``)."""
+    ids = torch.zeros(height // 2, width // 2, 3)
+    ids[..., 1] = ids[..., 1] + torch.arange(height // 2)[:, None]
+    ids[..., 2] = ids[..., 2] + torch.arange(width // 2)[None, :]
+    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+
+
+class FluxAdapter:
+    """:class:`~solace.models.base.FlowModelAdapter` over the components of a ``FluxPipeline``.
+
+    Args:
+        pipeline: a ``FluxPipeline`` (CLIP pooled + T5 text encoders, ``FluxTransformer2DModel``, VAE; the
+            VAE and text encoders may be ``None`` for latent-only use, as for :class:`SD3Adapter`).
+        resolution: image side in pixels (square); must be a multiple of ``2 * vae_scale_factor`` (16).
+        max_sequence_length: T5 tokens per prompt (FLUX.1-dev: up to 512).
+        guidance_scale: value fed to the guidance embedding when ``transformer.config.guidance_embeds``.
+        gradient_checkpointing: enable the transformer's gradient checkpointing.
+        name: identifier for logs.
+    """
+
+    lora_target_modules: list[str]
+
+    def __init__(
+        self,
+        pipeline: Any,
+        resolution: int = 512,
+        max_sequence_length: int = 512,
+        guidance_scale: float = 3.5,
+        gradient_checkpointing: bool = False,
+        name: str = "flux",
+    ) -> None:
+        for comp in ("transformer", "scheduler"):
+            check(getattr(pipeline, comp, None) is not None, "pipeline", f"has no {comp}")
+        check(
+            1 <= max_sequence_length <= 512,
+            "max_sequence_length",
+            f"must lie in 1..512 (FLUX's T5 limit), got {max_sequence_length}",
+        )
+        check(guidance_scale >= 0, "guidance_scale", f"must be >= 0, got {guidance_scale}")
+        self.pipeline = pipeline
+        self.name = name
+        self.denoiser: nn.Module = pipeline.transformer
+        self.vae: nn.Module | None = getattr(pipeline, "vae", None)
+        self.max_sequence_length = max_sequence_length
+        self.guidance_scale = float(guidance_scale)
+        self.lora_target_modules = list(FLUX_LORA_TARGETS)
+        self.vae_scale_factor = vae_scale_factor_of(pipeline)
+        step = 2 * self.vae_scale_factor
+        check(
+            isinstance(resolution, int) and resolution > 0 and resolution % step == 0,
+            "resolution",
+            f"must be a positive multiple of 2 * vae_scale_factor = {step}, got {resolution!r}",
+        )
+        self.resolution = resolution
+        self.latent_side = resolution // self.vae_scale_factor
+        sched = pipeline.scheduler.config
+        check_scheduler_config(sched, "FLUX")
+        self.num_train_timesteps = int(sched.get("num_train_timesteps", 1000))
+        self.shift = float(sched.get("shift", 1.0))
+        self.dynamic_shift = bool(sched.get("use_dynamic_shifting", False))
+        self.mu: float | None = (
+            flux_mu(
+                self.image_seq_len(),
+                int(sched.get("base_image_seq_len", 256)),
+                int(sched.get("max_image_seq_len", 4096)),
+                float(sched.get("base_shift", 0.5)),
+                float(sched.get("max_shift", 1.15)),
+            )
+            if self.dynamic_shift
+            else None
+        )
+        self.guidance_embeds = bool(getattr(self.denoiser.config, "guidance_embeds", False))
+        freeze(
+            self.denoiser,
+            self.vae,
+            getattr(pipeline, "text_encoder", None),
+            getattr(pipeline, "text_encoder_2", None),
+        )
+        if gradient_checkpointing:
+            self.denoiser.enable_gradient_checkpointing()
+        self._img_ids: torch.Tensor | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str,
+        dtype: str | torch.dtype = "bf16",
+        max_sequence_length: int = 512,
+        guidance_scale: float = 3.5,
+        device: torch.device | str | None = None,
+        gradient_checkpointing: bool = False,
+        resolution: int = 512,
+    ) -> FluxAdapter:
+        """Load a ``FluxPipeline`` (hub id such as ``black-forest-labs/FLUX.1-dev``, or a local folder)."""
+        torch_dtype = parse_dtype(dtype)
+        try:
+            from diffusers import FluxPipeline
+        except ImportError as e:  # pragma: no cover - diffusers is a hard dependency
+            raise MissingDependencyError("FluxAdapter needs diffusers>=0.32: pip install diffusers") from e
+        pipe = load_pipeline(FluxPipeline, model, torch_dtype)
+        pipe.to(device if device is not None else default_device())
+        pipe.set_progress_bar_config(disable=True)
+        return cls(
+            pipe,
+            resolution=resolution,
+            max_sequence_length=max_sequence_length,
+            guidance_scale=guidance_scale,
+            gradient_checkpointing=gradient_checkpointing,
+        )
+
+    # ------------------------------------------------------------------ FlowModelAdapter
+    @property
+    def device(self) -> torch.device:
+        return self.denoiser.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.denoiser.dtype
+
+    def image_seq_len(self) -> int:
+        """Packed image tokens at :attr:`resolution`: ``(H/2)(W/2)`` in latent pixels."""
+        return (self.latent_side // 2) ** 2
+
+    def latent_shape(self) -> tuple[int, ...]:
+        """The *packed* latent shape ``(seq, 4 C)`` (see the module docstring)."""
+        return (self.image_seq_len(), int(self.denoiser.config.in_channels))
+
+    def img_ids(self) -> torch.Tensor:
+        """The packed tokens' positional ids at :attr:`resolution` (cached)."""
+        if self._img_ids is None or self._img_ids.device != self.device:
+            self._img_ids = latent_image_ids(self.latent_side, self.latent_side, self.device, self.dtype)
+        return self._img_ids
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
+        """``FluxPipeline.encode_prompt``: T5 tokens, CLIP pooled embedding, ``text_ids`` (shared)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        check(len(prompts) > 0, "prompts", "must hold at least one prompt")
+        prompt_embeds, pooled, text_ids = self.pipeline.encode_prompt(
+            prompt=prompts,
+            prompt_2=None,
+            device=self.device,
+            num_images_per_prompt=1,
+            max_sequence_length=self.max_sequence_length,
+        )
+        return Conditioning(
+            {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled},
+            {"text_ids": text_ids, "img_ids": self.img_ids()},
+        )
+
+    def velocity(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """Conditional velocity on packed latents ``(B, seq, 4C)``; ``timestep = t``, guidance embedded."""
+        B = latents.shape[0]
+        latents = latents.to(self.device, self.dtype)
+        t = torch.as_tensor(t, device=self.device)
+        t = t.expand(B) if t.ndim == 0 else t
+        # FluxPipeline: timesteps = sigmas * 1000 (float32), cast to the latent dtype, then / 1000.
+        timestep = (t.to(device=self.device, dtype=torch.float32) * self.num_train_timesteps).to(self.dtype)
+        timestep = timestep / self.num_train_timesteps
+        guidance = (
+            torch.full((B,), self.guidance_scale, device=self.device, dtype=torch.float32)
+            if self.guidance_embeds
+            else None
+        )
+        prompt_embeds = cond.tensors["prompt_embeds"].to(self.device, self.dtype)
+        txt_ids = cond.shared.get("text_ids")
+        if txt_ids is None:
+            txt_ids = torch.zeros(prompt_embeds.shape[1], 3, device=self.device, dtype=self.dtype)
+        img_ids = cond.shared.get("img_ids")
+        if img_ids is None or img_ids.shape[0] != latents.shape[1]:
+            img_ids = self.img_ids()
+        return self.denoiser(
+            hidden_states=latents,
+            timestep=timestep,
+            guidance=guidance,
+            pooled_projections=cond.tensors["pooled_prompt_embeds"].to(self.device, self.dtype),
+            encoder_hidden_states=prompt_embeds,
+            txt_ids=txt_ids.to(self.device),
+            img_ids=img_ids.to(self.device),
+            return_dict=False,
+        )[0]
+
+    def _vae_scale(self) -> tuple[float, float]:
+        return vae_scaling(self.vae)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Packed latents -> unpack -> ``/ scaling_factor + shift_factor`` -> VAE -> RGB in [0, 1]."""
+        scale, shift = self._vae_scale()
+        z = unpack_latents(latents, self.latent_side, self.latent_side)
+        z = z.to(self.vae.device, self.vae.dtype) / scale + shift
+        img = self.vae.decode(z, return_dict=False)[0]
+        return (img.float() / 2 + 0.5).clamp(0, 1)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """RGB in [0, 1] -> VAE posterior mode -> ``(z - shift) * scaling_factor`` -> packed latents."""
+        scale, shift = self._vae_scale()
+        x = images.to(self.vae.device, self.vae.dtype) * 2 - 1
+        z = self.vae.encode(x).latent_dist.mode()
+        return pack_latents((z - shift) * scale).to(self.dtype)
+
+    def sigmas(self, num_steps: int) -> torch.Tensor:
+        """FluxPipeline's sigmas: ``linspace(1, 1/N, N)`` through the dynamic shift with :attr:`mu` (or the
+        static ``shift`` for schedulers without dynamic shifting, e.g. FLUX.1-schnell), plus a trailing 0."""
+        if self.mu is not None:
+            return flux_sigmas(num_steps, self.mu)
+        check(
+            isinstance(num_steps, int) and num_steps >= 1,
+            "num_steps",
+            f"must be an integer >= 1, got {num_steps!r}",
+        )
+        sig = np.linspace(1.0, 1.0 / num_steps, num_steps).astype(np.float32)
+        out = torch.from_numpy(np.asarray(shift_sigmas(sig, self.shift), dtype=np.float32))
+        return torch.cat([out, torch.zeros(1)])

@@ -1,0 +1,179 @@
+"""The self-confidence reward of SOLACE (paper Sec. 3.2, Eqs. 9-14), model-agnostic.
+
+A generated clean latent ``z0`` is re-noised with K probe noises at the sampler's own timesteps; the model
+predicts each probe back from its *conditional* velocity, ``eps_hat = v(z_t, t, c) + z0`` (Eq. 10, since
+``v = eps - z0`` under ``z_t = (1 - t) z0 + t eps``). The better it recovers its own noise, the more
+confident it is in ``z0``:
+
+    MSE_t = 1/K sum_m ||eps_hat_m - eps_m||^2 / D           (Eq. 11, D = latent size)
+    S_t   = -log(MSE_t + delta)                             (Eq. 12)
+    R     = sum_t w(t) S_t / sum_t w(t),   w(t) = 1          (Eqs. 13-14)
+
+Probes are antithetic (``eps[m + K/2] = -eps[m]``, Eq. 9) and shared by every sample of a prompt group so
+that within-group differences come from the samples, not from the probes.
+
+The authors' released code departs from the paper in places; each is a switch here, off by default:
+``standardize`` (S_t standardised per timestep across the batch) and ``weighting="t(1-t)"``. Probes per
+sample and per timestep are supported by passing probes of shape (B, T, K, ...) (:func:`draw_probes`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from solace.errors import check
+
+VelocityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``velocity_fn(z_t, t, sample_index) -> v``: batched conditional velocity; ``sample_index`` (N,) says
+which of the B samples (and so which prompt conditioning) each row belongs to."""
+
+WEIGHTINGS = ("uniform", "t(1-t)")
+
+
+def _check_k(num_probes: int) -> None:
+    check(isinstance(num_probes, int), "num_probes", f"must be an integer, got {num_probes!r}")
+    check(num_probes >= 2, "num_probes", f"must be >= 2 (antithetic pairs), got {num_probes}")
+    check(num_probes % 2 == 0, "num_probes", f"must be even (eps[m+K/2] = -eps[m]), got {num_probes}")
+
+
+def antithetic_probes(
+    num_probes: int,
+    shape: Sequence[int],
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    batch_shape: Sequence[int] = (),
+) -> torch.Tensor:
+    """K antithetic Gaussian probes (Eq. 9): draws K/2 noises and appends their negatives.
+
+    Returns shape ``(*batch_shape, K, *shape)``; along the K axis ``out[m + K/2] == -out[m]`` exactly, so
+    each antithetic pair sums to exactly zero (``out[:K/2] + out[K/2:] == 0``). A plain ``sum`` over the K
+    axis is zero only up to float rounding for K >= 4, since it adds the probes in order.
+    """
+    _check_k(num_probes)
+    half = torch.randn((*batch_shape, num_probes // 2, *shape), generator=generator, dtype=dtype,
+                       device="cpu" if generator is not None and generator.device.type == "cpu" else device)
+    half = half.to(device) if device is not None else half
+    return torch.cat([half, -half], dim=len(batch_shape))
+
+
+def draw_probes(
+    num_probes: int,
+    latent_shape: Sequence[int],
+    num_samples: int,
+    num_timesteps: int,
+    mode: str = "group",
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Probes for one prompt group of ``num_samples``.
+
+    ``mode="group"`` (paper): one set of K probes, shape (K, *latent), shared by every sample and timestep.
+    ``mode="per_sample_timestep"`` (released code): fresh probes per sample and timestep, (B, T, K, *latent).
+    """
+    check(mode in ("group", "per_sample_timestep"), "probe_mode",
+          f"must be 'group' or 'per_sample_timestep', got {mode!r}")
+    if mode == "group":
+        return antithetic_probes(num_probes, latent_shape, generator, device, dtype)
+    return antithetic_probes(num_probes, latent_shape, generator, device, dtype, (num_samples, num_timesteps))
+
+
+def renoise(z0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Forward process of rectified flow, ``z_t = (1 - t) z0 + t eps`` (Eq. 1); ``t`` broadcast per row."""
+    tb = t.reshape(-1, *([1] * (z0.ndim - 1))).to(z0.dtype)
+    return (1 - tb) * z0 + tb * eps
+
+
+@torch.no_grad()
+def probe_mse(
+    velocity_fn: VelocityFn,
+    z0: torch.Tensor,
+    timesteps: torch.Tensor | Sequence[float],
+    probes: torch.Tensor,
+    max_batch: int = 256,
+) -> torch.Tensor:
+    """Per-sample, per-timestep denoising error MSE_t (Eq. 11), shape (B, T).
+
+    All B*T*K forwards are flattened and sent to ``velocity_fn`` in chunks of at most ``max_batch`` rows.
+    ``probes`` is (K, *latent) (shared) or (B, T, K, *latent) (per sample and timestep).
+    """
+    B, lat = z0.shape[0], tuple(z0.shape[1:])
+    ts = torch.as_tensor(timesteps, dtype=torch.float32, device=z0.device).reshape(-1)
+    T = ts.numel()
+    check(T >= 1, "timesteps", "must hold at least one timestep")
+    check(bool(((ts > 0) & (ts <= 1)).all()), "timesteps", f"must lie in (0, 1], got {ts.tolist()}")
+    if probes.ndim == z0.ndim:  # (K, *latent): shared by the group
+        K = probes.shape[0]
+        check(tuple(probes.shape[1:]) == lat, "probes", f"shape {tuple(probes.shape)} does not match latents {lat}")
+        eps = probes.to(z0.device, z0.dtype).reshape(1, 1, K, *lat).expand(B, T, K, *lat)
+    else:
+        check(tuple(probes.shape[:2]) == (B, T) and tuple(probes.shape[3:]) == lat, "probes",
+              f"shape {tuple(probes.shape)} must be (K, *latent) or (B={B}, T={T}, K, *latent)")
+        K = probes.shape[2]
+        eps = probes.to(z0.device, z0.dtype)
+    _check_k(K)
+    check(isinstance(max_batch, int) and max_batch >= 1, "max_batch",
+          f"must be an integer >= 1, got {max_batch!r}")
+    n = B * T * K
+    eps_flat = eps.reshape(n, *lat)
+    sample_idx = torch.arange(B, device=z0.device).repeat_interleave(T * K)
+    t_flat = ts.repeat_interleave(K).repeat(B)
+    err = torch.empty(n, device=z0.device, dtype=torch.float32)
+    for s in range(0, n, max_batch):
+        e = slice(s, min(s + max_batch, n))
+        zc = z0[sample_idx[e]]
+        zt = renoise(zc, t_flat[e], eps_flat[e])
+        v = velocity_fn(zt, t_flat[e], sample_idx[e])
+        eps_hat = v.to(zc.dtype) + zc  # Eq. 10
+        err[e] = ((eps_hat - eps_flat[e]) ** 2).float().reshape(zc.shape[0], -1).mean(1)
+    return err.reshape(B, T, K).mean(-1)
+
+
+def confidence_scores(mse: torch.Tensor, delta: float = 1e-3) -> torch.Tensor:
+    """S_t = -log(MSE_t + delta) (Eq. 12)."""
+    check(delta > 0, "delta", f"must be > 0 (it keeps -log finite), got {delta}")
+    return -torch.log(mse + delta)
+
+
+def timestep_weights(timesteps: torch.Tensor, weighting: str = "uniform") -> torch.Tensor:
+    """w(t) of Eq. 13: ``uniform`` (paper, w = 1) or ``t(1-t)`` (authors' released code)."""
+    check(weighting in WEIGHTINGS, "weighting", f"must be one of {WEIGHTINGS}, got {weighting!r}")
+    ts = torch.as_tensor(timesteps, dtype=torch.float32)
+    return torch.ones_like(ts) if weighting == "uniform" else ts * (1 - ts)
+
+
+def standardize_per_timestep(scores: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Released-code variant: standardise each S_t column across the batch, (S - mean_b) / (std_b + eps)."""
+    if scores.shape[0] < 2:
+        return torch.zeros_like(scores)
+    return (scores - scores.mean(0, keepdim=True)) / (scores.std(0, unbiased=False, keepdim=True) + eps)
+
+
+def aggregate(scores: torch.Tensor, timesteps: torch.Tensor, weighting: str = "uniform",
+              standardize: bool = False) -> torch.Tensor:
+    """R = sum_t w(t) S_t / sum_t w(t) (Eqs. 13-14) over a (B, T) score matrix; returns (B,)."""
+    w = timestep_weights(timesteps, weighting).to(scores.device, scores.dtype)
+    check(bool(w.sum() > 0), "weighting", "all timestep weights are zero (t(1-t) vanishes at t=0 and t=1)")
+    s = standardize_per_timestep(scores) if standardize else scores
+    return (s * w).sum(-1) / w.sum()
+
+
+def self_confidence(
+    velocity_fn: VelocityFn,
+    z0: torch.Tensor,
+    timesteps: torch.Tensor | Sequence[float],
+    probes: torch.Tensor,
+    delta: float = 1e-3,
+    weighting: str = "uniform",
+    standardize: bool = False,
+    max_batch: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The SOLACE reward (Eqs. 9-14). Returns ``(R, S)``: rewards (B,) and per-timestep scores (B, T)."""
+    check(delta > 0, "delta", f"must be > 0 (it keeps -log finite), got {delta}")
+    mse = probe_mse(velocity_fn, z0, timesteps, probes, max_batch=max_batch)
+    s = confidence_scores(mse, delta)
+    ts = torch.as_tensor(timesteps, dtype=torch.float32).reshape(-1)
+    return aggregate(s, ts, weighting, standardize), s
