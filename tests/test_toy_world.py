@@ -90,8 +90,15 @@ def _rec(prompt):
 
 
 def test_detects_shapes_colours_and_positions():
-    img = render(_scene([SceneObject("circle", "red", 8, 8, 5), SceneObject("square", "blue", 24, 10, 5),
-                         SceneObject("triangle", "yellow", 16, 24, 5.5)]))
+    img = render(
+        _scene(
+            [
+                SceneObject("circle", "red", 8, 8, 5),
+                SceneObject("square", "blue", 24, 10, 5),
+                SceneObject("triangle", "yellow", 16, 24, 5.5),
+            ]
+        )
+    )
     got = sorted((d.shape, d.color) for d in detect(img))
     assert got == [("circle", "red"), ("square", "blue"), ("triangle", "yellow")]
 
@@ -123,11 +130,15 @@ def test_counting_rejects_wrong_counts(n_drawn):
 def test_position_rejects_wrong_relation():
     r = _rec("a photo of a square left of a circle")
     ok = render(_scene([SceneObject("square", "red", 8, 16, 5), SceneObject("circle", "blue", 24, 16, 5)]))
-    mirrored = render(_scene([SceneObject("square", "red", 24, 16, 5), SceneObject("circle", "blue", 8, 16, 5)]))
+    mirrored = render(
+        _scene([SceneObject("square", "red", 24, 16, 5), SceneObject("circle", "blue", 8, 16, 5)])
+    )
     assert score_image(ok, r)["strict"]
     assert score_image(mirrored, r) == {"strict": False, "lenient": False}
     above = _rec("a photo of a square above a circle")
-    stacked = render(_scene([SceneObject("square", "red", 16, 7, 5), SceneObject("circle", "blue", 16, 24, 5)]))
+    stacked = render(
+        _scene([SceneObject("square", "red", 16, 7, 5), SceneObject("circle", "blue", 16, 24, 5)])
+    )
     assert score_image(stacked, above)["strict"]
     assert not score_image(stacked, _rec("a photo of a square below a circle"))["lenient"]
 
@@ -135,15 +146,24 @@ def test_position_rejects_wrong_relation():
 def test_attribute_binding_rejects_swapped_colours():
     r = _rec("a photo of a red circle and a blue square")
     ok = render(_scene([SceneObject("circle", "red", 8, 16, 5), SceneObject("square", "blue", 24, 16, 5)]))
-    swapped = render(_scene([SceneObject("circle", "blue", 8, 16, 5), SceneObject("square", "red", 24, 16, 5)]))
+    swapped = render(
+        _scene([SceneObject("circle", "blue", 8, 16, 5), SceneObject("square", "red", 24, 16, 5)])
+    )
     assert score_image(ok, r)["strict"]
     assert score_image(swapped, r) == {"strict": False, "lenient": False}
 
 
 def test_strict_rejects_extra_objects_lenient_accepts_them():
     r = _rec("a photo of a circle and a square")
-    extra = render(_scene([SceneObject("circle", "red", 8, 8, 5), SceneObject("square", "blue", 24, 8, 5),
-                           SceneObject("triangle", "green", 16, 24, 5)]))
+    extra = render(
+        _scene(
+            [
+                SceneObject("circle", "red", 8, 8, 5),
+                SceneObject("square", "blue", 24, 8, 5),
+                SceneObject("triangle", "green", 16, 24, 5),
+            ]
+        )
+    )
     assert score_image(extra, r) == {"strict": False, "lenient": True}
 
 
@@ -158,7 +178,9 @@ def test_scene_for_respects_the_prompt_exactly():
         sc = scene_for(r, random.Random(3))
         assert len(sc.objects) == sum(i["count"] for i in r.include)
         for item in r.include:
-            n = sum(o.shape == item["class"] and ("color" not in item or o.color == item["color"])
-                    for o in sc.objects)
+            n = sum(
+                o.shape == item["class"] and ("color" not in item or o.color == item["color"])
+                for o in sc.objects
+            )
             assert n >= item["count"]
         assert dataclasses.replace(sc) == sc

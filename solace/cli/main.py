@@ -9,8 +9,11 @@ import typer
 
 from solace.errors import SolaceError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Post-train text-to-image flow models with RL on their own self-confidence.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Post-train text-to-image flow models with RL on their own self-confidence.",
+)
 toy_app = typer.Typer(no_args_is_help=True, help="The toy world: pretrain its base model.")
 app.add_typer(toy_app, name="toy")
 
@@ -35,13 +38,173 @@ def toy_pretrain(
     """Pretrain the toy world's base flow model (rectified flow + caption dropout, EMA, safetensors)."""
     from solace.toy.pretrain import PretrainConfig, pretrain
 
-    cfg = PretrainConfig(out=str(out), steps=steps, batch_size=batch_size, lr=lr, dataset_size=dataset_size,
-                         seed=seed, threads=threads, eval_every=eval_every)
+    cfg = PretrainConfig(
+        out=str(out),
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        dataset_size=dataset_size,
+        seed=seed,
+        threads=threads,
+        eval_every=eval_every,
+    )
     try:
         path = pretrain(cfg, resume=resume)
     except SolaceError as e:
         _fail(e)
     typer.echo(json.dumps({"weights": str(path), "learning_curve": str(out / "learning_curve.png")}))
+
+
+config_app = typer.Typer(no_args_is_help=True, help="Inspect and check training configs.")
+app.add_typer(config_app, name="config")
+
+
+@app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train(
+    ctx: typer.Context,
+    config: str = typer.Option(
+        "toy",
+        "--config",
+        "-c",
+        help="YAML file or preset name (toy, sd35m, flux, toy_verifiable, ablation/k4 ...).",
+    ),
+    resume: bool = typer.Option(False, help="Continue from the output folder's latest checkpoint."),
+) -> None:
+    """Post-train a model with SOLACE / Flow-GRPO. Extra arguments are overrides: key=value (grpo.rho=1.0)."""
+    from solace.trainer.config import load_config
+    from solace.trainer.trainer import run_training
+
+    try:
+        cfg = load_config(config, list(ctx.args))
+        res = run_training(cfg, resume=resume)
+    except SolaceError as e:
+        _fail(e)
+    if res.get("report"):
+        typer.echo(f"report: {res['report']}")
+    typer.echo(f"collapse monitor: {res['monitor']}")
+    if res.get("evals"):
+        first, last = res["evals"][0], res["evals"][-1]
+        typer.echo(
+            f"held-out strict accuracy: {first['strict']:.3f} (base) -> {last['strict']:.3f} (trained); "
+            f"lenient {first['lenient']:.3f} -> {last['lenient']:.3f}"
+        )
+
+
+@config_app.command("check", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def config_check(
+    ctx: typer.Context,
+    config: str = typer.Argument(..., help="YAML file or preset name."),
+    show: bool = typer.Option(False, help="Print the merged config."),
+    paths: bool = typer.Option(False, help="Also require prompt files to exist on this machine."),
+) -> None:
+    """Validate a config (types, ranges, names) without loading a model."""
+    from solace.trainer.config import load_config, to_yaml
+
+    try:
+        cfg = load_config(config, list(ctx.args), check_paths=paths)
+    except SolaceError as e:
+        _fail(e)
+    if show:
+        typer.echo(to_yaml(cfg))
+    typer.echo(f"{config}: ok")
+
+
+def _load(model: str, lora: str | None, device: str):
+    import torch
+
+    from solace.models import load_adapter
+
+    dev = (
+        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    )
+    adapter = load_adapter(model, device=dev)
+    if lora:
+        from solace.models.lora import load_lora
+
+        load_lora(adapter.denoiser, lora, trainable=False)
+    return adapter
+
+
+@app.command("sample")
+def sample_cmd(
+    prompt: list[str] = typer.Option(None, "--prompt", "-p", help="Prompt (repeat for several rows)."),
+    seeds: str = typer.Option("0,1,2,3", help="Comma-separated seeds: one image per seed and prompt."),
+    steps: int = typer.Option(40, help="Sampling steps (10 = training, 40 = evaluation)."),
+    cfg: float = typer.Option(7.0, "--cfg", help="Classifier-free guidance scale (1 disables)."),
+    model: str = typer.Option("toy", help="toy, a toy .safetensors, a diffusers folder or hub id."),
+    lora: str = typer.Option(None, help="LoRA folder or .safetensors to apply."),
+    out: Path = typer.Option(Path("samples.png"), help="Output grid PNG."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+) -> None:
+    """Write an image grid (rows = prompts, columns = seeds) with the ODE sampler."""
+    import torch
+
+    from solace.evaluation.toy_eval import generate
+    from solace.utils.images import save_grid
+
+    try:
+        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+    except ValueError:
+        _fail(SolaceError(f"--seeds: expected comma-separated integers, got {seeds!r}"))
+    if not prompt:
+        from solace.toy.world import CATEGORIES, load_heldout
+
+        held = load_heldout()
+        prompt = [next(r.prompt for r in held if r.tag == c) for c in CATEGORIES]
+    try:
+        adapter = _load(model, lora, device)
+    except SolaceError as e:
+        _fail(e)
+    rows = []
+    for sd in seed_list:
+        rows.append(generate(adapter, prompt, 1, steps, cfg, seed=sd, progress=False))
+    imgs = torch.stack(rows, 1).reshape(-1, *rows[0].shape[1:])
+    scale = 4 if imgs.shape[-1] <= 64 else 1
+    path = save_grid(
+        out,
+        list(imgs),
+        len(seed_list),
+        row_labels=[p.removeprefix("a photo of ") for p in prompt],
+        scale=scale,
+    )
+    typer.echo(str(path))
+
+
+@app.command("eval")
+def eval_cmd(
+    suite: str = typer.Option("toy", help="toy (held-out toy world, exact evaluator)."),
+    model: str = typer.Option("toy", help="toy, a toy .safetensors, a diffusers folder or hub id."),
+    lora: str = typer.Option(None, help="LoRA folder or .safetensors to evaluate against the base."),
+    samples: int = typer.Option(16, help="Samples per prompt."),
+    steps: int = typer.Option(40, help="Sampling steps."),
+    cfg: float = typer.Option(7.0, "--cfg", help="CFG scale."),
+    seed: int = typer.Option(0, help="Seed of the initial noise."),
+    limit: int = typer.Option(0, help="Evaluate only the first N held-out prompts per category (0: all)."),
+    out: Path = typer.Option(Path("runs/eval"), help="Output folder (JSON, Markdown, grids)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+) -> None:
+    """Evaluate a model (and optionally a LoRA) on a prompt suite; prints a table, writes JSON + Markdown."""
+    from solace.evaluation.toy_eval import run_toy_eval
+    from solace.toy.world import CATEGORIES, load_heldout
+
+    if suite != "toy":
+        _fail(SolaceError(f"--suite: {suite!r} is not available yet; use 'toy'"))
+    recs = list(load_heldout())
+    if limit:
+        recs = [r for c in CATEGORIES for r in [x for x in recs if x.tag == c][:limit]]
+    try:
+        runs = [("base", None)] + ([("lora", lora)] if lora else [])
+        results = {}
+        for label, lw in runs:
+            adapter = _load(model, lw, device)
+            res = run_toy_eval(adapter, str(out / label), samples, steps, cfg, seed, recs, label=label)
+            results[label] = res["summary"]
+            typer.echo(res["table"])
+            typer.echo("")
+    except SolaceError as e:
+        _fail(e)
+    (out / "summary.json").write_text(json.dumps(results, indent=2))
+    typer.echo(f"wrote {out}/")
 
 
 def main() -> None:  # pragma: no cover

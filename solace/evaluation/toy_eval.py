@@ -39,15 +39,29 @@ def generate(
     bar = tqdm(total=len(jobs), desc="sampling", disable=not progress, dynamic_ncols=True)
     for s in range(0, len(jobs), batch_size):
         chunk = jobs[s : s + batch_size]
-        noise = torch.stack([
-            torch.randn(adapter.latent_shape(), generator=torch.Generator().manual_seed(seed * 1_000_003 + i * 1009 + j))
-            for i, j in chunk
-        ]).to(adapter.device)
+        noise = torch.stack(
+            [
+                torch.randn(
+                    adapter.latent_shape(),
+                    generator=torch.Generator().manual_seed(seed * 1_000_003 + i * 1009 + j),
+                )
+                for i, j in chunk
+            ]
+        ).to(adapter.device)
         cond = enc.index([where[prompts[i]] for i, _ in chunk])
         null_b = null.index([0] * len(chunk))
         g = torch.Generator().manual_seed(seed + s)
-        traj = sample(adapter, cond, null_b, sigmas, noise, cfg_scale=cfg_scale, noise_level=noise_level,
-                      generator=g, keep_trajectory=False)
+        traj = sample(
+            adapter,
+            cond,
+            null_b,
+            sigmas,
+            noise,
+            cfg_scale=cfg_scale,
+            noise_level=noise_level,
+            generator=g,
+            keep_trajectory=False,
+        )
         out.append(adapter.decode(traj.final).cpu())
         bar.update(len(chunk))
     bar.close()
@@ -67,17 +81,30 @@ def evaluate_records(
 ) -> dict:
     """Generate ``samples_per_prompt`` images per record and score them. Returns ``summary`` (per-category
     and overall strict/lenient accuracy), ``per_prompt`` rows, and optionally the ``images``."""
-    images = generate(adapter, [r.prompt for r in records], samples_per_prompt, num_steps, cfg_scale, seed,
-                      batch_size, progress=progress)
+    images = generate(
+        adapter,
+        [r.prompt for r in records],
+        samples_per_prompt,
+        num_steps,
+        cfg_scale,
+        seed,
+        batch_size,
+        progress=progress,
+    )
     arr = to_uint8(images)
     recs_rep = [r for r in records for _ in range(samples_per_prompt)]
     scores = [score_detections(detect(a), r) for a, r in zip(arr, recs_rep, strict=True)]
     per_prompt = []
     for i, r in enumerate(records):
         sc = scores[i * samples_per_prompt : (i + 1) * samples_per_prompt]
-        per_prompt.append({"prompt": r.prompt, "tag": r.tag,
-                           "strict": sum(x["strict"] for x in sc) / len(sc),
-                           "lenient": sum(x["lenient"] for x in sc) / len(sc)})
+        per_prompt.append(
+            {
+                "prompt": r.prompt,
+                "tag": r.tag,
+                "strict": sum(x["strict"] for x in sc) / len(sc),
+                "lenient": sum(x["lenient"] for x in sc) / len(sc),
+            }
+        )
     out = {"summary": summarize(recs_rep, scores), "per_prompt": per_prompt, "scores": scores}
     if keep_images:
         out["images"] = images
@@ -106,20 +133,43 @@ def run_toy_eval(
     from solace.utils.images import save_grid
 
     recs = list(records) if records is not None else list(load_heldout())
-    res = evaluate_records(adapter, recs, samples_per_prompt, num_steps, cfg_scale, seed, batch_size,
-                           progress=progress, keep_images=True)
+    res = evaluate_records(
+        adapter,
+        recs,
+        samples_per_prompt,
+        num_steps,
+        cfg_scale,
+        seed,
+        batch_size,
+        progress=progress,
+        keep_images=True,
+    )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    settings = {"samples_per_prompt": samples_per_prompt, "num_steps": num_steps, "cfg_scale": cfg_scale,
-                "seed": seed, "num_prompts": len(recs), "model": label}
+    settings = {
+        "samples_per_prompt": samples_per_prompt,
+        "num_steps": num_steps,
+        "cfg_scale": cfg_scale,
+        "seed": seed,
+        "num_prompts": len(recs),
+        "model": label,
+    }
     doc = {"settings": settings, "summary": res["summary"], "per_prompt": res["per_prompt"]}
     (out / "toy_eval.json").write_text(json.dumps(doc, indent=2))
-    table = format_table(res["summary"], f"{label}: held-out toy world, {num_steps} steps, CFG {cfg_scale}, "
-                         f"{samples_per_prompt} samples x {len(recs)} prompts")
+    table = format_table(
+        res["summary"],
+        f"{label}: held-out toy world, {num_steps} steps, CFG {cfg_scale}, "
+        f"{samples_per_prompt} samples x {len(recs)} prompts",
+    )
     (out / "toy_eval.md").write_text(table + "\n")
     k = min(4, samples_per_prompt)
     imgs = res["images"].reshape(len(recs), samples_per_prompt, *res["images"].shape[1:])[:, :k]
-    save_grid(out / "toy_eval_grid.png", list(imgs.reshape(-1, *imgs.shape[2:])), k,
-              row_labels=[r.prompt.removeprefix("a photo of ") for r in recs], scale=3)
+    save_grid(
+        out / "toy_eval_grid.png",
+        list(imgs.reshape(-1, *imgs.shape[2:])),
+        k,
+        row_labels=[r.prompt.removeprefix("a photo of ") for r in recs],
+        scale=3,
+    )
     res["table"] = table
     return res

@@ -9,9 +9,16 @@ from solace.errors import check
 
 def group_ids_from_size(num: int, group_size: int) -> torch.Tensor:
     """Group ids ``[0]*G + [1]*G + ...`` for ``num`` rewards laid out group after group."""
-    check(isinstance(group_size, int) and group_size >= 1, "group_size", f"must be an integer >= 1, got {group_size!r}")
-    check(num % group_size == 0, "group_size",
-          f"{num} rewards do not split into groups of {group_size}; pass group_ids or fix the batch size")
+    check(
+        isinstance(group_size, int) and group_size >= 1,
+        "group_size",
+        f"must be an integer >= 1, got {group_size!r}",
+    )
+    check(
+        num % group_size == 0,
+        "group_size",
+        f"{num} rewards do not split into groups of {group_size}; pass group_ids or fix the batch size",
+    )
     return torch.arange(num // group_size).repeat_interleave(group_size)
 
 
@@ -27,7 +34,7 @@ def group_advantages(
 
     Args:
         rewards: (N,) rewards.
-        group_ids: (N,) integer id of each sample's prompt group; or give ``group_size`` for contiguous groups.
+        group_ids: (N,) integer id of each sample's prompt group (or ``group_size`` for contiguous groups).
         global_std: divide by the std of the whole batch instead of each group's (Dr.GRPO-style option).
         eps: added to the std. A group whose rewards are all identical gets exactly zero advantage.
         clip: clip advantages to ``[-clip, clip]`` (Flow-GRPO's ``adv_clip_max``); ``None`` disables.
@@ -39,16 +46,23 @@ def group_advantages(
     if group_ids is None:
         check(group_size is not None, "group_size", "give group_ids or group_size")
         group_ids = group_ids_from_size(rewards.numel(), group_size)  # type: ignore[arg-type]
-    check(group_ids.shape == rewards.shape, "group_ids",
-          f"shape {tuple(group_ids.shape)} must match rewards {tuple(rewards.shape)}")
+    check(
+        group_ids.shape == rewards.shape,
+        "group_ids",
+        f"shape {tuple(group_ids.shape)} must match rewards {tuple(rewards.shape)}",
+    )
     r = rewards.double()
     _, inv = torch.unique(group_ids.to(rewards.device), return_inverse=True)
     n_groups = int(inv.max()) + 1 if inv.numel() else 0
     count = torch.zeros(n_groups, dtype=r.dtype, device=r.device).index_add_(0, inv, torch.ones_like(r))
     mean = torch.zeros(n_groups, dtype=r.dtype, device=r.device).index_add_(0, inv, r) / count
     centered = r - mean[inv]
-    gmax = torch.full((n_groups,), -torch.inf, dtype=r.dtype, device=r.device).scatter_reduce(0, inv, r, "amax")
-    gmin = torch.full((n_groups,), torch.inf, dtype=r.dtype, device=r.device).scatter_reduce(0, inv, r, "amin")
+    gmax = torch.full((n_groups,), -torch.inf, dtype=r.dtype, device=r.device).scatter_reduce(
+        0, inv, r, "amax"
+    )
+    gmin = torch.full((n_groups,), torch.inf, dtype=r.dtype, device=r.device).scatter_reduce(
+        0, inv, r, "amin"
+    )
     flat = (gmax == gmin)[inv]
     if global_std:
         std = r.std(unbiased=False).expand_as(r)

@@ -26,9 +26,12 @@ def ppo_clip_loss(
     Flow-GRPO logs it), ``clipfrac`` (share of ratios outside the clip range), ``ratio_mean/min/max``.
     """
     check(clip_range > 0, "clip_range", f"must be > 0, got {clip_range}")
-    check(log_prob.shape == old_log_prob.shape == advantages.shape, "advantages",
-          f"shapes differ: log_prob {tuple(log_prob.shape)}, old {tuple(old_log_prob.shape)}, "
-          f"advantages {tuple(advantages.shape)}")
+    check(
+        log_prob.shape == old_log_prob.shape == advantages.shape,
+        "advantages",
+        f"shapes differ: log_prob {tuple(log_prob.shape)}, old {tuple(old_log_prob.shape)}, "
+        f"advantages {tuple(advantages.shape)}",
+    )
     old_log_prob, advantages = old_log_prob.detach(), advantages.detach()
     ratio = torch.exp(log_prob - old_log_prob)
     unclipped = -advantages * ratio

@@ -13,7 +13,11 @@ def train_window(num_steps: int, rho: float) -> list[int]:
     Training on all steps (rho = 1) collapses into blank images (paper Sec. 4.4); the paper uses rho = 0.6.
     Step ``i`` goes from ``sigmas[i]`` to ``sigmas[i + 1]``; with |T| = 10 and rho = 0.6 this is [4..9].
     """
-    check(isinstance(num_steps, int) and num_steps >= 1, "num_steps", f"must be an integer >= 1, got {num_steps!r}")
+    check(
+        isinstance(num_steps, int) and num_steps >= 1,
+        "num_steps",
+        f"must be an integer >= 1, got {num_steps!r}",
+    )
     check(0 < rho <= 1, "rho", f"must lie in (0, 1], got {rho}")
     n = math.ceil(round(rho * num_steps, 9))  # round first so 0.7 * 10 = 7.000000000000001 gives 7
     return list(range(num_steps - n, num_steps))

@@ -29,14 +29,19 @@ def model_family(model: str | None) -> str:
             return "sd3"
         raise ConfigError("model", f"{model}: pipeline class {cls!r} is not supported (SD3/SD3.5 or FLUX.1)")
     if p.exists():
-        raise ConfigError("model", f"{model} is a path but holds no model_index.json (a diffusers pipeline folder)")
+        raise ConfigError(
+            "model", f"{model} is a path but holds no model_index.json (a diffusers pipeline folder)"
+        )
     name = str(model).lower()
     if "flux" in name:
         return "flux"
     if "stable-diffusion-3" in name or "sd3" in name:
         return "sd3"
-    raise ConfigError("model", f"cannot tell the model family of {model!r}; use 'toy', a diffusers folder, "
-                      "or a hub id of SD3/SD3.5 or FLUX.1")
+    raise ConfigError(
+        "model",
+        f"cannot tell the model family of {model!r}; use 'toy', a diffusers folder, "
+        "or a hub id of SD3/SD3.5 or FLUX.1",
+    )
 
 
 def load_adapter(model: str | None = "toy", **kwargs: Any) -> FlowModelAdapter:

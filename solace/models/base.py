@@ -41,13 +41,17 @@ class Conditioning:
         return Conditioning({k: v[idx] for k, v in self.tensors.items()}, dict(self.shared))
 
     def repeat_interleave(self, n: int) -> Conditioning:
-        return Conditioning({k: v.repeat_interleave(n, dim=0) for k, v in self.tensors.items()}, dict(self.shared))
+        return Conditioning(
+            {k: v.repeat_interleave(n, dim=0) for k, v in self.tensors.items()}, dict(self.shared)
+        )
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Conditioning:
         def mv(t: torch.Tensor) -> torch.Tensor:
             return t.to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else None)
 
-        return Conditioning({k: mv(v) for k, v in self.tensors.items()}, {k: mv(v) for k, v in self.shared.items()})
+        return Conditioning(
+            {k: mv(v) for k, v in self.tensors.items()}, {k: mv(v) for k, v in self.shared.items()}
+        )
 
     @staticmethod
     def cat(items: Sequence[Conditioning]) -> Conditioning:

@@ -100,6 +100,7 @@ class FluxAdapter:
     """
 
     lora_target_modules: list[str]
+    forward_module: nn.Module | None = None  # set by the trainer to the DDP/FSDP-wrapped denoiser
 
     def __init__(
         self,
@@ -250,7 +251,7 @@ class FluxAdapter:
         img_ids = cond.shared.get("img_ids")
         if img_ids is None or img_ids.shape[0] != latents.shape[1]:
             img_ids = self.img_ids()
-        return self.denoiser(
+        return (self.forward_module or self.denoiser)(
             hidden_states=latents,
             timestep=timestep,
             guidance=guidance,

@@ -137,6 +137,7 @@ class SD3Adapter:
     """
 
     lora_target_modules: list[str]
+    forward_module: nn.Module | None = None  # set by the trainer to the DDP/FSDP-wrapped denoiser
 
     def __init__(
         self,
@@ -248,7 +249,7 @@ class SD3Adapter:
         t = torch.as_tensor(t, device=latents.device)
         t = t.expand(B) if t.ndim == 0 else t
         timestep = t.to(device=self.device, dtype=torch.float32) * self.num_train_timesteps
-        return self.denoiser(
+        return (self.forward_module or self.denoiser)(
             hidden_states=latents.to(self.device, self.dtype),
             timestep=timestep,
             encoder_hidden_states=cond.tensors["prompt_embeds"].to(self.device, self.dtype),

@@ -56,7 +56,9 @@ def load_toy_net(path: str | Path | None = None) -> ToyFlowNet:
 
     path = Path(path) if path is not None else default_weights_path()
     if not path.exists():
-        raise ConfigError("model", f"toy weights not found at {path}; run `solace toy pretrain` or pass a path")
+        raise ConfigError(
+            "model", f"toy weights not found at {path}; run `solace toy pretrain` or pass a path"
+        )
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
     cfg = json.loads(meta.get("config", "{}")) or {"vocab_size": len(vocabulary())}
@@ -70,9 +72,15 @@ class ToyAdapter:
 
     name = "toy"
     lora_target_modules = ["to_q", "to_k", "to_v", "to_out", "add_k_proj", "add_v_proj"]
+    forward_module: torch.nn.Module | None = None  # set by the trainer to the DDP/FSDP-wrapped denoiser
 
-    def __init__(self, net: ToyFlowNet | None = None, weights: str | Path | None = None,
-                 device: str | torch.device = "cpu", shift: float = TOY_SHIFT):
+    def __init__(
+        self,
+        net: ToyFlowNet | None = None,
+        weights: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        shift: float = TOY_SHIFT,
+    ):
         self.denoiser = (net if net is not None else load_toy_net(weights)).to(device)
         self.tokenizer = ToyTokenizer()
         self.shift = shift
@@ -105,7 +113,7 @@ class ToyAdapter:
     def velocity(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         c = cond.tensors
         t = t.to(latents.device, torch.float32).expand(latents.shape[0])
-        return self.denoiser(latents, t, c["text"], c["text_mask"], c["pooled"])
+        return (self.forward_module or self.denoiser)(latents, t, c["text"], c["text_mask"], c["pooled"])
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return ((latents.float() + 1) / 2).clamp(0, 1)

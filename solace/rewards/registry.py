@@ -58,5 +58,7 @@ def build_reward(name: str, **kwargs: Any) -> RewardFn:
     """Build the registered reward ``name`` with its keyword arguments."""
     _load_builtin()
     if name not in _FACTORIES:
-        raise ConfigError("reward.name", f"unknown reward {name!r}; available: {', '.join(sorted(_FACTORIES))}")
+        raise ConfigError(
+            "reward.name", f"unknown reward {name!r}; available: {', '.join(sorted(_FACTORIES))}"
+        )
     return _FACTORIES[name](**kwargs)

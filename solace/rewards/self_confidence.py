@@ -53,8 +53,12 @@ def antithetic_probes(
     axis is zero only up to float rounding for K >= 4, since it adds the probes in order.
     """
     _check_k(num_probes)
-    half = torch.randn((*batch_shape, num_probes // 2, *shape), generator=generator, dtype=dtype,
-                       device="cpu" if generator is not None and generator.device.type == "cpu" else device)
+    half = torch.randn(
+        (*batch_shape, num_probes // 2, *shape),
+        generator=generator,
+        dtype=dtype,
+        device="cpu" if generator is not None and generator.device.type == "cpu" else device,
+    )
     half = half.to(device) if device is not None else half
     return torch.cat([half, -half], dim=len(batch_shape))
 
@@ -74,8 +78,11 @@ def draw_probes(
     ``mode="group"`` (paper): one set of K probes, shape (K, *latent), shared by every sample and timestep.
     ``mode="per_sample_timestep"`` (released code): fresh probes per sample and timestep, (B, T, K, *latent).
     """
-    check(mode in ("group", "per_sample_timestep"), "probe_mode",
-          f"must be 'group' or 'per_sample_timestep', got {mode!r}")
+    check(
+        mode in ("group", "per_sample_timestep"),
+        "probe_mode",
+        f"must be 'group' or 'per_sample_timestep', got {mode!r}",
+    )
     if mode == "group":
         return antithetic_probes(num_probes, latent_shape, generator, device, dtype)
     return antithetic_probes(num_probes, latent_shape, generator, device, dtype, (num_samples, num_timesteps))
@@ -107,16 +114,26 @@ def probe_mse(
     check(bool(((ts > 0) & (ts <= 1)).all()), "timesteps", f"must lie in (0, 1], got {ts.tolist()}")
     if probes.ndim == z0.ndim:  # (K, *latent): shared by the group
         K = probes.shape[0]
-        check(tuple(probes.shape[1:]) == lat, "probes", f"shape {tuple(probes.shape)} does not match latents {lat}")
+        check(
+            tuple(probes.shape[1:]) == lat,
+            "probes",
+            f"shape {tuple(probes.shape)} does not match latents {lat}",
+        )
         eps = probes.to(z0.device, z0.dtype).reshape(1, 1, K, *lat).expand(B, T, K, *lat)
     else:
-        check(tuple(probes.shape[:2]) == (B, T) and tuple(probes.shape[3:]) == lat, "probes",
-              f"shape {tuple(probes.shape)} must be (K, *latent) or (B={B}, T={T}, K, *latent)")
+        check(
+            tuple(probes.shape[:2]) == (B, T) and tuple(probes.shape[3:]) == lat,
+            "probes",
+            f"shape {tuple(probes.shape)} must be (K, *latent) or (B={B}, T={T}, K, *latent)",
+        )
         K = probes.shape[2]
         eps = probes.to(z0.device, z0.dtype)
     _check_k(K)
-    check(isinstance(max_batch, int) and max_batch >= 1, "max_batch",
-          f"must be an integer >= 1, got {max_batch!r}")
+    check(
+        isinstance(max_batch, int) and max_batch >= 1,
+        "max_batch",
+        f"must be an integer >= 1, got {max_batch!r}",
+    )
     n = B * T * K
     eps_flat = eps.reshape(n, *lat)
     sample_idx = torch.arange(B, device=z0.device).repeat_interleave(T * K)
@@ -152,8 +169,9 @@ def standardize_per_timestep(scores: torch.Tensor, eps: float = 1e-6) -> torch.T
     return (scores - scores.mean(0, keepdim=True)) / (scores.std(0, unbiased=False, keepdim=True) + eps)
 
 
-def aggregate(scores: torch.Tensor, timesteps: torch.Tensor, weighting: str = "uniform",
-              standardize: bool = False) -> torch.Tensor:
+def aggregate(
+    scores: torch.Tensor, timesteps: torch.Tensor, weighting: str = "uniform", standardize: bool = False
+) -> torch.Tensor:
     """R = sum_t w(t) S_t / sum_t w(t) (Eqs. 13-14) over a (B, T) score matrix; returns (B,)."""
     w = timestep_weights(timesteps, weighting).to(scores.device, scores.dtype)
     check(bool(w.sum() > 0), "weighting", "all timestep weights are zero (t(1-t) vanishes at t=0 and t=1)")

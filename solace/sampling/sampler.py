@@ -72,8 +72,15 @@ def step_policy(
     B = z.shape[0]
     t = sigmas[step].expand(B).to(z.device)
     v = cfg_velocity(adapter, z, t, cond, null_cond, cfg_scale)
-    return sde_step(z, v, sigmas[step], sigmas[step + 1], noise_level=noise_level,
-                    sigma_max=float(sigmas[1]), next_sample=z_next)
+    return sde_step(
+        z,
+        v,
+        sigmas[step],
+        sigmas[step + 1],
+        noise_level=noise_level,
+        sigma_max=float(sigmas[1]),
+        next_sample=z_next,
+    )
 
 
 @torch.no_grad()
@@ -88,6 +95,7 @@ def sample(
     sde_steps: Collection[int] | None = None,
     generator: torch.Generator | None = None,
     keep_trajectory: bool = True,
+    step_noise: torch.Tensor | None = None,
 ) -> Trajectory:
     """Sample a batch with Flow-GRPO's SDE sampler (``noise_level > 0``) or the Euler ODE (``0``).
 
@@ -98,6 +106,9 @@ def sample(
         sde_steps: indices of steps that are stochastic (default: all); the others are Euler ODE steps.
         generator: drives the SDE noise, for reproducible trajectories.
         keep_trajectory: keep every intermediate latent (training needs them); otherwise only z_1 and z_0.
+        step_noise: (B, T, *latent) the SDE noise of every sample and step, instead of drawing it from
+            ``generator``; makes each sample's trajectory independent of how samples are batched (the
+            trainer draws it per sample, so 1 and N processes produce the same samples).
     """
     check(sigmas.ndim == 1 and sigmas.numel() >= 2, "sigmas", "must be a 1-D schedule with T+1 >= 2 entries")
     check(noise_level >= 0, "noise_level", f"must be >= 0, got {noise_level}")
@@ -118,10 +129,24 @@ def sample(
         t = sigmas[i].expand(B).to(z.device)
         v = cfg_velocity(adapter, z, t, cond, null_cond, cfg_scale)
         if mask[i]:
-            noise = torch.randn(z.shape, generator=generator, dtype=torch.float32,
-                                device=generator.device if generator is not None else z.device)
-            st = sde_step(z, v, sigmas[i], sigmas[i + 1], noise_level, sigma_max,
-                          noise=noise.to(z.device, torch.float32))
+            if step_noise is not None:
+                noise = step_noise[:, i]
+            else:
+                noise = torch.randn(
+                    z.shape,
+                    generator=generator,
+                    dtype=torch.float32,
+                    device=generator.device if generator is not None else z.device,
+                )
+            st = sde_step(
+                z,
+                v,
+                sigmas[i],
+                sigmas[i + 1],
+                noise_level,
+                sigma_max,
+                noise=noise.to(z.device, torch.float32),
+            )
             z, log_probs[:, i] = st.next, st.log_prob.float()
         else:
             z = euler_step(z, v, sigmas[i], sigmas[i + 1])

@@ -16,12 +16,17 @@ def shift_sigmas(sigmas: np.ndarray | torch.Tensor, shift: float) -> np.ndarray 
 
 
 def flux_time_shift(mu: float, sigmas: np.ndarray) -> np.ndarray:
-    """FLUX's exponential time shift ``e^mu / (e^mu + (1/sigma - 1))`` (dynamic shifting, sigma exponent 1)."""
+    """FLUX's exponential time shift ``e^mu / (e^mu + (1/sigma - 1))`` (dynamic shifting, exponent 1)."""
     return math.exp(mu) / (math.exp(mu) + (1.0 / sigmas - 1.0))
 
 
-def flux_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
-            base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+def flux_mu(
+    image_seq_len: int,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
     """The ``mu`` FLUX pipelines compute from the packed image sequence length (linear in seq_len)."""
     m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
     return image_seq_len * m + (base_shift - m * base_seq_len)
@@ -46,7 +51,11 @@ def flow_match_sigmas(
         num_train_timesteps: the scheduler's ``num_train_timesteps``.
         mu: use FLUX's dynamic exponential shift with this ``mu`` instead of the static shift.
     """
-    check(isinstance(num_steps, int) and num_steps >= 1, "num_steps", f"must be an integer >= 1, got {num_steps!r}")
+    check(
+        isinstance(num_steps, int) and num_steps >= 1,
+        "num_steps",
+        f"must be an integer >= 1, got {num_steps!r}",
+    )
     check(shift > 0, "shift", f"must be > 0, got {shift}")
     train = np.linspace(1, num_train_timesteps, num_train_timesteps, dtype=np.float32)[::-1].copy()
     train_sigmas = train / num_train_timesteps
@@ -66,7 +75,11 @@ def flux_sigmas(num_steps: int, mu: float) -> torch.Tensor:
     ``FluxPipeline.__call__`` passes these sigmas explicitly to ``FlowMatchEulerDiscreteScheduler`` with
     ``use_dynamic_shifting=True`` and the ``mu`` of :func:`flux_mu`; a trailing 0 is appended.
     """
-    check(isinstance(num_steps, int) and num_steps >= 1, "num_steps", f"must be an integer >= 1, got {num_steps!r}")
+    check(
+        isinstance(num_steps, int) and num_steps >= 1,
+        "num_steps",
+        f"must be an integer >= 1, got {num_steps!r}",
+    )
     sig = np.linspace(1.0, 1.0 / num_steps, num_steps).astype(np.float32)
     out = torch.from_numpy(flux_time_shift(mu, sig).astype(np.float32))
     return torch.cat([out, torch.zeros(1)])

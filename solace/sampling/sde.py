@@ -18,10 +18,10 @@ import torch
 
 
 class SDEStep(NamedTuple):
-    next: torch.Tensor      # z_{t_next}
+    next: torch.Tensor  # z_{t_next}
     log_prob: torch.Tensor  # (B,) mean over non-batch dims of log N(next; mean, std_step^2)
-    mean: torch.Tensor      # the step's Gaussian mean
-    std: torch.Tensor       # sigma_t = a * sqrt(t / (1 - t)) (per-unit-time std; the step std is std * sqrt(-dt))
+    mean: torch.Tensor  # the step's Gaussian mean
+    std: torch.Tensor  # sigma_t = a * sqrt(t / (1 - t)) (per-unit-time std; the step std is std * sqrt(-dt))
 
 
 def _bcast(x: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
@@ -47,7 +47,9 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std_step: torch.Tenso
     return lp.reshape(lp.shape[0], -1).mean(1)
 
 
-def euler_step(z: torch.Tensor, v: torch.Tensor, t: torch.Tensor | float, t_next: torch.Tensor | float) -> torch.Tensor:
+def euler_step(
+    z: torch.Tensor, v: torch.Tensor, t: torch.Tensor | float, t_next: torch.Tensor | float
+) -> torch.Tensor:
     """Euler step of the probability-flow ODE ``z_next = z + v (t_next - t)`` (paper Eq. 2)."""
     return z + v * (_bcast(t_next, z) - _bcast(t, z))
 

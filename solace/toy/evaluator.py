@@ -144,10 +144,18 @@ def summarize(records: Iterable[PromptRecord], scores: Iterable[dict[str, bool]]
     for r, s in zip(records, scores, strict=True):
         acc[r.tag]["strict"].append(float(s["strict"]))
         acc[r.tag]["lenient"].append(float(s["lenient"]))
-    per_cat = {c: {"strict": float(np.mean(v["strict"])), "lenient": float(np.mean(v["lenient"])),
-                   "n": len(v["strict"])} for c, v in acc.items()}
+    per_cat = {
+        c: {
+            "strict": float(np.mean(v["strict"])),
+            "lenient": float(np.mean(v["lenient"])),
+            "n": len(v["strict"]),
+        }
+        for c, v in acc.items()
+    }
     cats = [c for c in CATEGORIES if c in per_cat]
-    overall = {k: float(np.mean([per_cat[c][k] for c in cats])) if cats else 0.0 for k in ("strict", "lenient")}
+    overall = {
+        k: float(np.mean([per_cat[c][k] for c in cats])) if cats else 0.0 for k in ("strict", "lenient")
+    }
     return {"overall": overall, "categories": {c: per_cat[c] for c in cats}}
 
 

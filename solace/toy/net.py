@@ -4,11 +4,11 @@ Pixel space (identity decode, ``z = 2 x - 1``) was chosen over a learned latent 
 evaluator and the self-confidence reward then see the very same tensor, no autoencoder has to be trained
 or shipped, and at 32x32x3 = 3,072 numbers a latent space would save little compute.
 
-Architecture (about 3M parameters): 2x2 pixel-unshuffle, then channels 48/96/144 at 16/8/4 px; GroupNorm residual blocks with FiLM
-on (time embedding + pooled text); *joint* attention at 8 and 4 px where image tokens attend over the
-concatenation of image and text tokens (as in SD3's MM-DiT, single-stream here). The attention projections
-are ``nn.Linear`` layers named like diffusers' (``to_q``, ``to_k``, ``to_v``, ``to_out``) so PEFT LoRA
-targets them the same way.
+Architecture (about 4M parameters): 2x2 pixel-unshuffle, then channels 48/96/144 at 16/8/4 px; GroupNorm
+residual blocks with FiLM on (time embedding + pooled text); *joint* attention at 8 and 4 px where image
+tokens attend over the concatenation of image and text tokens (as in SD3's MM-DiT, single-stream here).
+The attention projections are ``nn.Linear`` layers named like diffusers' (``to_q``, ``to_k``, ``to_v``,
+``to_out``) so PEFT LoRA targets them the same way.
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ class TextEncoder(nn.Module):
         self.tok = nn.Embedding(vocab_size, dim, padding_idx=0)
         self.pos = nn.Parameter(torch.zeros(MAX_TOKENS, dim))
         nn.init.normal_(self.pos, std=0.02)
-        layer = nn.TransformerEncoderLayer(dim, heads, dim * 2, dropout=0.0, batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, dim * 2, dropout=0.0, batch_first=True, norm_first=True
+        )
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
 
@@ -148,8 +150,14 @@ class ToyFlowNet(nn.Module):
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.text(ids, mask)
 
-    def forward(self, z: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
-                pooled: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        z: torch.Tensor,
+        t: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        pooled: torch.Tensor,
+    ) -> torch.Tensor:
         """z (B, 3, 32, 32), t (B,) in [0, 1], text (B, L, 128), text_mask (B, L), pooled (B, 128)."""
         cond = self.time_mlp(timestep_embedding(t, self.time_mlp[0].in_features)) + self.pool_proj(pooled)
         cond = F.silu(cond)

@@ -106,8 +106,14 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, s
     os.replace(tmp, path)
 
 
-def quick_eval(net: ToyFlowNet, cfg_scale: float, per_category: int = 2, samples: int = 4,
-               steps: int = 10, seed: int = 1234) -> dict:
+def quick_eval(
+    net: ToyFlowNet,
+    cfg_scale: float,
+    per_category: int = 2,
+    samples: int = 4,
+    steps: int = 10,
+    seed: int = 1234,
+) -> dict:
     """Strict/lenient accuracy on a small fixed held-out subset (for the learning curve)."""
     from solace.evaluation.toy_eval import evaluate_records
 
@@ -116,8 +122,15 @@ def quick_eval(net: ToyFlowNet, cfg_scale: float, per_category: int = 2, samples
     for c in CATEGORIES:
         recs += [r for r in held if r.tag == c][:per_category]
     adapter = ToyAdapter(net=net)
-    return evaluate_records(adapter, recs, samples_per_prompt=samples, num_steps=steps, cfg_scale=cfg_scale,
-                            seed=seed, progress=False)["summary"]
+    return evaluate_records(
+        adapter,
+        recs,
+        samples_per_prompt=samples,
+        num_steps=steps,
+        cfg_scale=cfg_scale,
+        seed=seed,
+        progress=False,
+    )["summary"]
 
 
 def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
@@ -147,8 +160,11 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
         state = json.loads((out / "checkpoint_state.json").read_text())
         for i, p in enumerate(opt.param_groups[0]["params"]):
             if f"opt.{i}.exp_avg" in sd:
-                opt.state[p] = {"step": torch.tensor(float(state["step"])),
-                                "exp_avg": sd[f"opt.{i}.exp_avg"], "exp_avg_sq": sd[f"opt.{i}.exp_avg_sq"]}
+                opt.state[p] = {
+                    "step": torch.tensor(float(state["step"])),
+                    "exp_avg": sd[f"opt.{i}.exp_avg"],
+                    "exp_avg_sq": sd[f"opt.{i}.exp_avg_sq"],
+                }
         step = state["step"]
         gen.set_state(sd["rng.generator"].to(torch.uint8))
         torch.set_rng_state(sd["rng.torch"].to(torch.uint8))
@@ -193,10 +209,14 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
             ema.eval()
             summ = quick_eval(ema, cfg.eval_cfg)
             ev_s, ev_l = f"{summ['overall']['strict']:.4f}", f"{summ['overall']['lenient']:.4f}"
-            tqdm.write(f"step {step}: quick eval strict {ev_s} lenient {ev_l} "
-                       + " ".join(f"{c}={v['strict']:.2f}" for c, v in summ["categories"].items()))
+            tqdm.write(
+                f"step {step}: quick eval strict {ev_s} lenient {ev_l} "
+                + " ".join(f"{c}={v['strict']:.2f}" for c, v in summ["categories"].items())
+            )
         if step % 50 == 0 or ev_s:
-            writer.writerow([step, f"{smooth:.5f}", f"{_lr(step, cfg):.3e}", f"{time.time() - t0:.1f}", ev_s, ev_l])
+            writer.writerow(
+                [step, f"{smooth:.5f}", f"{_lr(step, cfg):.3e}", f"{time.time() - t0:.1f}", ev_s, ev_l]
+            )
             logf.flush()
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             tensors = {f"net.{k}": v.contiguous() for k, v in net.state_dict().items()}
@@ -220,8 +240,16 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
     half.load_state_dict(ema.state_dict())
     half.half()
     tmp = final.with_name(final.name + ".tmp")
-    save_toy_weights(half, tmp, {"command": command, "seed": str(cfg.seed), "steps": str(step),
-                                 "train_seconds": f"{time.time() - t0:.0f}"})
+    save_toy_weights(
+        half,
+        tmp,
+        {
+            "command": command,
+            "seed": str(cfg.seed),
+            "steps": str(step),
+            "train_seconds": f"{time.time() - t0:.0f}",
+        },
+    )
     os.replace(tmp, final)
     plot_learning_curve(log_path, out / "learning_curve.png")
     return final
@@ -236,7 +264,9 @@ def plot_learning_curve(log_csv: Path, png: Path) -> None:
     rows = list(csv.DictReader(open(log_csv)))
     steps = [int(r["step"]) for r in rows]
     loss = [float(r["loss"]) for r in rows]
-    ev = [(int(r["step"]), float(r["eval_strict"]), float(r["eval_lenient"])) for r in rows if r["eval_strict"]]
+    ev = [
+        (int(r["step"]), float(r["eval_strict"]), float(r["eval_lenient"])) for r in rows if r["eval_strict"]
+    ]
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
     ax[0].plot(steps, loss)
     ax[0].set_xlabel("step")

@@ -63,8 +63,14 @@ def _gap_ok(a: SceneObject, b: SceneObject, gap: float = 2.0) -> bool:
     return bx0 - ax1 >= gap or ax0 - bx1 >= gap or by0 - ay1 >= gap or ay0 - by1 >= gap
 
 
-def _place(rng: random.Random, shape: str, color: str, placed: list[SceneObject],
-           region: tuple[float, float, float, float] | None = None, tries: int = 400) -> SceneObject | None:
+def _place(
+    rng: random.Random,
+    shape: str,
+    color: str,
+    placed: list[SceneObject],
+    region: tuple[float, float, float, float] | None = None,
+    tries: int = 400,
+) -> SceneObject | None:
     for _ in range(tries):
         r = rng.uniform(*SIZE_RANGE)
         e = _EXTENT[shape] * r
@@ -79,7 +85,9 @@ def _place(rng: random.Random, shape: str, color: str, placed: list[SceneObject]
     return None
 
 
-def _position_pair(rng: random.Random, ref: tuple[str, str], obj: tuple[str, str], rel: str) -> list[SceneObject]:
+def _position_pair(
+    rng: random.Random, ref: tuple[str, str], obj: tuple[str, str], rel: str
+) -> list[SceneObject]:
     """Place ``obj`` clearly ``rel`` the reference: >= 8 px apart on the relation's axis, <= 4 px across."""
     for _ in range(200):
         a = _place(rng, ref[0], ref[1], [])
@@ -87,8 +95,12 @@ def _position_pair(rng: random.Random, ref: tuple[str, str], obj: tuple[str, str
             continue
         along = rng.uniform(9.0, 22.0)
         across = rng.uniform(-4.0, 4.0)
-        dx, dy = {"left of": (-along, across), "right of": (along, across),
-                  "above": (across, -along), "below": (across, along)}[rel]
+        dx, dy = {
+            "left of": (-along, across),
+            "right of": (along, across),
+            "above": (across, -along),
+            "below": (across, along),
+        }[rel]
         r = rng.uniform(*SIZE_RANGE)
         b = SceneObject(obj[0], obj[1], a.cx + dx, a.cy + dy, r)
         x0, y0, x1, y1 = b.box()
@@ -109,8 +121,12 @@ def scene_for(record: PromptRecord, rng: random.Random) -> Scene:
             ref, obj = inc[0], inc[1]
             rel = obj["position"][0]
             assert rel in RELATIONS
-            objects = _position_pair(rng, (ref["class"], ref.get("color") or rng.choice(colors)),
-                                     (obj["class"], obj.get("color") or rng.choice(colors)), rel)
+            objects = _position_pair(
+                rng,
+                (ref["class"], ref.get("color") or rng.choice(colors)),
+                (obj["class"], obj.get("color") or rng.choice(colors)),
+                rel,
+            )
         else:
             ok = True
             for item in inc:

@@ -42,8 +42,14 @@ RELATIONS = ("left of", "right of", "above", "below")
 CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 # Share of each category in the training prompt distribution: position and attribute binding are the
 # hardest compositions for a small model, so they are drawn more often.
-TRAIN_MIX = {"single_object": 0.07, "two_object": 0.13, "counting": 0.18, "colors": 0.12,
-             "position": 0.25, "color_attr": 0.25}
+TRAIN_MIX = {
+    "single_object": 0.07,
+    "two_object": 0.13,
+    "counting": 0.18,
+    "colors": 0.12,
+    "position": 0.25,
+    "color_attr": 0.25,
+}
 IMAGE_SIZE = 32
 
 
@@ -82,32 +88,57 @@ def all_prompts() -> list[PromptRecord]:
     for a in SHAPES:
         for b in SHAPES:
             if a != b:
-                out.append(PromptRecord("two_object", f"a photo of {_a(a)} and {_a(b)}",
-                                        ({"class": a, "count": 1}, {"class": b, "count": 1})))
+                out.append(
+                    PromptRecord(
+                        "two_object",
+                        f"a photo of {_a(a)} and {_a(b)}",
+                        ({"class": a, "count": 1}, {"class": b, "count": 1}),
+                    )
+                )
     for s in SHAPES:
         for n, word in NUMBERS.items():
             noun = s if n == 1 else PLURALS[s]
-            out.append(PromptRecord("counting", f"a photo of {word} {noun}", ({"class": s, "count": n},),
-                                    ({"class": s, "count": n + 1},)))
+            out.append(
+                PromptRecord(
+                    "counting",
+                    f"a photo of {word} {noun}",
+                    ({"class": s, "count": n},),
+                    ({"class": s, "count": n + 1},),
+                )
+            )
     for c in COLORS:
         for s in SHAPES:
-            out.append(PromptRecord("colors", f"a photo of {_a(c + ' ' + s)}",
-                                    ({"class": s, "count": 1, "color": c},)))
+            out.append(
+                PromptRecord(
+                    "colors", f"a photo of {_a(c + ' ' + s)}", ({"class": s, "count": 1, "color": c},)
+                )
+            )
     for ref in SHAPES:
         for obj in SHAPES:
             if ref != obj:
                 for rel in RELATIONS:
-                    out.append(PromptRecord("position", f"a photo of {_a(obj)} {rel} {_a(ref)}",
-                                            ({"class": ref, "count": 1},
-                                             {"class": obj, "count": 1, "position": [rel, 0]})))
+                    out.append(
+                        PromptRecord(
+                            "position",
+                            f"a photo of {_a(obj)} {rel} {_a(ref)}",
+                            ({"class": ref, "count": 1}, {"class": obj, "count": 1, "position": [rel, 0]}),
+                        )
+                    )
     for ca in COLORS:
         for sa in SHAPES:
             for cb in COLORS:
                 for sb in SHAPES:
                     if ca != cb and sa != sb:
-                        out.append(PromptRecord("color_attr", f"a photo of {_a(ca + ' ' + sa)} and {_a(cb + ' ' + sb)}",
-                                                ({"class": sa, "count": 1, "color": ca},
-                                                 {"class": sb, "count": 1, "color": cb})))
+                        out.append(
+                            PromptRecord(
+                                "color_attr",
+                                f"a photo of {_a(ca + ' ' + sa)} and {_a(cb + ' ' + sb)}",
+                                (
+                                    {"class": sa, "count": 1, "color": ca},
+                                    {"class": sb, "count": 1, "color": cb},
+                                ),
+                            )
+                        )
     return out
 
 
@@ -128,8 +159,9 @@ def heldout_prompts(seed: int = HELDOUT_SEED) -> list[PromptRecord]:
     for cat in CATEGORIES[1:]:
         chosen = rng.sample(by_cat[cat], HELDOUT_COUNTS[cat])
         chosen.sort(key=lambda r: by_cat[cat].index(r))
-        out.extend(PromptRecord(p.tag, p.prompt, p.include, p.exclude, {"seen_in_training": False})
-                   for p in chosen)
+        out.extend(
+            PromptRecord(p.tag, p.prompt, p.include, p.exclude, {"seen_in_training": False}) for p in chosen
+        )
     return out
 
 

@@ -13,7 +13,11 @@ from PIL import Image, ImageDraw, ImageFont
 def to_pil(image: torch.Tensor | np.ndarray) -> Image.Image:
     """(3, H, W) float [0, 1] tensor or (H, W, 3) uint8 array -> PIL image."""
     if isinstance(image, torch.Tensor):
-        arr = (image.detach().float().clamp(0, 1).cpu().numpy().transpose(1, 2, 0) * 255).round().astype(np.uint8)
+        arr = (
+            (image.detach().float().clamp(0, 1).cpu().numpy().transpose(1, 2, 0) * 255)
+            .round()
+            .astype(np.uint8)
+        )
     else:
         arr = np.asarray(image, dtype=np.uint8)
     return Image.fromarray(arr)

@@ -1,0 +1,181 @@
+"""Benchmarks of the shipped toy base model: held-out accuracy, timings, reward/foreground correlation.
+
+    python bench/toy_base.py accuracy --steps 40 --cfg 7.0 --samples 16
+    python bench/toy_base.py cfg-scan --scales 1.5,3,5,7 --steps 40 --samples 8 --per-category 2
+    python bench/toy_base.py timing
+    python bench/toy_base.py foreground --prompts 24 --samples 16
+
+Each writes a JSON file under bench/results/ and prints a Markdown table. Threads are set explicitly
+(``--threads``, default 2); timings are medians of repeated runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from solace.evaluation.toy_eval import evaluate_records, generate
+from solace.models.toy import ToyAdapter
+from solace.rewards.self_confidence import self_confidence
+from solace.sampling.sampler import sample
+from solace.toy.evaluator import detect, format_table, segment, to_uint8
+from solace.toy.world import CATEGORIES, load_heldout
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _subset(per_category: int):
+    held = load_heldout()
+    if not per_category:
+        return list(held)
+    return [r for c in CATEGORIES for r in [x for x in held if x.tag == c][:per_category]]
+
+
+def cmd_accuracy(a) -> dict:
+    ad = ToyAdapter()
+    recs = _subset(a.per_category)
+    t0 = time.perf_counter()
+    res = evaluate_records(ad, recs, a.samples, a.steps, a.cfg, seed=a.seed, batch_size=64)
+    out = {
+        "steps": a.steps,
+        "cfg": a.cfg,
+        "samples_per_prompt": a.samples,
+        "prompts": len(recs),
+        "seed": a.seed,
+        "summary": res["summary"],
+        "seconds": time.perf_counter() - t0,
+    }
+    print(format_table(res["summary"], f"toy base, {a.steps} steps, CFG {a.cfg}, {a.samples} x {len(recs)}"))
+    return out
+
+
+def cmd_cfg_scan(a) -> dict:
+    ad = ToyAdapter()
+    recs = _subset(a.per_category)
+    rows = {}
+    for s in [float(x) for x in a.scales.split(",")]:
+        res = evaluate_records(ad, recs, a.samples, a.steps, s, seed=a.seed, progress=False)
+        rows[s] = res["summary"]
+        cats = " ".join(f"{c}={v['strict']:.2f}" for c, v in res["summary"]["categories"].items())
+        print(
+            f"CFG {s}: strict {res['summary']['overall']['strict']:.3f} "
+            f"lenient {res['summary']['overall']['lenient']:.3f}  {cats}"
+        )
+    return {"steps": a.steps, "samples_per_prompt": a.samples, "prompts": len(recs), "scan": rows}
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+@torch.no_grad()
+def cmd_timing(a) -> dict:
+    ad = ToyAdapter()
+    cond = ad.encode_prompts(["a photo of a red circle and a blue square"] * 128)
+    out = {}
+    for b in (16, 128):
+        z = torch.randn(b, *ad.latent_shape())
+        t = torch.rand(b)
+        c = cond.index(slice(0, b))
+        out[f"forward_b{b}_s"] = _median_time(lambda z=z, t=t, c=c: ad.velocity(z, t, c), a.repeats)
+    null = ad.encode_prompts([""]).index([0] * 16)
+    c16 = cond.index(slice(0, 16))
+    sig = ad.sigmas(10)
+    noise = torch.randn(16, *ad.latent_shape())
+    out["sample_group16_10steps_cfg_s"] = _median_time(
+        lambda: sample(ad, c16, null, sig, noise, cfg_scale=7.0, noise_level=0.7), a.repeats
+    )
+    for k, v in out.items():
+        print(f"| {k} | {v * 1000:.1f} ms |")
+    return out
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+@torch.no_grad()
+def cmd_foreground(a) -> dict:
+    """Spearman correlation between the paper's self-confidence reward and the foreground pixel count."""
+    ad = ToyAdapter()
+    held = list(load_heldout())
+    recs = [held[i] for i in np.linspace(0, len(held) - 1, a.prompts).round().astype(int)]
+    sig = ad.sigmas(10)
+    probe_t = sig[:-1]
+    rewards, fg, nobj, within = [], [], [], []
+    for i, r in enumerate(recs):
+        imgs = generate(
+            ad, [r.prompt], a.samples, 10, a.cfg, seed=a.seed + i, noise_level=0.7, progress=False
+        )
+        z0 = ad.encode_images(imgs)
+        cond = ad.encode_prompts([r.prompt]).index([0] * a.samples)
+        probes = torch.randn(4, *ad.latent_shape(), generator=torch.Generator().manual_seed(a.seed + i))
+        probes = torch.cat([probes, -probes])
+        R, _ = self_confidence(lambda z, t, idx, c=cond: ad.velocity(z, t, c.index(idx)), z0, probe_t, probes)
+        f = np.array([(segment(x) >= 0).sum() for x in to_uint8(imgs)], dtype=float)
+        rewards.append(R.numpy())
+        fg.append(f)
+        nobj.append([len(detect(x)) for x in to_uint8(imgs)])
+        if f.std() > 0:
+            within.append(_spearman(R.numpy(), f))
+    R, F = np.concatenate(rewards), np.concatenate(fg)
+    out = {
+        "prompts": len(recs),
+        "samples_per_prompt": a.samples,
+        "cfg": a.cfg,
+        "steps": 10,
+        "sde_noise": 0.7,
+        "spearman_pooled": _spearman(R, F),
+        "spearman_within_group_mean": float(np.mean(within)),
+        "spearman_reward_vs_objects_pooled": _spearman(R, np.concatenate(nobj).astype(float)),
+        "mean_foreground_px": float(F.mean()),
+    }
+    print(json.dumps(out, indent=2))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("what", choices=["accuracy", "cfg-scan", "timing", "foreground"])
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--cfg", type=float, default=7.0)
+    p.add_argument("--scales", default="1.5,3,5,7")
+    p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--per-category", type=int, default=0)
+    p.add_argument("--prompts", type=int, default=24)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--tag", default="")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    fn = {
+        "accuracy": cmd_accuracy,
+        "cfg-scan": cmd_cfg_scan,
+        "timing": cmd_timing,
+        "foreground": cmd_foreground,
+    }
+    out = fn[a.what](a)
+    out["threads"] = a.threads
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    name = (
+        a.what + (f"_{a.tag}" if a.tag else "") + (f"_s{a.steps}_cfg{a.cfg}" if a.what == "accuracy" else "")
+    )
+    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

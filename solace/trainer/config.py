@@ -1,0 +1,316 @@
+"""Training configuration: YAML presets with command-line overrides, validated at start.
+
+``load_config("configs/toy.yaml", ["grpo.rho=1.0", "train.seed=3"])`` merges the preset over the defaults
+below (OmegaConf structured config: unknown keys and wrong types are rejected) and then checks every value,
+raising :class:`~solace.errors.ConfigError` that names the field and the fix. Paper defaults (SOLACE on
+Flow-GRPO) are the dataclass defaults; the authors' released-code departures are named switches.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from solace.errors import ConfigError, check
+
+
+@dataclass
+class LoraCfg:
+    rank: int = 32
+    alpha: float = 64.0
+    target_modules: list[str] | None = None  # None: the adapter's own default list
+    init_from: str | None = None  # start from an existing LoRA (e.g. Flow-GRPO-trained)
+    merge_init: bool = False  # fold init_from into the base (KL reference = that model), train a fresh LoRA
+
+
+@dataclass
+class ModelCfg:
+    name: str = "toy"  # "toy", a toy .safetensors, a diffusers folder, or a hub id (SD3/SD3.5, FLUX.1)
+    dtype: str = "fp32"  # fp32 | bf16 | fp16 (diffusers models)
+    resolution: int = 512
+    text_encoder_3: bool = True  # SD3: load T5
+    max_sequence_length: int = 256
+    guidance_scale: float = 3.5  # FLUX.1-dev guidance embedding
+    gradient_checkpointing: bool = False
+    lora: LoraCfg = field(default_factory=LoraCfg)
+
+
+@dataclass
+class DataCfg:
+    train_prompts: str = "toy"  # "toy" (the toy world's train distribution) or a .txt / .jsonl file
+    eval_prompts: str = "toy_heldout"  # "toy_heldout" or a .txt / .jsonl file
+    eval_prompts_limit: int = 0  # 0: all
+
+
+@dataclass
+class SamplingCfg:
+    group_size: int = 16  # G images per prompt
+    prompts_per_step: int = 2  # prompt groups per iteration (all processes together)
+    num_steps: int = 10  # training sampler steps |T|
+    eval_num_steps: int = 40
+    cfg_scale: float = 7.0
+    noise_level: float = 0.7  # Flow-GRPO's a in sigma_t = a sqrt(t/(1-t))
+    sde_window_only: bool = False  # SDE only on the trained window (ODE elsewhere); Flow-GRPO: all steps
+    batch_size: int = 32  # samples per sampling forward (per process; CFG doubles it)
+
+
+@dataclass
+class SelfConfidenceCfg:
+    num_probes: int = 8  # K, even
+    delta: float = 1e-3
+    timesteps: str = "all"  # all | later_half (released code) | a comma list of step indices
+    weighting: str = "uniform"  # uniform | t(1-t) (released code)
+    standardize: bool = False  # per-timestep standardisation across the batch (released code)
+    probe_mode: str = "group"  # group (paper) | per_sample_timestep (released code)
+    online: bool = True  # score with the policy being trained; False: the frozen base (offline)
+    cfg_in_reward: bool = False  # variant: score with the CFG velocity instead of the conditional one
+    contrastive: bool = False  # variant: S_t(c) - S_t(empty prompt)
+    max_batch: int = 256  # rows per no-grad forward in the reward pass
+
+
+@dataclass
+class RewardComponent:
+    name: str = "self_confidence"  # self_confidence or any registered reward (solace.rewards.registry)
+    weight: float = 1.0
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RewardCfg:
+    components: list[RewardComponent] = field(default_factory=lambda: [RewardComponent()])
+    self_confidence: SelfConfidenceCfg = field(default_factory=SelfConfidenceCfg)
+
+
+@dataclass
+class GRPOCfg:
+    rho: float = 0.6  # train on the last ceil(rho * |T|) reverse steps
+    beta: float = 0.04  # KL weight
+    kl_form: str = "flow_grpo"  # flow_grpo (no dt) | exact
+    clip_range: float = 1e-4
+    adv_clip: float = 5.0
+    adv_eps: float = 1e-4
+    global_std: bool = False
+    inner_epochs: int = 1
+    micro_batch_size: int = 8  # samples per training forward (per process)
+    updates_per_iteration: int = 1  # optimizer steps per inner epoch (the samples split into this many)
+
+
+@dataclass
+class OptimCfg:
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class MonitorCfg:
+    enabled: bool = True
+    std_drop: float = 0.5  # warn when sample std falls below this fraction of its first-iteration value
+    foreground_drop: float = 0.5  # toy world: warn when foreground fraction falls below this fraction
+    reward_spike_z: float = 6.0  # warn when the reward mean jumps by this many running stds
+
+
+@dataclass
+class TrainCfg:
+    iterations: int = 100
+    seed: int = 0
+    output_dir: str = "runs/solace"
+    eval_every: int = 0  # 0: only before and after training
+    eval_samples_per_prompt: int = 4
+    checkpoint_every: int = 10
+    image_every: int = 10  # image grid of fixed prompts every N iterations
+    image_prompts: list[str] = field(default_factory=list)
+    threads: int = 0  # torch CPU threads (0: leave torch's default)
+    device: str = "auto"  # auto | cpu | cuda
+    report: bool = True
+
+
+@dataclass
+class SolaceConfig:
+    model: ModelCfg = field(default_factory=ModelCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    sampling: SamplingCfg = field(default_factory=SamplingCfg)
+    reward: RewardCfg = field(default_factory=RewardCfg)
+    grpo: GRPOCfg = field(default_factory=GRPOCfg)
+    optim: OptimCfg = field(default_factory=OptimCfg)
+    monitor: MonitorCfg = field(default_factory=MonitorCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    preset: str = ""  # informational: the preset this config came from
+
+
+_ = MISSING  # re-exported for presets that want a required field
+
+
+def presets_dir() -> Path:
+    return Path(str(resources.files("solace").joinpath("configs")))
+
+
+def resolve_preset(path_or_name: str) -> Path:
+    """A YAML path, or the name of a bundled preset (``toy``, ``sd35m``, ``ablation/k4`` ...)."""
+    p = Path(path_or_name)
+    if p.exists():
+        return p
+    cand = presets_dir() / (path_or_name if path_or_name.endswith(".yaml") else path_or_name + ".yaml")
+    if cand.exists():
+        return cand
+    names = sorted(str(q.relative_to(presets_dir()))[:-5] for q in presets_dir().rglob("*.yaml"))
+    raise ConfigError(
+        "config", f"{path_or_name!r} is neither a file nor a preset; presets: {', '.join(names)}"
+    )
+
+
+def _load_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> Any:
+    """Load a YAML file; a top-level ``defaults: [other.yaml]`` list is merged underneath it."""
+    check(path not in seen, "defaults", f"circular preset inheritance through {path}")
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as e:  # yaml errors
+        raise ConfigError("config", f"{path}: not valid YAML ({e})") from e
+    bases = raw.pop("defaults", []) if "defaults" in raw else []
+    merged = OmegaConf.create()
+    for b in bases:
+        bp = (path.parent / b) if not Path(b).is_absolute() else Path(b)
+        if not bp.exists():
+            bp = resolve_preset(str(b))
+        merged = OmegaConf.merge(merged, _load_yaml_chain(bp, (*seen, path)))
+    return OmegaConf.merge(merged, raw)
+
+
+def load_config(
+    path: str | None = None, overrides: list[str] | None = None, check_paths: bool = True
+) -> SolaceConfig:
+    """Defaults <- preset YAML (with ``defaults:`` inheritance) <- ``key=value`` overrides; validated.
+
+    ``check_paths=False`` skips the existence check of prompt files (to check a preset for another machine).
+    """
+    schema = OmegaConf.structured(SolaceConfig)
+    layers = [schema]
+    if path:
+        p = resolve_preset(path)
+        layers.append(_load_yaml_chain(p))
+    for o in overrides or []:
+        check("=" in o, "overrides", f"{o!r} is not of the form key=value (e.g. grpo.rho=1.0)")
+    try:
+        if overrides:
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "config"
+        msg = str(e).splitlines()[0]
+        raise ConfigError(
+            str(key), f"{msg} (see solace/trainer/config.py for the fields and their types)"
+        ) from e
+    cfg: SolaceConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    if path:
+        cfg.preset = cfg.preset or str(path)
+    validate(cfg, check_paths)
+    return cfg
+
+
+def to_yaml(cfg: SolaceConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def validate(cfg: SolaceConfig, check_paths: bool = True) -> None:
+    """Check every value; errors name the field."""
+    s, sc, g, o, t = cfg.sampling, cfg.reward.self_confidence, cfg.grpo, cfg.optim, cfg.train
+    check(
+        s.group_size >= 2, "sampling.group_size", f"must be >= 2 (GRPO compares samples), got {s.group_size}"
+    )
+    check(s.prompts_per_step >= 1, "sampling.prompts_per_step", f"must be >= 1, got {s.prompts_per_step}")
+    check(s.num_steps >= 1, "sampling.num_steps", f"must be >= 1, got {s.num_steps}")
+    check(s.eval_num_steps >= 1, "sampling.eval_num_steps", f"must be >= 1, got {s.eval_num_steps}")
+    check(s.cfg_scale >= 1.0, "sampling.cfg_scale", f"must be >= 1 (1 disables CFG), got {s.cfg_scale}")
+    check(s.noise_level > 0, "sampling.noise_level", f"must be > 0 for GRPO log-probs, got {s.noise_level}")
+    check(s.batch_size >= 1, "sampling.batch_size", f"must be >= 1, got {s.batch_size}")
+    check(
+        sc.num_probes >= 2 and sc.num_probes % 2 == 0,
+        "reward.self_confidence.num_probes",
+        f"must be even and >= 2 (antithetic pairs), got {sc.num_probes}",
+    )
+    check(sc.delta > 0, "reward.self_confidence.delta", f"must be > 0, got {sc.delta}")
+    check(
+        sc.weighting in ("uniform", "t(1-t)"),
+        "reward.self_confidence.weighting",
+        f"must be 'uniform' or 't(1-t)', got {sc.weighting!r}",
+    )
+    check(
+        sc.probe_mode in ("group", "per_sample_timestep"),
+        "reward.self_confidence.probe_mode",
+        f"must be 'group' or 'per_sample_timestep', got {sc.probe_mode!r}",
+    )
+    probe_steps(sc.timesteps, s.num_steps)  # raises on a bad value
+    check(sc.max_batch >= 1, "reward.self_confidence.max_batch", f"must be >= 1, got {sc.max_batch}")
+    check(len(cfg.reward.components) >= 1, "reward.components", "needs at least one reward")
+    for i, c in enumerate(cfg.reward.components):
+        check(bool(c.name), f"reward.components[{i}].name", "must name a reward")
+        check(math.isfinite(c.weight), f"reward.components[{i}].weight", f"must be finite, got {c.weight}")
+    check(0 < g.rho <= 1, "grpo.rho", f"must lie in (0, 1], got {g.rho}")
+    check(g.beta >= 0, "grpo.beta", f"must be >= 0, got {g.beta}")
+    check(
+        g.kl_form in ("flow_grpo", "exact"),
+        "grpo.kl_form",
+        f"must be 'flow_grpo' or 'exact', got {g.kl_form!r}",
+    )
+    check(g.clip_range > 0, "grpo.clip_range", f"must be > 0, got {g.clip_range}")
+    check(g.adv_clip > 0, "grpo.adv_clip", f"must be > 0, got {g.adv_clip}")
+    check(g.inner_epochs >= 1, "grpo.inner_epochs", f"must be >= 1, got {g.inner_epochs}")
+    check(g.micro_batch_size >= 1, "grpo.micro_batch_size", f"must be >= 1, got {g.micro_batch_size}")
+    check(
+        g.updates_per_iteration >= 1,
+        "grpo.updates_per_iteration",
+        f"must be >= 1, got {g.updates_per_iteration}",
+    )
+    check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+    check(o.max_grad_norm > 0, "optim.max_grad_norm", f"must be > 0, got {o.max_grad_norm}")
+    check(cfg.model.lora.rank >= 1, "model.lora.rank", f"must be >= 1, got {cfg.model.lora.rank}")
+    check(cfg.model.lora.alpha > 0, "model.lora.alpha", f"must be > 0, got {cfg.model.lora.alpha}")
+    check(
+        cfg.model.dtype in ("fp32", "bf16", "fp16"),
+        "model.dtype",
+        f"must be fp32, bf16 or fp16, got {cfg.model.dtype!r}",
+    )
+    check(t.iterations >= 0, "train.iterations", f"must be >= 0, got {t.iterations}")
+    check(t.checkpoint_every >= 1, "train.checkpoint_every", f"must be >= 1, got {t.checkpoint_every}")
+    check(t.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda, got {t.device!r}")
+    for name, src in (
+        ("data.train_prompts", cfg.data.train_prompts),
+        ("data.eval_prompts", cfg.data.eval_prompts),
+    ):
+        if check_paths and src not in ("toy", "toy_heldout"):
+            check(
+                Path(src).exists(),
+                name,
+                f"prompt file {src!r} does not exist (use 'toy' or a .txt/.jsonl path)",
+            )
+
+
+def probe_steps(spec: str, num_steps: int) -> list[int]:
+    """Which sampler timesteps the self-confidence reward probes: ``all``, ``later_half`` (the authors'
+    released code: the half nearest the data) or a comma list of step indices."""
+    if spec == "all":
+        return list(range(num_steps))
+    if spec == "later_half":
+        return list(range(num_steps // 2, num_steps))
+    try:
+        idx = [int(x) for x in str(spec).split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(
+            "reward.self_confidence.timesteps",
+            f"must be 'all', 'later_half' or a comma list of step indices, got {spec!r}",
+        ) from None
+    check(
+        len(idx) > 0 and all(0 <= i < num_steps for i in idx),
+        "reward.self_confidence.timesteps",
+        f"indices must lie in 0..{num_steps - 1}, got {spec!r}",
+    )
+    return idx

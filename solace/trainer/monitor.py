@@ -1,0 +1,73 @@
+"""Collapse monitor: what goes flat when the policy reward-hacks toward blank, textureless images.
+
+Tracked each iteration: the per-sample spatial std of the clean latents (texture), the reward mean, and in
+the toy world the foreground fraction (pixels within reach of a palette colour) and objects per image. The
+monitor trips when texture or foreground falls below a fraction of its first-iteration value, or when the
+reward mean jumps by many running standard deviations (a spike).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+def latent_texture(z0: torch.Tensor) -> torch.Tensor:
+    """Per-sample spatial std of the clean latent, averaged over channels: (B,)."""
+    return z0.float().flatten(2).std(-1).mean(-1) if z0.ndim >= 3 else z0.float().std(-1)
+
+
+def toy_foreground(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Toy world: (foreground fraction, number of detected objects) per image."""
+    from solace.toy.evaluator import detect, segment, to_uint8
+
+    arr = to_uint8(images)
+    fg = torch.tensor([float((segment(a) >= 0).mean()) for a in arr])
+    n = torch.tensor([float(len(detect(a))) for a in arr])
+    return fg, n
+
+
+@dataclass
+class CollapseMonitor:
+    std_drop: float = 0.5
+    foreground_drop: float = 0.5
+    reward_spike_z: float = 6.0
+    baseline: dict[str, float] = field(default_factory=dict)
+    history: list[float] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def update(self, iteration: int, stats: dict[str, float]) -> list[str]:
+        """Feed one iteration's statistics; returns the warnings it raised (also kept in ``warnings``)."""
+        out = []
+        for key, frac in (("texture", self.std_drop), ("foreground", self.foreground_drop)):
+            if key not in stats or not math.isfinite(stats[key]):
+                continue
+            base = self.baseline.setdefault(key, stats[key])
+            if base > 0 and stats[key] < frac * base:
+                out.append(
+                    f"iteration {iteration}: {key} fell to {stats[key]:.4f} "
+                    f"({stats[key] / base:.0%} of its start {base:.4f}): possible collapse"
+                )
+        r = stats.get("reward_mean")
+        if r is not None and len(self.history) >= 5:
+            h = np.array(self.history[-20:])
+            sd = float(h.std()) or 1e-8
+            if abs(r - float(h.mean())) > self.reward_spike_z * sd:
+                out.append(
+                    f"iteration {iteration}: reward mean {r:.4f} jumped {abs(r - h.mean()) / sd:.1f} "
+                    f"running stds from {h.mean():.4f}: possible reward hacking"
+                )
+        if r is not None:
+            self.history.append(r)
+        self.warnings.extend(out)
+        return out
+
+    @property
+    def verdict(self) -> str:
+        if not self.warnings:
+            return "no collapse signal"
+        kinds = sorted({w.split(": ", 1)[1].split(" ")[0] for w in self.warnings})
+        return f"TRIPPED ({len(self.warnings)} warnings: {', '.join(kinds)})"

@@ -1,0 +1,119 @@
+"""End-of-run report: Markdown with plots (reward, KL, monitor, accuracy) and base-vs-trained image grids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _plot(history: list[dict[str, float]], evals: list[dict[str, Any]], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    it = [h["iteration"] for h in history]
+    panels = [
+        ("reward/mean", "reward mean"),
+        ("train/kl", "KL to reference"),
+        ("monitor/texture", "latent texture (std)"),
+        ("monitor/foreground", "toy foreground fraction"),
+    ]
+    fig, axes = plt.subplots(1, 5, figsize=(20, 3.4))
+    for ax, (key, title) in zip(axes, panels, strict=False):
+        ys = [h.get(key) for h in history]
+        if any(y is not None for y in ys):
+            ax.plot(it, [y if y is not None else float("nan") for y in ys])
+        ax.set_title(title)
+        ax.set_xlabel("iteration")
+    ax = axes[4]
+    if evals:
+        ax.plot([e["iteration"] for e in evals], [e["strict"] for e in evals], "o-", label="strict")
+        ax.plot([e["iteration"] for e in evals], [e["lenient"] for e in evals], "s-", label="lenient")
+        ax.legend()
+    tr = [h.get("train/strict_acc") for h in history]
+    if any(t is not None for t in tr):
+        ax.plot(it, [t if t is not None else float("nan") for t in tr], alpha=0.4, label="train batch strict")
+        ax.legend()
+    ax.set_title("held-out accuracy")
+    ax.set_xlabel("iteration")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def write_report(trainer: Any) -> Path:
+    out: Path = trainer.out
+    cfg = trainer.cfg
+    png = out / "report_curves.png"
+    _plot(trainer.history, trainer.evals, png)
+    lines = [
+        f"# solace run report: {out.name}",
+        "",
+        f"- model: `{cfg.model.name}`; preset: `{cfg.preset or '-'}`; iterations: {cfg.train.iterations}; "
+        f"seed: {cfg.train.seed}",
+        "- rewards: " + ", ".join(f"{c.name} x {c.weight}" for c in cfg.reward.components),
+        f"- sampling: G={cfg.sampling.group_size}, {cfg.sampling.prompts_per_step} prompts/iteration, "
+        f"{cfg.sampling.num_steps} steps (eval {cfg.sampling.eval_num_steps}), CFG {cfg.sampling.cfg_scale}",
+        f"- GRPO: rho={cfg.grpo.rho} (window {trainer.window}), beta={cfg.grpo.beta}, "
+        f"lr={cfg.optim.lr}, LoRA r={cfg.model.lora.rank} alpha={cfg.model.lora.alpha}",
+        f"- collapse monitor: **{trainer.monitor.verdict}**",
+        "",
+    ]
+    if trainer.monitor.warnings:
+        lines += (
+            ["Monitor warnings (first 10):", ""] + [f"- {w}" for w in trainer.monitor.warnings[:10]] + [""]
+        )
+    if trainer.evals:
+        first, last = trainer.evals[0], trainer.evals[-1]
+        lines += [
+            "## Held-out accuracy (toy world, exact evaluator)",
+            "",
+            f"| | iteration {first['iteration']} (base) | iteration {last['iteration']} (trained) |",
+            "|---|---|---|",
+            f"| overall strict | {first['strict']:.3f} | {last['strict']:.3f} |",
+            f"| overall lenient | {first['lenient']:.3f} | {last['lenient']:.3f} |",
+        ]
+        for c in last["categories"]:
+            a = first["categories"].get(c, {}).get("strict", float("nan"))
+            lines.append(f"| {c} strict | {a:.3f} | {last['categories'][c]['strict']:.3f} |")
+        lines.append("")
+    if trainer.history:
+        h0, h1 = trainer.history[0], trainer.history[-1]
+        lines += ["## Training signals", "", "| | first iteration | last iteration |", "|---|---|---|"]
+        for k in (
+            "reward/mean",
+            "reward/std",
+            "train/kl",
+            "train/clipfrac",
+            "monitor/texture",
+            "monitor/foreground",
+            "monitor/objects",
+            "train/strict_acc",
+        ):
+            if k in h0 or k in h1:
+                lines.append(f"| {k} | {h0.get(k, float('nan')):.4f} | {h1.get(k, float('nan')):.4f} |")
+        t = {
+            k: sum(h.get(f"time/{k}", 0.0) for h in trainer.history) / len(trainer.history)
+            for k in ("sampling", "reward", "update")
+        }
+        lines += [
+            "",
+            f"Mean seconds per iteration: sampling {t['sampling']:.2f}, reward {t['reward']:.2f}, "
+            f"update {t['update']:.2f}.",
+            "",
+        ]
+    lines += ["## Curves", "", f"![curves]({png.name})", ""]
+    imgs = sorted((out / "images").glob("iter_*.png")) if (out / "images").exists() else []
+    if imgs:
+        lines += [
+            "## Samples (fixed prompts and seeds)",
+            "",
+            f"Base (iteration 0): ![base](images/{imgs[0].name})",
+            "",
+            f"Trained: ![trained](images/{imgs[-1].name})",
+            "",
+        ]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,239 @@
+"""The trainer end to end on a tiny toy model: rewards, distributed equivalence, kill/resume, configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from solace.errors import ConfigError
+from solace.trainer.config import load_config
+from solace.trainer.trainer import Trainer
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+from trainer_helpers import make_tiny_toy_weights, tiny_overrides  # noqa: E402
+
+SCRIPT = HERE / "run_tiny_training.py"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    return make_tiny_toy_weights(tmp_path_factory.mktemp("w") / "tiny_toy.safetensors")
+
+
+def test_self_confidence_training_runs_and_logs_finite_values(weights, tmp_path):
+    cfg = load_config(
+        "toy",
+        tiny_overrides(
+            weights,
+            tmp_path / "run",
+            **{
+                "train.report": True,
+                "data.eval_prompts_limit": 6,
+                "train.eval_samples_per_prompt": 1,
+                "train.image_every": 2,
+            },
+        ),
+    )
+    res = Trainer(cfg).train()
+    rows = (tmp_path / "run" / "log.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    last = dict(zip(header, rows[-1].split(","), strict=True))
+    for key in (
+        "reward/mean",
+        "train/kl",
+        "train/policy_loss",
+        "train/grad_norm",
+        "self_confidence/S_t00",
+        "time/sampling",
+        "time/reward",
+        "time/update",
+        "monitor/texture",
+        "monitor/foreground",
+    ):
+        assert key in last and torch.isfinite(torch.tensor(float(last[key]))), key
+    assert float(last["train/grad_norm"]) > 0
+    assert (tmp_path / "run" / "report.md").exists() and (tmp_path / "run" / "report_curves.png").exists()
+    assert len(list((tmp_path / "run" / "images").glob("*.png"))) >= 2
+    assert res["evals"][0]["iteration"] == 0 and res["evals"][-1]["iteration"] == 2
+    lora = load_file(str(tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors"))
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in lora.items())
+    assert any(tb.name.startswith("events") for tb in (tmp_path / "run" / "tb").iterdir())
+
+
+def test_external_reward_only_training_with_the_toy_evaluator(weights, tmp_path):
+    over = tiny_overrides(weights, tmp_path / "ext")
+    over += ["reward.components=[{name: toy_geneval, weight: 1.0, kwargs: {mode: mixed}}]"]
+    cfg = load_config("toy", over)
+    tr = Trainer(cfg)
+    assert not tr.rewards.uses_self_confidence
+    tr.train()
+    rows = (tmp_path / "ext" / "log.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert "reward/toy_geneval_mean" in header and "self_confidence/S_t00" not in header
+
+
+def test_on_policy_first_update_has_ratio_one(weights, tmp_path):
+    cfg = load_config("toy", tiny_overrides(weights, tmp_path / "r", **{"train.iterations": 1}))
+    tr = Trainer(cfg)
+    batch = tr.collect(0)
+    stats = tr.update(batch, 0)
+    # the first minibatch is on-policy: recomputed log-probs equal the sampling ones up to float noise
+    assert abs(stats["train/ratio_min"] - 1) < 1e-3 and abs(stats["train/ratio_max"] - 1) < 1e-3
+
+
+def test_gradient_accumulation_counts_the_micro_steps_trained(weights, tmp_path):
+    """Splitting the same samples into smaller micro-batches must give the same update."""
+    grads = []
+    for mb in (8, 2):
+        cfg = load_config(
+            "toy",
+            tiny_overrides(
+                weights, tmp_path / f"g{mb}", **{"grpo.micro_batch_size": mb, "train.iterations": 1}
+            ),
+        )
+        tr = Trainer(cfg)
+        batch = tr.collect(0)
+        tr.opt.step = lambda: None  # keep the parameters; inspect the accumulated gradient
+        tr.opt.zero_grad = lambda set_to_none=True: None
+        tr.update(batch, 0)
+        grads.append(torch.cat([p.grad.flatten() for p in tr.params]))
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+
+
+def test_two_process_gloo_run_matches_one_process(weights, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run(
+        [sys.executable, str(SCRIPT), str(weights), str(one), "advantages"], check=True, env=ENV, timeout=300
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        str(SCRIPT),
+        str(weights),
+        str(two),
+        "advantages",
+    ]
+    subprocess.run(cmd, check=True, env=ENV, timeout=600, cwd=tmp_path)
+    a1 = json.loads((one / "advantages_rank0.json").read_text())
+    a2 = json.loads((two / "advantages_rank0.json").read_text())
+    b2 = json.loads((two / "advantages_rank1.json").read_text())
+    assert a1["world"] == 1 and a2["world"] == 2
+    assert a2["adv"] == b2["adv"]  # both ranks agree after the gather
+    assert torch.allclose(torch.tensor(a1["adv"]), torch.tensor(a2["adv"]), atol=1e-4)
+    assert abs(a1["final_latents_sum"] - a2["final_latents_sum"]) < 1e-2
+
+
+def test_sigkill_mid_training_then_resume_equals_uninterrupted(weights, tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    extra = ["train.iterations=4"]
+    subprocess.run(
+        [sys.executable, str(SCRIPT), str(weights), str(full), "train", *extra],
+        check=True,
+        env=ENV,
+        timeout=600,
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), str(weights), str(killed), "train", *extra], env=ENV
+    )
+    deadline = time.time() + 600
+    while time.time() < deadline and not (killed / "checkpoints" / "iter_000002").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (killed / "checkpoints" / "iter_000002").exists()
+    shutil.rmtree(killed / "lora", ignore_errors=True)
+    subprocess.run(
+        [sys.executable, str(SCRIPT), str(weights), str(killed), "train", *extra, "resume=1"],
+        check=True,
+        env=ENV,
+        timeout=600,
+    )
+    a = load_file(str(full / "lora" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(killed / "lora" / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        ("grpo.rho=0", "grpo.rho"),
+        ("grpo.rho=1.5", "grpo.rho"),
+        ("reward.self_confidence.num_probes=3", "reward.self_confidence.num_probes"),
+        ("reward.self_confidence.delta=0", "reward.self_confidence.delta"),
+        ("sampling.group_size=1", "sampling.group_size"),
+        ("grpo.kl_form=wrong", "grpo.kl_form"),
+        ("sampling.cfg_scale=abc", "sampling.cfg_scale"),
+        ("grpo.not_a_field=1", "grpo.not_a_field"),
+        ("data.train_prompts=/no/such/file.txt", "data.train_prompts"),
+        ("reward.self_confidence.timesteps=99", "reward.self_confidence.timesteps"),
+    ],
+)
+def test_config_errors_name_the_field(override, field):
+    with pytest.raises(ConfigError) as e:
+        load_config("toy", [override])
+    assert str(e.value).startswith(field)
+
+
+def test_presets_validate_and_inherit():
+    names = [
+        "toy",
+        "toy_verifiable",
+        "toy_mixed",
+        "toy_released_code",
+        "toy_contrastive",
+        "sd35m",
+        "flux",
+        "ablation/k4",
+        "ablation/k8",
+        "ablation/k16",
+        "ablation/cfg_in_reward",
+        "ablation/offline",
+        "ablation/rho1",
+        "ablation/no_cfg",
+    ]
+    cfgs = {n: load_config(n, check_paths=False) for n in names}
+    sd = cfgs["sd35m"]
+    assert (
+        sd.sampling.group_size,
+        sd.reward.self_confidence.num_probes,
+        sd.sampling.num_steps,
+        sd.sampling.eval_num_steps,
+        sd.sampling.cfg_scale,
+        sd.grpo.rho,
+        sd.model.lora.rank,
+        sd.model.lora.alpha,
+        sd.optim.lr,
+        sd.grpo.beta,
+        sd.model.resolution,
+    ) == (16, 8, 10, 40, 7.0, 0.6, 32, 64, 3e-4, 0.04, 512)
+    assert cfgs["ablation/k4"].reward.self_confidence.num_probes == 4
+    assert cfgs["ablation/rho1"].grpo.rho == 1.0 and cfgs["ablation/no_cfg"].sampling.cfg_scale == 1.0
+    rc = cfgs["toy_released_code"].reward.self_confidence
+    assert (rc.standardize, rc.weighting, rc.probe_mode, rc.timesteps) == (
+        True,
+        "t(1-t)",
+        "per_sample_timestep",
+        "later_half",
+    )
+    assert cfgs["toy_released_code"].grpo.rho == 0.5
+    assert cfgs["flux"].sampling.cfg_scale == 1.0 and cfgs["flux"].sampling.group_size == 16
+    assert cfgs["toy_verifiable"].reward.components[0].name == "toy_geneval"

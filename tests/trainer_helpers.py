@@ -1,0 +1,51 @@
+"""Tiny toy-world training setups shared by the trainer tests and their subprocess scripts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from solace.models.toy import save_toy_weights
+from solace.toy.net import ToyFlowNet
+from solace.toy.world import vocabulary
+
+
+def make_tiny_toy_weights(path: str | Path, seed: int = 0) -> Path:
+    """A tiny random toy net (channels 16) with its zero-initialised output layers perturbed, so that LoRA
+    on the attention projections receives gradients (a zero output layer would block them)."""
+    torch.manual_seed(seed)
+    net = ToyFlowNet(len(vocabulary()), (16, 16, 16))
+    with torch.no_grad():
+        for p in net.parameters():
+            if torch.count_nonzero(p) == 0:
+                p.normal_(0, 0.05)
+    save_toy_weights(net, path)
+    return Path(path)
+
+
+def tiny_overrides(weights: str | Path, out: str | Path, **extra: object) -> list[str]:
+    base = {
+        "model.name": str(weights),
+        "model.lora.rank": 4,
+        "model.lora.alpha": 8,
+        "sampling.group_size": 4,
+        "sampling.prompts_per_step": 2,
+        "sampling.num_steps": 4,
+        "sampling.eval_num_steps": 4,
+        "sampling.batch_size": 8,
+        "reward.self_confidence.num_probes": 2,
+        "grpo.micro_batch_size": 4,
+        "grpo.clip_range": 0.2,
+        "optim.lr": 0.01,
+        "train.iterations": 2,
+        "train.output_dir": str(out),
+        "train.eval_every": 0,
+        "train.image_every": 0,
+        "train.checkpoint_every": 1,
+        "train.threads": 1,
+        "train.report": False,
+        "train.device": "cpu",
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
