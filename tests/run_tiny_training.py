@@ -26,7 +26,7 @@ def main() -> None:
     cfg = load_config("toy", tiny_overrides(weights, out) + rest)
     if mode == "train":
         Trainer(cfg).train(resume=resume)
-        return
+        return _shutdown()
     tr = Trainer(cfg)
     batch = tr.collect(0)
     adv = tr._gather(batch["adv"].contiguous())
@@ -43,6 +43,16 @@ def main() -> None:
             }
         )
     )
+    _shutdown()
+
+
+def _shutdown() -> None:
+    """Leave the process group cleanly (an undestroyed gloo group can abort the process at exit)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

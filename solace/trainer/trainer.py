@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import json
 import math
 import time
@@ -337,33 +338,17 @@ class Trainer:
                             else self.acc.no_sync(self.wrapped)
                         )
                         with sync:
-                            st = step_policy(
-                                self.adapter,
-                                z[:, j],
-                                z[:, j + 1],
-                                self.sigmas,
-                                j,
-                                cond,
-                                null,
-                                cfg.sampling.cfg_scale,
-                                cfg.sampling.noise_level,
-                            )
+                            step_j = functools.partial(
+                                step_policy, self.adapter, z[:, j], z[:, j + 1], self.sigmas, j, cond, null,
+                                cfg.sampling.cfg_scale, cfg.sampling.noise_level,
+                            )  # fmt: skip
+                            st = step_j()
                             pl, pst = ppo_clip_loss(st.log_prob, old[:, j], adv, g.clip_range)
                             loss = pl
                             kl = torch.zeros((), device=dev)
                             if g.beta > 0:
                                 with torch.no_grad(), adapters_disabled(self.adapter.denoiser):
-                                    ref = step_policy(
-                                        self.adapter,
-                                        z[:, j],
-                                        z[:, j + 1],
-                                        self.sigmas,
-                                        j,
-                                        cond,
-                                        null,
-                                        cfg.sampling.cfg_scale,
-                                        cfg.sampling.noise_level,
-                                    )
+                                    ref = step_j()  # the same step under the LoRA-off reference
                                 dt = self.sigmas[j + 1] - self.sigmas[j]
                                 kl = gaussian_kl(st.mean, ref.mean, st.std.reshape(-1), dt, g.kl_form).mean()
                                 loss = loss + g.beta * kl
@@ -613,4 +598,11 @@ class Trainer:
 
 
 def run_training(cfg: SolaceConfig, resume: bool = False) -> dict[str, Any]:
-    return Trainer(cfg).train(resume=resume)
+    """Train, then leave the process group cleanly when running distributed."""
+    result = Trainer(cfg).train(resume=resume)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
