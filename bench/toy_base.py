@@ -4,6 +4,7 @@
     python bench/toy_base.py cfg-scan --scales 1.5,3,5,7 --steps 40 --samples 8 --per-category 2
     python bench/toy_base.py timing
     python bench/toy_base.py foreground --prompts 24 --samples 16
+    python bench/toy_base.py evaluator --scenes 4000
 
 Each writes a JSON file under bench/results/ and prints a Markdown table. Threads are set explicitly
 (``--threads``, default 2); timings are medians of repeated runs.
@@ -147,9 +148,35 @@ def cmd_foreground(a) -> dict:
     return out
 
 
+def cmd_evaluator(a) -> dict:
+    """Exact evaluator on freshly rendered ground-truth scenes (every prompt of the toy world in turn)."""
+    import random
+    from collections import Counter
+
+    from solace.toy.evaluator import score_image
+    from solace.toy.render import render, scene_for
+    from solace.toy.world import all_prompts
+
+    ps = all_prompts()
+    ok, tot = Counter(), Counter()
+    for i in range(a.scenes):
+        r = ps[(i * 7) % len(ps)]
+        s = score_image(render(scene_for(r, random.Random(10_000 + i))), r)
+        tot[r.tag] += 1
+        ok[r.tag] += s["strict"]
+    out = {
+        "scenes": a.scenes,
+        "strict": sum(ok.values()) / a.scenes,
+        "per_category": {c: ok[c] / tot[c] for c in CATEGORIES if tot[c]},
+    }
+    print(json.dumps(out, indent=2))
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["accuracy", "cfg-scan", "timing", "foreground"])
+    p.add_argument("what", choices=["accuracy", "cfg-scan", "timing", "foreground", "evaluator"])
+    p.add_argument("--scenes", type=int, default=4000)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--cfg", type=float, default=7.0)
     p.add_argument("--scales", default="1.5,3,5,7")
@@ -166,6 +193,7 @@ def main() -> None:
         "accuracy": cmd_accuracy,
         "cfg-scan": cmd_cfg_scan,
         "timing": cmd_timing,
+        "evaluator": cmd_evaluator,
         "foreground": cmd_foreground,
     }
     out = fn[a.what](a)
