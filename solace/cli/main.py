@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from solace.errors import SolaceError
+
+if TYPE_CHECKING:
+    from solace.models.base import FlowModelAdapter
 
 app = typer.Typer(
     add_completion=False,
@@ -109,7 +113,7 @@ def config_check(
     typer.echo(f"{config}: ok")
 
 
-def _load(model: str, lora: str | None, device: str):
+def _load(model: str, lora: str | None, device: str) -> FlowModelAdapter:
     import torch
 
     from solace.models import load_adapter

@@ -108,7 +108,7 @@ def batched(
 # --------------------------------------------------------------------------------------------------------
 
 
-def require(module: str, install: str, what: str):
+def require(module: str, install: str, what: str) -> Any:
     """Import ``module`` or raise a one-line :class:`MissingDependencyError` saying how to install it."""
     import importlib
 
@@ -292,7 +292,7 @@ def load_clip(
     return model.eval().requires_grad_(False).to(device=device, dtype=dtype)
 
 
-def load_tokenizer(path: str, *, field: str, local_files_only: bool | None = None):
+def load_tokenizer(path: str, *, field: str, local_files_only: bool | None = None) -> Any:
     transformers = require("transformers", "pip install 'transformers>=4.46'", "this reward")
     return load_pretrained(
         transformers.AutoTokenizer.from_pretrained,
