@@ -35,7 +35,7 @@ from solace.errors import ConfigError
 from solace.grpo.advantages import group_advantages
 from solace.grpo.loss import gaussian_kl, ppo_clip_loss
 from solace.grpo.window import train_window
-from solace.models import load_adapter
+from solace.models import load_adapter, model_family
 from solace.models.base import Conditioning, adapters_disabled
 from solace.models.lora import add_lora, load_lora, lora_config, lora_parameters, lora_state_dict, save_lora
 from solace.rewards.mixture import SELF_CONFIDENCE, RewardMixture
@@ -76,18 +76,15 @@ class Trainer:
 
         m = cfg.model
         kwargs: dict[str, Any] = {"device": self.acc.device}
-        if m.name not in ("toy",) and not str(m.name).endswith(".safetensors"):
+        family = model_family(m.name)
+        if family != "toy":
             kwargs.update(
                 dtype=m.dtype,
                 resolution=m.resolution,
                 max_sequence_length=m.max_sequence_length,
                 gradient_checkpointing=m.gradient_checkpointing,
             )
-            if (
-                "flux" in str(m.name).lower()
-                or (Path(m.name) / "model_index.json").exists()
-                and "Flux" in (Path(m.name) / "model_index.json").read_text()
-            ):
+            if family == "flux":
                 kwargs["guidance_scale"] = m.guidance_scale
             else:
                 kwargs["text_encoder_3"] = m.text_encoder_3
@@ -261,10 +258,8 @@ class Trainer:
         for k, v in comps.items():
             stats[f"reward/{k}_mean"] = float(v.mean())
         if scores_all is not None:
-            for j, t in zip(self.probe_idx, self.probe_t.tolist(), strict=True):
-                col = self.probe_idx.index(j)
+            for col, j in enumerate(self.probe_idx):
                 stats[f"self_confidence/S_t{j:02d}"] = float(scores_all[:, col].mean())
-                del t
         stats["adv/abs_mean"] = float(adv.abs().mean())
         stats["adv/max"] = float(adv.max())
         tex = self._gather(latent_texture(z0).cpu())
