@@ -24,10 +24,12 @@ def generate(
     batch_size: int = 64,
     noise_level: float = 0.0,
     progress: bool = True,
+    first_index: int = 0,
 ) -> torch.Tensor:
     """Images (P * S, 3, H, W) in [0, 1], prompt-major, deterministic given ``seed`` (ODE by default).
 
-    The initial noise of sample ``j`` of prompt ``i`` depends only on ``(seed, i, j)``, not on batching.
+    The initial noise of sample ``j`` of prompt ``i`` depends only on ``(seed, first_index + i, j)``, not on
+    batching: generating a long list in slices (``first_index`` = the slice's start) gives the same noise.
     """
     sigmas = adapter.sigmas(num_steps)
     null = adapter.encode_prompts([""])
@@ -43,7 +45,7 @@ def generate(
             [
                 torch.randn(
                     adapter.latent_shape(),
-                    generator=torch.Generator().manual_seed(seed * 1_000_003 + i * 1009 + j),
+                    generator=torch.Generator().manual_seed(seed * 1_000_003 + (first_index + i) * 1009 + j),
                 )
                 for i, j in chunk
             ]

@@ -54,6 +54,19 @@ def available_rewards() -> list[str]:
     return sorted(_FACTORIES)
 
 
+def reward_parameters(name: str) -> list[str]:
+    """Names of the keyword arguments the factory of reward ``name`` takes (``"**"`` if it takes any)."""
+    import inspect
+
+    _load_builtin()
+    if name not in _FACTORIES:
+        raise ConfigError(
+            "reward.name", f"unknown reward {name!r}; available: {', '.join(sorted(_FACTORIES))}"
+        )
+    params = inspect.signature(_FACTORIES[name]).parameters.values()
+    return [("**" if p.kind is inspect.Parameter.VAR_KEYWORD else p.name) for p in params]
+
+
 def build_reward(name: str, **kwargs: Any) -> RewardFn:
     """Build the registered reward ``name`` with its keyword arguments."""
     _load_builtin()
