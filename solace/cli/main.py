@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -113,7 +113,7 @@ def config_check(
     typer.echo(f"{config}: ok")
 
 
-def _load(model: str, lora: str | None, device: str) -> FlowModelAdapter:
+def _load(model: str, lora: str | None, device: str, **kwargs: Any) -> FlowModelAdapter:
     import torch
 
     from solace.models import load_adapter
@@ -121,7 +121,7 @@ def _load(model: str, lora: str | None, device: str) -> FlowModelAdapter:
     dev = (
         "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     )
-    adapter = load_adapter(model, device=dev)
+    adapter = load_adapter(model, device=dev, **kwargs)
     if lora:
         from solace.models.lora import load_lora
 
@@ -176,23 +176,78 @@ def sample_cmd(
 
 @app.command("eval")
 def eval_cmd(
-    suite: str = typer.Option("toy", help="toy (held-out toy world, exact evaluator)."),
+    suite: str = typer.Option(
+        "toy",
+        help="toy (held-out toy world, exact evaluator) | drawbench | geneval | ocr | pickscore "
+        "(these read --prompts).",
+    ),
+    prompts: Path = typer.Option(
+        None, "--prompts", help="Prompt file of the suite: .txt (one a line) or GenEval .jsonl metadata."
+    ),
+    metrics: str = typer.Option(
+        None,
+        "--metrics",
+        help="Comma-separated metrics (clip_score, pickscore, hps, image_reward, aesthetic, ocr, geneval, "
+        "unified_reward); default per suite: drawbench clip_score,pickscore,hps; geneval geneval; ocr ocr; "
+        "pickscore pickscore.",
+    ),
+    metric_arg: list[str] = typer.Option(
+        None,
+        "--metric-arg",
+        help="METRIC.KEY=VALUE for a metric's factory, e.g. clip_score.model=/path (repeat).",
+    ),
     model: str = typer.Option("toy", help="toy, a toy .safetensors, a diffusers folder or hub id."),
     lora: str = typer.Option(None, help="LoRA folder or .safetensors to evaluate against the base."),
-    samples: int = typer.Option(16, help="Samples per prompt."),
+    samples: int = typer.Option(None, help="Samples per prompt (default: 16 for toy, 1 otherwise)."),
     steps: int = typer.Option(40, help="Sampling steps."),
     cfg: float = typer.Option(7.0, "--cfg", help="CFG scale."),
     seed: int = typer.Option(0, help="Seed of the initial noise."),
-    limit: int = typer.Option(0, help="Evaluate only the first N held-out prompts per category (0: all)."),
+    limit: int = typer.Option(
+        0, help="toy: the first N held-out prompts per category; other suites: the first N prompts (0: all)."
+    ),
+    batch_size: int = typer.Option(8, help="Images per generation batch (file suites)."),
+    resolution: int = typer.Option(0, help="SD3/FLUX image size in pixels (0: the adapter's 512)."),
+    dtype: str = typer.Option(
+        "auto", help="SD3/FLUX weights: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32."
+    ),
     out: Path = typer.Option(Path("runs/eval"), help="Output folder (JSON, Markdown, grids)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
 ) -> None:
     """Evaluate a model (and optionally a LoRA) on a prompt suite; prints a table, writes JSON + Markdown."""
+    if suite != "toy":
+        try:
+            _eval_suite(
+                suite=suite,
+                prompts=prompts,
+                metrics=metrics,
+                metric_args=metric_arg or [],
+                model=model,
+                lora=lora,
+                samples=1 if samples is None else samples,
+                steps=steps,
+                cfg=cfg,
+                seed=seed,
+                limit=limit,
+                batch_size=batch_size,
+                resolution=resolution,
+                dtype=dtype,
+                out=out,
+                device=device,
+            )
+        except SolaceError as e:
+            _fail(e)
+        return
     from solace.evaluation.toy_eval import run_toy_eval
     from solace.toy.world import CATEGORIES, load_heldout
 
-    if suite != "toy":
-        _fail(SolaceError(f"--suite: {suite!r} is not available yet; use 'toy'"))
+    if prompts is not None or metrics or metric_arg:
+        _fail(
+            SolaceError(
+                "--suite toy scores the shipped held-out prompts with the exact evaluator; --prompts, "
+                "--metrics and --metric-arg are for the file suites (drawbench, geneval, ocr, pickscore)"
+            )
+        )
+    samples = 16 if samples is None else samples
     recs = list(load_heldout())
     if limit:
         recs = [r for c in CATEGORIES for r in [x for x in recs if x.tag == c][:limit]]
@@ -209,6 +264,78 @@ def eval_cmd(
         _fail(e)
     (out / "summary.json").write_text(json.dumps(results, indent=2))
     typer.echo(f"wrote {out}/")
+
+
+def _eval_suite(
+    *,
+    suite: str,
+    prompts: Path | None,
+    metrics: str | None,
+    metric_args: list[str],
+    model: str,
+    lora: str | None,
+    samples: int,
+    steps: int,
+    cfg: float,
+    seed: int,
+    limit: int,
+    batch_size: int,
+    resolution: int,
+    dtype: str,
+    out: Path,
+    device: str,
+) -> None:
+    """``solace eval`` on a prompt file with registry metrics (see :mod:`solace.evaluation.metrics_eval`)."""
+    import torch
+
+    from solace.errors import ConfigError
+    from solace.evaluation.metrics_eval import (
+        build_metrics,
+        parse_metric_args,
+        parse_metric_list,
+        run_metric_eval,
+    )
+    from solace.evaluation.suites import SUITES, load_suite
+
+    prompt_suite = load_suite(suite, prompts, limit)
+    names = parse_metric_list(metrics if metrics else list(SUITES[suite]["metrics"]))
+    kwargs = parse_metric_args(metric_args, names)
+    if dtype not in ("auto", "bf16", "fp16", "fp32"):
+        raise ConfigError("--dtype", f"use auto, bf16, fp16 or fp32, not {dtype!r}")
+    if resolution < 0:
+        raise ConfigError("--resolution", f"must be >= 0, got {resolution}")
+    if lora:
+        from solace.models.lora import read_lora
+
+        read_lora(lora)  # a bad LoRA fails now, not after the base model's pass
+    fns = build_metrics(names, kwargs)
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    model_kwargs: dict[str, Any] = {"dtype": ("bf16" if cuda else "fp32") if dtype == "auto" else dtype}
+    if resolution:
+        model_kwargs["resolution"] = resolution
+    adapter = _load(model, None, device, **model_kwargs)
+    settings = {
+        "model": model,
+        "metric_args": kwargs,
+        "resolution": resolution or None,
+        "dtype": model_kwargs["dtype"],
+    }
+    res = run_metric_eval(
+        adapter,
+        prompt_suite,
+        fns,
+        out,
+        lora=lora,
+        samples_per_prompt=samples,
+        num_steps=steps,
+        cfg_scale=cfg,
+        seed=seed,
+        batch_size=batch_size,
+        settings=settings,
+    )
+    typer.echo(res["table"])
+    typer.echo("")
+    typer.echo(f"wrote {out}/ (results.json, results.md, grid.png, index.html, images/)")
 
 
 def main() -> None:  # pragma: no cover
