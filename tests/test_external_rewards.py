@@ -428,8 +428,9 @@ def test_aesthetic_head_checks(clip_dir, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------------
-# ImageReward (the package is not installable beside this torch: error path + the scoring formula on a
-# stand-in with ImageReward's structure: ViT features -> BLIP text encoder with cross-attention -> MLP)
+# ImageReward. The package is not installable beside this torch: its backend is checked on a stand-in with
+# ImageReward's structure (ViT features -> BLIP text encoder with cross-attention -> MLP); the transformers
+# backend on a tiny random BLIP under the official checkpoint's key names.
 # --------------------------------------------------------------------------------------------------------
 
 
@@ -471,11 +472,15 @@ class _StubImageReward(nn.Module):
         self.mean, self.std = 0.16717362830052426, 1.0333394966054072
 
 
-def test_image_reward_missing_package(monkeypatch):
+def test_image_reward_missing_package(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "ImageReward", None)  # import fails whatever is installed
     with pytest.raises(MissingDependencyError, match="pip install image-reward") as e:
-        build_reward("image_reward", device="cpu")
+        build_reward("image_reward", device="cpu", backend="package")
     assert "\n" not in str(e.value)
+    # the default then falls back to transformers' BLIP, which needs ImageReward.pt
+    with pytest.raises(MissingDependencyError, match="reward.image_reward.model.*THUDM/ImageReward") as e:
+        build_reward("image_reward", device="cpu", download_root=str(tmp_path), local_files_only=True)
+    assert "\n" not in str(e.value) and no_chained_traceback(e.value)
 
 
 def test_image_reward_formula(monkeypatch, images, tmp_path):
@@ -505,6 +510,262 @@ def test_image_reward_formula(monkeypatch, images, tmp_path):
     ckpt.write_bytes(b"")
     with pytest.raises(MissingDependencyError, match="med_config"):
         build_reward("image_reward", model=str(ckpt), device="cpu")
+
+
+# ImageReward through transformers' BLIP (the default without the package): a tiny random model of the same
+# architecture, saved under the official ImageReward.pt key names, checked against a from-scratch forward of
+# BLIP's ViT + med BERT written on those names.
+
+IR_MEAN, IR_STD = 0.16717362830052426, 1.0333394966054072  # ImageReward.mean / .std, as published
+
+
+def _blip_words() -> list[str]:
+    import re
+
+    words = sorted({w for p in PROMPTS for w in re.findall(r"\w+|[^\w\s]", p.lower())})
+    return ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words
+
+
+def tiny_blip_config() -> dict:
+    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    return {
+        "vision": dict(image_size=32, patch_size=16, **common),
+        "text": dict(
+            vocab_size=len(_blip_words()) + 2, max_position_embeddings=40, **common
+        ),  # + [DEC] [ENC]
+    }
+
+
+@pytest.fixture(scope="module")
+def blip_tok_dir(tmp_path_factory):
+    from transformers import BertTokenizer
+
+    d = tmp_path_factory.mktemp("bert_tok")
+    BertTokenizer(vocab={w: i for i, w in enumerate(_blip_words())}).save_pretrained(str(d))
+    return str(d)
+
+
+def to_official_names(net) -> dict[str, torch.Tensor]:
+    """The tiny model's weights under ImageReward.pt's names (BLIP's timm ViT + med BERT), written out
+    independently of the module's renaming, plus what BLIP_Pretrain also saves and the score ignores."""
+    vit = [
+        ("embeddings.class_embedding", "cls_token"), ("embeddings.position_embedding", "pos_embed"),
+        ("embeddings.patch_embedding", "patch_embed.proj"), ("post_layernorm", "norm"),
+        ("encoder.layers.", "blocks."), ("layer_norm", "norm"), ("self_attn.projection", "attn.proj"),
+        ("self_attn.qkv", "attn.qkv"),
+    ]  # fmt: skip
+    out = {}
+    for key, value in net.state_dict().items():
+        if key.startswith("vision_model."):
+            key = key[len("vision_model.") :]
+            for a, b in vit:
+                key = key.replace(a, b)
+            key = "blip.visual_encoder." + key
+        elif key.startswith("text_encoder."):
+            key = "blip." + key
+        out[key] = value.detach().clone()
+    out["blip.text_encoder.embeddings.position_ids"] = torch.arange(40).expand(1, -1)
+    for name in ("vision_proj", "text_proj"):
+        out[f"blip.{name}.weight"], out[f"blip.{name}.bias"] = torch.randn(8, 32), torch.randn(8)
+    return out
+
+
+@pytest.fixture(scope="module")
+def blip_ir(tmp_path_factory):
+    """(tiny ImageRewardBLIP with random weights, its official-named state dict, the .pt path)."""
+    from solace.rewards.external.image_reward import build_image_reward_blip
+
+    torch.manual_seed(6)
+    net = build_image_reward_blip(tiny_blip_config())
+    with torch.no_grad():
+        for p in net.parameters():  # perturb the init (zero biases, unit LayerNorms) so every weight counts
+            p.add_(0.05 * torch.randn_like(p))
+    sd = to_official_names(net)
+    path = tmp_path_factory.mktemp("image_reward") / "ImageReward.pt"
+    torch.save(sd, path)
+    return net, sd, str(path)
+
+
+def _ln(x, sd, prefix, eps):
+    return F.layer_norm(x, x.shape[-1:], sd[prefix + ".weight"], sd[prefix + ".bias"], eps)
+
+
+def _lin(x, sd, prefix):
+    return F.linear(x, sd[prefix + ".weight"], sd[prefix + ".bias"])
+
+
+def _heads(x: torch.Tensor, h: int) -> torch.Tensor:
+    return x.reshape(*x.shape[:2], h, -1).transpose(1, 2)
+
+
+def blip_reference(sd: dict, px: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, heads: int = 4):
+    """ImageReward.score written from scratch on the official names: BLIP's ViT (pre-norm blocks, fused qkv,
+    LayerNorm eps 1e-6, final norm) -> med BERT (post-norm; self-attention over the prompt, cross-attention
+    to all image tokens; eps 1e-12) -> [CLS] -> the linear MLP -> (r - mean) / std."""
+    v = "blip.visual_encoder."
+    w = sd[v + "patch_embed.proj.weight"]
+    x = F.conv2d(px, w, sd[v + "patch_embed.proj.bias"], stride=w.shape[-1]).flatten(2).transpose(1, 2)
+    x = torch.cat([sd[v + "cls_token"].expand(len(x), -1, -1), x], 1) + sd[v + "pos_embed"]
+    i = 0
+    while f"{v}blocks.{i}.norm1.weight" in sd:
+        b = f"{v}blocks.{i}."
+        qkv = _lin(_ln(x, sd, b + "norm1", 1e-6), sd, b + "attn.qkv").chunk(3, dim=-1)
+        q, k, val = (_heads(t, heads) for t in qkv)
+        att = ((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5).softmax(-1) @ val
+        x = x + _lin(att.transpose(1, 2).flatten(2), sd, b + "attn.proj")
+        x = x + _lin(F.gelu(_lin(_ln(x, sd, b + "norm2", 1e-6), sd, b + "mlp.fc1")), sd, b + "mlp.fc2")
+        i += 1
+    img = _ln(x, sd, v + "norm", 1e-6)
+
+    t = "blip.text_encoder."
+    pos = sd[t + "embeddings.position_embeddings.weight"][: ids.shape[1]]
+    y = _ln(sd[t + "embeddings.word_embeddings.weight"][ids] + pos, sd, t + "embeddings.LayerNorm", 1e-12)
+    pad = (1.0 - mask[:, None, None, :].float()) * -10000.0  # med's extended attention mask
+
+    def attention(p, hq, hkv, bias):
+        q = _heads(_lin(hq, sd, p + "self.query"), heads)
+        k, val = (_heads(_lin(hkv, sd, p + n), heads) for n in ("self.key", "self.value"))
+        ctx = ((q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5 + bias).softmax(-1) @ val
+        out = _lin(ctx.transpose(1, 2).flatten(2), sd, p + "output.dense")
+        return _ln(out + hq, sd, p + "output.LayerNorm", 1e-12)
+
+    i = 0
+    while f"{t}encoder.layer.{i}.attention.self.query.weight" in sd:
+        b = f"{t}encoder.layer.{i}."
+        y = attention(b + "attention.", y, y, pad)
+        y = attention(b + "crossattention.", y, img, 0.0)
+        h = _lin(F.gelu(_lin(y, sd, b + "intermediate.dense")), sd, b + "output.dense")
+        y = _ln(h + y, sd, b + "output.LayerNorm", 1e-12)
+        i += 1
+    r = y[:, 0]
+    for j in (0, 2, 4, 6, 7):  # Linear, Dropout, Linear, Dropout, Linear, Dropout, Linear, Linear
+        r = _lin(r, sd, f"mlp.layers.{j}")
+    return ((r - IR_MEAN) / IR_STD).reshape(-1)
+
+
+def build_blip_ir(path: str, tok_dir: str, **kw):
+    return build_reward(
+        "image_reward", model=path, tokenizer=tok_dir, blip_config=tiny_blip_config(), device="cpu", **kw
+    )
+
+
+def test_image_reward_blip_is_the_default_without_the_package(monkeypatch, blip_ir, blip_tok_dir, images):
+    monkeypatch.setitem(sys.modules, "ImageReward", None)
+    net, sd, path = blip_ir
+    scores = check_batching_and_determinism(
+        lambda **kw: build_blip_ir(path, blip_tok_dir, **kw), images, PROMPTS
+    )
+    fn = build_blip_ir(path, blip_tok_dir)
+    assert fn.backend == "transformers"
+    # the published computation, from scratch on the official names (padding to 35 tokens, CLS, MLP, norm)
+    tok = fn.tokenizer(PROMPTS, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+    assert tok["input_ids"].shape == (5, 35)
+    with torch.no_grad():
+        want = blip_reference(sd, clip_preprocess(images, 32), tok["input_ids"], tok["attention_mask"])
+    torch.testing.assert_close(scores, want, rtol=1e-4, atol=1e-5)
+    # the image matters (cross-attention is live) and so does the prompt
+    assert (fn(images, PROMPTS) - fn(images.flip(-1), PROMPTS)).abs().max() > 1e-4
+    assert (fn(images, PROMPTS) - fn(images, PROMPTS[::-1])).abs().max() > 1e-4
+
+
+def test_image_reward_blip_formula(blip_ir, blip_tok_dir, images):
+    _, _, path = blip_ir
+    fn = build_blip_ir(path, blip_tok_dir, backend="transformers")
+    net = fn.net
+    layers = [net.mlp.layers[j] for j in (0, 2, 4, 6, 7)]
+    with torch.no_grad():
+        for lin in layers:
+            lin.weight.zero_()
+            lin.bias.zero_()
+        layers[-1].bias.fill_(0.75)  # MLP(f) == 0.75 for every input
+        torch.testing.assert_close(fn(images, PROMPTS), torch.full((5,), (0.75 - IR_MEAN) / IR_STD))
+        # MLP(f) = w . f + b: the first layer picks w . f into unit 0, the rest pass unit 0 through
+        w = torch.randn(32)
+        layers[0].weight[0] = w
+        for lin in layers[1:]:
+            lin.weight[0, 0] = 1.0
+        layers[-1].bias.fill_(-0.3)
+        px = clip_preprocess(images, 32)
+        t = fn.tokenizer(PROMPTS, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+        emb = net.vision_model(pixel_values=px).last_hidden_state
+        f = net.text_encoder(
+            input_ids=t["input_ids"], attention_mask=t["attention_mask"], encoder_hidden_states=emb,
+            encoder_attention_mask=torch.ones(emb.shape[:2], dtype=torch.long),
+        ).last_hidden_state[:, 0]  # fmt: skip
+        want = (f @ w - 0.3 - 0.16717362830052426) / 1.0333394966054072
+    torch.testing.assert_close(fn(images, PROMPTS), want, rtol=1e-5, atol=1e-5)
+
+
+def test_image_reward_key_renaming_round_trip(blip_ir, blip_tok_dir, images, tmp_path):
+    from solace.rewards.external.image_reward import convert_official_state_dict, rename_official_key
+
+    net, sd, path = blip_ir
+    assert rename_official_key("blip.visual_encoder.blocks.1.attn.proj.weight") == (
+        "vision_model.encoder.layers.1.self_attn.projection.weight"
+    )
+    assert rename_official_key("blip.visual_encoder.norm.bias") == "vision_model.post_layernorm.bias"
+    assert (
+        rename_official_key("blip.visual_encoder.pos_embed") == "vision_model.embeddings.position_embedding"
+    )
+    assert rename_official_key("blip.text_encoder.encoder.layer.0.crossattention.self.key.weight") == (
+        "text_encoder.encoder.layer.0.crossattention.self.key.weight"
+    )
+    assert rename_official_key("mlp.layers.7.bias") == "mlp.layers.7.bias"
+    assert rename_official_key("blip.vision_proj.weight") is None
+    assert rename_official_key("blip.text_encoder.embeddings.position_ids") is None
+    renamed = convert_official_state_dict(sd)
+    own = net.state_dict()
+    assert renamed.keys() == own.keys() and all(torch.equal(renamed[k], own[k]) for k in own)
+    fn = build_blip_ir(path, blip_tok_dir, backend="transformers")
+    with torch.no_grad():
+        px = clip_preprocess(images, 32)
+        t = fn.tokenizer(PROMPTS, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+        direct = net(px, t["input_ids"], t["attention_mask"])
+    torch.testing.assert_close(fn(images, PROMPTS), direct, rtol=0, atol=1e-6)
+    # .safetensors holds the same names
+    from safetensors.torch import save_file
+
+    st = tmp_path / "ImageReward.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(st))
+    torch.testing.assert_close(
+        build_blip_ir(str(st), blip_tok_dir)(images, PROMPTS), direct, rtol=0, atol=1e-6
+    )
+
+
+def test_image_reward_blip_rejects_foreign_checkpoints(monkeypatch, blip_ir, blip_tok_dir, tmp_path):
+    monkeypatch.setitem(sys.modules, "ImageReward", None)
+    _, sd, path = blip_ir
+    bad = dict(sd)
+    del bad["blip.visual_encoder.blocks.0.attn.qkv.weight"]
+    bad["blip.visual_encoder.head.weight"] = torch.zeros(3, 32)
+    p = tmp_path / "bad.pt"
+    torch.save(bad, p)
+    with pytest.raises(ConfigError, match="reward.image_reward.model") as e:
+        build_blip_ir(str(p), blip_tok_dir)
+    msg = str(e.value)
+    assert (
+        "vision_model.encoder.layers.0.self_attn.qkv.weight" in msg
+        and "blip.visual_encoder.head.weight" in msg
+    )
+    assert "\n" not in msg and no_chained_traceback(e.value)
+    wider = tiny_blip_config()
+    wider["vision"]["intermediate_size"] = 48
+    with pytest.raises(ConfigError, match="do not match the architecture") as e:  # right names, wrong sizes
+        build_reward("image_reward", model=path, tokenizer=blip_tok_dir, blip_config=wider, device="cpu")
+    assert "\n" not in str(e.value)
+    from solace.rewards.external.image_reward import build_image_reward_blip
+
+    small = tiny_blip_config()
+    small["text"]["vocab_size"] = 8  # fewer tokens than the tokenizer has
+    p = tmp_path / "small_vocab.pt"
+    torch.save(to_official_names(build_image_reward_blip(small)), p)
+    with pytest.raises(ConfigError, match="reward.image_reward.tokenizer"):
+        build_reward("image_reward", model=str(p), tokenizer=blip_tok_dir, blip_config=small, device="cpu")
+    with pytest.raises(MissingDependencyError, match="reward.image_reward.tokenizer") as e:
+        build_blip_ir(path, str(tmp_path / "no_tokenizer"))
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="reward.image_reward.backend"):
+        build_blip_ir(path, blip_tok_dir, backend="timm")
 
 
 # --------------------------------------------------------------------------------------------------------
