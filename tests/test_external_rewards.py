@@ -480,6 +480,7 @@ def test_image_reward_missing_package(monkeypatch, tmp_path):
     # the default then falls back to transformers' BLIP, which needs ImageReward.pt
     with pytest.raises(MissingDependencyError, match="reward.image_reward.model.*THUDM/ImageReward") as e:
         build_reward("image_reward", device="cpu", download_root=str(tmp_path), local_files_only=True)
+    assert "pip install image-reward" in str(e.value)  # the other way out
     assert "\n" not in str(e.value) and no_chained_traceback(e.value)
 
 
@@ -694,6 +695,31 @@ def test_image_reward_blip_formula(blip_ir, blip_tok_dir, images):
         ).last_hidden_state[:, 0]  # fmt: skip
         want = (f @ w - 0.3 - 0.16717362830052426) / 1.0333394966054072
     torch.testing.assert_close(fn(images, PROMPTS), want, rtol=1e-5, atol=1e-5)
+
+
+def test_image_reward_blip_published_architecture():
+    """The default sizes are ImageReward's BLIP ViT-L/16 at 224 px + BERT-base med (built on the meta device:
+    shapes only, no memory)."""
+    from solace.rewards.external.image_reward import build_image_reward_blip
+
+    with torch.device("meta"):
+        net = build_image_reward_blip()
+    shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    assert shapes["vision_model.embeddings.patch_embedding.weight"] == (1024, 3, 16, 16)
+    assert shapes["vision_model.embeddings.position_embedding"] == (1, 197, 1024)  # (224 / 16)^2 + CLS
+    assert shapes["vision_model.encoder.layers.23.mlp.fc1.weight"] == (4096, 1024)
+    assert shapes["text_encoder.embeddings.word_embeddings.weight"] == (30524, 768)  # bert-base + [DEC] [ENC]
+    assert shapes["text_encoder.embeddings.position_embeddings.weight"] == (512, 768)
+    assert shapes["text_encoder.encoder.layer.11.crossattention.self.key.weight"] == (768, 1024)
+    assert shapes["mlp.layers.0.weight"] == (1024, 768) and shapes["mlp.layers.7.weight"] == (1, 16)
+    assert "vision_model.encoder.layers.24.layer_norm1.weight" not in shapes
+    assert "text_encoder.encoder.layer.12.output.dense.weight" not in shapes
+    assert (
+        net.vision_model.config.num_attention_heads == 16
+        and net.text_encoder.config.num_attention_heads == 12
+    )
+    assert net.vision_model.config.layer_norm_eps == 1e-6 and net.text_encoder.config.layer_norm_eps == 1e-12
+    assert net.vision_model.config.hidden_act == "gelu" and net.text_encoder.config.hidden_act == "gelu"
 
 
 def test_image_reward_key_renaming_round_trip(blip_ir, blip_tok_dir, images, tmp_path):

@@ -11,7 +11,7 @@ name               score                                            needs
 ``pickscore``      ``exp(logit_scale) cos / divisor`` (26: reward)  transformers; model weights
 ``hps``            HPSv2.1 ``cos`` (open_clip ckpt -> CLIPModel)    transformers; HPS ckpt + ViT-H-14 config
 ``aesthetic``      LAION aesthetic v2 MLP on normalised CLIP-L/14   transformers; model + MLP head weights
-``image_reward``   ImageReward ``(MLP(f) - mean) / std``            ``pip install image-reward``
+``image_reward``   ImageReward ``(MLP(f) - mean) / std``            transformers; ImageReward.pt, BERT vocab
 ``ocr``            Flow-GRPO OCR edit-distance score in [0, 1]      ``pip install rapidocr onnxruntime``
 ``geneval``        GenEval with the official Mask2Former detector   mmdet 2.x + mmcv-full + detector weights
 ``unified_reward`` UnifiedReward judge via an OpenAI-compatible URL  a running VLM server

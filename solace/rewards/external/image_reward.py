@@ -393,7 +393,12 @@ def image_reward(
         net = load_image_reward(model, dev, med_config, download_root).to(dtype=dt)
         size, tok = IMAGE_SIZE, None
     else:
-        path = resolve_checkpoint(model, download_root, local_files_only)
+        try:
+            path = resolve_checkpoint(model, download_root, local_files_only)
+        except MissingDependencyError as e:
+            if backend != "auto":
+                raise
+            raise MissingDependencyError(f"{e}; or install the image-reward package: {INSTALL}") from None
         net = load_image_reward_blip(path, blip_config).to(device=dev, dtype=dt)
         size = int(net.vision_model.config.image_size)
         tok = load_blip_tokenizer(tokenizer, int(net.text_encoder.config.vocab_size), local_files_only)
