@@ -10,7 +10,7 @@ import torch
 from solace.errors import ConfigError, SolaceError, check
 from solace.grpo.advantages import group_advantages, group_ids_from_size
 from solace.grpo.loss import gaussian_kl, ppo_clip_loss
-from solace.grpo.window import train_window
+from solace.grpo.window import parse_steps, train_window
 from solace.sampling.sde import sde_step
 
 
@@ -266,3 +266,11 @@ def test_train_window_bad_rho(rho):
 @pytest.mark.parametrize("num_steps", [0, -1, 2.5])
 def test_train_window_bad_num_steps(num_steps):
     _field_error(lambda: train_window(num_steps, 0.6), "num_steps")
+
+
+def test_parse_steps():
+    assert parse_steps("2, 1,2", 10) == [1, 2]
+    assert parse_steps("0,9", 10) == [0, 9]
+    for bad in ("10", "-1", "x"):
+        with pytest.raises(ValueError, match="step|index"):
+            parse_steps(bad, 10)

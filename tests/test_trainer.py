@@ -70,6 +70,38 @@ def test_self_confidence_training_runs_and_logs_finite_values(weights, tmp_path)
     lora = load_file(str(tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors"))
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in lora.items())
     assert any(tb.name.startswith("events") for tb in (tmp_path / "run" / "tb").iterdir())
+    mon = json.loads((tmp_path / "run" / "monitor.json").read_text())
+    assert mon["verdict"] == res["monitor"] and isinstance(mon["warnings"], list)
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_same_init_noise_shares_the_initial_noise_within_a_group(weights, tmp_path, same):
+    """``sampling.same_init_noise`` gives every sample of a group the same z_1 (DanceGRPO); the default gives
+    each sample its own (the paper). Groups never share theirs; the SDE noise always differs."""
+    over = tiny_overrides(weights, tmp_path / "r")
+    over += [f"sampling.same_init_noise={same}", "reward.components=[{name: toy_geneval, weight: 1.0}]"]
+    tr = Trainer(load_config("toy", over))
+    z = tr.collect(0)["latents"]  # (N, T + 1, ...): z[:, 0] is the initial noise
+    G = tr.cfg.sampling.group_size
+    for g in range(tr.cfg.sampling.prompts_per_step):
+        grp = z[g * G : (g + 1) * G]
+        assert all(torch.equal(grp[0, 0], grp[i, 0]) for i in range(1, G)) == same
+        assert not torch.equal(grp[0, -1], grp[1, -1])
+    assert not torch.equal(z[0, 0], z[G, 0])
+
+
+def test_explicit_train_steps_replace_the_rho_window(weights, tmp_path):
+    over = tiny_overrides(
+        weights, tmp_path / "r", **{"grpo.train_steps": "'2,1'", "sampling.sde_window_only": True}
+    )
+    tr = Trainer(load_config("toy", over))
+    assert tr.window == [1, 2]
+    batch = tr.collect(0)
+    lp = batch["log_probs"]
+    # SDE (non-zero log-prob) exactly on the trained steps, ODE (log-prob 0) elsewhere
+    assert (lp[:, [1, 2]] != 0).all() and (lp[:, [0, 3]] == 0).all()
+    stats = tr.update(batch, 0)
+    assert stats["train/grad_norm"] > 0
 
 
 def test_external_reward_only_training_with_the_toy_evaluator(weights, tmp_path):
@@ -185,6 +217,8 @@ def test_sigkill_mid_training_then_resume_equals_uninterrupted(weights, tmp_path
         ("grpo.not_a_field=1", "grpo.not_a_field"),
         ("data.train_prompts=/no/such/file.txt", "data.train_prompts"),
         ("reward.self_confidence.timesteps=99", "reward.self_confidence.timesteps"),
+        ("grpo.train_steps=10", "grpo.train_steps"),
+        ("grpo.train_steps=a,b", "grpo.train_steps"),
     ],
 )
 def test_config_errors_name_the_field(override, field):

@@ -18,6 +18,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from solace.errors import ConfigError, check
+from solace.grpo.window import parse_steps
 
 
 @dataclass
@@ -57,6 +58,8 @@ class SamplingCfg:
     cfg_scale: float = 7.0
     noise_level: float = 0.7  # Flow-GRPO's a in sigma_t = a sqrt(t/(1-t))
     sde_window_only: bool = False  # SDE only on the trained window (ODE elsewhere); Flow-GRPO: all steps
+    # one initial noise per group (DanceGRPO); the paper and Flow-GRPO: a different initial noise per sample
+    same_init_noise: bool = False
     batch_size: int = 32  # samples per sampling forward (per process; CFG doubles it)
 
 
@@ -90,6 +93,8 @@ class RewardCfg:
 @dataclass
 class GRPOCfg:
     rho: float = 0.6  # train on the last ceil(rho * |T|) reverse steps
+    # explicit step indices to train instead of the rho suffix, e.g. "1,2" (Flow-GRPO-Fast-style early window)
+    train_steps: str = ""
     beta: float = 0.04  # KL weight
     kl_form: str = "flow_grpo"  # flow_grpo (no dt) | exact
     clip_range: float = 1e-4
@@ -255,6 +260,12 @@ def validate(cfg: SolaceConfig, check_paths: bool = True) -> None:
         check(bool(c.name), f"reward.components[{i}].name", "must name a reward")
         check(math.isfinite(c.weight), f"reward.components[{i}].weight", f"must be finite, got {c.weight}")
     check(0 < g.rho <= 1, "grpo.rho", f"must lie in (0, 1], got {g.rho}")
+    if g.train_steps:
+        try:
+            steps = parse_steps(g.train_steps, cfg.sampling.num_steps)
+        except ValueError as e:
+            raise ConfigError("grpo.train_steps", str(e)) from None
+        check(len(steps) > 0, "grpo.train_steps", "names no step")
     check(g.beta >= 0, "grpo.beta", f"must be >= 0, got {g.beta}")
     check(
         g.kl_form in ("flow_grpo", "exact"),

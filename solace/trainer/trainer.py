@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from solace.errors import ConfigError
 from solace.grpo.advantages import group_advantages
 from solace.grpo.loss import gaussian_kl, ppo_clip_loss
-from solace.grpo.window import train_window
+from solace.grpo.window import parse_steps, train_window
 from solace.models import load_adapter, model_family
 from solace.models.base import Conditioning, adapters_disabled
 from solace.models.lora import add_lora, load_lora, lora_config, lora_parameters, lora_state_dict, save_lora
@@ -114,7 +114,11 @@ class Trainer:
         )
         self.source = PromptSource(cfg.data.train_prompts, cfg.train.seed)
         self.sigmas = self.adapter.sigmas(cfg.sampling.num_steps)
-        self.window = train_window(cfg.sampling.num_steps, cfg.grpo.rho)
+        self.window = (
+            parse_steps(cfg.grpo.train_steps, cfg.sampling.num_steps)
+            if cfg.grpo.train_steps
+            else train_window(cfg.sampling.num_steps, cfg.grpo.rho)
+        )
         self.probe_idx = probe_steps(cfg.reward.self_confidence.timesteps, cfg.sampling.num_steps)
         # S_t is probed at the sampler's own timesteps (sigmas[0..T-1]; sigmas[T] = 0 is the data itself).
         self.probe_t = self.sigmas[self.probe_idx].clamp(min=1e-4)
@@ -175,7 +179,10 @@ class Trainer:
         init = torch.stack(
             [
                 torch.randn(
-                    lat, generator=torch.Generator().manual_seed(_seed(cfg.train.seed, iteration, i, 1))
+                    lat,
+                    generator=torch.Generator().manual_seed(
+                        _seed(cfg.train.seed, iteration, i // G if s.same_init_noise else i, 1)
+                    ),
                 )
                 for i in gidx
             ]
@@ -571,6 +578,10 @@ class Trainer:
             if self.writer is not None:
                 self.writer.flush()
         result["monitor"] = self.monitor.verdict
+        if self.is_main:
+            (self.out / "monitor.json").write_text(
+                json.dumps({"verdict": self.monitor.verdict, "warnings": self.monitor.warnings}, indent=1)
+            )
         result["evals"] = self.evals
         self.acc.wait_for_everyone()
         return result
