@@ -11,9 +11,10 @@ sample with the paper's reward and each variant, and reports
     python bench/signal_report.py --prompts 67 --group 16 --out bench/results/signal
 
 Variants: ``paper`` (conditional velocity, uniform weights, probes shared by the group), ``cfg`` (scored with
-the CFG velocity), ``contrastive`` (S(c) - S(empty)), ``empty_only`` (S(empty): prompt-blind),
-``released`` (the authors' code: standardised S_t, t(1-t) weights, per-sample probes, later half), and two
-prompt-blind baselines, ``-pixel_std`` and ``-foreground``.
+the CFG velocity), ``later_half`` (the paper's form on the later half of the timesteps only),
+``contrastive`` (S(c) - S(empty)), ``empty_only`` (S(empty): prompt-blind), ``released`` (the authors' code:
+standardised S_t, t(1-t) weights, per-sample probes, later half), and two prompt-blind baselines,
+``-pixel_std`` and ``-foreground``.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ def score_group(ad: ToyAdapter, prompt: str, G: int, cfg: float, K: int, seed: i
             "paper": aggregate(s_c, ts).numpy(),
             "cfg": aggregate(s_cfg, ts).numpy(),
             "contrastive": aggregate(s_c - s_u, ts).numpy(),
+            "later_half": aggregate(s_c[:, half], ts[half]).numpy(),
             "empty_only": aggregate(s_u, ts).numpy(),
             "released": aggregate(s_rel, ts[half], "t(1-t)", standardize=True).numpy(),
             "-pixel_std": -z0.flatten(1).std(1).numpy(),
@@ -159,6 +161,16 @@ def main() -> None:
             f"| {name} | {v['auc_strict']:.3f} | {v['auc_lenient']:.3f} | {v['best_of_group_strict']:.3f} | "
             f"{v['random_pick_strict']:.3f} | {v['oracle_strict']:.3f} |"
         )
+    cats = [c for c in CATEGORIES if any(c in v["auc_strict_per_category"] for v in res["variants"].values())]
+    lines += ["", "Within-group AUC against strict correctness, per category:", ""]
+    lines += ["| reward | " + " | ".join(cats) + " |", "|---" * (len(cats) + 1) + "|"]
+    for name, v in res["variants"].items():
+        pc = v["auc_strict_per_category"]
+        lines.append(f"| {name} | " + " | ".join(f"{pc[c]:.3f}" if c in pc else "-" for c in cats) + " |")
+    ts_row = [f"{float(t):.3f}" for t in ad.sigmas(10)[:-1]]
+    lines += ["", "Paper reward, within-group AUC (strict) of S_t alone, per probed timestep t:", ""]
+    lines += ["| t | " + " | ".join(ts_row) + " |", "|---" * (len(ts_row) + 1) + "|"]
+    lines.append("| AUC | " + " | ".join("-" if x is None else f"{x:.3f}" for x in per_t) + " |")
     (out / "signal.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print("paper AUC per timestep:", [None if x is None else round(x, 3) for x in per_t])
