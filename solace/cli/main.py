@@ -338,6 +338,294 @@ def _eval_suite(
     typer.echo(f"wrote {out}/ (results.json, results.md, grid.png, index.html, images/)")
 
 
+# ------------------------------------------------------------------ self-confidence without training
+
+analyze_app = typer.Typer(no_args_is_help=True, help="Analyses of self-confidence without training.")
+app.add_typer(analyze_app, name="analyze")
+
+_MODEL_HELP = "toy, a toy .safetensors, a diffusers folder or hub id."
+_PROMPTS_HELP = (
+    "toy_heldout (the toy world's held-out prompts, judged by the exact evaluator) or a .txt/.jsonl file."
+)
+
+
+def _int_list(text: str, option: str, minimum: int) -> list[int]:
+    """Comma-separated integers >= ``minimum``, or a one-line ConfigError naming ``option``."""
+    from solace.errors import ConfigError
+
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(option, f"expected comma-separated integers, got {text!r}") from None
+    if not vals:
+        raise ConfigError(option, f"expected at least one integer, got {text!r}")
+    bad = [v for v in vals if v < minimum]
+    if bad:
+        raise ConfigError(option, f"every value must be >= {minimum}, got {bad[0]}")
+    return vals
+
+
+def _check_sampling(steps: int, probes: int, cfg: float, sampler: str, threads: int, limit: int = 0) -> None:
+    from solace.errors import ConfigError
+
+    if steps < 1:
+        raise ConfigError("--steps", f"must be >= 1, got {steps}")
+    if probes < 2 or probes % 2:
+        raise ConfigError("--probes", f"must be an even number >= 2 (antithetic pairs), got {probes}")
+    if cfg < 1.0:
+        raise ConfigError("--cfg", f"must be >= 1 (1 disables guidance), got {cfg}")
+    if sampler not in ("sde", "ode"):
+        raise ConfigError("--sampler", f"use sde (the training sampler) or ode, not {sampler!r}")
+    if threads < 1:
+        raise ConfigError("--threads", f"must be >= 1, got {threads}")
+    if limit < 0:
+        raise ConfigError("--limit", f"must be >= 0 (0: all prompts), got {limit}")
+
+
+def _prompt_source(prompts: str, limit: int, model: str) -> tuple[list[str], list | None]:
+    """Prompts and, for a toy model on toy-world records, the records the exact evaluator needs."""
+    from solace.models import model_family
+    from solace.toy.world import PromptRecord, load_heldout
+
+    toy = model_family(model) == "toy"
+    if prompts == "toy_heldout":
+        recs = list(load_heldout())
+        recs = recs[:limit] if limit else recs
+        return [r.prompt for r in recs], (recs if toy else None)
+    from solace.evaluation.suites import read_prompts
+
+    items = read_prompts(prompts, "--prompts")
+    items = items[:limit] if limit else items
+    records = None
+    if toy and items and all({"tag", "include"} <= set(it.metadata) for it in items):
+        records = [PromptRecord.from_json(it.metadata) for it in items]
+    return [it.prompt for it in items], records
+
+
+def _load_scoring_model(
+    model: str, lora: str | None, device: str, dtype: str, resolution: int, threads: int
+) -> FlowModelAdapter:
+    import torch
+
+    from solace.errors import ConfigError
+
+    if dtype not in ("auto", "bf16", "fp16", "fp32"):
+        raise ConfigError("--dtype", f"use auto, bf16, fp16 or fp32, not {dtype!r}")
+    if resolution < 0:
+        raise ConfigError("--resolution", f"must be >= 0, got {resolution}")
+    torch.set_num_threads(threads)
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    kwargs: dict[str, Any] = {"dtype": ("bf16" if cuda else "fp32") if dtype == "auto" else dtype}
+    if resolution:
+        kwargs["resolution"] = resolution
+    return _load(model, lora, device, **kwargs)
+
+
+def _read_images(paths: list[str], size: int) -> Any:
+    """PNG/JPEG files -> (B, 3, size, size) float in [0, 1] (resized bicubically when their size differs)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from solace.errors import ConfigError
+
+    out = []
+    for p in paths:
+        if not Path(p).is_file():
+            raise ConfigError("--images", f"{p} does not exist")
+        try:
+            im = Image.open(p).convert("RGB")
+        except Exception as e:  # PIL raises several kinds for unreadable files
+            raise ConfigError("--images", f"{p} is not a readable image ({type(e).__name__})") from None
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.BICUBIC)
+        out.append(torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1))
+    return torch.stack(out)
+
+
+@app.command("score", context_settings={"allow_extra_args": True})
+def score_cmd(
+    ctx: typer.Context,
+    prompt: list[str] = typer.Option(None, "--prompt", "-p", help="Prompt (repeat for several)."),
+    images: list[str] = typer.Option(
+        None, "--images", help="Images to score against the prompt: --images a.png b.png ..."
+    ),
+    generate: int = typer.Option(
+        0, help="Instead of --images: generate N samples per prompt and score them."
+    ),
+    seed: int = typer.Option(0, help="Seed of the generated samples and of the probes."),
+    steps: int = typer.Option(10, help="Sampler steps; self-confidence probes their timesteps."),
+    cfg: float = typer.Option(
+        7.0, "--cfg", help="CFG scale of generation (scoring uses the conditional velocity)."
+    ),
+    sampler: str = typer.Option("sde", help="sde (the training sampler) | ode."),
+    probes: int = typer.Option(8, help="K antithetic probes (even)."),
+    model: str = typer.Option("toy", help=_MODEL_HELP),
+    lora: str = typer.Option(None, help="LoRA folder or .safetensors to apply."),
+    out: Path = typer.Option(Path("runs/score"), help="Output folder (score.json, generated images)."),
+    resolution: int = typer.Option(0, help="SD3/FLUX image size in pixels (0: the adapter's 512)."),
+    dtype: str = typer.Option("auto", help="SD3/FLUX weights: auto | bf16 | fp16 | fp32."),
+    threads: int = typer.Option(2, help="torch CPU threads."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+) -> None:
+    """Self-confidence R (and S_t per timestep) of given images or of generated samples; no training."""
+    from solace.errors import ConfigError
+    from solace.evaluation.confidence import run_score
+
+    try:
+        paths = list(images or [])
+        if ctx.args:
+            if not paths:
+                raise ConfigError("--images", f"unexpected arguments {ctx.args}; list images after --images")
+            paths += list(ctx.args)
+        if not prompt:
+            raise ConfigError("--prompt", "give the prompt to score against (repeat --prompt for several)")
+        if generate < 0:
+            raise ConfigError("--generate", f"must be >= 1, got {generate}")
+        if bool(paths) == (generate > 0):
+            raise ConfigError("--images", "give either --images FILE ... or --generate N (N >= 1), not both")
+        missing = [p for p in paths if not Path(p).is_file()]
+        if missing:
+            raise ConfigError("--images", f"{missing[0]} does not exist")
+        _check_sampling(steps, probes, cfg, sampler, threads)
+        adapter = _load_scoring_model(model, lora, device, dtype, resolution, threads)
+        imgs = None
+        if paths:
+            size = int(getattr(adapter, "resolution", adapter.latent_shape()[-1]))
+            imgs = _read_images(paths, size)
+        doc = run_score(
+            adapter,
+            list(prompt),
+            out,
+            images=imgs,
+            image_names=paths,
+            generate=generate,
+            seed=seed,
+            num_steps=steps,
+            cfg_scale=cfg,
+            sampler=sampler,
+            num_probes=probes,
+        )
+    except SolaceError as e:
+        _fail(e)
+    typer.echo(doc["table"])
+    typer.echo(f"wrote {out}/score.json")
+
+
+@app.command("rerank")
+def rerank_cmd(
+    prompts: str = typer.Option("toy_heldout", "--prompts", help=_PROMPTS_HELP),
+    limit: int = typer.Option(0, help="Keep the first N prompts (0: all)."),
+    n: str = typer.Option(
+        "4,8,16", "--n", help="Comma-separated candidate counts N (nested prefixes of max N)."
+    ),
+    seeds: str = typer.Option("0,1,2", help="Comma-separated seeds (mean and spread are over seeds)."),
+    steps: int = typer.Option(
+        10, help="Sampler steps (10 = training); self-confidence probes their timesteps."
+    ),
+    cfg: float = typer.Option(7.0, "--cfg", help="CFG scale of generation."),
+    sampler: str = typer.Option("sde", help="sde (the training sampler) | ode."),
+    probes: int = typer.Option(8, help="K antithetic probes (even)."),
+    batch_size: int = typer.Option(16, help="Samples per generation batch."),
+    model: str = typer.Option("toy", help=_MODEL_HELP),
+    lora: str = typer.Option(None, help="LoRA folder or .safetensors to apply."),
+    out: Path = typer.Option(Path("runs/rerank"), help="Output folder."),
+    resolution: int = typer.Option(0, help="SD3/FLUX image size in pixels (0: the adapter's 512)."),
+    dtype: str = typer.Option("auto", help="SD3/FLUX weights: auto | bf16 | fp16 | fp32."),
+    threads: int = typer.Option(2, help="torch CPU threads."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+) -> None:
+    """Best-of-N by self-confidence: keep the most self-confident of N candidates per prompt.
+
+    On toy-world prompts: strict accuracy of best-of-N vs a random pick vs the oracle, over seeds
+    (rerank.json, rerank.md, rerank.png). Otherwise: the selected images and their scores."""
+    from solace.errors import ConfigError
+    from solace.evaluation.confidence import run_rerank
+
+    try:
+        ns = _int_list(n, "--n", 1)
+        seed_list = _int_list(seeds, "--seeds", 0)
+        _check_sampling(steps, probes, cfg, sampler, threads, limit)
+        if batch_size < 1:
+            raise ConfigError("--batch-size", f"must be >= 1, got {batch_size}")
+        prompt_list, records = _prompt_source(prompts, limit, model)
+        adapter = _load_scoring_model(model, lora, device, dtype, resolution, threads)
+        doc = run_rerank(
+            adapter,
+            prompt_list,
+            records,
+            out,
+            ns=ns,
+            seeds=seed_list,
+            num_steps=steps,
+            cfg_scale=cfg,
+            sampler=sampler,
+            num_probes=probes,
+            batch_size=batch_size,
+        )
+    except SolaceError as e:
+        _fail(e)
+    if "table" in doc:
+        typer.echo(doc["table"])
+    typer.echo(f"wrote {out}/")
+
+
+@analyze_app.command("rationale")
+def rationale_cmd(
+    prompts: str = typer.Option("toy_heldout", "--prompts", help=_PROMPTS_HELP),
+    limit: int = typer.Option(0, help="Keep the first N prompts (0: all)."),
+    samples: int = typer.Option(8, help="Samples per prompt and regime."),
+    steps: int = typer.Option(
+        10, help="Regimes: STEPS without CFG, STEPS with CFG, 2 x STEPS with CFG; probes at STEPS' timesteps."
+    ),
+    cfg: float = typer.Option(7.0, "--cfg", help="CFG scale of the guided regimes."),
+    sampler: str = typer.Option("ode", help="ode (inference) | sde (the training sampler)."),
+    probes: int = typer.Option(8, help="K antithetic probes (even)."),
+    seed: int = typer.Option(0, help="Seed of the initial noise (the same for every regime) and probes."),
+    batch_size: int = typer.Option(16, help="Samples per generation batch."),
+    model: str = typer.Option("toy", help=_MODEL_HELP),
+    lora: str = typer.Option(None, help="LoRA folder or .safetensors to apply."),
+    out: Path = typer.Option(Path("runs/rationale"), help="Output folder."),
+    resolution: int = typer.Option(0, help="SD3/FLUX image size in pixels (0: the adapter's 512)."),
+    dtype: str = typer.Option("auto", help="SD3/FLUX weights: auto | bf16 | fp16 | fp32."),
+    threads: int = typer.Option(2, help="torch CPU threads."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+) -> None:
+    """Self-confidence under three inference regimes (rationale.png, rationale.json); on toy-world prompts
+    also its within-group AUC against exact correctness per category and timestep (rationale.md)."""
+    from solace.errors import ConfigError
+    from solace.evaluation.confidence import run_rationale
+
+    try:
+        if samples < 1:
+            raise ConfigError("--samples", f"must be >= 1, got {samples}")
+        if batch_size < 1:
+            raise ConfigError("--batch-size", f"must be >= 1, got {batch_size}")
+        _check_sampling(steps, probes, cfg, sampler, threads, limit)
+        prompt_list, records = _prompt_source(prompts, limit, model)
+        adapter = _load_scoring_model(model, lora, device, dtype, resolution, threads)
+        doc = run_rationale(
+            adapter,
+            prompt_list,
+            records,
+            out,
+            samples=samples,
+            num_steps=steps,
+            cfg_scale=cfg,
+            sampler=sampler,
+            num_probes=probes,
+            seed=seed,
+            batch_size=batch_size,
+        )
+    except SolaceError as e:
+        _fail(e)
+    for label, r in doc["regimes"].items():
+        typer.echo(f"{label}: mean R {r['R_mean']:.4f} (std {r['R_std']:.4f})")
+    if "table" in doc:
+        typer.echo(doc["table"])
+    typer.echo(f"wrote {out}/")
+
+
 def main() -> None:  # pragma: no cover
     app()
 
