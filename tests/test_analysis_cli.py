@@ -165,6 +165,29 @@ def test_score_generated_on_tiny_sd3(tmp_path, tiny_sd3_folder):
     assert len(doc["scores"]) == 2 and _finite_numbers(doc) > 0
     for r in doc["scores"]:
         assert _valid_png(out / r["image"]) == (16, 16)
+    # the written images scored back through the VAE encoder (encode_images)
+    paths = [str(out / r["image"]) for r in doc["scores"]]
+    back = tmp_path / "back"
+    args = ["score", "--model", str(tiny_sd3_folder), "--prompt", "a red cat", "--images", *paths,
+            "--resolution", "16", "--out", str(back)]  # fmt: skip
+    _ok(CliRunner().invoke(app, args + FAST))
+    doc = json.loads((back / "score.json").read_text())
+    assert doc["settings"]["source"] == "images" and len(doc["scores"]) == 2 and _finite_numbers(doc) > 0
+
+
+def test_score_on_tiny_flux(tmp_path, tiny_flux_folder):
+    out = tmp_path / "score"
+    args = ["score", "--model", str(tiny_flux_folder), "--prompt", "a red cat", "--generate", "2",
+            "--resolution", "16", "--cfg", "1", "--out", str(out)]  # fmt: skip
+    _ok(CliRunner().invoke(app, args + FAST))
+    doc = json.loads((out / "score.json").read_text())
+    paths = [str(out / r["image"]) for r in doc["scores"]]
+    args = ["score", "--model", str(tiny_flux_folder), "--prompt", "a red cat", "--images", *paths,
+            "--resolution", "16", "--out", str(tmp_path / "back")]  # fmt: skip
+    _ok(CliRunner().invoke(app, args + FAST))
+    back = json.loads((tmp_path / "back" / "score.json").read_text())
+    assert len(doc["scores"]) == len(back["scores"]) == 2
+    assert _finite_numbers(doc) > 0 and _finite_numbers(back) > 0
 
 
 def test_rerank_on_toy(tmp_path, tiny_toy, toy_prompt_file):
