@@ -28,19 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from solace.evaluation.analysis import auc
 from solace.models.toy import ToyAdapter
 from solace.rewards.self_confidence import aggregate, confidence_scores, draw_probes, probe_mse
 from solace.sampling.sampler import cfg_velocity, sample
 from solace.toy.evaluator import detect, score_detections, segment, to_uint8
 from solace.toy.world import CATEGORIES, load_heldout
-
-
-def auc(scores: np.ndarray, labels: np.ndarray) -> float | None:
-    pos, neg = scores[labels], scores[~labels]
-    if len(pos) == 0 or len(neg) == 0:
-        return None
-    diff = pos[:, None] - neg[None, :]
-    return float(((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.size)
 
 
 @torch.no_grad()

@@ -132,6 +132,16 @@ def _pyplot():  # noqa: ANN202 - matplotlib's module
     return plt
 
 
+def _save(plt, fig, path: str | Path) -> Path:
+    """Lay out, write the PNG (creating its folder) and close the figure."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_selection(summary: Mapping[int, Mapping[str, Mapping]], path: str | Path, title: str = "") -> Path:
     """Strict accuracy against N: best-of-N by self-confidence, random pick, oracle; std error bars."""
     plt = _pyplot()
@@ -156,12 +166,7 @@ def plot_selection(summary: Mapping[int, Mapping[str, Mapping]], path: str | Pat
     ax.legend()
     if title:
         ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_distributions(
@@ -185,9 +190,4 @@ def plot_distributions(
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
