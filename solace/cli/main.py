@@ -94,6 +94,48 @@ def train(
         )
 
 
+@app.command("ablate", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def ablate(
+    ctx: typer.Context,
+    config: str = typer.Option(
+        "toy", "--config", "-c", help="Base YAML file or preset every condition is laid over."
+    ),
+    conditions: str = typer.Option(
+        "k4,k8,k16,cfg_in_reward,offline,rho1,no_cfg",
+        help="Comma list: configs/ablation names (Table 2: k4,k8,k16,cfg_in_reward,offline; collapse: "
+        "rho1,no_cfg), other presets (toy_released_code, toy_contrastive, toy_mixed, toy_verifiable) or "
+        "YAML files of differences.",
+    ),
+    seeds: str = typer.Option("0,1,2", help="Comma-separated seeds; every condition runs each."),
+    out: Path = typer.Option(Path("runs/ablate"), help="Grid folder: OUT/<condition>/seed<S>, ablation.md."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the equivalent `solace train` commands (e.g. for a cluster) and stop."
+    ),
+) -> None:
+    """The paper's ablations as a grid of `solace train` runs, with one Markdown table and plots.
+
+    Extra arguments are overrides shared by every run (train.iterations=10 ...); each condition's own
+    settings win over them. Finished runs are kept and a killed grid resumes where it stopped."""
+    from solace.trainer.ablate import run_grid
+
+    try:
+        seed_list = _int_list(seeds, "--seeds", 0)
+        res = run_grid(
+            config,
+            list(ctx.args),
+            [c for c in conditions.split(",") if c.strip()] or [""],
+            seed_list,
+            out,
+            dry_run=dry_run,
+            echo=typer.echo,
+        )
+    except SolaceError as e:
+        _fail(e)
+    if not dry_run:
+        typer.echo(Path(res["table"]).read_text())
+        typer.echo(f"wrote {out}/ablation.md, ablation.json and plots")
+
+
 @config_app.command("check", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def config_check(
     ctx: typer.Context,

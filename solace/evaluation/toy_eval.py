@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -175,3 +177,35 @@ def run_toy_eval(
     )
     res["table"] = table
     return res
+
+
+class BaseEvalCache:
+    """A JSON file of evaluations keyed by every setting they depend on (model, prompts, samples, steps,
+    CFG, seed). Runs sharing a base model and a seed, such as an ablation grid, evaluate the base once."""
+
+    def __init__(self, path: str | Path, key: dict):
+        self.path = Path(path) if path else None
+        self.key = json.loads(json.dumps(key, sort_keys=True))
+
+    def _entries(self) -> list[dict]:
+        if self.path is None or not self.path.exists():
+            return []
+        try:
+            return list(json.loads(self.path.read_text()).get("entries", []))
+        except (json.JSONDecodeError, AttributeError):
+            return []  # a corrupt cache is recomputed, never trusted
+
+    def get(self) -> dict | None:
+        for e in self._entries():
+            if e.get("key") == self.key:
+                return e["result"]
+        return None
+
+    def put(self, result: dict) -> None:
+        if self.path is None:
+            return
+        from solace.utils.files import write_json_atomic
+
+        keep = {k: v for k, v in result.items() if k != "images"}
+        entries = [e for e in self._entries() if e.get("key") != self.key]
+        write_json_atomic(self.path, {"entries": [*entries, {"key": self.key, "result": keep}]})

@@ -56,6 +56,7 @@ class SamplingCfg:
     num_steps: int = 10  # training sampler steps |T|
     eval_num_steps: int = 40
     cfg_scale: float = 7.0
+    eval_cfg_scale: float = 0.0  # CFG of evaluations and image grids; 0: the same as cfg_scale
     noise_level: float = 0.7  # Flow-GRPO's a in sigma_t = a sqrt(t/(1-t))
     sde_window_only: bool = False  # SDE only on the trained window (ODE elsewhere); Flow-GRPO: all steps
     # one initial noise per group (DanceGRPO); the paper and Flow-GRPO: a different initial noise per sample
@@ -137,6 +138,9 @@ class TrainCfg:
     threads: int = 0  # torch CPU threads (0: leave torch's default)
     device: str = "auto"  # auto | cpu | cuda
     report: bool = True
+    # JSON file caching the evaluation before training (the base model), keyed by every setting it depends
+    # on, so runs that share a base and seed (an ablation grid) evaluate it once; "" disables the cache
+    base_eval_cache: str = ""
 
 
 @dataclass
@@ -191,9 +195,13 @@ def _load_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> Any:
 
 
 def load_config(
-    path: str | None = None, overrides: list[str] | None = None, check_paths: bool = True
+    path: str | None = None,
+    overrides: list[str] | None = None,
+    check_paths: bool = True,
+    layers_after: list[Any] | None = None,
 ) -> SolaceConfig:
-    """Defaults <- preset YAML (with ``defaults:`` inheritance) <- ``key=value`` overrides; validated.
+    """Defaults <- preset YAML (with ``defaults:`` inheritance) <- ``key=value`` overrides <- ``layers_after``
+    (OmegaConf configs, e.g. an ablation condition that must win over the overrides); validated.
 
     ``check_paths=False`` skips the existence check of prompt files (to check a preset for another machine).
     """
@@ -207,6 +215,7 @@ def load_config(
     try:
         if overrides:
             layers.append(OmegaConf.from_dotlist(list(overrides)))
+        layers.extend(layers_after or [])
         merged = OmegaConf.merge(*layers)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "config"
@@ -235,6 +244,11 @@ def validate(cfg: SolaceConfig, check_paths: bool = True) -> None:
     check(s.num_steps >= 1, "sampling.num_steps", f"must be >= 1, got {s.num_steps}")
     check(s.eval_num_steps >= 1, "sampling.eval_num_steps", f"must be >= 1, got {s.eval_num_steps}")
     check(s.cfg_scale >= 1.0, "sampling.cfg_scale", f"must be >= 1 (1 disables CFG), got {s.cfg_scale}")
+    check(
+        s.eval_cfg_scale == 0 or s.eval_cfg_scale >= 1.0,
+        "sampling.eval_cfg_scale",
+        f"must be 0 (same as sampling.cfg_scale) or >= 1, got {s.eval_cfg_scale}",
+    )
     check(s.noise_level > 0, "sampling.noise_level", f"must be > 0 for GRPO log-probs, got {s.noise_level}")
     check(s.batch_size >= 1, "sampling.batch_size", f"must be >= 1, got {s.batch_size}")
     check(

@@ -54,7 +54,8 @@ def write_report(trainer: Any) -> Path:
         f"seed: {cfg.train.seed}",
         "- rewards: " + ", ".join(f"{c.name} x {c.weight}" for c in cfg.reward.components),
         f"- sampling: G={cfg.sampling.group_size}, {cfg.sampling.prompts_per_step} prompts/iteration, "
-        f"{cfg.sampling.num_steps} steps (eval {cfg.sampling.eval_num_steps}), CFG {cfg.sampling.cfg_scale}",
+        f"{cfg.sampling.num_steps} steps (eval {cfg.sampling.eval_num_steps}), "
+        f"CFG {cfg.sampling.cfg_scale} (eval {trainer.eval_cfg_scale})",
         f"- GRPO: rho={cfg.grpo.rho} (window {trainer.window}), beta={cfg.grpo.beta}, "
         f"lr={cfg.optim.lr}, LoRA r={cfg.model.lora.rank} alpha={cfg.model.lora.alpha}",
         f"- collapse monitor: **{trainer.monitor.verdict}**",

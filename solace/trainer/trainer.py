@@ -133,6 +133,12 @@ class Trainer:
         self.evals: list[dict[str, Any]] = []
         self.writer = None
 
+    @property
+    def eval_cfg_scale(self) -> float:
+        """CFG of evaluations and image grids: ``sampling.eval_cfg_scale``, else the sampling scale."""
+        s = self.cfg.sampling
+        return s.eval_cfg_scale or s.cfg_scale
+
     # ------------------------------------------------------------------ helpers
     def encode(self, prompts: list[str]) -> Conditioning:
         """Encode each prompt once and reuse it (LRU of 4096 prompts)."""
@@ -386,7 +392,7 @@ class Trainer:
         if not self.is_main:
             return None
         if self.is_toy and cfg.data.eval_prompts == "toy_heldout":
-            from solace.evaluation.toy_eval import evaluate_records
+            from solace.evaluation.toy_eval import BaseEvalCache, evaluate_records
             from solace.toy.world import load_heldout
 
             recs = list(load_heldout())
@@ -394,15 +400,24 @@ class Trainer:
                 recs = recs[:: max(1, len(recs) // cfg.data.eval_prompts_limit)][
                     : cfg.data.eval_prompts_limit
                 ]
-            res = evaluate_records(
-                self.adapter,
-                recs,
-                cfg.train.eval_samples_per_prompt,
-                cfg.sampling.eval_num_steps,
-                cfg.sampling.cfg_scale,
-                seed=cfg.train.seed + 999,
-                progress=False,
+            cache = (
+                BaseEvalCache(cfg.train.base_eval_cache, self._base_eval_key())
+                if iteration == 0 and cfg.train.base_eval_cache
+                else None
             )
+            res = cache.get() if cache else None
+            if res is None:
+                res = evaluate_records(
+                    self.adapter,
+                    recs,
+                    cfg.train.eval_samples_per_prompt,
+                    cfg.sampling.eval_num_steps,
+                    self.eval_cfg_scale,
+                    seed=cfg.train.seed + 999,
+                    progress=False,
+                )
+                if cache:
+                    cache.put(res)
             summ = res["summary"]
             out = {
                 "iteration": iteration,
@@ -422,6 +437,22 @@ class Trainer:
             return out
         return None
 
+    def _base_eval_key(self) -> dict[str, Any]:
+        """Everything the evaluation before training depends on."""
+        c = self.cfg
+        return {
+            "model": c.model.name,
+            "lora_init": c.model.lora.init_from,
+            "merge_init": c.model.lora.merge_init,
+            "dtype": c.model.dtype,
+            "eval_prompts": c.data.eval_prompts,
+            "limit": c.data.eval_prompts_limit,
+            "samples": c.train.eval_samples_per_prompt,
+            "steps": c.sampling.eval_num_steps,
+            "cfg": self.eval_cfg_scale,
+            "seed": c.train.seed,
+        }
+
     def save_images(self, iteration: int) -> Path | None:
         if not self.is_main:
             return None
@@ -434,7 +465,7 @@ class Trainer:
             prompts,
             4,
             self.cfg.sampling.eval_num_steps,
-            self.cfg.sampling.cfg_scale,
+            self.eval_cfg_scale,
             seed=self.cfg.train.seed + 4242,
             progress=False,
         )

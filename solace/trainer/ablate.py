@@ -1,0 +1,438 @@
+"""``solace ablate``: the paper's Table 2 ablations and collapse analysis as a grid of ``solace train`` runs.
+
+Each *condition* is a small YAML of differences (``configs/ablation/k4.yaml`` ...: its ``defaults:`` and
+``train.output_dir`` are ignored) laid over the chosen base config and the user's overrides, so the
+condition always wins over the shared budget. Every (condition, seed) pair is one ordinary training run in
+``OUT/<condition>/seed<S>``: its own checkpoints, log, report and LoRA. A finished run leaves
+``ablate_run.json`` and is skipped when the grid is started again; a killed run resumes from its
+checkpoint. Runs that share a seed evaluate the base once (``train.base_eval_cache``). At the end
+``ablation.md`` / ``ablation.json`` hold one row per condition (mean and spread over seeds) and
+``ablation_curves.png`` / ``ablation_accuracy.png`` the curves and the accuracy change per seed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from solace.errors import ConfigError, check
+from solace.trainer.config import SolaceConfig, load_config, presets_dir, resolve_preset
+from solace.utils.files import write_json_atomic, write_text_atomic
+
+TABLE2 = ["k4", "k8", "k16", "cfg_in_reward", "offline"]
+COLLAPSE = ["rho1", "no_cfg"]
+DEFAULT_CONDITIONS = [*TABLE2, *COLLAPSE]
+
+LABELS = {
+    "k4": "K = 4",
+    "k8": "K = 8 (paper)",
+    "k16": "K = 16",
+    "cfg_in_reward": "CFG inside the reward",
+    "offline": "offline reward (frozen base scores)",
+    "rho1": "rho = 1.0 (all steps trained)",
+    "no_cfg": "sampling without CFG",
+    "toy_released_code": "released-code preset",
+    "toy_contrastive": "prompt-contrastive S(c) - S(empty)",
+    "toy_verifiable": "verifiable reward only",
+    "toy_mixed": "verifiable + self-confidence",
+}
+
+# statistics of the training log summarised per run: (log key, label in the table)
+TRACKED = [
+    ("reward/mean", "reward"),
+    ("monitor/foreground", "foreground"),
+    ("monitor/texture", "texture"),
+]
+
+
+@dataclass
+class Condition:
+    name: str
+    source: Path
+    layer: Any  # an OmegaConf config of differences
+
+    @property
+    def label(self) -> str:
+        return LABELS.get(self.name, self.name)
+
+
+def resolve_condition(spec: str) -> Condition:
+    """A condition: ``ablation/<name>.yaml`` of the bundled presets, another preset name, or a YAML path."""
+    spec = spec.strip()
+    check(bool(spec), "--conditions", "an empty condition name; give a comma list such as k4,k8,rho1")
+    cand = presets_dir() / "ablation" / f"{spec}.yaml"
+    path = cand if cand.exists() and not Path(spec).exists() else None
+    if path is None:
+        try:
+            path = resolve_preset(spec)
+        except ConfigError:
+            names = sorted(p.stem for p in (presets_dir() / "ablation").glob("*.yaml"))
+            raise ConfigError(
+                "--conditions",
+                f"{spec!r} is not an ablation condition, a preset or a YAML file; "
+                f"conditions: {', '.join(names)}",
+            ) from None
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as e:
+        raise ConfigError("--conditions", f"{path}: not valid YAML ({e})") from e
+    if "defaults" in raw:
+        raw.pop("defaults")
+    if "train" in raw and "output_dir" in raw.train:
+        raw.train.pop("output_dir")
+    name = Path(spec).stem if Path(spec).suffix in (".yaml", ".yml") else spec.replace("/", "_")
+    return Condition(name.removeprefix("ablation_"), Path(path), raw)
+
+
+def run_config(
+    base: str, overrides: list[str], cond: Condition, seed: int, out: Path, check_paths: bool = True
+) -> SolaceConfig:
+    """The config of one run: base <- overrides <- condition <- (seed, output folder, shared base eval)."""
+    fixed = OmegaConf.create(
+        {
+            "train": {
+                "seed": seed,
+                "output_dir": str(out / cond.name / f"seed{seed}"),
+                "base_eval_cache": str(out / "base_eval_cache.json"),
+            }
+        }
+    )
+    cfg = load_config(base, overrides, check_paths=check_paths, layers_after=[cond.layer, fixed])
+    cfg.preset = f"{base} + {cond.source.name}"
+    return cfg
+
+
+def train_command(base: str, overrides: list[str], cond: Condition, seed: int, out: Path) -> str:
+    """The equivalent ``solace train`` command line of one run (to launch the grid elsewhere)."""
+    flat = _flatten(OmegaConf.to_container(cond.layer))
+    args = [
+        *overrides,
+        *flat,
+        f"train.seed={seed}",
+        f"train.output_dir={out / cond.name / f'seed{seed}'}",
+        f"train.base_eval_cache={out / 'base_eval_cache.json'}",
+    ]
+    return "solace train --config " + shlex.join([base, *args])
+
+
+def _flatten(d: Any, prefix: str = "") -> list[str]:
+    if isinstance(d, dict):
+        return [x for k, v in d.items() for x in _flatten(v, f"{prefix}{k}.")]
+    value = json.dumps(d) if isinstance(d, list) else d
+    return [f"{prefix[:-1]}={value}"]
+
+
+def _series(history: list[dict[str, float]], key: str) -> list[float]:
+    return [float(h[key]) if key in h and h[key] is not None else math.nan for h in history]
+
+
+def _edge_mean(xs: list[float], first: bool, n: int = 2) -> float:
+    vals = [x for x in (xs[:n] if first else xs[-n:]) if math.isfinite(x)]
+    return sum(vals) / len(vals) if vals else math.nan
+
+
+def summarize_run(res: dict[str, Any]) -> dict[str, Any]:
+    """Per-run numbers of the table: accuracy before/after, tracked statistics first vs last iterations."""
+    out: dict[str, Any] = {"condition": res["condition"], "seed": res["seed"], "monitor": res["monitor"]}
+    evals = res.get("evals") or []
+    if len(evals) >= 2:
+        b, a = evals[0], evals[-1]
+        out.update(
+            strict_base=b["strict"],
+            strict_trained=a["strict"],
+            lenient_base=b["lenient"],
+            lenient_trained=a["lenient"],
+            categories={
+                c: {"base": b["categories"][c]["strict"], "trained": a["categories"][c]["strict"]}
+                for c in b["categories"]
+            },
+        )
+    hist = res.get("history") or []
+    for key, name in TRACKED:
+        s = _series(hist, key)
+        out[f"{name}_first"], out[f"{name}_last"] = _edge_mean(s, True), _edge_mean(s, False)
+    kl = _series(hist, "train/kl")
+    out["kl_last"] = kl[-1] if kl else math.nan
+    out["wall_s"] = res.get("wall_s", math.nan)
+    return out
+
+
+def _mean_sd(xs: list[float]) -> tuple[float, float]:
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    if not xs:
+        return math.nan, math.nan
+    m = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return m, sd
+
+
+def _fmt(m: float, sd: float, digits: int = 3, signed: bool = False) -> str:
+    if not math.isfinite(m):
+        return "n/a"
+    f = f"{{:{'+' if signed else ''}.{digits}f}}"
+    return f.format(m) + (f" ± {sd:.{digits}f}" if math.isfinite(sd) and sd > 0 else "")
+
+
+def aggregate(runs: list[dict[str, Any]], conditions: list[Condition]) -> list[dict[str, Any]]:
+    rows = []
+    for c in conditions:
+        rs = [r for r in runs if r["condition"] == c.name]
+        if not rs:
+            continue
+        row: dict[str, Any] = {"condition": c.name, "label": c.label, "seeds": [r["seed"] for r in rs]}
+        row["tripped"] = sum(1 for r in rs if r["monitor"] != "no collapse signal")
+        for key in ("strict", "lenient"):
+            row[f"{key}_base"] = _mean_sd([r.get(f"{key}_base", math.nan) for r in rs])
+            row[f"{key}_trained"] = _mean_sd([r.get(f"{key}_trained", math.nan) for r in rs])
+            row[f"{key}_delta"] = _mean_sd(
+                [r.get(f"{key}_trained", math.nan) - r.get(f"{key}_base", math.nan) for r in rs]
+            )
+        for _, name in TRACKED:
+            row[f"{name}_change"] = _mean_sd(
+                [_rel(r[f"{name}_first"], r[f"{name}_last"]) for r in rs]
+                if name != "reward"
+                else [r["reward_last"] - r["reward_first"] for r in rs]
+            )
+        row["kl_last"] = _mean_sd([r["kl_last"] for r in rs])
+        row["minutes"] = _mean_sd([r["wall_s"] / 60 for r in rs])
+        cats = sorted({k for r in rs for k in r.get("categories", {})})
+        row["categories"] = {
+            k: _mean_sd(
+                [
+                    r["categories"][k]["trained"] - r["categories"][k]["base"]
+                    for r in rs
+                    if k in r.get("categories", {})
+                ]
+            )
+            for k in cats
+        }
+        rows.append(row)
+    return rows
+
+
+def _rel(first: float, last: float) -> float:
+    return last / first - 1.0 if math.isfinite(first) and first != 0 else math.nan
+
+
+def markdown(rows: list[dict[str, Any]], header: str) -> str:
+    lines = [
+        header,
+        "",
+        "Mean ± sample standard deviation over seeds. Accuracy: held-out strict / lenient (toy world, exact "
+        "evaluator; the same evaluation noise before and after training). Reward: change of the batch "
+        "reward mean, first two vs last two iterations (each condition's own reward, so not comparable "
+        "across rows). Foreground / texture: relative change of the training samples' foreground fraction "
+        "(toy world) and latent spatial std; a collapse shows as a large negative change. Monitor: runs "
+        "whose collapse monitor tripped.",
+        "",
+        "| condition | seeds | strict base | strict trained | Δ strict | Δ lenient | Δ reward | foreground | "
+        "texture | KL (last) | monitor | min/run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['label']} | {len(r['seeds'])} | {_fmt(*r['strict_base'])} | "
+            f"{_fmt(*r['strict_trained'])} | "
+            f"{_fmt(*r['strict_delta'], signed=True)} | {_fmt(*r['lenient_delta'], signed=True)} | "
+            f"{_fmt(*r['reward_change'], signed=True)} | {_pct(*r['foreground_change'])} | "
+            f"{_pct(*r['texture_change'])} | {_fmt(r['kl_last'][0], math.nan, 6)} | "
+            f"{r['tripped']}/{len(r['seeds'])} tripped | {_fmt(*r['minutes'], digits=1)} |"
+        )
+    cats = sorted({k for r in rows for k in r["categories"]})
+    if cats:
+        lines += [
+            "",
+            "Change of held-out strict accuracy per category (trained - base, mean ± sd over seeds):",
+            "",
+            "| condition | " + " | ".join(cats) + " |",
+            "|---|" + "---|" * len(cats),
+        ]
+        for r in rows:
+            lines.append(
+                f"| {r['label']} | "
+                + " | ".join(_fmt(*r["categories"].get(c, (math.nan, math.nan)), signed=True) for c in cats)
+                + " |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _pct(m: float, sd: float) -> str:
+    if not math.isfinite(m):
+        return "n/a"
+    return f"{m:+.0%}" + (f" ± {sd:.0%}" if math.isfinite(sd) and sd > 0 else "")
+
+
+def plot(
+    runs_raw: list[dict[str, Any]], rows: list[dict[str, Any]], conditions: list[Condition], out: Path
+) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    paths = []
+    fig, axes = plt.subplots(1, 4, figsize=(20, 3.8))
+    panels = [
+        ("reward/mean", "batch reward mean"),
+        ("monitor/foreground", "foreground fraction (toy)"),
+        ("monitor/texture", "latent texture (std)"),
+        ("train/kl", "KL to reference"),
+    ]
+    for ci, c in enumerate(conditions):
+        rs = [r for r in runs_raw if r["condition"] == c.name]
+        if not rs:
+            continue
+        color = f"C{ci % 10}"
+        for ax, (key, title) in zip(axes, panels, strict=True):
+            ys = [np.array(_series(r.get("history") or [], key)) for r in rs]
+            n = min(len(y) for y in ys)
+            if n == 0 or all(np.isnan(y[:n]).all() for y in ys):
+                continue
+            stack = np.stack([y[:n] for y in ys])
+            x = np.arange(1, n + 1)
+            ax.plot(x, np.nanmean(stack, 0), color=color, label=c.label)
+            if len(rs) > 1:
+                ax.fill_between(x, np.nanmin(stack, 0), np.nanmax(stack, 0), color=color, alpha=0.15)
+            ax.set_title(title)
+            ax.set_xlabel("iteration")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("solace ablate: mean over seeds, band = min..max")
+    fig.tight_layout()
+    p = out / "ablation_curves.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+    with_acc = [r for r in rows if math.isfinite(r["strict_delta"][0])]
+    if with_acc:
+        fig, ax = plt.subplots(figsize=(1.3 * len(with_acc) + 3, 4))
+        for i, r in enumerate(with_acc):
+            ds = [
+                x["strict_trained"] - x["strict_base"]
+                for x in (summarize_run(q) for q in runs_raw if q["condition"] == r["condition"])
+                if "strict_base" in x
+            ]
+            ax.bar(i, r["strict_delta"][0], color=f"C{i % 10}", alpha=0.6)
+            ax.scatter([i] * len(ds), ds, color="k", s=14, zorder=3)
+        ax.axhline(0, color="gray", lw=0.8)
+        ax.set_xticks(
+            range(len(with_acc)), [r["label"] for r in with_acc], rotation=25, ha="right", fontsize=8
+        )
+        ax.set_ylabel("held-out strict accuracy: trained - base")
+        ax.set_title("accuracy change per condition (bar: mean, dots: seeds)")
+        fig.tight_layout()
+        p = out / "ablation_accuracy.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+def run_grid(
+    base: str,
+    overrides: list[str],
+    conditions: list[str],
+    seeds: list[int],
+    out: Path,
+    dry_run: bool = False,
+    echo: Any = print,
+) -> dict[str, Any]:
+    """Run (or, with ``dry_run``, print) every (condition, seed) training run, then write the table."""
+    from solace.trainer.trainer import run_training
+
+    check(len(seeds) >= 1, "--seeds", "give at least one seed, e.g. 0,1,2")
+    conds = [resolve_condition(c) for c in conditions]
+    names = [c.name for c in conds]
+    check(len(set(names)) == len(names), "--conditions", f"a condition is named twice: {', '.join(names)}")
+    cfgs = {
+        (c.name, s): run_config(base, overrides, c, s, out, check_paths=not dry_run)
+        for c in conds
+        for s in seeds
+    }
+    if dry_run:
+        for c in conds:
+            for s in seeds:
+                echo(train_command(base, overrides, c, s, out))
+        return {"commands": len(cfgs)}
+    out.mkdir(parents=True, exist_ok=True)
+    raw: list[dict[str, Any]] = []
+    total = len(cfgs)
+    for i, (c, s) in enumerate(((c, s) for s in seeds for c in conds), 1):
+        cfg = cfgs[(c.name, s)]
+        run_dir = Path(cfg.train.output_dir)
+        done = run_dir / "ablate_run.json"
+        if done.exists():
+            echo(f"[{i}/{total}] {c.name} seed {s}: done before, kept ({run_dir})")
+            raw.append(json.loads(done.read_text()))
+            continue
+        resume = (run_dir / "checkpoints" / "latest").exists()
+        echo(f"[{i}/{total}] {c.name} seed {s}: {'resuming' if resume else 'training'} in {run_dir}")
+        t0 = time.time()
+        res = run_training(cfg, resume=resume)
+        hist_path = run_dir / "log.csv"
+        history = _read_log(hist_path)
+        rec = {
+            "condition": c.name,
+            "label": c.label,
+            "seed": s,
+            "evals": res.get("evals", []),
+            "monitor": res.get("monitor", ""),
+            "warnings": json.loads((run_dir / "monitor.json").read_text()).get("warnings", [])
+            if (run_dir / "monitor.json").exists()
+            else [],
+            "history": history,
+            "wall_s": time.time() - t0,
+        }
+        write_json_atomic(done, rec)
+        raw.append(rec)
+    return write_table(raw, conds, out, base, overrides, seeds)
+
+
+def _read_log(path: Path) -> list[dict[str, float]]:
+    import csv
+
+    if not path.exists():
+        return []
+    rows = []
+    for row in csv.DictReader(open(path)):
+        rows.append({k: float(v) for k, v in row.items() if v not in ("", None)})
+    return rows
+
+
+def write_table(
+    raw: list[dict[str, Any]],
+    conds: list[Condition],
+    out: Path,
+    base: str,
+    overrides: list[str],
+    seeds: list[int],
+) -> dict[str, Any]:
+    rows = aggregate([summarize_run(r) for r in raw], conds)
+    cmd = "solace ablate --config " + shlex.join(
+        [
+            base,
+            "--conditions",
+            ",".join(c.name for c in conds),
+            "--seeds",
+            ",".join(map(str, seeds)),
+            "--out",
+            str(out),
+            *overrides,
+        ]
+    )
+    header = f"# solace ablate\n\n```bash\n{cmd}\n```"
+    md = markdown(rows, header)
+    pngs = plot(raw, rows, conds, out)
+    md += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs) + "\n"
+    write_text_atomic(out / "ablation.md", md)
+    write_json_atomic(
+        out / "ablation.json", {"command": cmd, "rows": rows, "runs": [summarize_run(r) for r in raw]}
+    )
+    return {"table": str(out / "ablation.md"), "rows": rows, "plots": [str(p) for p in pngs]}
