@@ -12,7 +12,7 @@ from trainer_helpers import make_tiny_toy_weights, tiny_overrides
 from typer.testing import CliRunner
 
 from solace.cli.main import app
-from solace.trainer.ablate import aggregate, resolve_condition, run_config, summarize_run
+from solace.trainer.ablate import aggregate, markdown, resolve_condition, run_config, summarize_run
 from solace.trainer.config import load_config, to_yaml
 
 torch.set_num_threads(1)
@@ -100,7 +100,7 @@ def test_ablate_grid_on_tiny_toy(tmp_path, capsys):
     assert len(doc["runs"]) == 4
     for row in doc["rows"]:
         assert row["seeds"] == [0, 1]
-        for key in ("strict_base", "strict_trained", "strict_delta", "reward_change", "foreground_change"):
+        for key in ("strict_base", "strict_delta", "reward_change", "foreground_change", "objects_change"):
             m, sd = row[key]
             assert m == m and sd >= 0  # finite mean, a spread over the two seeds
     runs = {(r["condition"], r["seed"]): r for r in doc["runs"]}
@@ -172,30 +172,34 @@ def test_ablate_on_tiny_sd3(tmp_path, tiny_sd3_folder):
 
 def test_summary_and_aggregate_by_hand():
     def run(cond, seed, base, trained, rewards, fg):
-        hist = [{"reward/mean": r, "monitor/foreground": f, "monitor/texture": 1.0, "train/kl": 0.0}
-                for r, f in zip(rewards, fg, strict=True)]  # fmt: skip
-        cats = {"colors": {"strict": base, "lenient": base}}
+        hist = [{"reward/mean": r, "train/kl": 0.001 * i} for i, r in enumerate(rewards)]
+
+        def ev(acc, fg, objs):
+            return {"strict": acc, "lenient": acc, "categories": {"colors": {"strict": acc}},
+                    "images": {"foreground": fg, "objects": objs, "pixel_std": 0.5}}  # fmt: skip
+
         return {
             "condition": cond, "seed": seed,
             "monitor": "no collapse signal" if seed else "TRIPPED (1 warnings)",
-            "evals": [{"strict": base, "lenient": base, "categories": cats},
-                      {"strict": trained, "lenient": trained,
-                       "categories": {"colors": {"strict": trained, "lenient": trained}}}],
-            "history": hist, "wall_s": 60.0,
+            "evals": [ev(base, fg[0], 2.0), ev(trained, fg[1], 1.5)], "history": hist, "wall_s": 60.0,
         }  # fmt: skip
 
-    raw = [run("k4", 0, 0.5, 0.6, [1, 2, 3, 4], [0.2, 0.2, 0.1, 0.1]),
-           run("k4", 1, 0.5, 0.8, [1, 1, 1, 1], [0.2, 0.2, 0.2, 0.2])]  # fmt: skip
+    raw = [run("k4", 0, 0.5, 0.6, [1, 2, 3, 4], [0.2, 0.1]), run("k4", 1, 0.5, 0.8, [1, 1, 1, 1], [0.2, 0.2])]
     s = summarize_run(raw[0])
     assert s["reward_first"] == 1.5 and s["reward_last"] == 3.5  # means of the first / last two iterations
+    assert s["kl_last"] == pytest.approx(0.003)
     rows = aggregate([summarize_run(r) for r in raw], [resolve_condition("k4")])
     (row,) = rows
     assert row["strict_delta"][0] == pytest.approx(0.2)  # (0.1 + 0.3) / 2
     assert row["strict_delta"][1] == pytest.approx(0.1414213, rel=1e-5)  # sample sd of 0.1, 0.3
     assert row["reward_change"][0] == pytest.approx(1.0)  # (2 + 0) / 2
-    assert row["foreground_change"][0] == pytest.approx(-0.25)  # (-50 % + 0 %) / 2
+    assert row["foreground_change"][0] == pytest.approx(-0.25)  # relative: (-50 % + 0 %) / 2
+    assert row["objects_change"] == (pytest.approx(-0.5), 0.0)  # absolute: 1.5 - 2.0 in both runs
+    assert row["pixel_std_change"] == (0.0, 0.0)
     assert row["tripped"] == 1 and row["minutes"][0] == pytest.approx(1.0)
     assert row["categories"]["colors"][0] == pytest.approx(0.2)
+    md = markdown(rows, "# t")
+    assert "| K = 4 | 2 | 0.500 | 0.700 ± 0.141 | +0.200 ± 0.141 |" in md and "-25% ± 35%" in md
 
 
 def test_trainer_reuses_a_cached_base_evaluation(tmp_path):

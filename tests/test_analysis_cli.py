@@ -261,6 +261,26 @@ def test_analyze_rationale_on_toy(tmp_path, tiny_toy, toy_prompt_file):
     _valid_png(out / "rationale.png")
 
 
+def test_rerank_and_rationale_on_tiny_sd3(tmp_path, tiny_sd3_folder):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\ntwo blue squares\n")
+    sd3 = ["--model", str(tiny_sd3_folder), "--prompts", str(prompts), "--resolution", "16"]
+    out = tmp_path / "rerank"
+    _ok(CliRunner().invoke(app, ["rerank", *sd3, "--n", "1,2", "--seeds", "0", "--out", str(out)] + FAST))
+    doc = json.loads((out / "rerank.json").read_text())
+    assert "summary" not in doc and len(doc["per_prompt"]) == 2  # no exact evaluator: selections only
+    for row in doc["per_prompt"]:
+        assert len(row["R"]) == 2 and 0 <= row["selected"]["2"] < 2
+        assert _valid_png(out / row["images"]["2"]) == (16, 16)
+    out = tmp_path / "rationale"
+    _ok(CliRunner().invoke(app, ["analyze", "rationale", *sd3, "--samples", "2", "--out", str(out)] + FAST))
+    doc = json.loads((out / "rationale.json").read_text())
+    assert list(doc["regimes"]) == ["2 steps, no CFG", "2 steps, CFG 7", "4 steps, CFG 7"]
+    for r in doc["regimes"].values():
+        assert np.asarray(r["R"]).shape == (2, 2) and np.isfinite(r["R_mean"])
+    _valid_png(out / "rationale.png")
+
+
 def test_bad_options_are_one_line_errors(tmp_path, tiny_toy):
     runner = CliRunner()
     cases = [

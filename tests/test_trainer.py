@@ -67,6 +67,9 @@ def test_self_confidence_training_runs_and_logs_finite_values(weights, tmp_path)
     assert (tmp_path / "run" / "report.md").exists() and (tmp_path / "run" / "report_curves.png").exists()
     assert len(list((tmp_path / "run" / "images").glob("*.png"))) >= 2
     assert res["evals"][0]["iteration"] == 0 and res["evals"][-1]["iteration"] == 2
+    for ev in res["evals"]:  # the evaluation images' collapse statistics
+        im = ev["images"]
+        assert 0 <= im["foreground"] <= 1 and im["objects"] >= 0 and im["pixel_std"] > 0
     lora = load_file(str(tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors"))
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in lora.items())
     assert any(tb.name.startswith("events") for tb in (tmp_path / "run" / "tb").iterdir())

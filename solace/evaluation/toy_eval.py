@@ -6,12 +6,13 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from solace.models.base import FlowModelAdapter
 from solace.sampling.sampler import sample
-from solace.toy.evaluator import detect, score_detections, summarize, to_uint8
+from solace.toy.evaluator import detect, score_detections, segment, summarize, to_uint8
 from solace.toy.world import PromptRecord
 
 
@@ -97,7 +98,8 @@ def evaluate_records(
     )
     arr = to_uint8(images)
     recs_rep = [r for r in records for _ in range(samples_per_prompt)]
-    scores = [score_detections(detect(a), r) for a, r in zip(arr, recs_rep, strict=True)]
+    dets = [detect(a) for a in arr]
+    scores = [score_detections(d, r) for d, r in zip(dets, recs_rep, strict=True)]
     per_prompt = []
     for i, r in enumerate(records):
         sc = scores[i * samples_per_prompt : (i + 1) * samples_per_prompt]
@@ -109,7 +111,14 @@ def evaluate_records(
                 "lenient": sum(x["lenient"] for x in sc) / len(sc),
             }
         )
-    out = {"summary": summarize(recs_rep, scores), "per_prompt": per_prompt, "scores": scores}
+    summary = summarize(recs_rep, scores)
+    # what a collapse toward blank, textureless images flattens, on the same prompts and noise every time
+    summary["images"] = {
+        "foreground": float(np.mean([(segment(a) >= 0).mean() for a in arr])),
+        "objects": float(np.mean([len(d) for d in dets])),
+        "pixel_std": float(images.float().flatten(1).std(-1).mean()),
+    }
+    out = {"summary": summary, "per_prompt": per_prompt, "scores": scores}
     if keep_images:
         out["images"] = images
     return out

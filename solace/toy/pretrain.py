@@ -30,7 +30,7 @@ from solace.models.toy import TOY_SHIFT, ToyAdapter, ToyTokenizer, save_toy_weig
 from solace.sampling.schedule import shift_sigmas
 from solace.toy.net import ToyFlowNet
 from solace.toy.render import render_prompt
-from solace.toy.world import CATEGORIES, load_heldout, sample_train_prompt, vocabulary
+from solace.toy.world import CATEGORIES, balanced_subset, load_heldout, sample_train_prompt, vocabulary
 
 
 @dataclass
@@ -117,10 +117,7 @@ def quick_eval(
     """Strict/lenient accuracy on a small fixed held-out subset (for the learning curve)."""
     from solace.evaluation.toy_eval import evaluate_records
 
-    held = load_heldout()
-    recs = []
-    for c in CATEGORIES:
-        recs += [r for r in held if r.tag == c][:per_category]
+    recs = balanced_subset(load_heldout(), per_category * len(CATEGORIES))
     adapter = ToyAdapter(net=net)
     return evaluate_records(
         adapter,

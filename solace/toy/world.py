@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -176,6 +177,16 @@ def load_heldout() -> tuple[PromptRecord, ...]:
     """The shipped held-out evaluation set (``solace/toy/assets/heldout.jsonl``)."""
     text = resources.files("solace.toy").joinpath("assets/heldout.jsonl").read_text()
     return tuple(PromptRecord.from_json(json.loads(line)) for line in text.splitlines() if line.strip())
+
+
+def balanced_subset(records: Sequence[PromptRecord], limit: int) -> list[PromptRecord]:
+    """The first ``limit`` records taken round-robin over the categories (in :data:`CATEGORIES` order), so a
+    small evaluation subset covers every category: 12 of the held-out set are its first 2 per category."""
+    by_cat = [[r for r in records if r.tag == c] for c in CATEGORIES]
+    out: list[PromptRecord] = []
+    for j in range(max((len(b) for b in by_cat), default=0)):
+        out += [b[j] for b in by_cat if j < len(b)]
+    return out[:limit] if limit > 0 else out
 
 
 @cache

@@ -44,12 +44,8 @@ LABELS = {
     "toy_mixed": "verifiable + self-confidence",
 }
 
-# statistics of the training log summarised per run: (log key, label in the table)
-TRACKED = [
-    ("reward/mean", "reward"),
-    ("monitor/foreground", "foreground"),
-    ("monitor/texture", "texture"),
-]
+# image statistics of the paired evaluation (same prompts and noise before and after): (key, relative change?)
+IMAGE_STATS = [("foreground", True), ("objects", False), ("pixel_std", True)]
 
 
 @dataclass
@@ -139,7 +135,8 @@ def _edge_mean(xs: list[float], first: bool, n: int = 2) -> float:
 
 
 def summarize_run(res: dict[str, Any]) -> dict[str, Any]:
-    """Per-run numbers of the table: accuracy before/after, tracked statistics first vs last iterations."""
+    """Per-run numbers of the table: evaluation before/after (accuracy and image statistics, paired), the
+    batch reward of the first two vs the last two iterations, the last KL."""
     out: dict[str, Any] = {"condition": res["condition"], "seed": res["seed"], "monitor": res["monitor"]}
     evals = res.get("evals") or []
     if len(evals) >= 2:
@@ -154,10 +151,12 @@ def summarize_run(res: dict[str, Any]) -> dict[str, Any]:
                 for c in b["categories"]
             },
         )
+        for key, _ in IMAGE_STATS:
+            out[f"{key}_base"] = b.get("images", {}).get(key, math.nan)
+            out[f"{key}_trained"] = a.get("images", {}).get(key, math.nan)
     hist = res.get("history") or []
-    for key, name in TRACKED:
-        s = _series(hist, key)
-        out[f"{name}_first"], out[f"{name}_last"] = _edge_mean(s, True), _edge_mean(s, False)
+    reward = _series(hist, "reward/mean")
+    out["reward_first"], out["reward_last"] = _edge_mean(reward, True), _edge_mean(reward, False)
     kl = _series(hist, "train/kl")
     out["kl_last"] = kl[-1] if kl else math.nan
     out["wall_s"] = res.get("wall_s", math.nan)
@@ -194,12 +193,10 @@ def aggregate(runs: list[dict[str, Any]], conditions: list[Condition]) -> list[d
             row[f"{key}_delta"] = _mean_sd(
                 [r.get(f"{key}_trained", math.nan) - r.get(f"{key}_base", math.nan) for r in rs]
             )
-        for _, name in TRACKED:
-            row[f"{name}_change"] = _mean_sd(
-                [_rel(r[f"{name}_first"], r[f"{name}_last"]) for r in rs]
-                if name != "reward"
-                else [r["reward_last"] - r["reward_first"] for r in rs]
-            )
+        for key, relative in IMAGE_STATS:
+            pairs = [(r.get(f"{key}_base", math.nan), r.get(f"{key}_trained", math.nan)) for r in rs]
+            row[f"{key}_change"] = _mean_sd([_rel(x, y) if relative else y - x for x, y in pairs])
+        row["reward_change"] = _mean_sd([r["reward_last"] - r["reward_first"] for r in rs])
         row["kl_last"] = _mean_sd([r["kl_last"] for r in rs])
         row["minutes"] = _mean_sd([r["wall_s"] / 60 for r in rs])
         cats = sorted({k for r in rs for k in r.get("categories", {})})
@@ -225,24 +222,26 @@ def markdown(rows: list[dict[str, Any]], header: str) -> str:
     lines = [
         header,
         "",
-        "Mean ± sample standard deviation over seeds. Accuracy: held-out strict / lenient (toy world, exact "
-        "evaluator; the same evaluation noise before and after training). Reward: change of the batch "
-        "reward mean, first two vs last two iterations (each condition's own reward, so not comparable "
-        "across rows). Foreground / texture: relative change of the training samples' foreground fraction "
-        "(toy world) and latent spatial std; a collapse shows as a large negative change. Monitor: runs "
-        "whose collapse monitor tripped.",
+        "Mean ± sample standard deviation over seeds. Everything but the reward and KL comes from the "
+        "held-out evaluation before and after training, on the same prompts with the same noise: strict / "
+        "lenient accuracy (toy world, exact evaluator), and what a collapse toward blank, textureless images "
+        "flattens: foreground fraction and pixel std (relative change) and detected objects per image "
+        "(change). Δ reward: batch reward mean of the last two iterations minus the first two (each "
+        "condition's own reward; iteration i draws the same prompts in every condition of a seed). "
+        "Monitor: runs whose collapse monitor tripped.",
         "",
-        "| condition | seeds | strict base | strict trained | Δ strict | Δ lenient | Δ reward | foreground | "
-        "texture | KL (last) | monitor | min/run |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| condition | seeds | strict base | strict trained | Δ strict | Δ lenient | foreground | objects | "
+        "pixel std | Δ reward | KL (last) | monitor | min/run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['label']} | {len(r['seeds'])} | {_fmt(*r['strict_base'])} | "
             f"{_fmt(*r['strict_trained'])} | "
             f"{_fmt(*r['strict_delta'], signed=True)} | {_fmt(*r['lenient_delta'], signed=True)} | "
-            f"{_fmt(*r['reward_change'], signed=True)} | {_pct(*r['foreground_change'])} | "
-            f"{_pct(*r['texture_change'])} | {_fmt(r['kl_last'][0], math.nan, 6)} | "
+            f"{_pct(*r['foreground_change'])} | {_fmt(*r['objects_change'], digits=2, signed=True)} | "
+            f"{_pct(*r['pixel_std_change'])} | {_fmt(*r['reward_change'], signed=True)} | "
+            f"{_fmt(r['kl_last'][0], math.nan, 6)} | "
             f"{r['tripped']}/{len(r['seeds'])} tripped | {_fmt(*r['minutes'], digits=1)} |"
         )
     cats = sorted({k for r in rows for k in r["categories"]})

@@ -46,7 +46,7 @@ class ModelCfg:
 class DataCfg:
     train_prompts: str = "toy"  # "toy" (the toy world's train distribution) or a .txt / .jsonl file
     eval_prompts: str = "toy_heldout"  # "toy_heldout" or a .txt / .jsonl file
-    eval_prompts_limit: int = 0  # 0: all
+    eval_prompts_limit: int = 0  # 0: all; the toy held-out subset is taken round-robin over categories
 
 
 @dataclass
@@ -133,7 +133,9 @@ class TrainCfg:
     eval_every: int = 0  # 0: only before and after training
     eval_samples_per_prompt: int = 4
     checkpoint_every: int = 10
-    image_every: int = 10  # image grid of fixed prompts every N iterations
+    image_every: int = (
+        10  # image grid of fixed prompts at the start, every N iterations and at the end; 0: none
+    )
     image_prompts: list[str] = field(default_factory=list)
     threads: int = 0  # torch CPU threads (0: leave torch's default)
     device: str = "auto"  # auto | cpu | cuda

@@ -393,13 +393,9 @@ class Trainer:
             return None
         if self.is_toy and cfg.data.eval_prompts == "toy_heldout":
             from solace.evaluation.toy_eval import BaseEvalCache, evaluate_records
-            from solace.toy.world import load_heldout
+            from solace.toy.world import balanced_subset, load_heldout
 
-            recs = list(load_heldout())
-            if cfg.data.eval_prompts_limit:
-                recs = recs[:: max(1, len(recs) // cfg.data.eval_prompts_limit)][
-                    : cfg.data.eval_prompts_limit
-                ]
+            recs = balanced_subset(load_heldout(), cfg.data.eval_prompts_limit)
             cache = (
                 BaseEvalCache(cfg.train.base_eval_cache, self._base_eval_key())
                 if iteration == 0 and cfg.train.base_eval_cache
@@ -424,11 +420,13 @@ class Trainer:
                 "strict": summ["overall"]["strict"],
                 "lenient": summ["overall"]["lenient"],
                 "categories": summ["categories"],
+                "images": summ.get("images", {}),  # a cached evaluation from an older version lacks them
             }
             self._log(
                 {
                     "eval/strict": out["strict"],
                     "eval/lenient": out["lenient"],
+                    **{f"eval/{k}": v for k, v in out["images"].items()},
                     **{f"eval/{c}_strict": v["strict"] for c, v in summ["categories"].items()},
                 },
                 iteration,
@@ -548,7 +546,8 @@ class Trainer:
             (self.out / "log.csv").unlink(missing_ok=True)
             if cfg.train.report:
                 self.evaluate(0)
-                self.save_images(0)
+                if cfg.train.image_every:
+                    self.save_images(0)
         bar = tqdm(
             range(self.start_iteration, cfg.train.iterations),
             initial=self.start_iteration,
@@ -602,7 +601,8 @@ class Trainer:
             if cfg.train.report:
                 if not self.evals or self.evals[-1]["iteration"] != cfg.train.iterations:
                     self.evaluate(cfg.train.iterations)
-                self.save_images(cfg.train.iterations)
+                if cfg.train.image_every:
+                    self.save_images(cfg.train.iterations)
                 from solace.trainer.report import write_report
 
                 result["report"] = str(write_report(self))
