@@ -3,7 +3,9 @@
 Tracked each iteration: the per-sample spatial std of the clean latents (texture), the reward mean, and in
 the toy world the foreground fraction (pixels within reach of a palette colour) and objects per image. The
 monitor trips when texture or foreground falls below a fraction of its first-iteration value, or when the
-reward mean jumps by many running standard deviations (a spike).
+reward mean jumps by many running standard deviations (a spike). At each toy-world evaluation it also
+compares the evaluation images (fixed prompts and noise) with the base model's: foreground fraction and
+pixel std, which unlike batch statistics do not swing with the prompts drawn.
 """
 
 from __future__ import annotations
@@ -62,6 +64,23 @@ class CollapseMonitor:
                 )
         if r is not None:
             self.history.append(r)
+        self.warnings.extend(out)
+        return out
+
+    def update_eval(self, iteration: int, base: dict[str, float], now: dict[str, float]) -> list[str]:
+        """Compare an evaluation's image statistics (fixed prompts, fixed noise) with the base model's:
+        warn when the foreground fraction or the pixel std fell below its threshold fraction. Unlike the
+        per-batch statistics, these do not move with the prompts drawn, so a drop is the policy's doing."""
+        out = []
+        for key, frac in (("foreground", self.foreground_drop), ("pixel_std", self.std_drop)):
+            b, x = base.get(key), now.get(key)
+            if b is None or x is None or not (math.isfinite(b) and math.isfinite(x)) or b <= 0:
+                continue
+            if x < frac * b:
+                out.append(
+                    f"iteration {iteration}: eval_{key} fell to {x:.4f} ({x / b:.0%} of the base "
+                    f"model's {b:.4f} on the same prompts and noise): possible collapse"
+                )
         self.warnings.extend(out)
         return out
 

@@ -431,6 +431,9 @@ class Trainer:
                 },
                 iteration,
             )
+            if self.evals and self.cfg.monitor.enabled:
+                for w in self.monitor.update_eval(iteration, self.evals[0].get("images", {}), out["images"]):
+                    tqdm.write(f"WARNING collapse monitor: {w}")
             self.evals.append(out)
             return out
         return None

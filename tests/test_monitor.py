@@ -1,0 +1,45 @@
+"""The collapse monitor by hand: thresholds against the first iteration, reward spikes, and the evaluation
+images compared with the base model's on the same prompts and noise."""
+
+from __future__ import annotations
+
+import torch
+
+from solace.trainer.monitor import CollapseMonitor, latent_texture
+
+
+def test_batch_statistics_trip_below_their_fraction_of_the_start():
+    m = CollapseMonitor(std_drop=0.5, foreground_drop=0.5)
+    assert m.update(0, {"texture": 1.0, "foreground": 0.2, "reward_mean": 1.0}) == []
+    assert m.update(1, {"texture": 0.6, "foreground": 0.11, "reward_mean": 1.0}) == []  # above half
+    w = m.update(2, {"texture": 0.4, "foreground": 0.09, "reward_mean": 1.0})
+    assert len(w) == 2 and "texture fell to 0.4000 (40% of its start 1.0000)" in w[0]
+    assert "foreground fell to 0.0900" in w[1]
+    assert m.verdict == "TRIPPED (2 warnings: foreground, texture)"
+
+
+def test_reward_spike_needs_five_iterations_of_history():
+    m = CollapseMonitor(reward_spike_z=6.0)
+    for i, r in enumerate([1.0, 1.1, 0.9, 1.0, 1.1]):
+        assert m.update(i, {"reward_mean": r}) == []
+    assert m.update(5, {"reward_mean": 1.2}) == []  # 2.7 running stds: fine
+    (w,) = m.update(6, {"reward_mean": 2.0})
+    assert "jumped" in w and m.verdict.startswith("TRIPPED (1 warnings: reward)")
+
+
+def test_evaluation_images_against_the_base():
+    m = CollapseMonitor(std_drop=0.5, foreground_drop=0.5)
+    base = {"foreground": 0.2, "objects": 1.5, "pixel_std": 0.1}
+    assert m.update_eval(10, base, {"foreground": 0.15, "pixel_std": 0.08}) == []
+    assert m.update_eval(10, {}, {"foreground": 0.0}) == []  # no base statistics: nothing to compare
+    w = m.update_eval(20, base, {"foreground": 0.05, "objects": 0.2, "pixel_std": 0.04})
+    assert len(w) == 2 and "eval_foreground fell to 0.0500 (25% of the base model's 0.2000" in w[0]
+    assert m.verdict == "TRIPPED (2 warnings: eval_foreground, eval_pixel_std)"
+    assert m.update(0, {"texture": 1.0}) == [] and len(m.warnings) == 2
+
+
+def test_latent_texture_is_the_spatial_std():
+    z = torch.zeros(2, 3, 4, 4)
+    z[1, :, :2] = 1.0  # half of the 16 pixels 1: every deviation 0.5, unbiased std = sqrt(16 * 0.25 / 15)
+    t = latent_texture(z)
+    assert t[0] == 0 and torch.isclose(t[1], torch.tensor((16 * 0.25 / 15) ** 0.5))
