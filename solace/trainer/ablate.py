@@ -87,19 +87,20 @@ def resolve_condition(spec: str) -> Condition:
     return Condition(name.removeprefix("ablation_"), Path(path), raw)
 
 
+def _run_settings(cond: Condition, seed: int, out: Path) -> dict[str, Any]:
+    """What every run of the grid sets last (``train.*``): its seed, folder and the shared base evaluation."""
+    return {
+        "seed": seed,
+        "output_dir": str(out / cond.name / f"seed{seed}"),
+        "base_eval_cache": str(out / "base_eval_cache.json"),
+    }
+
+
 def run_config(
     base: str, overrides: list[str], cond: Condition, seed: int, out: Path, check_paths: bool = True
 ) -> SolaceConfig:
     """The config of one run: base <- overrides <- condition <- (seed, output folder, shared base eval)."""
-    fixed = OmegaConf.create(
-        {
-            "train": {
-                "seed": seed,
-                "output_dir": str(out / cond.name / f"seed{seed}"),
-                "base_eval_cache": str(out / "base_eval_cache.json"),
-            }
-        }
-    )
+    fixed = OmegaConf.create({"train": _run_settings(cond, seed, out)})
     cfg = load_config(base, overrides, check_paths=check_paths, layers_after=[cond.layer, fixed])
     cfg.preset = f"{base} + {cond.source.name}"
     return cfg
@@ -108,14 +109,8 @@ def run_config(
 def train_command(base: str, overrides: list[str], cond: Condition, seed: int, out: Path) -> str:
     """The equivalent ``solace train`` command line of one run (to launch the grid elsewhere)."""
     flat = _flatten(OmegaConf.to_container(cond.layer))
-    args = [
-        *overrides,
-        *flat,
-        f"train.seed={seed}",
-        f"train.output_dir={out / cond.name / f'seed{seed}'}",
-        f"train.base_eval_cache={out / 'base_eval_cache.json'}",
-    ]
-    return "solace train --config " + shlex.join([base, *args])
+    fixed = [f"train.{k}={v}" for k, v in _run_settings(cond, seed, out).items()]
+    return "solace train --config " + shlex.join([base, *overrides, *flat, *fixed])
 
 
 def _flatten(d: Any, prefix: str = "") -> list[str]:
