@@ -134,31 +134,15 @@ def test_ablate_grid_on_tiny_toy(tmp_path, capsys):
 
 
 def test_ablate_on_tiny_sd3(tmp_path, tiny_sd3_folder):
-    from tiny_pipelines import TINY_RESOLUTION, TINY_T5_MAX_LEN
+    from tiny_pipelines import train_overrides
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red cat\ntwo blue squares\n")
     out = tmp_path / "grid"
-    over = {
-        "model.name": str(tiny_sd3_folder),
-        "model.resolution": TINY_RESOLUTION,
-        "model.max_sequence_length": TINY_T5_MAX_LEN,
-        "model.lora.rank": 4,
-        "model.lora.alpha": 8,
-        "data.train_prompts": str(prompts),
-        "data.eval_prompts": str(prompts),
-        "sampling.group_size": 2,
-        "sampling.prompts_per_step": 1,
-        "sampling.num_steps": 3,
-        "sampling.eval_num_steps": 2,
-        "grpo.micro_batch_size": 2,
-        "train.iterations": 1,
-        "train.image_every": 0,
-        "train.threads": 1,
-        "train.device": "cpu",
-    }
-    args = ["ablate", "--conditions", "k4,no_cfg", "--seeds", "0", "--out", str(out),
-            *[f"{k}={v}" for k, v in over.items()]]  # fmt: skip
+    small = {"sampling.group_size": 2, "sampling.prompts_per_step": 1, "sampling.num_steps": 3,
+             "grpo.micro_batch_size": 2, "train.iterations": 1}  # fmt: skip
+    over = train_overrides(tiny_sd3_folder, tmp_path / "unused", prompts, **small)
+    args = ["ablate", "--conditions", "k4,no_cfg", "--seeds", "0", "--out", str(out), *over]
     _ok(CliRunner().invoke(app, args))
     doc = json.loads((out / "ablation.json").read_text())
     assert [r["condition"] for r in doc["rows"]] == ["k4", "no_cfg"]

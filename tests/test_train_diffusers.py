@@ -16,41 +16,16 @@ from solace.trainer.config import load_config
 from solace.trainer.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_pipelines import TINY_RESOLUTION, TINY_T5_MAX_LEN, make_tiny_flux, make_tiny_sd3, save_tiny_pipeline  # noqa: E402
+from tiny_pipelines import (  # noqa: E402
+    TINY_RESOLUTION,
+    TINY_T5_MAX_LEN,
+    make_tiny_flux,
+    make_tiny_sd3,
+    save_tiny_pipeline,
+    train_overrides,
+)
 
 PROMPTS = ["a red circle", "two blue squares", "a cat left of a dog"]
-
-
-def _overrides(folder: Path, out: Path, prompts: Path, **extra) -> list[str]:
-    base = {
-        "model.name": str(folder),
-        "model.dtype": "fp32",
-        "model.resolution": TINY_RESOLUTION,
-        "model.max_sequence_length": TINY_T5_MAX_LEN,
-        "model.lora.rank": 4,
-        "model.lora.alpha": 8,
-        "data.train_prompts": str(prompts),
-        "data.eval_prompts": str(prompts),
-        "sampling.group_size": 4,
-        "sampling.prompts_per_step": 2,
-        "sampling.num_steps": 4,
-        "sampling.eval_num_steps": 3,
-        "sampling.cfg_scale": 4.0,
-        "reward.self_confidence.num_probes": 2,
-        "grpo.micro_batch_size": 4,
-        "grpo.clip_range": 0.2,
-        "optim.lr": 0.01,
-        "train.iterations": 2,
-        "train.output_dir": str(out),
-        "train.checkpoint_every": 1,
-        "train.threads": 1,
-        "train.device": "cpu",
-        "train.report": True,
-        "train.image_every": 0,
-        "train.eval_every": 0,
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
 
 
 def _prompt_file(tmp_path: Path) -> Path:
@@ -96,7 +71,7 @@ def test_train_end_to_end_and_lora_round_trip(kind, tmp_path):
     extra = {"sampling.cfg_scale": 1.0} if flux else {}
     if kind == "sd3_no_t5":
         extra["model.text_encoder_3"] = False
-    cfg = load_config(None, _overrides(folder, tmp_path / "run", _prompt_file(tmp_path), **extra))
+    cfg = load_config(None, train_overrides(folder, tmp_path / "run", _prompt_file(tmp_path), **extra))
     tr = Trainer(cfg)
     res = tr.train()
     row = _last_row(tmp_path / "run")
@@ -129,7 +104,7 @@ def test_train_end_to_end_and_lora_round_trip(kind, tmp_path):
     # Start a new run from the exported LoRA (SOLACE on top of an existing LoRA): same model at start.
     cfg2 = load_config(
         None,
-        _overrides(
+        train_overrides(
             folder,
             tmp_path / "run2",
             _prompt_file(tmp_path),

@@ -123,7 +123,8 @@ def selection_markdown(summary: Mapping[int, Mapping[str, Mapping]], title: str 
     return "\n".join(lines)
 
 
-def _pyplot():  # noqa: ANN202 - matplotlib's module
+def pyplot():  # noqa: ANN202 - matplotlib's module
+    """matplotlib.pyplot on the Agg backend (files only, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -132,19 +133,19 @@ def _pyplot():  # noqa: ANN202 - matplotlib's module
     return plt
 
 
-def _save(plt, fig, path: str | Path) -> Path:
+def save_figure(plt, fig, path: str | Path, dpi: int = 120) -> Path:
     """Lay out, write the PNG (creating its folder) and close the figure."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 
 
 def plot_selection(summary: Mapping[int, Mapping[str, Mapping]], path: str | Path, title: str = "") -> Path:
     """Strict accuracy against N: best-of-N by self-confidence, random pick, oracle; std error bars."""
-    plt = _pyplot()
+    plt = pyplot()
     ns = list(summary)
     fig, ax = plt.subplots(figsize=(5.5, 4))
     labels = {"best": "best-of-N (self-confidence)", "random": "random pick", "oracle": "oracle"}
@@ -166,14 +167,14 @@ def plot_selection(summary: Mapping[int, Mapping[str, Mapping]], path: str | Pat
     ax.legend()
     if title:
         ax.set_title(title, fontsize=9)
-    return _save(plt, fig, path)
+    return save_figure(plt, fig, path)
 
 
 def plot_distributions(
     values: Mapping[str, Sequence[float]], path: str | Path, title: str = "", xlabel: str = "R"
 ) -> Path:
     """Overlaid histograms (shared bins) of one value per label, e.g. self-confidence per inference regime."""
-    plt = _pyplot()
+    plt = pyplot()
     arrays = {k: np.asarray(v, dtype=float) for k, v in values.items()}
     allv = np.concatenate([a for a in arrays.values() if a.size]) if arrays else np.zeros(0)
     lo, hi = (float(allv.min()), float(allv.max())) if allv.size else (0.0, 1.0)
@@ -190,4 +191,4 @@ def plot_distributions(
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=9)
-    return _save(plt, fig, path)
+    return save_figure(plt, fig, path)

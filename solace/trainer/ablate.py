@@ -266,11 +266,11 @@ def _pct(m: float, sd: float) -> str:
 def plot(
     runs_raw: list[dict[str, Any]], rows: list[dict[str, Any]], conditions: list[Condition], out: Path
 ) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    from solace.evaluation.analysis import pyplot, save_figure
+
+    plt = pyplot()
 
     paths = []
     fig, axes = plt.subplots(1, 4, figsize=(20, 3.8))
@@ -299,11 +299,7 @@ def plot(
             ax.set_xlabel("iteration")
     axes[0].legend(fontsize=7)
     fig.suptitle("solace ablate: mean over seeds, band = min..max")
-    fig.tight_layout()
-    p = out / "ablation_curves.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(save_figure(plt, fig, out / "ablation_curves.png", dpi=110))
     with_acc = [r for r in rows if math.isfinite(r["strict_delta"][0])]
     if with_acc:
         fig, ax = plt.subplots(figsize=(1.3 * len(with_acc) + 3, 4))
@@ -321,11 +317,7 @@ def plot(
         )
         ax.set_ylabel("held-out strict accuracy: trained - base")
         ax.set_title("accuracy change per condition (bar: mean, dots: seeds)")
-        fig.tight_layout()
-        p = out / "ablation_accuracy.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        paths.append(p)
+        paths.append(save_figure(plt, fig, out / "ablation_accuracy.png", dpi=110))
     return paths
 
 
