@@ -38,6 +38,7 @@ LABELS = {
     "offline": "offline reward (frozen base scores)",
     "rho1": "rho = 1.0 (all steps trained)",
     "no_cfg": "sampling without CFG",
+    "later_half": "later half of the timesteps probed",
     "toy_released_code": "released-code preset",
     "toy_contrastive": "prompt-contrastive S(c) - S(empty)",
     "toy_verifiable": "verifiable reward only",
