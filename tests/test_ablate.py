@@ -132,6 +132,15 @@ def test_ablate_grid_on_tiny_toy(tmp_path, capsys):
     assert "rho1 seed 1: resuming" in again.stdout
     assert (out / "k4" / "seed0" / "ablate_run.json").stat().st_mtime_ns == stamp
 
+    # --collect-only trains nothing: the table holds what is finished
+    args_more = [a if a != "k4,rho1" else "k4,rho1,k16" for a in args]
+    partial = CliRunner().invoke(app, [*args_more, "--collect-only"])
+    _ok(partial)
+    assert partial.stdout.count("not finished, left out") == 2 and not (out / "k16").exists()
+    assert [r["condition"] for r in json.loads((out / "ablation.json").read_text())["rows"]] == ["k4", "rho1"]
+    empty = CliRunner().invoke(app, ["ablate", "--out", str(tmp_path / "none"), "--collect-only"])
+    assert empty.exit_code == 2 and "--collect-only" in empty.stderr and "Traceback" not in empty.output
+
 
 def test_ablate_on_tiny_sd3(tmp_path, tiny_sd3_folder):
     from tiny_pipelines import train_overrides

@@ -103,13 +103,16 @@ def ablate(
     conditions: str = typer.Option(
         "k4,k8,k16,cfg_in_reward,offline,rho1,no_cfg",
         help="Comma list: configs/ablation names (Table 2: k4,k8,k16,cfg_in_reward,offline; collapse: "
-        "rho1,no_cfg), other presets (toy_released_code, toy_contrastive, toy_mixed, toy_verifiable) or "
-        "YAML files of differences.",
+        "rho1,no_cfg; variant: later_half), other presets (toy_released_code, toy_contrastive, toy_mixed, "
+        "toy_verifiable) or YAML files of differences.",
     ),
     seeds: str = typer.Option("0,1,2", help="Comma-separated seeds; every condition runs each."),
     out: Path = typer.Option(Path("runs/ablate"), help="Grid folder: OUT/<condition>/seed<S>, ablation.md."),
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Print the equivalent `solace train` commands (e.g. for a cluster) and stop."
+    ),
+    collect_only: bool = typer.Option(
+        False, "--collect-only", help="Train nothing: write the table from the runs finished so far."
     ),
 ) -> None:
     """The paper's ablations as a grid of `solace train` runs, with one Markdown table and plots.
@@ -128,6 +131,7 @@ def ablate(
             out,
             dry_run=dry_run,
             echo=typer.echo,
+            collect_only=collect_only,
         )
     except SolaceError as e:
         _fail(e)

@@ -330,8 +330,10 @@ def run_grid(
     out: Path,
     dry_run: bool = False,
     echo: Any = print,
+    collect_only: bool = False,
 ) -> dict[str, Any]:
-    """Run (or, with ``dry_run``, print) every (condition, seed) training run, then write the table."""
+    """Run (or, with ``dry_run``, print) every (condition, seed) training run, then write the table.
+    ``collect_only`` trains nothing: the table holds the runs finished so far (a grid still running)."""
     from solace.trainer.trainer import run_training
 
     check(len(seeds) >= 1, "--seeds", "give at least one seed, e.g. 0,1,2")
@@ -359,6 +361,9 @@ def run_grid(
             echo(f"[{i}/{total}] {c.name} seed {s}: done before, kept ({run_dir})")
             raw.append(json.loads(done.read_text()))
             continue
+        if collect_only:
+            echo(f"[{i}/{total}] {c.name} seed {s}: not finished, left out")
+            continue
         resume = (run_dir / "checkpoints" / "latest").exists()
         echo(f"[{i}/{total}] {c.name} seed {s}: {'resuming' if resume else 'training'} in {run_dir}")
         t0 = time.time()
@@ -379,6 +384,7 @@ def run_grid(
         }
         write_json_atomic(done, rec)
         raw.append(rec)
+    check(bool(raw), "--collect-only", f"no finished run under {out}; run the grid without --collect-only")
     return write_table(raw, conds, out, base, overrides, seeds)
 
 
