@@ -167,17 +167,20 @@ def test_summary_and_aggregate_by_hand():
     def run(cond, seed, base, trained, rewards, fg):
         hist = [{"reward/mean": r, "train/kl": 0.001 * i} for i, r in enumerate(rewards)]
 
-        def ev(acc, fg, objs):
-            return {"strict": acc, "lenient": acc, "categories": {"colors": {"strict": acc}},
+        def ev(it, acc, fg, objs):
+            return {"iteration": it, "strict": acc, "lenient": acc, "categories": {"colors": {"strict": acc}},
                     "images": {"foreground": fg, "objects": objs, "pixel_std": 0.5}}  # fmt: skip
 
         return {
             "condition": cond, "seed": seed,
             "monitor": "no collapse signal" if seed else "TRIPPED (1 warnings)",
-            "evals": [ev(base, fg[0], 2.0), ev(trained, fg[1], 1.5)], "history": hist, "wall_s": 60.0,
+            "evals": [ev(0, base, fg[0], 2.0), ev(4, trained, fg[1], 1.5)], "history": hist, "wall_s": 60.0,
         }  # fmt: skip
 
-    raw = [run("k4", 0, 0.5, 0.6, [1, 2, 3, 4], [0.2, 0.1]), run("k4", 1, 0.5, 0.8, [1, 1, 1, 1], [0.2, 0.2])]
+    raw = [
+        run("k4", 0, 0.5, 0.6, [1, 2, 3, 4], [0.2, 0.05]),
+        run("k4", 1, 0.5, 0.8, [1, 1, 1, 1], [0.2, 0.2]),
+    ]
     s = summarize_run(raw[0])
     assert s["reward_first"] == 1.5 and s["reward_last"] == 3.5  # means of the first / last two iterations
     assert s["kl_last"] == pytest.approx(0.003)
@@ -186,13 +189,16 @@ def test_summary_and_aggregate_by_hand():
     assert row["strict_delta"][0] == pytest.approx(0.2)  # (0.1 + 0.3) / 2
     assert row["strict_delta"][1] == pytest.approx(0.1414213, rel=1e-5)  # sample sd of 0.1, 0.3
     assert row["reward_change"][0] == pytest.approx(1.0)  # (2 + 0) / 2
-    assert row["foreground_change"][0] == pytest.approx(-0.25)  # relative: (-50 % + 0 %) / 2
+    assert row["foreground_change"][0] == pytest.approx(-0.375)  # relative: (-75 % + 0 %) / 2
     assert row["objects_change"] == (pytest.approx(-0.5), 0.0)  # absolute: 1.5 - 2.0 in both runs
     assert row["pixel_std_change"] == (0.0, 0.0)
+    # the monitor is replayed on the logged statistics: seed 0's evaluation foreground fell below half
+    assert s["monitor"].startswith("TRIPPED (1 warnings: eval_foreground")
+    assert s["monitor_at_run"] == "TRIPPED (1 warnings)"
     assert row["tripped"] == 1 and row["minutes"][0] == pytest.approx(1.0)
     assert row["categories"]["colors"][0] == pytest.approx(0.2)
     md = markdown(rows, "# t")
-    assert "| K = 4 | 2 | 0.500 | 0.700 ± 0.141 | +0.200 ± 0.141 |" in md and "-25% ± 35%" in md
+    assert "| K = 4 | 2 | 0.500 | 0.700 ± 0.141 | +0.200 ± 0.141 |" in md and "-38% ± 53%" in md
 
 
 def test_trainer_reuses_a_cached_base_evaluation(tmp_path):

@@ -23,7 +23,8 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from solace.errors import ConfigError, check
-from solace.trainer.config import SolaceConfig, load_config, presets_dir, resolve_preset
+from solace.trainer.config import MonitorCfg, SolaceConfig, load_config, presets_dir, resolve_preset
+from solace.trainer.monitor import CollapseMonitor
 from solace.utils.files import write_json_atomic, write_text_atomic
 
 TABLE2 = ["k4", "k8", "k16", "cfg_in_reward", "offline"]
@@ -133,7 +134,12 @@ def _edge_mean(xs: list[float], first: bool, n: int = 2) -> float:
 def summarize_run(res: dict[str, Any]) -> dict[str, Any]:
     """Per-run numbers of the table: evaluation before/after (accuracy and image statistics, paired), the
     batch reward of the first two vs the last two iterations, the last KL."""
-    out: dict[str, Any] = {"condition": res["condition"], "seed": res["seed"], "monitor": res["monitor"]}
+    out: dict[str, Any] = {
+        "condition": res["condition"],
+        "seed": res["seed"],
+        "monitor": replay_monitor(res).verdict,
+        "monitor_at_run": res["monitor"],
+    }
     evals = res.get("evals") or []
     if len(evals) >= 2:
         b, a = evals[0], evals[-1]
@@ -157,6 +163,20 @@ def summarize_run(res: dict[str, Any]) -> dict[str, Any]:
     out["kl_last"] = kl[-1] if kl else math.nan
     out["wall_s"] = res.get("wall_s", math.nan)
     return out
+
+
+def replay_monitor(res: dict[str, Any]) -> CollapseMonitor:
+    """The collapse monitor (default thresholds) fed a finished run's logged statistics and evaluations, so
+    a table judges every run by the same, current rule."""
+    mc = MonitorCfg()
+    m = CollapseMonitor(mc.std_drop, mc.foreground_drop, mc.reward_spike_z, mc.window)
+    keys = {"texture": "monitor/texture", "foreground": "monitor/foreground", "reward_mean": "reward/mean"}
+    for h in res.get("history") or []:
+        m.update(int(h.get("iteration", 0)), {k: float(h[v]) for k, v in keys.items() if v in h})
+    evals = res.get("evals") or []
+    for ev in evals[1:]:
+        m.update_eval(ev["iteration"], evals[0].get("images", {}), ev.get("images", {}))
+    return m
 
 
 def _mean_sd(xs: list[float]) -> tuple[float, float]:
@@ -224,7 +244,8 @@ def markdown(rows: list[dict[str, Any]], header: str) -> str:
         "flattens: foreground fraction and pixel std (relative change) and detected objects per image "
         "(change). Δ reward: batch reward mean of the last two iterations minus the first two (each "
         "condition's own reward; iteration i draws the same prompts in every condition of a seed). "
-        "Monitor: runs whose collapse monitor tripped.",
+        "Monitor: runs whose collapse monitor trips, replayed with the current monitor on each run's "
+        "logged statistics and evaluations.",
         "",
         "| condition | seeds | strict base | strict trained | Δ strict | Δ lenient | foreground | objects | "
         "pixel std | Δ reward | KL (last) | monitor | min/run |",

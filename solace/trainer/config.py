@@ -120,9 +120,10 @@ class OptimCfg:
 @dataclass
 class MonitorCfg:
     enabled: bool = True
-    std_drop: float = 0.5  # warn when sample std falls below this fraction of its first-iteration value
+    std_drop: float = 0.5  # warn when sample std falls below this fraction of its value at the start
     foreground_drop: float = 0.5  # toy world: warn when foreground fraction falls below this fraction
     reward_spike_z: float = 6.0  # warn when the reward mean jumps by this many running stds
+    window: int = 5  # batch statistics: mean of the last N iterations against the mean of the first N
 
 
 @dataclass
@@ -297,6 +298,7 @@ def validate(cfg: SolaceConfig, check_paths: bool = True) -> None:
         "grpo.updates_per_iteration",
         f"must be >= 1, got {g.updates_per_iteration}",
     )
+    check(cfg.monitor.window >= 1, "monitor.window", f"must be >= 1, got {cfg.monitor.window}")
     check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     check(o.max_grad_norm > 0, "optim.max_grad_norm", f"must be > 0, got {o.max_grad_norm}")
     check(cfg.model.lora.rank >= 1, "model.lora.rank", f"must be >= 1, got {cfg.model.lora.rank}")

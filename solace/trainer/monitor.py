@@ -2,10 +2,11 @@
 
 Tracked each iteration: the per-sample spatial std of the clean latents (texture), the reward mean, and in
 the toy world the foreground fraction (pixels within reach of a palette colour) and objects per image. The
-monitor trips when texture or foreground falls below a fraction of its first-iteration value, or when the
-reward mean jumps by many running standard deviations (a spike). At each toy-world evaluation it also
-compares the evaluation images (fixed prompts and noise) with the base model's: foreground fraction and
-pixel std, which unlike batch statistics do not swing with the prompts drawn.
+monitor trips when the mean texture or foreground of the last few iterations falls below a fraction of the
+first few iterations' mean, or when the reward mean jumps by many running standard deviations (a spike).
+At each toy-world evaluation it also compares the evaluation images (fixed prompts and noise) with the
+base model's: foreground fraction and pixel std, which unlike batch statistics do not swing with the
+prompts drawn.
 """
 
 from __future__ import annotations
@@ -37,21 +38,30 @@ class CollapseMonitor:
     std_drop: float = 0.5
     foreground_drop: float = 0.5
     reward_spike_z: float = 6.0
-    baseline: dict[str, float] = field(default_factory=dict)
+    window: int = 5  # batch statistics are compared as means over this many iterations
+    series: dict[str, list[float]] = field(default_factory=dict)  # per-iteration batch statistics
     history: list[float] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
     def update(self, iteration: int, stats: dict[str, float]) -> list[str]:
-        """Feed one iteration's statistics; returns the warnings it raised (also kept in ``warnings``)."""
+        """Feed one iteration's statistics; returns the warnings it raised (also kept in ``warnings``).
+
+        A batch statistic swings with the prompts drawn (a single-object prompt has a third of a two-object
+        prompt's foreground), so the mean of its last ``window`` iterations is compared with the mean of its
+        first ``window``, once both windows are full and apart."""
         out = []
         for key, frac in (("texture", self.std_drop), ("foreground", self.foreground_drop)):
             if key not in stats or not math.isfinite(stats[key]):
                 continue
-            base = self.baseline.setdefault(key, stats[key])
-            if base > 0 and stats[key] < frac * base:
+            xs = self.series.setdefault(key, [])
+            xs.append(float(stats[key]))
+            if len(xs) < 2 * self.window:
+                continue
+            base, now = float(np.mean(xs[: self.window])), float(np.mean(xs[-self.window :]))
+            if base > 0 and now < frac * base:
                 out.append(
-                    f"iteration {iteration}: {key} fell to {stats[key]:.4f} "
-                    f"({stats[key] / base:.0%} of its start {base:.4f}): possible collapse"
+                    f"iteration {iteration}: {key} fell to {now:.4f} (mean of the last {self.window} "
+                    f"iterations, {now / base:.0%} of the first {self.window}: {base:.4f}): possible collapse"
                 )
         r = stats.get("reward_mean")
         if r is not None and len(self.history) >= 5:

@@ -124,9 +124,8 @@ class Trainer:
         self.probe_t = self.sigmas[self.probe_idx].clamp(min=1e-4)
         self._cond_cache: OrderedDict[str, Conditioning] = OrderedDict()
         self.null = self.adapter.encode_prompts([""])
-        self.monitor = CollapseMonitor(
-            cfg.monitor.std_drop, cfg.monitor.foreground_drop, cfg.monitor.reward_spike_z
-        )
+        mc = cfg.monitor
+        self.monitor = CollapseMonitor(mc.std_drop, mc.foreground_drop, mc.reward_spike_z, mc.window)
         self.is_toy = self.adapter.name == "toy"
         self.start_iteration = 0
         self.history: list[dict[str, float]] = []
@@ -513,7 +512,7 @@ class Trainer:
                     "history": self.history,
                     "evals": self.evals,
                     "monitor": self.monitor.warnings,
-                    "monitor_baseline": self.monitor.baseline,
+                    "monitor_series": self.monitor.series,
                     "reward_history": self.monitor.history,
                 },
             )
@@ -534,7 +533,7 @@ class Trainer:
         self.history = state.get("history", [])
         self.evals = state.get("evals", [])
         self.monitor.warnings = state.get("monitor", [])
-        self.monitor.baseline = state.get("monitor_baseline", {})
+        self.monitor.series = state.get("monitor_series", {})
         self.monitor.history = state.get("reward_history", [])
         return True
 
