@@ -295,7 +295,7 @@ def plot(
     plt = pyplot()
 
     paths = []
-    fig, axes = plt.subplots(1, 4, figsize=(20, 3.8))
+    fig, axes = plt.subplots(1, 5, figsize=(24, 3.8), gridspec_kw={"width_ratios": [1, 1, 1, 1, 0.8]})
     panels = [
         ("reward/mean", "batch reward mean"),
         ("monitor/foreground", "foreground fraction (toy)"),
@@ -306,8 +306,8 @@ def plot(
         rs = [r for r in runs_raw if r["condition"] == c.name]
         if not rs:
             continue
-        color = f"C{ci % 10}"
-        for ax, (key, title) in zip(axes, panels, strict=True):
+        color = plt.get_cmap("tab20")(ci % 20)
+        for ax, (key, title) in zip(axes[:4], panels, strict=True):
             ys = [np.array(_series(r.get("history") or [], key)) for r in rs]
             n = min(len(y) for y in ys)
             if n == 0 or all(np.isnan(y[:n]).all() for y in ys):
@@ -319,7 +319,8 @@ def plot(
                 ax.fill_between(x, np.nanmin(stack, 0), np.nanmax(stack, 0), color=color, alpha=0.15)
             ax.set_title(title)
             ax.set_xlabel("iteration")
-    axes[0].legend(fontsize=7)
+    axes[4].axis("off")
+    axes[4].legend(*axes[0].get_legend_handles_labels(), loc="center", fontsize=8)
     fig.suptitle("solace ablate: mean over seeds, band = min..max")
     paths.append(save_figure(plt, fig, out / "ablation_curves.png", dpi=110))
     with_acc = [r for r in rows if math.isfinite(r["strict_delta"][0])]
@@ -331,7 +332,7 @@ def plot(
                 for x in (summarize_run(q) for q in runs_raw if q["condition"] == r["condition"])
                 if "strict_base" in x
             ]
-            ax.bar(i, r["strict_delta"][0], color=f"C{i % 10}", alpha=0.6)
+            ax.bar(i, r["strict_delta"][0], color=plt.get_cmap("tab20")(i % 20), alpha=0.6)
             ax.scatter([i] * len(ds), ds, color="k", s=14, zorder=3)
         ax.axhline(0, color="gray", lw=0.8)
         ax.set_xticks(
