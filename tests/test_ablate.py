@@ -218,3 +218,8 @@ def test_trainer_reuses_a_cached_base_evaluation(tmp_path):
     assert tr2.eval_cfg_scale == 2.0
     assert tr2.evaluate(0)["strict"] != 0.123
     assert len(json.loads(cache_path.read_text())["entries"]) == 2
+    # other weights under the same path are another key too: a changed base is never served a stale result
+    before = tr._base_eval_key()
+    make_tiny_toy_weights(weights, seed=1)
+    after = Trainer(load_config(None, over))._base_eval_key()
+    assert after["model"] == before["model"] and after["weights_sha256"] != before["weights_sha256"]

@@ -439,9 +439,16 @@ class Trainer:
 
     def _base_eval_key(self) -> dict[str, Any]:
         """Everything the evaluation before training depends on."""
+        import hashlib
+
+        from solace.models.toy import default_weights_path
+
         c = self.cfg
+        weights = default_weights_path() if c.model.name == "toy" else Path(c.model.name)
         return {
             "model": c.model.name,
+            # the weights themselves, so a changed base (a new shipped toy model) is evaluated anew
+            "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else "",
             "lora_init": c.model.lora.init_from,
             "merge_init": c.model.lora.merge_init,
             "dtype": c.model.dtype,
