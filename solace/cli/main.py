@@ -38,6 +38,9 @@ def toy_pretrain(
     threads: int = typer.Option(2, help="torch CPU threads (and render workers)."),
     eval_every: int = typer.Option(500, help="Quick held-out evaluation every N steps."),
     resume: bool = typer.Option(False, help="Continue from the run folder's last checkpoint."),
+    init: str = typer.Option(
+        "", help="Start from another run's checkpoint.safetensors (weights, EMA, Adam moments), new schedule."
+    ),
 ) -> None:
     """Pretrain the toy world's base flow model (rectified flow + caption dropout, EMA, safetensors)."""
     from solace.toy.pretrain import PretrainConfig, pretrain
@@ -51,6 +54,7 @@ def toy_pretrain(
         seed=seed,
         threads=threads,
         eval_every=eval_every,
+        init=init,
     )
     try:
         path = pretrain(cfg, resume=resume)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from solace.errors import ConfigError
 from solace.models.toy import TOY_SHIFT, ToyAdapter, ToyTokenizer, save_toy_weights
 from solace.sampling.schedule import shift_sigmas
 from solace.toy.net import ToyFlowNet
@@ -50,6 +51,7 @@ class PretrainConfig:
     eval_cfg: float = 5.0
     checkpoint_every: int = 250
     channels: tuple[int, int, int] = (48, 96, 144)
+    init: str = ""  # continue from another run's checkpoint.safetensors with a fresh schedule
 
 
 def _render_chunk(args: tuple[int, int]) -> tuple[np.ndarray, list[str]]:
@@ -130,6 +132,29 @@ def quick_eval(
     )["summary"]
 
 
+def _load_init(path: str, net: ToyFlowNet, ema: ToyFlowNet, opt: torch.optim.Optimizer) -> None:
+    """Weights, EMA and AdamW moments of another pretraining run's checkpoint (``--init``): a continuation
+    with a fresh warm-up and cosine schedule, on this run's own data and batch order."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("init", f"no pretraining checkpoint at {p}; pass a run's checkpoint.safetensors")
+    sd = load_file(str(p))
+    if not any(k.startswith("net.") for k in sd):
+        raise ConfigError("init", f"{p} is not a pretraining checkpoint (no net.* tensors)")
+    try:
+        net.load_state_dict({k[4:]: v for k, v in sd.items() if k.startswith("net.")})
+        ema.load_state_dict({k[4:]: v for k, v in sd.items() if k.startswith("ema.")})
+    except RuntimeError as e:
+        raise ConfigError("init", f"{p} holds another architecture (--channels must match): {e}") from None
+    for i, q in enumerate(opt.param_groups[0]["params"]):
+        if f"opt.{i}.exp_avg" in sd:
+            opt.state[q] = {
+                "step": torch.tensor(1000.0),
+                "exp_avg": sd[f"opt.{i}.exp_avg"],
+                "exp_avg_sq": sd[f"opt.{i}.exp_avg_sq"],
+            }
+
+
 def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
@@ -150,6 +175,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
     gen = torch.Generator().manual_seed(cfg.seed)
     step = 0
     ckpt = out / "checkpoint.safetensors"
+    if cfg.init and not (resume and ckpt.exists()):
+        _load_init(cfg.init, net, ema, opt)
     if resume and ckpt.exists():
         sd = load_file(str(ckpt))
         net.load_state_dict({k[4:]: v for k, v in sd.items() if k.startswith("net.")})
