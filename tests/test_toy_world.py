@@ -9,8 +9,16 @@ import random
 import numpy as np
 import pytest
 
-from solace.toy.evaluator import detect, score_image, summarize
-from solace.toy.render import MIN_BG_DISTANCE, Scene, SceneObject, random_background_color, render, scene_for
+from solace.toy.evaluator import detect, partial_score, score_image, shape_probabilities, summarize
+from solace.toy.render import (
+    MIN_BG_DISTANCE,
+    Scene,
+    SceneObject,
+    random_background_color,
+    render,
+    render_prompt,
+    scene_for,
+)
 from solace.toy.world import (
     CATEGORIES,
     COLORS,
@@ -184,3 +192,29 @@ def test_scene_for_respects_the_prompt_exactly():
             )
             assert n >= item["count"]
         assert dataclasses.replace(sc) == sc
+
+
+def test_partial_score_ranks_near_misses_between_wrong_and_right():
+    r = _rec("a photo of a red square and a blue circle")
+    right = [SceneObject("square", "red", 8, 16, 5), SceneObject("circle", "blue", 24, 16, 5)]
+    one_wrong_shape = [SceneObject("circle", "red", 8, 16, 5), SceneObject("circle", "blue", 24, 16, 5)]
+    one_missing = [SceneObject("square", "red", 8, 16, 5)]
+    extra = [*right, SceneObject("triangle", "green", 16, 27, 4.5)]
+    scenes = dict(right=right, wrong=one_wrong_shape, missing=one_missing, extra=extra, empty=[])
+    s = {k: partial_score(detect(render(_scene(v))), r) for k, v in scenes.items()}
+    assert s["right"] > 0.95
+    # by hand: checks = [red square, blue circle, exactness]
+    assert s["missing"] == pytest.approx((1 + 0 + 1) / 3, abs=0.03)  # a missing object costs its check only
+    assert s["extra"] == pytest.approx((1 + 1 + 2 / 3) / 3, abs=0.03)
+    assert s["wrong"] == pytest.approx((0 + 1 + 1) / 3, abs=0.03)
+    assert s["empty"] == 0.0
+    assert s["right"] > s["extra"] > s["wrong"] > s["empty"]
+
+
+def test_soft_shape_classes_agree_with_the_hard_decision():
+    rng = random.Random(5)
+    for r in all_prompts()[::5]:
+        for d in detect(render_prompt(r, rng.getrandbits(32))):
+            p = shape_probabilities(d)
+            assert sum(p.values()) == pytest.approx(1.0)
+            assert max(p, key=p.get) == d.shape

@@ -119,6 +119,29 @@ def test_external_reward_only_training_with_the_toy_evaluator(weights, tmp_path)
     assert "reward/toy_geneval_mean" in header and "self_confidence/S_t00" not in header
 
 
+def test_dense_verifiable_reward_and_a_jsonl_eval_file_scored_exactly(weights, tmp_path):
+    """mode=dense trains; a .jsonl eval file with GenEval metadata is evaluated by the exact evaluator."""
+    from solace.toy.world import load_heldout
+
+    recs = [r for r in load_heldout() if r.tag in ("single_object", "colors")][:4]
+    evf = tmp_path / "eval.jsonl"
+    evf.write_text("".join(json.dumps(r.to_json()) + "\n" for r in recs))
+    extra = {"data.eval_prompts": str(evf), "train.iterations": 1, "train.report": True}
+    over = tiny_overrides(weights, tmp_path / "d", **extra)
+    over += ["reward.components=[{name: toy_geneval, weight: 1.0, kwargs: {mode: dense}}]"]
+    tr = Trainer(load_config("toy", over))
+    assert [r.prompt for r in tr._toy_eval_records()] == [r.prompt for r in recs]
+    tr.train()
+    assert [e["iteration"] for e in tr.evals] == [0, 1]
+    assert set(tr.evals[0]["categories"]) == {"single_object", "colors"}
+    # a plain .txt file has no metadata: nothing to score exactly
+    txt = tmp_path / "p.txt"
+    txt.write_text("a photo of a circle\n")
+    over_txt = tiny_overrides(weights, tmp_path / "t", **{"data.eval_prompts": str(txt)})
+    tr2 = Trainer(load_config("toy", over_txt))
+    assert tr2._toy_eval_records() is None
+
+
 def test_on_policy_first_update_has_ratio_one(weights, tmp_path):
     cfg = load_config("toy", tiny_overrides(weights, tmp_path / "r", **{"train.iterations": 1}))
     tr = Trainer(cfg)

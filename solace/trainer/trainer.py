@@ -390,11 +390,10 @@ class Trainer:
         cfg = self.cfg
         if not self.is_main:
             return None
-        if self.is_toy and cfg.data.eval_prompts == "toy_heldout":
+        recs = self._toy_eval_records()
+        if recs is not None:
             from solace.evaluation.toy_eval import BaseEvalCache, evaluate_records
-            from solace.toy.world import balanced_subset, load_heldout
 
-            recs = balanced_subset(load_heldout(), cfg.data.eval_prompts_limit)
             cache = (
                 BaseEvalCache(cfg.train.base_eval_cache, self._base_eval_key())
                 if iteration == 0 and cfg.train.base_eval_cache
@@ -436,6 +435,22 @@ class Trainer:
             self.evals.append(out)
             return out
         return None
+
+    def _toy_eval_records(self) -> list | None:
+        """The records the exact evaluator scores: the toy held-out set, or a ``.jsonl`` prompt file whose
+        every line carries GenEval metadata (``include``); None where there is nothing to score exactly."""
+        if not self.is_toy:
+            return None
+        from solace.toy.world import PromptRecord, balanced_subset, load_heldout
+
+        spec, limit = self.cfg.data.eval_prompts, self.cfg.data.eval_prompts_limit
+        if spec == "toy_heldout":
+            return balanced_subset(load_heldout(), limit)
+        items = PromptSource(spec, 0).all()
+        if not all("include" in p.meta for p in items):
+            return None
+        recs = [PromptRecord.from_json(p.meta) for p in items]
+        return balanced_subset(recs, limit) if limit else recs
 
     def _base_eval_key(self) -> dict[str, Any]:
         """Everything the evaluation before training depends on."""
