@@ -4,8 +4,9 @@
 
 For ``--batches`` iterations of the trainer (same prompts, fresh noise: by default the two fixed prompts of
 ``bench/data/overfit_two.jsonl``), it collects a batch exactly as ``solace train`` does, and computes the
-policy-loss gradient (the trained window, on-policy, no KL: the KL gradient is zero at the LoRA-off start)
-with the batch's real advantages and with the same advantages shuffled within the batch. If the gradient
+policy-loss gradient (the trained window, on-policy, no KL: the KL gradient is zero at the LoRA-off start) of
+the LoRA weights, or with ``--full`` of every weight (what full fine-tuning would follow), with the batch's
+real advantages and with the same advantages shuffled within the batch. If the gradient
 carried signal, two independent batches would point the same way (positive cosine); with shuffled advantages
 they point the same way only by chance. Prints the pairwise cosines, their means, and the norms, and writes
 ``bench/results/grad_snr_<tag>.json``.
@@ -28,16 +29,18 @@ from solace.trainer.trainer import Trainer
 HERE = Path(__file__).parent
 
 
-def policy_grad(tr: Trainer, b: dict, adv: torch.Tensor) -> torch.Tensor:
+def policy_grad(tr: Trainer, b: dict, adv: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
     s = tr.cfg.sampling
-    total = [torch.zeros_like(p) for p in tr.params]
+    total = [torch.zeros_like(p) for p in params]
     for j in tr.window:
         st = step_policy(
             tr.adapter, b["latents"][:, j], b["latents"][:, j + 1], tr.sigmas, j, b["cond"], b["null"],
             s.cfg_scale, s.noise_level,
         )  # fmt: skip
         loss, _ = ppo_clip_loss(st.log_prob, b["log_probs"][:, j], adv, tr.cfg.grpo.clip_range)
-        for acc, g in zip(total, torch.autograd.grad(loss, tr.params), strict=True):
+        for acc, g in zip(total, torch.autograd.grad(loss, params, allow_unused=True), strict=True):
+            if g is None:
+                continue
             acc += g
     return torch.cat([g.flatten() for g in total])
 
@@ -49,6 +52,9 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--tag", default="default")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--full", action="store_true", help="gradient of every weight (what full fine-tuning sees)"
+    )
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
     cfg = load_config(
@@ -59,12 +65,17 @@ def main() -> None:
         ],
     )  # fmt: skip
     tr = Trainer(cfg)
+    params = tr.params
+    if a.full:
+        params = [p for p in tr.adapter.denoiser.parameters()]
+        for p in params:
+            p.requires_grad_(True)
     real, shuf, rows = [], [], []
     for it in range(a.batches):
         b = tr.collect(it)
         perm = torch.randperm(len(b["adv"]), generator=torch.Generator().manual_seed(it))
-        real.append(policy_grad(tr, b, b["adv"]))
-        shuf.append(policy_grad(tr, b, b["adv"][perm]))
+        real.append(policy_grad(tr, b, b["adv"], params))
+        shuf.append(policy_grad(tr, b, b["adv"][perm], params))
         rows.append({"reward_mean": b["stats"]["reward/mean"], "norm": float(real[-1].norm())})
         print(f"batch {it}: reward {rows[-1]['reward_mean']:.3f}, |grad| {rows[-1]['norm']:.3g}", flush=True)
 
@@ -80,6 +91,7 @@ def main() -> None:
         "config": a.config,
         "overrides": a.overrides,
         "window": tr.window,
+        "parameters": "all" if a.full else "lora",
         "batches": rows,
         "cos_real": cosines(real),
         "cos_shuffled": cosines(shuf),

@@ -39,7 +39,7 @@ def _subset(per_category: int):
 
 
 def cmd_accuracy(a) -> dict:
-    ad = ToyAdapter()
+    ad = ToyAdapter(weights=a.weights or None)
     recs = _subset(a.per_category)
     t0 = time.perf_counter()
     res = evaluate_records(ad, recs, a.samples, a.steps, a.cfg, seed=a.seed, batch_size=64)
@@ -57,7 +57,7 @@ def cmd_accuracy(a) -> dict:
 
 
 def cmd_cfg_scan(a) -> dict:
-    ad = ToyAdapter()
+    ad = ToyAdapter(weights=a.weights or None)
     recs = _subset(a.per_category)
     rows = {}
     for s in [float(x) for x in a.scales.split(",")]:
@@ -83,7 +83,7 @@ def _median_time(fn, repeats: int) -> float:
 
 @torch.no_grad()
 def cmd_timing(a) -> dict:
-    ad = ToyAdapter()
+    ad = ToyAdapter(weights=a.weights or None)
     cond = ad.encode_prompts(["a photo of a red circle and a blue square"] * 128)
     out = {}
     for b in (16, 128):
@@ -111,7 +111,7 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> float:
 @torch.no_grad()
 def cmd_foreground(a) -> dict:
     """Spearman correlation between the paper's self-confidence reward and the foreground pixel count."""
-    ad = ToyAdapter()
+    ad = ToyAdapter(weights=a.weights or None)
     held = list(load_heldout())
     recs = [held[i] for i in np.linspace(0, len(held) - 1, a.prompts).round().astype(int)]
     sig = ad.sigmas(10)
@@ -187,6 +187,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tag", default="")
+    p.add_argument("--weights", default="", help="toy weights to measure (default: the shipped base)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     fn = {
@@ -198,6 +199,7 @@ def main() -> None:
     }
     out = fn[a.what](a)
     out["threads"] = a.threads
+    out["weights"] = a.weights or "shipped"
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = (
         a.what + (f"_{a.tag}" if a.tag else "") + (f"_s{a.steps}_cfg{a.cfg}" if a.what == "accuracy" else "")

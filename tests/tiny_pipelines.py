@@ -198,32 +198,20 @@ def save_tiny_pipeline(pipe, folder: str | Path) -> Path:
 def train_overrides(folder: Path, out: Path, prompts: Path, **extra) -> list[str]:
     """``solace train`` overrides for a tiny diffusers pipeline saved in ``folder``: 2 iterations of tiny
     groups on the prompts of ``prompts``; ``extra`` replaces or adds settings."""
+    from trainer_helpers import TINY_RUN
+
     base = {
         "model.name": str(folder),
+        **TINY_RUN,
         "model.dtype": "fp32",
         "model.resolution": TINY_RESOLUTION,
         "model.max_sequence_length": TINY_T5_MAX_LEN,
-        "model.lora.rank": 4,
-        "model.lora.alpha": 8,
         "data.train_prompts": str(prompts),
         "data.eval_prompts": str(prompts),
-        "sampling.group_size": 4,
-        "sampling.prompts_per_step": 2,
-        "sampling.num_steps": 4,
         "sampling.eval_num_steps": 3,
         "sampling.cfg_scale": 4.0,
-        "reward.self_confidence.num_probes": 2,
-        "grpo.micro_batch_size": 4,
-        "grpo.clip_range": 0.2,
-        "optim.lr": 0.01,
-        "train.iterations": 2,
         "train.output_dir": str(out),
-        "train.checkpoint_every": 1,
-        "train.threads": 1,
-        "train.device": "cpu",
         "train.report": True,
-        "train.image_every": 0,
-        "train.eval_every": 0,
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

@@ -24,28 +24,34 @@ def make_tiny_toy_weights(path: str | Path, seed: int = 0) -> Path:
     return Path(path)
 
 
+# The small run both the toy and the tiny-diffusers trainer tests use (2 iterations of 2 groups of 4).
+TINY_RUN = {
+    "model.lora.rank": 4,
+    "model.lora.alpha": 8,
+    "sampling.group_size": 4,
+    "sampling.prompts_per_step": 2,
+    "sampling.num_steps": 4,
+    "reward.self_confidence.num_probes": 2,
+    "grpo.micro_batch_size": 4,
+    "grpo.clip_range": 0.2,
+    "optim.lr": 0.01,
+    "train.iterations": 2,
+    "train.eval_every": 0,
+    "train.image_every": 0,
+    "train.checkpoint_every": 1,
+    "train.threads": 1,
+    "train.device": "cpu",
+}
+
+
 def tiny_overrides(weights: str | Path, out: str | Path, **extra: object) -> list[str]:
     base = {
         "model.name": str(weights),
-        "model.lora.rank": 4,
-        "model.lora.alpha": 8,
-        "sampling.group_size": 4,
-        "sampling.prompts_per_step": 2,
-        "sampling.num_steps": 4,
+        **TINY_RUN,
         "sampling.eval_num_steps": 4,
         "sampling.batch_size": 8,
-        "reward.self_confidence.num_probes": 2,
-        "grpo.micro_batch_size": 4,
-        "grpo.clip_range": 0.2,
-        "optim.lr": 0.01,
-        "train.iterations": 2,
         "train.output_dir": str(out),
-        "train.eval_every": 0,
-        "train.image_every": 0,
-        "train.checkpoint_every": 1,
-        "train.threads": 1,
         "train.report": False,
-        "train.device": "cpu",
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
