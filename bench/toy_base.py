@@ -5,6 +5,9 @@
     python bench/toy_base.py timing
     python bench/toy_base.py foreground --prompts 24 --samples 16
     python bench/toy_base.py evaluator --scenes 4000
+    python bench/toy_base.py failures --steps 40 --cfg 7.0 --samples 8   (why strict fails, per category)
+
+``--weights FILE`` measures other toy weights than the shipped base.
 
 Each writes a JSON file under bench/results/ and prints a Markdown table. Threads are set explicitly
 (``--threads``, default 2); timings are medians of repeated runs.
@@ -25,7 +28,7 @@ from solace.evaluation.toy_eval import evaluate_records, generate
 from solace.models.toy import ToyAdapter
 from solace.rewards.self_confidence import self_confidence
 from solace.sampling.sampler import sample
-from solace.toy.evaluator import detect, format_table, segment, to_uint8
+from solace.toy.evaluator import detect, format_table, score_detections, segment, to_uint8
 from solace.toy.world import CATEGORIES, load_heldout
 
 RESULTS = Path(__file__).parent / "results"
@@ -148,6 +151,45 @@ def cmd_foreground(a) -> dict:
     return out
 
 
+def failure_reason(dets, rec) -> str:
+    """Why a sample fails the strict rule, in the order the evaluator checks it."""
+    expected = sum(int(x["count"]) for x in rec.include)
+    if any(d.shape == "unknown" for d in dets):
+        return "unknown blob"
+    if len(dets) < expected:
+        return "empty" if not dets else "too few objects"
+    if len(dets) > expected:
+        return "too many objects"
+    if sorted(d.shape for d in dets) != sorted(
+        x["class"] for x in rec.include for _ in range(int(x["count"]))
+    ):
+        return "wrong shape"
+    if "color" in rec.include[0]:
+        colors = sorted(x["color"] for x in rec.include)
+        return (
+            "wrong colours"
+            if sorted(d.color for d in dets) != colors
+            else "colours bound to the wrong shapes"
+        )
+    return "wrong relation"
+
+
+def cmd_failures(a) -> dict:
+    """Count the strict failures on the held-out set by reason, per category."""
+    ad = ToyAdapter(weights=a.weights or None)
+    recs = _subset(a.per_category)
+    imgs = to_uint8(generate(ad, [r.prompt for r in recs], a.samples, a.steps, a.cfg, a.seed, 64))
+    out: dict[str, dict[str, int]] = {c: {} for c in CATEGORIES}
+    for i, img in enumerate(imgs):
+        rec = recs[i // a.samples]
+        dets = detect(img)
+        why = "correct" if score_detections(dets, rec)["strict"] else failure_reason(dets, rec)
+        out[rec.tag][why] = out[rec.tag].get(why, 0) + 1
+    for c, v in out.items():
+        print(f"{c}: " + ", ".join(f"{k} {n}" for k, n in sorted(v.items(), key=lambda kv: -kv[1])))
+    return {"steps": a.steps, "cfg": a.cfg, "samples_per_prompt": a.samples, "reasons": out}
+
+
 def cmd_evaluator(a) -> dict:
     """Exact evaluator on freshly rendered ground-truth scenes (every prompt of the toy world in turn)."""
     import random
@@ -175,7 +217,7 @@ def cmd_evaluator(a) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["accuracy", "cfg-scan", "timing", "foreground", "evaluator"])
+    p.add_argument("what", choices=["accuracy", "cfg-scan", "timing", "foreground", "evaluator", "failures"])
     p.add_argument("--scenes", type=int, default=4000)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--cfg", type=float, default=7.0)
@@ -196,13 +238,16 @@ def main() -> None:
         "timing": cmd_timing,
         "evaluator": cmd_evaluator,
         "foreground": cmd_foreground,
+        "failures": cmd_failures,
     }
     out = fn[a.what](a)
     out["threads"] = a.threads
     out["weights"] = a.weights or "shipped"
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = (
-        a.what + (f"_{a.tag}" if a.tag else "") + (f"_s{a.steps}_cfg{a.cfg}" if a.what == "accuracy" else "")
+        a.what
+        + (f"_{a.tag}" if a.tag else "")
+        + (f"_s{a.steps}_cfg{a.cfg}" if a.what in ("accuracy", "failures") else "")
     )
     (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2, default=str))
 

@@ -54,6 +54,11 @@ def test_init_continues_from_another_runs_checkpoint(tmp_path):
     for k, v in src.items():
         if k.startswith("net."):
             assert torch.allclose(cont[k], v, atol=1e-6), k
+    from safetensors import safe_open
+
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert meta["init_from_seed"] == "0" and meta["init_from_steps"] == "3" and meta["total_steps"] == "4"
     fresh = load_file(str(pretrain(_cfg(tmp_path / "c", steps=1, lr=1e-12, seed=1))))
     final = load_file(str(out))
     assert any(not torch.equal(final[k], fresh[k]) for k in final)

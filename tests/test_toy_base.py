@@ -11,7 +11,7 @@ from solace.toy.world import CATEGORIES, load_heldout
 
 # Measured on this exact subset (2 held-out prompts per category x 4 samples, 20 steps, CFG 3, seed 0):
 # see BENCHMARKS.md. The floor leaves room for float differences across machines, not for a broken model.
-FLOOR_STRICT = 0.20
+FLOOR_STRICT = 0.40
 
 
 def test_shipped_weights_are_small_and_record_their_command():
@@ -19,8 +19,12 @@ def test_shipped_weights_are_small_and_record_their_command():
     assert path.exists() and path.stat().st_size <= 15 * 1024 * 1024
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
-    assert meta["command"].startswith("solace toy pretrain") and meta["seed"] == "0"
+    assert meta["command"].startswith("solace toy pretrain") and meta["seed"].isdigit()
     assert int(meta["steps"]) >= 1000
+    # a continuation (--init) records the run it continued
+    if "--init" in meta["command"]:
+        assert meta["init_from_command"].startswith("solace toy pretrain")
+        assert int(meta["total_steps"]) == int(meta["steps"]) + int(meta["init_from_steps"])
 
 
 def test_shipped_base_accuracy_stays_above_the_floor():

@@ -155,6 +155,26 @@ def _load_init(path: str, net: ToyFlowNet, ema: ToyFlowNet, opt: torch.optim.Opt
             }
 
 
+def _init_provenance(init: str, steps: int, seconds: float) -> dict[str, str]:
+    """For a continuation: the command, seed, steps and time of the run it continued (read from that run's
+    final weights next to its checkpoint, when present) and the totals."""
+    if not init:
+        return {}
+    from safetensors import safe_open
+
+    src = Path(init).with_name("toy_base.safetensors")
+    if not src.exists():
+        return {"init_from": str(init)}
+    with safe_open(str(src), "pt") as f:
+        m = f.metadata() or {}
+    out = {"init_from": str(init), **{f"init_from_{k}": v for k, v in m.items() if k != "config"}}
+    if "steps" in m and "train_seconds" in m:
+        out["total_steps"] = str(int(m.get("total_steps", m["steps"])) + steps)
+        before = float(m.get("total_train_seconds", m["train_seconds"]))
+        out["total_train_seconds"] = f"{before + seconds:.0f}"
+    return out
+
+
 def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
@@ -260,20 +280,18 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
     logf.close()
     command = "solace " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else ""
     final = out / "toy_base.safetensors"
+    meta = {
+        "command": command,
+        "seed": str(cfg.seed),
+        "steps": str(step),
+        "train_seconds": f"{time.time() - t0:.0f}",
+        **_init_provenance(cfg.init, step, time.time() - t0),
+    }
     half = ToyFlowNet(len(vocabulary()), tuple(cfg.channels))
     half.load_state_dict(ema.state_dict())
     half.half()
     tmp = final.with_name(final.name + ".tmp")
-    save_toy_weights(
-        half,
-        tmp,
-        {
-            "command": command,
-            "seed": str(cfg.seed),
-            "steps": str(step),
-            "train_seconds": f"{time.time() - t0:.0f}",
-        },
-    )
+    save_toy_weights(half, tmp, meta)
     os.replace(tmp, final)
     plot_learning_curve(log_path, out / "learning_curve.png")
     return final
