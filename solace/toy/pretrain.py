@@ -142,14 +142,22 @@ def _load_init(path: str, net: ToyFlowNet, ema: ToyFlowNet, opt: torch.optim.Opt
     if not any(k.startswith("net.") for k in sd):
         raise ConfigError("init", f"{p} is not a pretraining checkpoint (no net.* tensors)")
     try:
-        net.load_state_dict({k[4:]: v for k, v in sd.items() if k.startswith("net.")})
-        ema.load_state_dict({k[4:]: v for k, v in sd.items() if k.startswith("ema.")})
+        _load_state(sd, net, ema, opt, adam_step=1000)
     except RuntimeError as e:
         raise ConfigError("init", f"{p} holds another architecture (--channels must match): {e}") from None
+
+
+def _load_state(
+    sd: dict[str, torch.Tensor], net: ToyFlowNet, ema: ToyFlowNet, opt: torch.optim.Optimizer, adam_step: int
+) -> None:
+    """Weights, EMA and AdamW moments from a checkpoint's tensors. ``adam_step`` sets Adam's bias correction:
+    the run's own step on resume; 1000 for ``--init`` (warm moments: the correction is then 1 to 4e-5)."""
+    net.load_state_dict({k[4:]: v for k, v in sd.items() if k.startswith("net.")})
+    ema.load_state_dict({k[4:]: v for k, v in sd.items() if k.startswith("ema.")})
     for i, q in enumerate(opt.param_groups[0]["params"]):
         if f"opt.{i}.exp_avg" in sd:
             opt.state[q] = {
-                "step": torch.tensor(1000.0),
+                "step": torch.tensor(float(adam_step)),
                 "exp_avg": sd[f"opt.{i}.exp_avg"],
                 "exp_avg_sq": sd[f"opt.{i}.exp_avg_sq"],
             }
@@ -199,16 +207,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
         _load_init(cfg.init, net, ema, opt)
     if resume and ckpt.exists():
         sd = load_file(str(ckpt))
-        net.load_state_dict({k[4:]: v for k, v in sd.items() if k.startswith("net.")})
-        ema.load_state_dict({k[4:]: v for k, v in sd.items() if k.startswith("ema.")})
         state = json.loads((out / "checkpoint_state.json").read_text())
-        for i, p in enumerate(opt.param_groups[0]["params"]):
-            if f"opt.{i}.exp_avg" in sd:
-                opt.state[p] = {
-                    "step": torch.tensor(float(state["step"])),
-                    "exp_avg": sd[f"opt.{i}.exp_avg"],
-                    "exp_avg_sq": sd[f"opt.{i}.exp_avg_sq"],
-                }
+        _load_state(sd, net, ema, opt, adam_step=state["step"])
         step = state["step"]
         gen.set_state(sd["rng.generator"].to(torch.uint8))
         torch.set_rng_state(sd["rng.torch"].to(torch.uint8))
