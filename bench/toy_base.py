@@ -28,7 +28,7 @@ from solace.evaluation.toy_eval import evaluate_records, generate
 from solace.models.toy import ToyAdapter
 from solace.rewards.self_confidence import self_confidence
 from solace.sampling.sampler import sample
-from solace.toy.evaluator import detect, format_table, score_detections, segment, to_uint8
+from solace.toy.evaluator import detect, expected_objects, format_table, score_detections, segment, to_uint8
 from solace.toy.world import CATEGORIES, load_heldout
 
 RESULTS = Path(__file__).parent / "results"
@@ -153,7 +153,7 @@ def cmd_foreground(a) -> dict:
 
 def failure_reason(dets, rec) -> str:
     """Why a sample fails the strict rule, in the order the evaluator checks it."""
-    expected = sum(int(x["count"]) for x in rec.include)
+    expected = expected_objects(rec)
     if any(d.shape == "unknown" for d in dets):
         return "unknown blob"
     if len(dets) < expected:

@@ -92,11 +92,6 @@ def shape_probabilities(d: Detection, temperature: float = 0.1) -> dict[str, flo
     return {"triangle": tri, "square": (1 - tri) * sq, "circle": (1 - tri) * (1 - sq)}
 
 
-def _with_color(f: tuple, color: str) -> tuple:
-    shape, cx, cy, area, asym, sq = f
-    return shape, color, cx, cy, area, asym, sq
-
-
 def segment(image: np.ndarray) -> np.ndarray:
     """Per-pixel palette index (H, W), -1 for background."""
     img = np.asarray(image, dtype=np.float32)
@@ -117,7 +112,8 @@ def detect(image: np.ndarray) -> list[Detection]:
             mask = comp == k
             if mask.sum() < MIN_AREA:
                 continue
-            out.append(Detection(*_with_color(_features(mask), cname)))
+            shape, cx, cy, area, asymmetry, squareness = _features(mask)
+            out.append(Detection(shape, cname, cx, cy, area, asymmetry, squareness))
     return out
 
 
@@ -138,20 +134,36 @@ def _relation_holds(a: Detection, b: Detection, rel: str) -> bool:
     raise ValueError(f"unknown relation {rel!r}")
 
 
+def expected_objects(record: PromptRecord) -> int:
+    """How many objects the prompt's exact scene holds."""
+    return sum(int(item["count"]) for item in record.include)
+
+
+def _rule_checks(
+    dets: Sequence[Detection], record: PromptRecord
+) -> tuple[list[bool], list[bool], list[bool]]:
+    """GenEval's checks one by one: per ``include`` entry, enough matching objects; per ``exclude`` entry,
+    fewer than its count; per ``position`` entry, the relation holds for some pair of matching objects."""
+    found = [[d for d in dets if _matches(d, item)] for item in record.include]
+    counts = [len(f) >= int(item["count"]) for f, item in zip(found, record.include, strict=True)]
+    excludes = [sum(_matches(d, item) for d in dets) < int(item["count"]) for item in record.exclude]
+    relations = [
+        any(
+            _relation_holds(a, b, item["position"][0])
+            for a in found[i]
+            for b in found[int(item["position"][1])]
+        )
+        for i, item in enumerate(record.include)
+        if "position" in item
+    ]
+    return counts, excludes, relations
+
+
 def score_detections(dets: Sequence[Detection], record: PromptRecord) -> dict[str, bool]:
     """GenEval's rules (lenient) and the exact-scene rule (strict) for one record."""
-    found = [[d for d in dets if _matches(d, item)] for item in record.include]
-    lenient = all(len(f) >= int(item["count"]) for f, item in zip(found, record.include, strict=True))
-    for item in record.exclude:
-        if sum(_matches(d, item) for d in dets) >= int(item["count"]):
-            lenient = False
-    for i, item in enumerate(record.include):
-        if lenient and "position" in item:
-            rel, ref = item["position"]
-            if not any(_relation_holds(a, b, rel) for a in found[i] for b in found[int(ref)]):
-                lenient = False
-    expected = sum(int(item["count"]) for item in record.include)
-    strict = lenient and len(dets) == expected and not any(d.shape == "unknown" for d in dets)
+    counts, excludes, relations = _rule_checks(dets, record)
+    lenient = all(counts) and all(excludes) and all(relations)
+    strict = lenient and len(dets) == expected_objects(record) and not any(d.shape == "unknown" for d in dets)
     return {"strict": bool(strict), "lenient": bool(lenient)}
 
 
@@ -167,14 +179,9 @@ def partial_score(dets: Sequence[Detection], record: PromptRecord) -> float:
         pool = [d for d in dets if "color" not in item or d.color == item["color"]]
         soft = sum(shape_probabilities(d)[item["class"]] for d in pool)
         checks.append(min(soft, float(item["count"])) / float(item["count"]))
-    for item in record.exclude:
-        checks.append(float(sum(_matches(d, item) for d in dets) < int(item["count"])))
-    found = [[d for d in dets if _matches(d, item)] for item in record.include]
-    for i, item in enumerate(record.include):
-        if "position" in item:
-            rel, ref = item["position"]
-            checks.append(float(any(_relation_holds(a, b, rel) for a in found[i] for b in found[int(ref)])))
-    expected = sum(int(item["count"]) for item in record.include)
+    _, excludes, relations = _rule_checks(dets, record)
+    checks += [float(c) for c in excludes + relations]
+    expected = expected_objects(record)
     exact = expected / max(expected, len(dets)) if dets else 0.0
     checks.append(0.0 if any(d.shape == "unknown" for d in dets) else exact)
     return float(np.mean(checks))
