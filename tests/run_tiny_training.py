@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from trainer_helpers import tiny_overrides  # noqa: E402
 
 from solace.trainer.config import load_config  # noqa: E402
+from solace.trainer.distributed import finish  # noqa: E402
 from solace.trainer.trainer import Trainer  # noqa: E402
 
 
@@ -26,7 +27,7 @@ def main() -> None:
     cfg = load_config("toy", tiny_overrides(weights, out) + rest)
     if mode == "train":
         Trainer(cfg).train(resume=resume)
-        return _shutdown()
+        return finish()
     tr = Trainer(cfg)
     batch = tr.collect(0)
     adv = tr._gather(batch["adv"].contiguous())
@@ -43,16 +44,7 @@ def main() -> None:
             }
         )
     )
-    _shutdown()
-
-
-def _shutdown() -> None:
-    """Leave the process group cleanly (an undestroyed gloo group can abort the process at exit)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    finish()
 
 
 if __name__ == "__main__":

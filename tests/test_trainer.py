@@ -232,6 +232,27 @@ def test_two_process_gloo_run_matches_one_process(weights, tmp_path):
     assert abs(a1["final_latents_sum"] - a2["final_latents_sum"]) < 1e-2
 
 
+def test_finish_is_a_no_op_in_one_process_and_ends_a_gloo_group(tmp_path):
+    from solace.trainer import distributed
+
+    assert distributed.world_size() == 1 and not distributed.leave_process_group()
+    distributed.finish()  # one process: returns, the interpreter goes on
+    code = (
+        "import os, sys, torch.distributed as dist\n"
+        "from solace.trainer import distributed\n"
+        "dist.init_process_group('gloo', init_method='file://' + sys.argv[1], rank=0, world_size=1)\n"
+        "assert distributed.world_size() == 1\n"
+        "distributed.finish()\n"
+        "assert not dist.is_initialized()\n"
+        "print('left')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "store")], env=ENV, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "left"
+
+
 def test_sigkill_mid_training_then_resume_equals_uninterrupted(weights, tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     extra = ["train.iterations=4"]

@@ -80,6 +80,7 @@ def train(
 ) -> None:
     """Post-train a model with SOLACE / Flow-GRPO. Extra arguments are overrides: key=value (grpo.rho=1.0)."""
     from solace.trainer.config import load_config
+    from solace.trainer.distributed import finish
     from solace.trainer.trainer import run_training
 
     try:
@@ -96,6 +97,7 @@ def train(
             f"held-out strict accuracy: {first['strict']:.3f} (base) -> {last['strict']:.3f} (trained); "
             f"lenient {first['lenient']:.3f} -> {last['lenient']:.3f}"
         )
+    finish()
 
 
 @app.command("ablate", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -124,6 +126,7 @@ def ablate(
     Extra arguments are overrides shared by every run (train.iterations=10 ...); each condition's own
     settings win over them. Finished runs are kept and a killed grid resumes where it stopped."""
     from solace.trainer.ablate import run_grid
+    from solace.trainer.distributed import finish
 
     try:
         seed_list = _int_list(seeds, "--seeds", 0)
@@ -142,6 +145,7 @@ def ablate(
     if not dry_run:
         typer.echo(Path(res["table"]).read_text())
         typer.echo(f"wrote {out}/ablation.md, ablation.json and plots")
+    finish()
 
 
 @config_app.command("check", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

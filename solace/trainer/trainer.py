@@ -631,7 +631,8 @@ class Trainer:
 
                 result["report"] = str(write_report(self))
             if self.writer is not None:
-                self.writer.flush()
+                self.writer.close()  # every event on disk: a distributed run ends with os._exit
+                self.writer = None
         result["monitor"] = self.monitor.verdict
         if self.is_main:
             (self.out / "monitor.json").write_text(
@@ -659,11 +660,6 @@ class Trainer:
 
 
 def run_training(cfg: SolaceConfig, resume: bool = False) -> dict[str, Any]:
-    """Train, then leave the process group cleanly when running distributed."""
-    result = Trainer(cfg).train(resume=resume)
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    return result
+    """Train one run. The process group stays up (``solace ablate`` trains several runs in one process);
+    the command that started it ends with :func:`solace.trainer.distributed.finish`."""
+    return Trainer(cfg).train(resume=resume)

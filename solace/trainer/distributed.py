@@ -1,0 +1,47 @@
+"""How a multi-process run (``accelerate launch`` / ``torchrun``) ends.
+
+Measured here (torch 2.13 CPU, gloo, 2 processes on 2 busy cores): after every output was written, the
+barrier passed and the process group destroyed, about one exit in twenty still died with
+``terminate called without an active exception`` (SIGABRT) while C++ static objects were torn down, and
+torchrun then reports the whole (finished) run as failed. So a distributed command leaves the process
+group itself and then ends the process with ``os._exit``, after flushing Python's streams; a one-process
+run exits normally.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def world_size() -> int:
+    """Number of processes in the default process group (1 when none is initialised)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def leave_process_group() -> bool:
+    """Wait for every process, then destroy the default process group. True when there was one."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    dist.barrier()
+    dist.destroy_process_group()
+    return True
+
+
+def finish(code: int = 0) -> None:
+    """End a command that may run distributed: leave the process group if there is one; in a
+    multi-process run then exit with ``code`` without C++ static teardown (see the module docstring);
+    otherwise return."""
+    n = world_size()
+    leave_process_group()
+    if n <= 1:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
