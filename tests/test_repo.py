@@ -30,3 +30,31 @@ def test_readme_main_command_trains_the_toy_preset():
     blocks = _bash_blocks((ROOT / "README.md").read_text())
     assert blocks[0].endswith("solace train --config configs/toy.yaml")
     assert (ROOT / "configs" / "toy.yaml").exists()
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    s = re.sub(r"[`*_]", "", heading.strip().lower())
+    s = re.sub(r"[^\w\- ]", "", s)
+    return s.replace(" ", "-")
+
+
+def test_doc_links_and_anchors_resolve():
+    """Every relative link and image in the top-level docs points at a file that exists, and every
+    ``#anchor`` at a heading of its target (a renamed section must not leave dead links behind)."""
+    docs = ["README.md", "RESULTS.md", "BENCHMARKS.md"]
+    heads = {
+        d: {_slug(h) for h in re.findall(r"^#+ (.+)$", (ROOT / d).read_text(), flags=re.M)} for d in docs
+    }
+    dead = []
+    for d in docs:
+        for target in re.findall(r"\]\(([^)\s]+)\)", (ROOT / d).read_text()):
+            if re.match(r"[a-z]+://", target):
+                continue
+            path, _, anchor = target.partition("#")
+            file = path or d
+            if not (ROOT / file).exists():
+                dead.append(f"{d}: {target} (no such file)")
+            elif anchor and file in heads and anchor not in heads[file]:
+                dead.append(f"{d}: {target} (no such heading)")
+    assert not dead, "\n".join(dead)
