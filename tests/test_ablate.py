@@ -223,3 +223,28 @@ def test_trainer_reuses_a_cached_base_evaluation(tmp_path):
     make_tiny_toy_weights(weights, seed=1)
     after = Trainer(load_config(None, over))._base_eval_key()
     assert after["model"] == before["model"] and after["weights_sha256"] != before["weights_sha256"]
+
+
+def test_ablate_grid_on_two_gloo_processes(tmp_path):
+    """Several runs in one distributed grid: the process group lives across runs (it is left once, at the
+    end), every process trains every run, and only rank 0 writes the records and the table."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    weights = make_tiny_toy_weights(tmp_path / "tiny.safetensors")
+    out = tmp_path / "grid"
+    script = Path(sys.executable).parent / "solace"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           str(script), "ablate", "--conditions", "k4,rho1", "--seeds", "0", "--out", str(out),
+           *tiny_overrides(weights, tmp_path / "unused", **{"train.iterations": 1}), *EVAL]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    doc = json.loads((out / "ablation.json").read_text())
+    assert [r["condition"] for r in doc["rows"]] == ["k4", "rho1"]
+    for c in ("k4", "rho1"):
+        rec = json.loads((out / c / "seed0" / "ablate_run.json").read_text())
+        assert rec["evals"] and rec["condition"] == c  # written by rank 0, which evaluates
+    assert done.stdout.count("wrote ") == 1  # one table, from rank 0

@@ -142,7 +142,7 @@ def ablate(
         )
     except SolaceError as e:
         _fail(e)
-    if not dry_run:
+    if not dry_run and res.get("table"):  # only the main process of a distributed grid writes it
         typer.echo(Path(res["table"]).read_text())
         typer.echo(f"wrote {out}/ablation.md, ablation.json and plots")
     finish()

@@ -356,6 +356,7 @@ def run_grid(
 ) -> dict[str, Any]:
     """Run (or, with ``dry_run``, print) every (condition, seed) training run, then write the table.
     ``collect_only`` trains nothing: the table holds the runs finished so far (a grid still running)."""
+    from solace.trainer.distributed import is_main_process
     from solace.trainer.trainer import run_training
 
     check(len(seeds) >= 1, "--seeds", "give at least one seed, e.g. 0,1,2")
@@ -404,9 +405,12 @@ def run_grid(
             "history": history,
             "wall_s": time.time() - t0,
         }
-        write_json_atomic(done, rec)
+        if is_main_process():  # one writer; every process trains every run
+            write_json_atomic(done, rec)
         raw.append(rec)
     check(bool(raw), "--collect-only", f"no finished run under {out}; run the grid without --collect-only")
+    if not is_main_process():
+        return {"table": None, "rows": [], "plots": []}
     return write_table(raw, conds, out, base, overrides, seeds)
 
 

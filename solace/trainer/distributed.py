@@ -23,6 +23,13 @@ def world_size() -> int:
     return 1
 
 
+def is_main_process() -> bool:
+    """True on rank 0 of the default process group, and in a run without one."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def leave_process_group() -> bool:
     """Wait for every process, then destroy the default process group. True when there was one."""
     import torch.distributed as dist
