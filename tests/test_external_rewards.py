@@ -979,3 +979,24 @@ def test_unified_reward_needs_url_and_parses():
     assert callable(
         build_reward("unified_reward", url="http://127.0.0.1:9/v1")
     )  # builds without contacting it
+
+
+def test_random_control_reward_is_uniform_fixed_by_pixels_and_uninformative():
+    from solace.rewards.control import image_uniform
+    from solace.rewards.registry import build_reward
+
+    fn = build_reward("random", seed=3)
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.rand(256, 3, 8, 8, generator=g)
+    s = fn(imgs, ["a photo of a circle"] * 256)
+    assert s.shape == (256,) and s.dtype == torch.float32
+    assert ((s >= 0) & (s < 1)).all() and abs(float(s.mean()) - 0.5) < 0.06  # uniform: mean 1/2
+    assert torch.equal(s, fn(imgs, ["another prompt"] * 256))  # the prompt plays no part; deterministic
+    assert not torch.equal(s, build_reward("random", seed=4)(imgs, [""] * 256))  # the seed does
+    one = imgs[:1].clone()
+    one[0, 0, 0, 0] = 1.0 - one[0, 0, 0, 0]  # one pixel changed: a fresh number
+    assert float(fn(one, [""])[0]) != float(s[0])
+    assert image_uniform(b"\x00" * 12, 0) == image_uniform(b"\x00" * 12, 0)
+    # uninformative: no correlation with image brightness
+    r = torch.corrcoef(torch.stack([s, imgs.mean((1, 2, 3))]))[0, 1]
+    assert abs(float(r)) < 0.2

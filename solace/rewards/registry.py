@@ -41,7 +41,7 @@ def _load_builtin() -> None:
     # Importing these modules registers their rewards; each keeps heavy imports inside its factory.
     import importlib
 
-    for mod in ("solace.toy.reward", "solace.rewards.external"):
+    for mod in ("solace.toy.reward", "solace.rewards.external", "solace.rewards.control"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:  # a module not written yet must not break the others

@@ -44,6 +44,7 @@ LABELS = {
     "toy_contrastive": "prompt-contrastive S(c) - S(empty)",
     "toy_verifiable": "verifiable reward only",
     "toy_mixed": "verifiable + self-confidence",
+    "random_reward": "control: uninformative random reward",
 }
 
 # image statistics of the paired evaluation (same prompts and noise before and after): (key, relative change?)
