@@ -77,6 +77,35 @@ def test_self_confidence_training_runs_and_logs_finite_values(weights, tmp_path)
     assert mon["verdict"] == res["monitor"] and isinstance(mon["warnings"], list)
 
 
+def test_max_minutes_stops_early_then_evaluates_reports_and_resumes(weights, tmp_path):
+    over = tiny_overrides(
+        weights,
+        tmp_path / "t",
+        **{
+            "train.iterations": 3,
+            "train.checkpoint_every": 10,  # the stop writes its own checkpoint
+            "train.max_minutes": 1e-9,  # out of time after the first iteration
+            "train.report": True,
+            "data.eval_prompts_limit": 6,
+            "train.eval_samples_per_prompt": 1,
+        },
+    )
+    res = Trainer(load_config("toy", over)).train()
+    assert res["iterations"] == 1
+    assert [e["iteration"] for e in res["evals"]] == [0, 1]
+    ckpts = sorted(p.name for p in (tmp_path / "t" / "checkpoints").iterdir())
+    assert ckpts == ["iter_000001", "latest"], ckpts
+    assert "iterations: 1 of 3 (stopped by train.max_minutes=1e-09)" in (tmp_path / "t" / "report.md").read_text()
+    assert len((tmp_path / "t" / "log.csv").read_text().splitlines()) == 2  # header + 1 iteration
+    # resumed without a budget, the run goes on to the planned 3 iterations
+    res2 = Trainer(load_config("toy", [*over, "train.max_minutes=0"])).train(resume=True)
+    assert res2["iterations"] == 3 and res2["evals"][-1]["iteration"] == 3
+    saved = json.loads((tmp_path / "t" / "evals.json").read_text())
+    # the stop's checkpoint precedes its evaluation, so the resumed run's record starts again from it
+    assert [e["iteration"] for e in saved] == [0, 3] and saved[-1]["strict"] == res2["evals"][-1]["strict"]
+    assert len((tmp_path / "t" / "log.csv").read_text().splitlines()) == 4
+
+
 @pytest.mark.parametrize("same", [True, False])
 def test_same_init_noise_shares_the_initial_noise_within_a_group(weights, tmp_path, same):
     """``sampling.same_init_noise`` gives every sample of a group the same z_1 (DanceGRPO); the default gives
@@ -300,6 +329,7 @@ def test_sigkill_mid_training_then_resume_equals_uninterrupted(weights, tmp_path
         ("reward.self_confidence.timesteps=99", "reward.self_confidence.timesteps"),
         ("grpo.train_steps=10", "grpo.train_steps"),
         ("grpo.train_steps=a,b", "grpo.train_steps"),
+        ("train.max_minutes=-1", "train.max_minutes"),
     ],
 )
 def test_config_errors_name_the_field(override, field):

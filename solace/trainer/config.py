@@ -129,6 +129,10 @@ class MonitorCfg:
 @dataclass
 class TrainCfg:
     iterations: int = 100
+    # wall-clock budget for the training iterations (the evaluation before training not counted): the run
+    # stops after the iteration that reaches it, then checkpoints, evaluates and reports as at the end;
+    # 0: no limit. `--resume` continues it towards `iterations` with a fresh budget.
+    max_minutes: float = 0.0
     seed: int = 0
     output_dir: str = "runs/solace"
     eval_every: int = 0  # 0: only before and after training
@@ -309,6 +313,7 @@ def validate(cfg: SolaceConfig, check_paths: bool = True) -> None:
         f"must be fp32, bf16 or fp16, got {cfg.model.dtype!r}",
     )
     check(t.iterations >= 0, "train.iterations", f"must be >= 0, got {t.iterations}")
+    check(t.max_minutes >= 0, "train.max_minutes", f"must be >= 0 (0: no limit), got {t.max_minutes}")
     check(t.checkpoint_every >= 1, "train.checkpoint_every", f"must be >= 1, got {t.checkpoint_every}")
     check(t.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda, got {t.device!r}")
     for name, src in (

@@ -42,6 +42,13 @@ def _plot(history: list[dict[str, float]], evals: list[dict[str, Any]], png: Pat
     plt.close(fig)
 
 
+def _iterations(trainer: Any) -> str:
+    done, planned = getattr(trainer, "stopped_at", trainer.cfg.train.iterations), trainer.cfg.train.iterations
+    if done == planned:
+        return str(planned)
+    return f"{done} of {planned} (stopped by train.max_minutes={trainer.cfg.train.max_minutes:g})"
+
+
 def write_report(trainer: Any) -> Path:
     out: Path = trainer.out
     cfg = trainer.cfg
@@ -50,7 +57,7 @@ def write_report(trainer: Any) -> Path:
     lines = [
         f"# solace run report: {out.name}",
         "",
-        f"- model: `{cfg.model.name}`; preset: `{cfg.preset or '-'}`; iterations: {cfg.train.iterations}; "
+        f"- model: `{cfg.model.name}`; preset: `{cfg.preset or '-'}`; iterations: {_iterations(trainer)}; "
         f"seed: {cfg.train.seed}",
         "- rewards: " + ", ".join(f"{c.name} x {c.weight}" for c in cfg.reward.components),
         f"- sampling: G={cfg.sampling.group_size}, {cfg.sampling.prompts_per_step} prompts/iteration, "

@@ -128,6 +128,7 @@ class Trainer:
         self.monitor = CollapseMonitor(mc.std_drop, mc.foreground_drop, mc.reward_spike_z, mc.window)
         self.is_toy = self.adapter.name == "toy"
         self.start_iteration = 0
+        self.stopped_at = cfg.train.iterations
         self.history: list[dict[str, float]] = []
         self.evals: list[dict[str, Any]] = []
         self.writer = None
@@ -580,6 +581,8 @@ class Trainer:
             disable=not self.is_main,
             dynamic_ncols=True,
         )
+        started = time.perf_counter()
+        last = cfg.train.iterations  # the iteration the run ends at (earlier when the time budget runs out)
         for it in bar:
             batch = self.collect(it)
             stats = batch["stats"]
@@ -613,9 +616,19 @@ class Trainer:
                     )
             if cfg.train.image_every and done % cfg.train.image_every == 0:
                 self.save_images(done)
-            if done % cfg.train.checkpoint_every == 0 or done == cfg.train.iterations:
+            out_of_time = self._out_of_time(started)
+            if done % cfg.train.checkpoint_every == 0 or done == cfg.train.iterations or out_of_time:
                 self.checkpoint(done)
+            if out_of_time and done < cfg.train.iterations:
+                last = done
+                if self.is_main:
+                    tqdm.write(
+                        f"train.max_minutes={cfg.train.max_minutes:g} reached after iteration {done} of "
+                        f"{cfg.train.iterations}; `--resume` continues from here"
+                    )
+                break
         bar.close()
+        self.stopped_at = last
         result: dict[str, Any] = {"output_dir": str(self.out)}
         if self.is_main:
             final = self.out / "lora"
@@ -623,10 +636,10 @@ class Trainer:
             save_lora(self.adapter, final, pipeline_class=pipe_cls)
             result["lora"] = str(final)
             if cfg.train.report:
-                if not self.evals or self.evals[-1]["iteration"] != cfg.train.iterations:
-                    self.evaluate(cfg.train.iterations)
+                if not self.evals or self.evals[-1]["iteration"] != last:
+                    self.evaluate(last)
                 if cfg.train.image_every:
-                    self.save_images(cfg.train.iterations)
+                    self.save_images(last)
                 from solace.trainer.report import write_report
 
                 result["report"] = str(write_report(self))
@@ -638,9 +651,23 @@ class Trainer:
             (self.out / "monitor.json").write_text(
                 json.dumps({"verdict": self.monitor.verdict, "warnings": self.monitor.warnings}, indent=1)
             )
+            (self.out / "evals.json").write_text(json.dumps(self.evals, indent=1))  # every held-out evaluation
         result["evals"] = self.evals
+        result["iterations"] = last
         self.acc.wait_for_everyone()
         return result
+
+    def _out_of_time(self, started: float) -> bool:
+        """Whether ``train.max_minutes`` has run out; every process takes rank 0's decision."""
+        budget = self.cfg.train.max_minutes
+        if not budget:
+            return False
+        flag = torch.tensor([float(time.perf_counter() - started >= 60.0 * budget)], device=self.acc.device)
+        if self.acc.num_processes > 1:
+            from accelerate.utils import broadcast
+
+            flag = broadcast(flag, from_process=0)
+        return bool(flag.item())
 
     def _write_csv(self, stats: dict[str, float]) -> None:
         if not self.is_main:
