@@ -95,7 +95,8 @@ def test_max_minutes_stops_early_then_evaluates_reports_and_resumes(weights, tmp
     assert [e["iteration"] for e in res["evals"]] == [0, 1]
     ckpts = sorted(p.name for p in (tmp_path / "t" / "checkpoints").iterdir())
     assert ckpts == ["iter_000001", "latest"], ckpts
-    assert "iterations: 1 of 3 (stopped by train.max_minutes=1e-09)" in (tmp_path / "t" / "report.md").read_text()
+    report = (tmp_path / "t" / "report.md").read_text()
+    assert "iterations: 1 of 3 (stopped by train.max_minutes=1e-09)" in report
     assert len((tmp_path / "t" / "log.csv").read_text().splitlines()) == 2  # header + 1 iteration
     # resumed without a budget, the run goes on to the planned 3 iterations
     res2 = Trainer(load_config("toy", [*over, "train.max_minutes=0"])).train(resume=True)

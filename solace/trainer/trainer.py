@@ -651,7 +651,8 @@ class Trainer:
             (self.out / "monitor.json").write_text(
                 json.dumps({"verdict": self.monitor.verdict, "warnings": self.monitor.warnings}, indent=1)
             )
-            (self.out / "evals.json").write_text(json.dumps(self.evals, indent=1))  # every held-out evaluation
+            # every held-out evaluation of this run, machine-readable
+            (self.out / "evals.json").write_text(json.dumps(self.evals, indent=1))
         result["evals"] = self.evals
         result["iterations"] = last
         self.acc.wait_for_everyone()
