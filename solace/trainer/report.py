@@ -43,7 +43,7 @@ def _plot(history: list[dict[str, float]], evals: list[dict[str, Any]], png: Pat
 
 
 def _iterations(trainer: Any) -> str:
-    done, planned = getattr(trainer, "stopped_at", trainer.cfg.train.iterations), trainer.cfg.train.iterations
+    done, planned = trainer.stopped_at, trainer.cfg.train.iterations
     if done == planned:
         return str(planned)
     return f"{done} of {planned} (stopped by train.max_minutes={trainer.cfg.train.max_minutes:g})"
