@@ -44,7 +44,7 @@ from solace.grpo.window import train_window
 from solace.models.base import Conditioning, adapters_disabled
 from solace.models.lora import add_lora, lora_parameters, save_lora
 from solace.models.sd3 import SD3Adapter
-from solace.rewards.self_confidence import draw_probes, self_confidence
+from solace.rewards.scorer import SelfConfidenceCfg, SelfConfidenceScorer
 from solace.sampling.sampler import sample, step_policy
 
 SD35_MEDIUM: dict[str, Any] = dict(  # stabilityai/stable-diffusion-3.5-medium transformer/config.json
@@ -230,16 +230,8 @@ def run_iteration(
         )
 
     with meter("reward"):
-        probes = draw_probes(
-            args.probes, adapter.latent_shape(), G, T, mode="group", generator=gen, device=dev
-        )
-
-        def velocity_fn(zt: torch.Tensor, t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-            return adapter.velocity(zt, t, cond.index(idx))
-
-        rewards, _ = self_confidence(
-            velocity_fn, traj.final.float(), sigmas[:-1], probes, max_batch=args.probe_batch
-        )
+        scorer = SelfConfidenceScorer(SelfConfidenceCfg(num_probes=args.probes, max_batch=args.probe_batch))
+        rewards, _ = scorer.score_group(adapter, traj.final, cond, sigmas[:-1], probe_seed=args.seed + it)
 
     with meter("advantages"):
         adv = group_advantages(rewards.float(), group_size=G, clip=5.0)

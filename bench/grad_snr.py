@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from solace.grpo.loss import ppo_clip_loss
+from solace.sampling.rollout import Rollout
 from solace.sampling.sampler import step_policy
 from solace.trainer.config import load_config
 from solace.trainer.trainer import Trainer
@@ -29,15 +30,15 @@ from solace.trainer.trainer import Trainer
 HERE = Path(__file__).parent
 
 
-def policy_grad(tr: Trainer, b: dict, adv: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+def policy_grad(tr: Trainer, b: Rollout, adv: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
     s = tr.cfg.sampling
     total = [torch.zeros_like(p) for p in params]
     for j in tr.window:
         st = step_policy(
-            tr.adapter, b["latents"][:, j], b["latents"][:, j + 1], tr.sigmas, j, b["cond"], b["null"],
+            tr.adapter, b.latents[:, j], b.latents[:, j + 1], tr.sigmas, j, b.cond, b.null,
             s.cfg_scale, s.noise_level,
         )  # fmt: skip
-        loss, _ = ppo_clip_loss(st.log_prob, b["log_probs"][:, j], adv, tr.cfg.grpo.clip_range)
+        loss, _ = ppo_clip_loss(st.log_prob, b.log_probs[:, j], adv, tr.cfg.grpo.clip_range)
         for acc, g in zip(total, torch.autograd.grad(loss, params, allow_unused=True), strict=True):
             if g is None:
                 continue
@@ -73,10 +74,10 @@ def main() -> None:
     real, shuf, rows = [], [], []
     for it in range(a.batches):
         b = tr.collect(it)
-        perm = torch.randperm(len(b["adv"]), generator=torch.Generator().manual_seed(it))
-        real.append(policy_grad(tr, b, b["adv"], params))
-        shuf.append(policy_grad(tr, b, b["adv"][perm], params))
-        rows.append({"reward_mean": b["stats"]["reward/mean"], "norm": float(real[-1].norm())})
+        perm = torch.randperm(len(b), generator=torch.Generator().manual_seed(it))
+        real.append(policy_grad(tr, b, b.advantages, params))
+        shuf.append(policy_grad(tr, b, b.advantages[perm], params))
+        rows.append({"reward_mean": b.stats["reward/mean"], "norm": float(real[-1].norm())})
         print(f"batch {it}: reward {rows[-1]['reward_mean']:.3f}, |grad| {rows[-1]['norm']:.3g}", flush=True)
 
     def cosines(gs: list[torch.Tensor]) -> list[float]:

@@ -6,7 +6,7 @@ pass against the bare batched forwards it needs (issue 4; goal: reward pass <= 1
 1. Runs ``configs/toy.yaml`` (the main job: self-confidence, G = 16, K = 8, 10 steps, 2 prompts per
    iteration) for ``--iterations`` iterations without evaluation and reports the median of each part of the
    iteration (the first iteration is dropped as warm-up).
-2. For one iteration's 32 samples, times ``RewardMixture.self_confidence_scores`` (probe drawing, re-noising,
+2. For one iteration's 32 samples, times ``SelfConfidenceScorer.scores`` (probe drawing, re-noising,
    G*K*|T| forwards in chunks of ``max_batch`` rows, MSE, log) against the same number of forwards with
    every input prepared beforehand (only ``adapter.velocity`` on chunks of the same size is timed).
 Medians of ``--repeats``; threads set explicitly. Writes ``bench/results/reward_timing.json``.
@@ -51,15 +51,15 @@ def main() -> None:
         split["total"] = sum(split.values())
 
         # the reward pass of one iteration's samples vs the bare forwards it needs
-        batch = tr.collect(0)
-        z0 = batch["latents"][:, -1]
+        ro = tr.sample_rollout(0)
+        z0 = ro.z0
         G, sc = cfg.sampling.group_size, cfg.reward.self_confidence
         groups = torch.arange(z0.shape[0]) // G
         seeds = list(range(int(groups.max()) + 1))
         t = tr.probe_t
 
         def reward_pass() -> None:
-            tr.rewards.self_confidence_scores(tr.adapter, z0, batch["cond"], batch["null"], t, groups, seeds)
+            tr.rewards.confidence.scores(tr.adapter, z0, ro.cond, ro.null, t, groups, seeds)
 
         K, T, B = sc.num_probes, t.numel(), z0.shape[0]
         n = B * T * K
@@ -69,7 +69,7 @@ def main() -> None:
         chunks = []
         for s in range(0, n, sc.max_batch):
             e = slice(s, min(s + sc.max_batch, n))
-            chunks.append((renoise(z0[idx[e]], t_flat[e], eps[e]), t_flat[e], batch["cond"].index(idx[e])))
+            chunks.append((renoise(z0[idx[e]], t_flat[e], eps[e]), t_flat[e], ro.cond.index(idx[e])))
 
         def bare() -> None:
             for zt, tt, c in chunks:

@@ -30,8 +30,9 @@ import torch
 
 from solace.evaluation.analysis import auc
 from solace.models.toy import ToyAdapter
-from solace.rewards.self_confidence import aggregate, confidence_scores, draw_probes, probe_mse
-from solace.sampling.sampler import cfg_velocity, sample
+from solace.rewards.scorer import SelfConfidenceCfg, SelfConfidenceScorer
+from solace.rewards.self_confidence import aggregate
+from solace.sampling.sampler import sample
 from solace.toy.evaluator import detect, score_detections, segment, to_uint8
 from solace.toy.world import CATEGORIES, load_heldout
 
@@ -47,25 +48,17 @@ def score_group(ad: ToyAdapter, prompt: str, G: int, cfg: float, K: int, seed: i
     z0 = sample(
         ad, cond, null, sig, noise, cfg_scale=cfg, noise_level=0.7, generator=gen, keep_trajectory=False
     ).final
-    probes = draw_probes(K, ad.latent_shape(), G, len(ts), "group", torch.Generator().manual_seed(seed + 1))
-
-    def v_cond(z, t, idx):
-        return ad.velocity(z, t, cond.index(idx))
-
-    def v_null(z, t, idx):
-        return ad.velocity(z, t, null.index(idx))
-
-    def v_cfg(z, t, idx):
-        return cfg_velocity(ad, z, t, cond.index(idx), null.index(idx), cfg)
-
-    s_c = confidence_scores(probe_mse(v_cond, z0, ts, probes))
-    s_u = confidence_scores(probe_mse(v_null, z0, ts, probes))
-    s_cfg = confidence_scores(probe_mse(v_cfg, z0, ts, probes))
-    half = list(range(len(ts) // 2, len(ts)))
-    pp = draw_probes(
-        K, ad.latent_shape(), G, len(half), "per_sample_timestep", torch.Generator().manual_seed(seed + 2)
+    one_group = torch.zeros(G, dtype=torch.long)
+    paper = SelfConfidenceScorer(SelfConfidenceCfg(num_probes=K))
+    # the same group probes (seed + 1) for the conditional, empty-prompt and CFG-scored forms
+    s_c = paper.scores(ad, z0, cond, null, ts, one_group, [seed + 1])
+    s_u = paper.scores(ad, z0, null, null, ts, one_group, [seed + 1])
+    s_cfg = SelfConfidenceScorer(SelfConfidenceCfg(num_probes=K, cfg_in_reward=True), cfg).scores(
+        ad, z0, cond, null, ts, one_group, [seed + 1]
     )
-    s_rel = confidence_scores(probe_mse(v_cond, z0, ts[half], pp))
+    half = list(range(len(ts) // 2, len(ts)))
+    released = SelfConfidenceScorer(SelfConfidenceCfg(num_probes=K, probe_mode="per_sample_timestep"))
+    s_rel = released.scores(ad, z0, cond, null, ts[half], one_group, [seed + 2])
     imgs = to_uint8(ad.decode(z0))
     sc = [score_detections(detect(a), REC[prompt]) for a in imgs]
     return {

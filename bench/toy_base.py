@@ -26,7 +26,7 @@ import torch
 
 from solace.evaluation.toy_eval import evaluate_records, generate
 from solace.models.toy import ToyAdapter
-from solace.rewards.self_confidence import self_confidence
+from solace.rewards.scorer import SelfConfidenceScorer
 from solace.sampling.sampler import sample
 from solace.toy.evaluator import detect, expected_objects, format_table, score_detections, segment, to_uint8
 from solace.toy.world import CATEGORIES, load_heldout
@@ -119,6 +119,7 @@ def cmd_foreground(a) -> dict:
     recs = [held[i] for i in np.linspace(0, len(held) - 1, a.prompts).round().astype(int)]
     sig = ad.sigmas(10)
     probe_t = sig[:-1]
+    scorer = SelfConfidenceScorer()  # the paper's form: K = 8, conditional velocity, uniform weights
     rewards, fg, nobj, within = [], [], [], []
     for i, r in enumerate(recs):
         imgs = generate(
@@ -126,9 +127,8 @@ def cmd_foreground(a) -> dict:
         )
         z0 = ad.encode_images(imgs)
         cond = ad.encode_prompts([r.prompt]).index([0] * a.samples)
-        probes = torch.randn(4, *ad.latent_shape(), generator=torch.Generator().manual_seed(a.seed + i))
-        probes = torch.cat([probes, -probes])
-        R, _ = self_confidence(lambda z, t, idx, c=cond: ad.velocity(z, t, c.index(idx)), z0, probe_t, probes)
+        # K = 8 antithetic probes shared by the group, seeded per prompt
+        R, _ = scorer.score_group(ad, z0, cond, probe_t, a.seed + i)
         f = np.array([(segment(x) >= 0).sum() for x in to_uint8(imgs)], dtype=float)
         rewards.append(R.numpy())
         fg.append(f)

@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 from solace.evaluation.toy_eval import evaluate_records
+from solace.evaluation.toy_eval import foreground as toy_foreground
 from solace.models.lora import load_lora
 from solace.models.toy import ToyAdapter
 from solace.toy.world import CATEGORIES, load_heldout
-from solace.trainer.monitor import toy_foreground
 
 RESULTS = Path(__file__).parent / "results"
 

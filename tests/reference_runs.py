@@ -95,8 +95,9 @@ def run_cases(work: Path, cases: list[str] | None = None) -> dict[str, torch.Ten
     if cases is None or "rerank" in cases:
         rr = work / "rerank"
         _cli(
-            ["rerank", "--prompts", str(JSONL), "--limit", "3", "--n", "2,4", "--seeds", "0,1", "--steps", "4",
-             "--probes", "2", "--batch-size", "3", "--model", str(weights), "--threads", "1", "--out", str(rr)]
+            ["rerank", "--prompts", str(JSONL), "--limit", "3", "--n", "2,4", "--seeds", "0,1",
+             "--steps", "4", "--probes", "2", "--batch-size", "3", "--model", str(weights),
+             "--threads", "1", "--out", str(rr)]
         )  # fmt: skip
         doc = json.loads((rr / "rerank.json").read_text())
         out["rerank.R"] = torch.tensor([r["R"] for r in doc["per_prompt"]], dtype=torch.float64)

@@ -29,18 +29,16 @@ def main() -> None:
         Trainer(cfg).train(resume=resume)
         return finish()
     tr = Trainer(cfg)
-    batch = tr.collect(0)
-    adv = tr._gather(batch["adv"].contiguous())
+    ro = tr.collect(0)
+    adv = tr._gather(ro.advantages.contiguous())
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / f"advantages_rank{tr.rank}.json").write_text(
         json.dumps(
             {
                 "world": tr.acc.num_processes,
                 "adv": adv.tolist(),
-                "reward": batch["stats"]["reward/mean"],
-                "final_latents_sum": float(
-                    tr._gather(batch["latents"][:, -1].sum((1, 2, 3)).contiguous()).sum()
-                ),
+                "reward": ro.stats["reward/mean"],
+                "final_latents_sum": float(tr._gather(ro.z0.sum((1, 2, 3)).contiguous()).sum()),
             }
         )
     )

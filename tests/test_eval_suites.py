@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from solace.cli.main import app
 from solace.errors import ConfigError
 from solace.evaluation.metrics_eval import build_metrics, format_table, parse_metric_args, parse_metric_list
-from solace.evaluation.suites import load_suite, read_prompts
+from solace.evaluation.suites import load_suite
+from solace.prompts import read_prompt_file
 
 torch.set_num_threads(1)
 
@@ -82,15 +83,15 @@ def test_suite_errors(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(GENEVAL_LINES[0] + "\n{not json\n")
     with pytest.raises(ConfigError, match="bad.jsonl:2"):
-        read_prompts(bad)
+        read_prompt_file(bad, "--prompts")
     noprompt = tmp_path / "noprompt.jsonl"
     noprompt.write_text('{"tag": "counting"}\n')
     with pytest.raises(ConfigError, match="'prompt'"):
-        read_prompts(noprompt)
+        read_prompt_file(noprompt, "--prompts")
     empty = tmp_path / "empty.txt"
     empty.write_text("\n \n")
     with pytest.raises(ConfigError, match="no prompts"):
-        read_prompts(empty)
+        read_prompt_file(empty, "--prompts")
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="the published prompt files are not on this machine")

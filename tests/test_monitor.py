@@ -47,3 +47,19 @@ def test_latent_texture_is_the_spatial_std():
     z[1, :, :2] = 1.0  # half of the 16 pixels 1: every deviation 0.5, unbiased std = sqrt(16 * 0.25 / 15)
     t = latent_texture(z)
     assert t[0] == 0 and torch.isclose(t[1], torch.tensor((16 * 0.25 / 15) ** 0.5))
+
+
+def test_report_signal_table_compares_window_means():
+    """The report's training signals are means over the first and last ``monitor.window`` iterations (one
+    batch swings with its prompts), NaN where a signal was never logged."""
+    from solace.trainer.report import _signal_table, window_means
+
+    hist = [{"iteration": i + 1, "reward/mean": float(i)} for i in range(10)]
+    hist[9]["train/kl"] = 0.5
+    assert window_means(hist, "reward/mean", 3) == (1.0, 8.0)
+    a, b = window_means(hist, "train/kl", 3)
+    assert a != a and b == 0.5  # NaN: never logged in the first window
+    table = _signal_table(hist, 3)
+    assert "| | iterations 1-3 | iterations 8-10 |" in table
+    assert "| reward/mean | 1.0000 | 8.0000 |" in table
+    assert _signal_table(hist[:3], 5)[4] == "| | iterations 1-1 | iterations 3-3 |"  # window > half the run

@@ -114,7 +114,7 @@ def test_same_init_noise_shares_the_initial_noise_within_a_group(weights, tmp_pa
     over = tiny_overrides(weights, tmp_path / "r")
     over += [f"sampling.same_init_noise={same}", "reward.components=[{name: toy_geneval, weight: 1.0}]"]
     tr = Trainer(load_config("toy", over))
-    z = tr.collect(0)["latents"]  # (N, T + 1, ...): z[:, 0] is the initial noise
+    z = tr.collect(0).latents  # (N, T + 1, ...): z[:, 0] is the initial noise
     G = tr.cfg.sampling.group_size
     for g in range(tr.cfg.sampling.prompts_per_step):
         grp = z[g * G : (g + 1) * G]
@@ -129,11 +129,11 @@ def test_explicit_train_steps_replace_the_rho_window(weights, tmp_path):
     )
     tr = Trainer(load_config("toy", over))
     assert tr.window == [1, 2]
-    batch = tr.collect(0)
-    lp = batch["log_probs"]
+    ro = tr.collect(0)
+    lp = ro.log_probs
     # SDE (non-zero log-prob) exactly on the trained steps, ODE (log-prob 0) elsewhere
     assert (lp[:, [1, 2]] != 0).all() and (lp[:, [0, 3]] == 0).all()
-    stats = tr.update(batch, 0)
+    stats = tr.update(ro, 0)
     assert stats["train/grad_norm"] > 0
 
 
@@ -151,6 +151,7 @@ def test_external_reward_only_training_with_the_toy_evaluator(weights, tmp_path)
 
 def test_dense_verifiable_reward_and_a_jsonl_eval_file_scored_exactly(weights, tmp_path):
     """mode=dense trains; a .jsonl eval file with GenEval metadata is evaluated by the exact evaluator."""
+    from solace.evaluation.toy_eval import eval_records
     from solace.toy.world import load_heldout
 
     recs = [r for r in load_heldout() if r.tag in ("single_object", "colors")][:4]
@@ -160,7 +161,7 @@ def test_dense_verifiable_reward_and_a_jsonl_eval_file_scored_exactly(weights, t
     over = tiny_overrides(weights, tmp_path / "d", **extra)
     over += ["reward.components=[{name: toy_geneval, weight: 1.0, kwargs: {mode: dense}}]"]
     tr = Trainer(load_config("toy", over))
-    assert [r.prompt for r in tr._toy_eval_records()] == [r.prompt for r in recs]
+    assert [r.prompt for r in eval_records(str(evf))] == [r.prompt for r in recs]
     tr.train()
     assert [e["iteration"] for e in tr.evals] == [0, 1]
     assert set(tr.evals[0]["categories"]) == {"single_object", "colors"}
@@ -169,14 +170,14 @@ def test_dense_verifiable_reward_and_a_jsonl_eval_file_scored_exactly(weights, t
     txt.write_text("a photo of a circle\n")
     over_txt = tiny_overrides(weights, tmp_path / "t", **{"data.eval_prompts": str(txt)})
     tr2 = Trainer(load_config("toy", over_txt))
-    assert tr2._toy_eval_records() is None
+    assert eval_records(str(txt)) is None and tr2.evaluate(0) is None
 
 
 def test_on_policy_first_update_has_ratio_one(weights, tmp_path):
     cfg = load_config("toy", tiny_overrides(weights, tmp_path / "r", **{"train.iterations": 1}))
     tr = Trainer(cfg)
-    batch = tr.collect(0)
-    stats = tr.update(batch, 0)
+    ro = tr.collect(0)
+    stats = tr.update(ro, 0)
     # the first minibatch is on-policy: recomputed log-probs equal the sampling ones up to float noise
     assert abs(stats["train/ratio_min"] - 1) < 1e-3 and abs(stats["train/ratio_max"] - 1) < 1e-3
 
@@ -191,16 +192,16 @@ def test_updates_raise_the_log_prob_of_positive_advantage_samples(weights, tmp_p
         weights, tmp_path / "r", **{"grpo.beta": 0.0, "grpo.clip_range": 10.0, "optim.lr": 1e-3}
     )
     tr = Trainer(load_config("toy", over))
-    batch = tr.collect(0)
-    assert (batch["adv"] != 0).all()
+    ro = tr.collect(0)
+    assert (ro.advantages != 0).all()
 
     def log_probs() -> torch.Tensor:
         with torch.no_grad():
             return torch.stack(
                 [
                     step_policy(
-                        tr.adapter, batch["latents"][:, j], batch["latents"][:, j + 1], tr.sigmas, j,
-                        batch["cond"], batch["null"], tr.cfg.sampling.cfg_scale, tr.cfg.sampling.noise_level,
+                        tr.adapter, ro.latents[:, j], ro.latents[:, j + 1], tr.sigmas, j,
+                        ro.cond, ro.null, tr.cfg.sampling.cfg_scale, tr.cfg.sampling.noise_level,
                     ).log_prob
                     for j in tr.window
                 ],
@@ -208,8 +209,8 @@ def test_updates_raise_the_log_prob_of_positive_advantage_samples(weights, tmp_p
             ).sum(1)  # fmt: skip
 
     before = log_probs()
-    tr.update(batch, 0)
-    delta, adv = log_probs() - before, batch["adv"]
+    tr.update(ro, 0)
+    delta, adv = log_probs() - before, ro.advantages
     assert (adv * delta).sum() > 0  # the surrogate sum_i A_i log p_i went up
     assert delta[adv > 0].mean() > delta[adv < 0].mean()
     assert torch.corrcoef(torch.stack([delta, adv]))[0, 1] > 0.5
@@ -226,10 +227,10 @@ def test_gradient_accumulation_counts_the_micro_steps_trained(weights, tmp_path)
             ),
         )
         tr = Trainer(cfg)
-        batch = tr.collect(0)
+        ro = tr.collect(0)
         tr.opt.step = lambda: None  # keep the parameters; inspect the accumulated gradient
         tr.opt.zero_grad = lambda set_to_none=True: None
-        tr.update(batch, 0)
+        tr.update(ro, 0)
         grads.append(torch.cat([p.grad.flatten() for p in tr.params]))
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)
 

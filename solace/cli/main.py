@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -20,6 +20,22 @@ app = typer.Typer(
 )
 toy_app = typer.Typer(no_args_is_help=True, help="The toy world: pretrain its base model.")
 app.add_typer(toy_app, name="toy")
+
+
+# Options several commands share, declared once.
+_MODEL_HELP = "toy, a toy .safetensors, a diffusers folder or hub id."
+ModelOpt = Annotated[str, typer.Option("--model", help=_MODEL_HELP)]
+LoraOpt = Annotated[str | None, typer.Option("--lora", help="LoRA folder or .safetensors to apply.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
+DtypeOpt = Annotated[
+    str,
+    typer.Option("--dtype", help="SD3/FLUX weights: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32."),
+]
+ResolutionOpt = Annotated[
+    int, typer.Option("--resolution", help="SD3/FLUX image size in pixels (0: the adapter's 512).")
+]
+ThreadsOpt = Annotated[int, typer.Option("--threads", help="torch CPU threads.")]
+ProbesOpt = Annotated[int, typer.Option("--probes", help="K antithetic probes (even).")]
 
 
 def _fail(e: Exception) -> None:
@@ -189,10 +205,10 @@ def sample_cmd(
     seeds: str = typer.Option("0,1,2,3", help="Comma-separated seeds: one image per seed and prompt."),
     steps: int = typer.Option(40, help="Sampling steps (10 = training, 40 = evaluation)."),
     cfg: float = typer.Option(7.0, "--cfg", help="Classifier-free guidance scale (1 disables)."),
-    model: str = typer.Option("toy", help="toy, a toy .safetensors, a diffusers folder or hub id."),
-    lora: str = typer.Option(None, help="LoRA folder or .safetensors to apply."),
+    model: ModelOpt = "toy",
+    lora: LoraOpt = None,
     out: Path = typer.Option(Path("samples.png"), help="Output grid PNG."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    device: DeviceOpt = "auto",
 ) -> None:
     """Write an image grid (rows = prompts, columns = seeds) with the ODE sampler."""
     import torch
@@ -250,8 +266,10 @@ def eval_cmd(
         "--metric-arg",
         help="METRIC.KEY=VALUE for a metric's factory, e.g. clip_score.model=/path (repeat).",
     ),
-    model: str = typer.Option("toy", help="toy, a toy .safetensors, a diffusers folder or hub id."),
-    lora: str = typer.Option(None, help="LoRA folder or .safetensors to evaluate against the base."),
+    model: ModelOpt = "toy",
+    lora: Annotated[
+        str | None, typer.Option("--lora", help="LoRA folder or .safetensors to evaluate against the base.")
+    ] = None,
     samples: int = typer.Option(None, help="Samples per prompt (default: 16 for toy, 1 otherwise)."),
     steps: int = typer.Option(40, help="Sampling steps."),
     cfg: float = typer.Option(7.0, "--cfg", help="CFG scale."),
@@ -260,12 +278,10 @@ def eval_cmd(
         0, help="toy: the first N held-out prompts per category; other suites: the first N prompts (0: all)."
     ),
     batch_size: int = typer.Option(8, help="Images per generation batch (file suites)."),
-    resolution: int = typer.Option(0, help="SD3/FLUX image size in pixels (0: the adapter's 512)."),
-    dtype: str = typer.Option(
-        "auto", help="SD3/FLUX weights: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32."
-    ),
+    resolution: ResolutionOpt = 0,
+    dtype: DtypeOpt = "auto",
     out: Path = typer.Option(Path("runs/eval"), help="Output folder (JSON, Markdown, grids)."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    device: DeviceOpt = "auto",
 ) -> None:
     """Evaluate a model (and optionally a LoRA) on a prompt suite; prints a table, writes JSON + Markdown."""
     if suite != "toy":
@@ -340,9 +356,7 @@ def _eval_suite(
     device: str,
 ) -> None:
     """``solace eval`` on a prompt file with registry metrics (see :mod:`solace.evaluation.metrics_eval`)."""
-    import torch
 
-    from solace.errors import ConfigError
     from solace.evaluation.metrics_eval import (
         build_metrics,
         parse_metric_args,
@@ -354,19 +368,12 @@ def _eval_suite(
     prompt_suite = load_suite(suite, prompts, limit)
     names = parse_metric_list(metrics if metrics else list(SUITES[suite]["metrics"]))
     kwargs = parse_metric_args(metric_args, names)
-    if dtype not in ("auto", "bf16", "fp16", "fp32"):
-        raise ConfigError("--dtype", f"use auto, bf16, fp16 or fp32, not {dtype!r}")
-    if resolution < 0:
-        raise ConfigError("--resolution", f"must be >= 0, got {resolution}")
+    model_kwargs = _model_kwargs(device, dtype, resolution)
     if lora:
         from solace.models.lora import read_lora
 
         read_lora(lora)  # a bad LoRA fails now, not after the base model's pass
     fns = build_metrics(names, kwargs)
-    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    model_kwargs: dict[str, Any] = {"dtype": ("bf16" if cuda else "fp32") if dtype == "auto" else dtype}
-    if resolution:
-        model_kwargs["resolution"] = resolution
     adapter = _load(model, None, device, **model_kwargs)
     settings = {
         "model": model,
@@ -397,7 +404,6 @@ def _eval_suite(
 analyze_app = typer.Typer(no_args_is_help=True, help="Analyses of self-confidence without training.")
 app.add_typer(analyze_app, name="analyze")
 
-_MODEL_HELP = "toy, a toy .safetensors, a diffusers folder or hub id."
 _PROMPTS_HELP = (
     "toy_heldout (the toy world's held-out prompts, judged by the exact evaluator) or a .txt/.jsonl file."
 )
@@ -421,11 +427,11 @@ def _int_list(text: str, option: str, minimum: int) -> list[int]:
 
 def _check_sampling(steps: int, probes: int, cfg: float, sampler: str, threads: int, limit: int = 0) -> None:
     from solace.errors import ConfigError
+    from solace.rewards.self_confidence import check_num_probes
 
     if steps < 1:
         raise ConfigError("--steps", f"must be >= 1, got {steps}")
-    if probes < 2 or probes % 2:
-        raise ConfigError("--probes", f"must be an even number >= 2 (antithetic pairs), got {probes}")
+    check_num_probes(probes, "--probes")
     if cfg < 1.0:
         raise ConfigError("--cfg", f"must be >= 1 (1 disables guidance), got {cfg}")
     if sampler not in ("sde", "ode"):
@@ -446,19 +452,18 @@ def _prompt_source(prompts: str, limit: int, model: str) -> tuple[list[str], lis
         recs = list(load_heldout())
         recs = recs[:limit] if limit else recs
         return [r.prompt for r in recs], (recs if toy else None)
-    from solace.evaluation.suites import read_prompts
+    from solace.prompts import read_prompt_file
 
-    items = read_prompts(prompts, "--prompts")
+    items = read_prompt_file(prompts, "--prompts")
     items = items[:limit] if limit else items
     records = None
-    if toy and items and all({"tag", "include"} <= set(it.metadata) for it in items):
-        records = [PromptRecord.from_json(it.metadata) for it in items]
-    return [it.prompt for it in items], records
+    if toy and items and all({"tag", "include"} <= set(it.meta) for it in items):
+        records = [PromptRecord.from_json(it.meta) for it in items]
+    return [it.text for it in items], records
 
 
-def _load_scoring_model(
-    model: str, lora: str | None, device: str, dtype: str, resolution: int, threads: int
-) -> FlowModelAdapter:
+def _model_kwargs(device: str, dtype: str, resolution: int) -> dict[str, Any]:
+    """The adapter's ``dtype`` (auto: bf16 on CUDA, fp32 on CPU) and ``resolution``, checked."""
     import torch
 
     from solace.errors import ConfigError
@@ -467,11 +472,20 @@ def _load_scoring_model(
         raise ConfigError("--dtype", f"use auto, bf16, fp16 or fp32, not {dtype!r}")
     if resolution < 0:
         raise ConfigError("--resolution", f"must be >= 0, got {resolution}")
-    torch.set_num_threads(threads)
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     kwargs: dict[str, Any] = {"dtype": ("bf16" if cuda else "fp32") if dtype == "auto" else dtype}
     if resolution:
         kwargs["resolution"] = resolution
+    return kwargs
+
+
+def _load_scoring_model(
+    model: str, lora: str | None, device: str, dtype: str, resolution: int, threads: int
+) -> FlowModelAdapter:
+    import torch
+
+    kwargs = _model_kwargs(device, dtype, resolution)
+    torch.set_num_threads(threads)
     return _load(model, lora, device, **kwargs)
 
 
@@ -513,14 +527,14 @@ def score_cmd(
         7.0, "--cfg", help="CFG scale of generation (scoring uses the conditional velocity)."
     ),
     sampler: str = typer.Option("sde", help="sde (the training sampler) | ode."),
-    probes: int = typer.Option(8, help="K antithetic probes (even)."),
-    model: str = typer.Option("toy", help=_MODEL_HELP),
-    lora: str = typer.Option(None, help="LoRA folder or .safetensors to apply."),
+    probes: ProbesOpt = 8,
+    model: ModelOpt = "toy",
+    lora: LoraOpt = None,
     out: Path = typer.Option(Path("runs/score"), help="Output folder (score.json, generated images)."),
-    resolution: int = typer.Option(0, help="SD3/FLUX image size in pixels (0: the adapter's 512)."),
-    dtype: str = typer.Option("auto", help="SD3/FLUX weights: auto | bf16 | fp16 | fp32."),
-    threads: int = typer.Option(2, help="torch CPU threads."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    resolution: ResolutionOpt = 0,
+    dtype: DtypeOpt = "auto",
+    threads: ThreadsOpt = 2,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Self-confidence R (and S_t per timestep) of given images or of generated samples; no training."""
     from solace.errors import ConfigError
@@ -579,15 +593,15 @@ def rerank_cmd(
     ),
     cfg: float = typer.Option(7.0, "--cfg", help="CFG scale of generation."),
     sampler: str = typer.Option("sde", help="sde (the training sampler) | ode."),
-    probes: int = typer.Option(8, help="K antithetic probes (even)."),
+    probes: ProbesOpt = 8,
     batch_size: int = typer.Option(16, help="Samples per generation batch."),
-    model: str = typer.Option("toy", help=_MODEL_HELP),
-    lora: str = typer.Option(None, help="LoRA folder or .safetensors to apply."),
+    model: ModelOpt = "toy",
+    lora: LoraOpt = None,
     out: Path = typer.Option(Path("runs/rerank"), help="Output folder."),
-    resolution: int = typer.Option(0, help="SD3/FLUX image size in pixels (0: the adapter's 512)."),
-    dtype: str = typer.Option("auto", help="SD3/FLUX weights: auto | bf16 | fp16 | fp32."),
-    threads: int = typer.Option(2, help="torch CPU threads."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    resolution: ResolutionOpt = 0,
+    dtype: DtypeOpt = "auto",
+    threads: ThreadsOpt = 2,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Best-of-N by self-confidence: keep the most self-confident of N candidates per prompt.
 
@@ -634,16 +648,16 @@ def rationale_cmd(
     ),
     cfg: float = typer.Option(7.0, "--cfg", help="CFG scale of the guided regimes."),
     sampler: str = typer.Option("ode", help="ode (inference) | sde (the training sampler)."),
-    probes: int = typer.Option(8, help="K antithetic probes (even)."),
+    probes: ProbesOpt = 8,
     seed: int = typer.Option(0, help="Seed of the initial noise (the same for every regime) and probes."),
     batch_size: int = typer.Option(16, help="Samples per generation batch."),
-    model: str = typer.Option("toy", help=_MODEL_HELP),
-    lora: str = typer.Option(None, help="LoRA folder or .safetensors to apply."),
+    model: ModelOpt = "toy",
+    lora: LoraOpt = None,
     out: Path = typer.Option(Path("runs/rationale"), help="Output folder."),
-    resolution: int = typer.Option(0, help="SD3/FLUX image size in pixels (0: the adapter's 512)."),
-    dtype: str = typer.Option("auto", help="SD3/FLUX weights: auto | bf16 | fp16 | fp32."),
-    threads: int = typer.Option(2, help="torch CPU threads."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    resolution: ResolutionOpt = 0,
+    dtype: DtypeOpt = "auto",
+    threads: ThreadsOpt = 2,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Self-confidence under three inference regimes (rationale.png, rationale.json); on toy-world prompts
     also its within-group AUC against exact correctness per category and timestep (rationale.md)."""

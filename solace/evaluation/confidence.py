@@ -24,19 +24,15 @@ from tqdm.auto import tqdm
 from solace.errors import check
 from solace.evaluation import analysis
 from solace.models.base import Conditioning, FlowModelAdapter
-from solace.rewards.self_confidence import draw_probes, self_confidence
+from solace.rewards.scorer import SelfConfidenceCfg, SelfConfidenceScorer
 from solace.sampling.sampler import sample
 from solace.toy.world import PromptRecord
+from solace.utils.seeding import prompt_seed
 
 SDE_NOISE_LEVEL = 0.7  # Flow-GRPO's training sampler
 SAMPLERS = ("sde", "ode")
 
 
-def _seed(seed: int, i: int, j: int = 0) -> int:
-    return seed * 1_000_003 + i * 1009 + j
-
-
-@torch.no_grad()
 def score_latents(
     adapter: FlowModelAdapter,
     z0: torch.Tensor,
@@ -46,21 +42,10 @@ def score_latents(
     probe_seed: int = 0,
     max_batch: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Self-confidence of one prompt group: ``(R (B,), S (B, T))`` with one set of probes for the group.
-
-    ``cond`` holds one row per latent (or a single row, shared by all).
-    """
-    B = z0.shape[0]
-    if len(cond) == 1 and B > 1:
-        cond = cond.index([0] * B)
-    gen = torch.Generator().manual_seed(int(probe_seed))
-    probes = draw_probes(num_probes, tuple(z0.shape[1:]), B, timesteps.numel(), "group", gen)
-
-    def vel(z: torch.Tensor, t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return adapter.velocity(z.to(adapter.dtype), t, cond.index(idx.cpu())).float()
-
-    r, s = self_confidence(vel, z0.float(), timesteps.to(z0.device), probes, max_batch=max_batch)
-    return r.cpu(), s.cpu()
+    """Self-confidence of one prompt group (the paper's form): ``(R (B,), S (B, T))``, one set of probes
+    for the group from ``probe_seed``. ``cond`` holds one row per latent (or a single row, shared by all)."""
+    scorer = SelfConfidenceScorer(SelfConfidenceCfg(num_probes=num_probes, max_batch=max_batch))
+    return scorer.score_group(adapter, z0, cond, timesteps, probe_seed)
 
 
 @torch.no_grad()
@@ -100,7 +85,7 @@ def generate_group(
 
 def probe_timesteps(adapter: FlowModelAdapter, num_steps: int) -> torch.Tensor:
     """The sampler's own timesteps ``sigmas(num_steps)[:-1]`` (all in (0, 1])."""
-    return adapter.sigmas(num_steps)[:-1].float()
+    return SelfConfidenceScorer().timesteps(adapter.sigmas(num_steps).float())[1]
 
 
 def judge(adapter: FlowModelAdapter, z0: torch.Tensor, record: PromptRecord) -> tuple[np.ndarray, list]:
@@ -154,14 +139,16 @@ def run_score(
             z0 = z_given
             names = list(image_names)
         else:
-            z0 = generate_group(adapter, cond, null, generate, num_steps, cfg_scale, _seed(seed, i), sampler)
+            z0 = generate_group(
+                adapter, cond, null, generate, num_steps, cfg_scale, prompt_seed(seed, i), sampler
+            )
             (out / "images").mkdir(exist_ok=True)
             names = []
             for j, im in enumerate(adapter.decode(z0).cpu()):
                 f = f"images/{i:04d}_{j:02d}.png"
                 to_pil(im).save(out / f)
                 names.append(f)
-        r, s = score_latents(adapter, z0, cond, ts, num_probes, _seed(seed, i) + 1)
+        r, s = score_latents(adapter, z0, cond, ts, num_probes, prompt_seed(seed, i) + 1)
         for j, name in enumerate(names):
             rows.append({"prompt": p, "image": name, "R": float(r[j]), "S_t": [float(x) for x in s[j]]})
         bar.update(1)
@@ -234,9 +221,9 @@ def run_rerank(
         for i, p in enumerate(prompts):
             cond = enc.index([i])
             z0 = generate_group(
-                adapter, cond, null, nmax, num_steps, cfg_scale, _seed(seed, i), sampler, batch_size
+                adapter, cond, null, nmax, num_steps, cfg_scale, prompt_seed(seed, i), sampler, batch_size
             )
-            r, _ = score_latents(adapter, z0, cond, ts, num_probes, _seed(seed, i) + 1)
+            r, _ = score_latents(adapter, z0, cond, ts, num_probes, prompt_seed(seed, i) + 1)
             scores[i] = r.numpy()
             row: dict = {"seed": seed, "prompt": p, "R": [float(x) for x in r]}
             picks = {n: int(np.argmax(scores[i, :n])) for n in ns}
@@ -350,8 +337,10 @@ def run_rationale(
         c_all = np.zeros((len(prompts), samples), dtype=bool)
         for i in range(len(prompts)):
             cond = enc.index([i])
-            z0 = generate_group(adapter, cond, null, samples, steps, cfg, _seed(seed, i), sampler, batch_size)
-            r, s = score_latents(adapter, z0, cond, ts, num_probes, _seed(seed, i) + 1)
+            z0 = generate_group(
+                adapter, cond, null, samples, steps, cfg, prompt_seed(seed, i), sampler, batch_size
+            )
+            r, s = score_latents(adapter, z0, cond, ts, num_probes, prompt_seed(seed, i) + 1)
             r_all[i], s_all[i] = r.numpy(), s.numpy()
             if records is not None:
                 c_all[i], _ = judge(adapter, z0, records[i])

@@ -203,7 +203,7 @@ def generate_and_score(
     )
     for start in range(0, P, per_chunk):
         idx = list(range(start, min(P, start + per_chunk)))
-        prompts = [suite.items[i].prompt for i in idx]
+        prompts = [suite.items[i].text for i in idx]
         images = generate(
             adapter, prompts, S, num_steps, cfg_scale, seed=seed, batch_size=len(idx) * S, progress=False,
             first_index=start,
@@ -211,7 +211,7 @@ def generate_and_score(
         images = _quantize(images)
         size = list(images.shape[-2:])
         rep_prompts = [p for p in prompts for _ in range(S)]
-        rep_meta = [suite.items[i].metadata for i in idx for _ in range(S)]
+        rep_meta = [suite.items[i].meta for i in idx for _ in range(S)]
         for m, fn in metrics.items():
             with torch.no_grad():
                 sc = fn(images, rep_prompts, rep_meta)
@@ -239,7 +239,7 @@ def _write_grid(path: Path, suite: PromptSuite, thumbs: dict[str, dict[int, torc
     images = [im for i in rows for lb in labels for im in thumbs[lb][i]]
     side = max(images[0].shape[-2:])
     scale = max(1, 128 // side)
-    names = [suite.items[i].prompt for i in rows]
+    names = [suite.items[i].text for i in rows]
     names = [n if len(n) <= 60 else n[:57] + "..." for n in names]
     label_width = min(420, 8 + 6 * max(len(n) for n in names))
     body = make_grid(
@@ -357,9 +357,9 @@ def run_metric_eval(
     summary = {lb: {m: _finite(float(v[m].mean())) for m in names} for lb, v in per_prompt_means.items()}
     per_prompt = []
     for i, item in enumerate(suite.items):
-        rec: dict[str, Any] = {"index": i, "prompt": item.prompt}
-        if item.metadata:
-            rec["metadata"] = item.metadata
+        rec: dict[str, Any] = {"index": i, "prompt": item.text}
+        if item.meta:
+            rec["metadata"] = item.meta
         rec["scores"] = {
             lb: {m: _finite(float(v[m][i])) for m in names} for lb, v in per_prompt_means.items()
         }

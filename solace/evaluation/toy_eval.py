@@ -1,4 +1,6 @@
-"""Held-out evaluation of a model on the toy world with the exact evaluator."""
+"""The toy world's evaluation with its exact evaluator: held-out accuracy, the statistics of a training batch
+(strict correctness, foreground, objects) and the records an evaluation scores. The trainer reaches the toy
+world only through this module."""
 
 from __future__ import annotations
 
@@ -11,9 +13,11 @@ import torch
 from tqdm.auto import tqdm
 
 from solace.models.base import FlowModelAdapter
+from solace.prompts import read_prompt_file
 from solace.sampling.sampler import sample
 from solace.toy.evaluator import detect, score_detections, segment, summarize, to_uint8
-from solace.toy.world import PromptRecord
+from solace.toy.world import CATEGORIES, PromptRecord, balanced_subset, load_heldout
+from solace.utils.seeding import prompt_seed
 
 
 @torch.no_grad()
@@ -48,7 +52,7 @@ def generate(
             [
                 torch.randn(
                     adapter.latent_shape(),
-                    generator=torch.Generator().manual_seed(seed * 1_000_003 + (first_index + i) * 1009 + j),
+                    generator=torch.Generator().manual_seed(prompt_seed(seed, first_index + i, j)),
                 )
                 for i, j in chunk
             ]
@@ -71,6 +75,49 @@ def generate(
         bar.update(len(chunk))
     bar.close()
     return torch.cat(out)
+
+
+def foreground(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(foreground fraction, number of detected objects) per image: what a collapse toward blank images
+    flattens."""
+    arr = to_uint8(images)
+    fg = torch.tensor([float((segment(a) >= 0).mean()) for a in arr])
+    n = torch.tensor([float(len(detect(a))) for a in arr])
+    return fg, n
+
+
+def batch_statistics(images: torch.Tensor, metas: Sequence[dict]) -> dict[str, torch.Tensor]:
+    """Per-image statistics of a training batch: foreground and objects, and strict correctness under the
+    exact evaluator when every prompt carries GenEval metadata."""
+    fg, nobj = foreground(images)
+    out = {"monitor/foreground": fg, "monitor/objects": nobj}
+    if any("include" in m for m in metas):
+        out["train/strict_acc"] = torch.tensor(
+            [
+                float(score_detections(detect(a), PromptRecord.from_json(m))["strict"])
+                for a, m in zip(to_uint8(images), metas, strict=True)
+            ]
+        )
+    return out
+
+
+def eval_records(spec: str, limit: int = 0) -> list[PromptRecord] | None:
+    """The records the exact evaluator scores for ``data.eval_prompts``: the held-out set (``toy_heldout``,
+    ``limit`` of them taken round-robin over categories), or a ``.jsonl`` file whose every line carries
+    GenEval metadata (``include``); None where there is nothing to score exactly."""
+    if spec == "toy_heldout":
+        return balanced_subset(load_heldout(), limit)
+    items = read_prompt_file(spec, "data.eval_prompts")
+    if not all("include" in p.meta for p in items):
+        return None
+    recs = [PromptRecord.from_json(p.meta) for p in items]
+    return balanced_subset(recs, limit) if limit else recs
+
+
+def default_image_prompts() -> list[str]:
+    """One held-out prompt per category: the rows of a training run's image grids."""
+    held = load_heldout()
+    return [next(r.prompt for r in held if r.tag == c) for c in CATEGORIES]
 
 
 def evaluate_records(

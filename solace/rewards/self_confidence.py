@@ -15,6 +15,8 @@ that within-group differences come from the samples, not from the probes.
 The authors' released code departs from the paper in places; each is a switch here, off by default:
 ``standardize`` (S_t standardised per timestep across the batch) and ``weighting="t(1-t)"``. Probes per
 sample and per timestep are supported by passing probes of shape (B, T, K, ...) (:func:`draw_probes`).
+
+These are the pure functions; :class:`solace.rewards.scorer.SelfConfidenceScorer` binds them to a model.
 """
 
 from __future__ import annotations
@@ -32,10 +34,14 @@ which of the B samples (and so which prompt conditioning) each row belongs to.""
 WEIGHTINGS = ("uniform", "t(1-t)")
 
 
-def _check_k(num_probes: int) -> None:
-    check(isinstance(num_probes, int), "num_probes", f"must be an integer, got {num_probes!r}")
-    check(num_probes >= 2, "num_probes", f"must be >= 2 (antithetic pairs), got {num_probes}")
-    check(num_probes % 2 == 0, "num_probes", f"must be even (eps[m+K/2] = -eps[m]), got {num_probes}")
+def check_num_probes(num_probes: int, field: str = "num_probes") -> None:
+    """K must be an even integer >= 2: the probes come in antithetic pairs (Eq. 9). The one check of K."""
+    check(isinstance(num_probes, int), field, f"must be an integer, got {num_probes!r}")
+    check(
+        num_probes >= 2 and num_probes % 2 == 0,
+        field,
+        f"must be an even number >= 2 (antithetic pairs eps[m+K/2] = -eps[m]), got {num_probes}",
+    )
 
 
 def antithetic_probes(
@@ -52,7 +58,7 @@ def antithetic_probes(
     each antithetic pair sums to exactly zero (``out[:K/2] + out[K/2:] == 0``). A plain ``sum`` over the K
     axis is zero only up to float rounding for K >= 4, since it adds the probes in order.
     """
-    _check_k(num_probes)
+    check_num_probes(num_probes)
     half = torch.randn(
         (*batch_shape, num_probes // 2, *shape),
         generator=generator,
@@ -128,7 +134,7 @@ def probe_mse(
         )
         K = probes.shape[2]
         eps = probes.to(z0.device, z0.dtype)
-    _check_k(K)
+    check_num_probes(K)
     check(
         isinstance(max_batch, int) and max_batch >= 1,
         "max_batch",

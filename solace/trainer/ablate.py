@@ -358,7 +358,6 @@ def run_grid(
     """Run (or, with ``dry_run``, print) every (condition, seed) training run, then write the table.
     ``collect_only`` trains nothing: the table holds the runs finished so far (a grid still running)."""
     from solace.trainer.distributed import is_main_process
-    from solace.trainer.trainer import run_training
 
     check(len(seeds) >= 1, "--seeds", "give at least one seed, e.g. 0,1,2")
     conds = [resolve_condition(c) for c in conditions]
@@ -388,31 +387,38 @@ def run_grid(
         if collect_only:
             echo(f"[{i}/{total}] {c.name} seed {s}: not finished, left out")
             continue
-        resume = (run_dir / "checkpoints" / "latest").exists()
-        echo(f"[{i}/{total}] {c.name} seed {s}: {'resuming' if resume else 'training'} in {run_dir}")
-        t0 = time.time()
-        res = run_training(cfg, resume=resume)
-        hist_path = run_dir / "log.csv"
-        history = _read_log(hist_path)
-        rec = {
-            "condition": c.name,
-            "label": c.label,
-            "seed": s,
-            "evals": res.get("evals", []),
-            "monitor": res.get("monitor", ""),
-            "warnings": json.loads((run_dir / "monitor.json").read_text()).get("warnings", [])
-            if (run_dir / "monitor.json").exists()
-            else [],
-            "history": history,
-            "wall_s": time.time() - t0,
-        }
-        if is_main_process():  # one writer; every process trains every run
-            write_json_atomic(done, rec)
-        raw.append(rec)
+        raw.append(_train_one(cfg, c, s, f"[{i}/{total}]", echo))
     check(bool(raw), "--collect-only", f"no finished run under {out}; run the grid without --collect-only")
     if not is_main_process():
         return {"table": None, "rows": [], "plots": []}
     return write_table(raw, conds, out, base, overrides, seeds)
+
+
+def _train_one(cfg: Any, c: Any, seed: int, tag: str, echo: Any) -> dict[str, Any]:
+    """Train (or resume) one run of the grid; its record (evaluations, monitor, history, wall time) is
+    written next to it by the main process."""
+    from solace.trainer.distributed import is_main_process
+    from solace.trainer.trainer import run_training
+
+    run_dir = Path(cfg.train.output_dir)
+    resume = (run_dir / "checkpoints" / "latest").exists()
+    echo(f"{tag} {c.name} seed {seed}: {'resuming' if resume else 'training'} in {run_dir}")
+    t0 = time.time()
+    res = run_training(cfg, resume=resume)
+    mon = run_dir / "monitor.json"
+    rec = {
+        "condition": c.name,
+        "label": c.label,
+        "seed": seed,
+        "evals": res.get("evals", []),
+        "monitor": res.get("monitor", ""),
+        "warnings": json.loads(mon.read_text()).get("warnings", []) if mon.exists() else [],
+        "history": _read_log(run_dir / "log.csv"),
+        "wall_s": time.time() - t0,
+    }
+    if is_main_process():  # one writer; every process trains every run
+        write_json_atomic(run_dir / "ablate_run.json", rec)
+    return rec
 
 
 def _read_log(path: Path) -> list[dict[str, float]]:

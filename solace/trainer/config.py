@@ -9,16 +9,17 @@ Flow-GRPO) are the dataclass defaults; the authors' released-code departures are
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from omegaconf import MISSING, OmegaConf
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from solace.errors import ConfigError, check
 from solace.grpo.window import parse_steps
+from solace.rewards.scorer import SelfConfidenceCfg
 
 
 @dataclass
@@ -33,7 +34,7 @@ class LoraCfg:
 @dataclass
 class ModelCfg:
     name: str = "toy"  # "toy", a toy .safetensors, a diffusers folder, or a hub id (SD3/SD3.5, FLUX.1)
-    dtype: str = "fp32"  # fp32 | bf16 | fp16 (diffusers models)
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # diffusers models
     resolution: int = 512
     text_encoder_3: bool = True  # SD3: load T5
     max_sequence_length: int = 256
@@ -65,20 +66,6 @@ class SamplingCfg:
 
 
 @dataclass
-class SelfConfidenceCfg:
-    num_probes: int = 8  # K, even
-    delta: float = 1e-3
-    timesteps: str = "all"  # all | later_half (released code) | a comma list of step indices
-    weighting: str = "uniform"  # uniform | t(1-t) (released code)
-    standardize: bool = False  # per-timestep standardisation across the batch (released code)
-    probe_mode: str = "group"  # group (paper) | per_sample_timestep (released code)
-    online: bool = True  # score with the policy being trained; False: the frozen base (offline)
-    cfg_in_reward: bool = False  # variant: score with the CFG velocity instead of the conditional one
-    contrastive: bool = False  # variant: S_t(c) - S_t(empty prompt)
-    max_batch: int = 256  # rows per no-grad forward in the reward pass
-
-
-@dataclass
 class RewardComponent:
     name: str = "self_confidence"  # self_confidence or any registered reward (solace.rewards.registry)
     weight: float = 1.0
@@ -97,7 +84,7 @@ class GRPOCfg:
     # explicit step indices to train instead of the rho suffix, e.g. "1,2" (Flow-GRPO-Fast-style early window)
     train_steps: str = ""
     beta: float = 0.04  # KL weight
-    kl_form: str = "flow_grpo"  # flow_grpo (no dt) | exact
+    kl_form: Literal["flow_grpo", "exact"] = "flow_grpo"  # flow_grpo: no dt (Flow-GRPO's code)
     clip_range: float = 1e-4
     adv_clip: float = 5.0
     adv_eps: float = 1e-4
@@ -143,7 +130,7 @@ class TrainCfg:
     )
     image_prompts: list[str] = field(default_factory=list)
     threads: int = 0  # torch CPU threads (0: leave torch's default)
-    device: str = "auto"  # auto | cpu | cuda
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     report: bool = True
     # JSON file caching the evaluation before training (the base model), keyed by every setting it depends
     # on, so runs that share a base and seed (an ablation grid) evaluate it once; "" disables the cache
@@ -161,9 +148,6 @@ class SolaceConfig:
     monitor: MonitorCfg = field(default_factory=MonitorCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
     preset: str = ""  # informational: the preset this config came from
-
-
-_ = MISSING  # re-exported for presets that want a required field
 
 
 def presets_dir() -> Path:
@@ -241,81 +225,56 @@ def to_yaml(cfg: SolaceConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
+def _min(value: float, minimum: float, field: str, why: str = "") -> None:
+    check(value >= minimum, field, f"must be >= {minimum:g}{why}, got {value}")
+
+
+def _finite_fields(obj: Any, prefix: str = "") -> None:
+    """Every float field (nested dataclasses, lists of them) is finite: inf or nan is never a setting."""
+    for f in fields(obj):
+        v, name = getattr(obj, f.name), f"{prefix}{f.name}"
+        if isinstance(v, float):
+            check(math.isfinite(v), name, f"must be a finite number, got {v}")
+        elif is_dataclass(v):
+            _finite_fields(v, f"{name}.")
+        elif isinstance(v, list):
+            for i, x in enumerate(v):
+                if is_dataclass(x):
+                    _finite_fields(x, f"{name}[{i}].")
+
+
 def validate(cfg: SolaceConfig, check_paths: bool = True) -> None:
-    """Check every value; errors name the field."""
-    s, sc, g, o, t = cfg.sampling, cfg.reward.self_confidence, cfg.grpo, cfg.optim, cfg.train
-    check(
-        s.group_size >= 2, "sampling.group_size", f"must be >= 2 (GRPO compares samples), got {s.group_size}"
-    )
-    check(s.prompts_per_step >= 1, "sampling.prompts_per_step", f"must be >= 1, got {s.prompts_per_step}")
-    check(s.num_steps >= 1, "sampling.num_steps", f"must be >= 1, got {s.num_steps}")
-    check(s.eval_num_steps >= 1, "sampling.eval_num_steps", f"must be >= 1, got {s.eval_num_steps}")
-    check(s.cfg_scale >= 1.0, "sampling.cfg_scale", f"must be >= 1 (1 disables CFG), got {s.cfg_scale}")
+    """Ranges and cross-field rules; the choice fields are checked by their Literal types. Errors name the
+    field."""
+    _finite_fields(cfg)
+    s = cfg.sampling
+    _min(s.group_size, 2, "sampling.group_size", " (GRPO compares samples)")
+    _min(s.prompts_per_step, 1, "sampling.prompts_per_step")
+    _min(s.num_steps, 1, "sampling.num_steps")
+    _min(s.eval_num_steps, 1, "sampling.eval_num_steps")
+    _min(s.cfg_scale, 1.0, "sampling.cfg_scale", " (1 disables CFG)")
     check(
         s.eval_cfg_scale == 0 or s.eval_cfg_scale >= 1.0,
         "sampling.eval_cfg_scale",
         f"must be 0 (same as sampling.cfg_scale) or >= 1, got {s.eval_cfg_scale}",
     )
     check(s.noise_level > 0, "sampling.noise_level", f"must be > 0 for GRPO log-probs, got {s.noise_level}")
-    check(s.batch_size >= 1, "sampling.batch_size", f"must be >= 1, got {s.batch_size}")
-    check(
-        sc.num_probes >= 2 and sc.num_probes % 2 == 0,
-        "reward.self_confidence.num_probes",
-        f"must be even and >= 2 (antithetic pairs), got {sc.num_probes}",
-    )
-    check(sc.delta > 0, "reward.self_confidence.delta", f"must be > 0, got {sc.delta}")
-    check(
-        sc.weighting in ("uniform", "t(1-t)"),
-        "reward.self_confidence.weighting",
-        f"must be 'uniform' or 't(1-t)', got {sc.weighting!r}",
-    )
-    check(
-        sc.probe_mode in ("group", "per_sample_timestep"),
-        "reward.self_confidence.probe_mode",
-        f"must be 'group' or 'per_sample_timestep', got {sc.probe_mode!r}",
-    )
-    probe_steps(sc.timesteps, s.num_steps)  # raises on a bad value
-    check(sc.max_batch >= 1, "reward.self_confidence.max_batch", f"must be >= 1, got {sc.max_batch}")
+    _min(s.batch_size, 1, "sampling.batch_size")
+    cfg.reward.self_confidence.check(s.num_steps)
     check(len(cfg.reward.components) >= 1, "reward.components", "needs at least one reward")
     for i, c in enumerate(cfg.reward.components):
         check(bool(c.name), f"reward.components[{i}].name", "must name a reward")
-        check(math.isfinite(c.weight), f"reward.components[{i}].weight", f"must be finite, got {c.weight}")
-    check(0 < g.rho <= 1, "grpo.rho", f"must lie in (0, 1], got {g.rho}")
-    if g.train_steps:
-        try:
-            steps = parse_steps(g.train_steps, cfg.sampling.num_steps)
-        except ValueError as e:
-            raise ConfigError("grpo.train_steps", str(e)) from None
-        check(len(steps) > 0, "grpo.train_steps", "names no step")
-    check(g.beta >= 0, "grpo.beta", f"must be >= 0, got {g.beta}")
-    check(
-        g.kl_form in ("flow_grpo", "exact"),
-        "grpo.kl_form",
-        f"must be 'flow_grpo' or 'exact', got {g.kl_form!r}",
-    )
-    check(g.clip_range > 0, "grpo.clip_range", f"must be > 0, got {g.clip_range}")
-    check(g.adv_clip > 0, "grpo.adv_clip", f"must be > 0, got {g.adv_clip}")
-    check(g.inner_epochs >= 1, "grpo.inner_epochs", f"must be >= 1, got {g.inner_epochs}")
-    check(g.micro_batch_size >= 1, "grpo.micro_batch_size", f"must be >= 1, got {g.micro_batch_size}")
-    check(
-        g.updates_per_iteration >= 1,
-        "grpo.updates_per_iteration",
-        f"must be >= 1, got {g.updates_per_iteration}",
-    )
-    check(cfg.monitor.window >= 1, "monitor.window", f"must be >= 1, got {cfg.monitor.window}")
+    _validate_grpo(cfg.grpo, s.num_steps)
+    o, t, lora = cfg.optim, cfg.train, cfg.model.lora
+    _min(cfg.monitor.window, 1, "monitor.window")
     check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     check(o.max_grad_norm > 0, "optim.max_grad_norm", f"must be > 0, got {o.max_grad_norm}")
-    check(cfg.model.lora.rank >= 1, "model.lora.rank", f"must be >= 1, got {cfg.model.lora.rank}")
-    check(cfg.model.lora.alpha > 0, "model.lora.alpha", f"must be > 0, got {cfg.model.lora.alpha}")
-    check(
-        cfg.model.dtype in ("fp32", "bf16", "fp16"),
-        "model.dtype",
-        f"must be fp32, bf16 or fp16, got {cfg.model.dtype!r}",
-    )
-    check(t.iterations >= 0, "train.iterations", f"must be >= 0, got {t.iterations}")
-    check(t.max_minutes >= 0, "train.max_minutes", f"must be >= 0 (0: no limit), got {t.max_minutes}")
-    check(t.checkpoint_every >= 1, "train.checkpoint_every", f"must be >= 1, got {t.checkpoint_every}")
-    check(t.device in ("auto", "cpu", "cuda"), "train.device", f"must be auto, cpu or cuda, got {t.device!r}")
+    _min(lora.rank, 1, "model.lora.rank")
+    check(lora.alpha > 0, "model.lora.alpha", f"must be > 0, got {lora.alpha}")
+    _min(t.iterations, 0, "train.iterations")
+    _min(t.max_minutes, 0, "train.max_minutes", " (0: no limit)")
+    _min(t.checkpoint_every, 1, "train.checkpoint_every")
+    _min(t.threads, 0, "train.threads", " (0: torch's default)")
     for name, src in (
         ("data.train_prompts", cfg.data.train_prompts),
         ("data.eval_prompts", cfg.data.eval_prompts),
@@ -328,23 +287,17 @@ def validate(cfg: SolaceConfig, check_paths: bool = True) -> None:
             )
 
 
-def probe_steps(spec: str, num_steps: int) -> list[int]:
-    """Which sampler timesteps the self-confidence reward probes: ``all``, ``later_half`` (the authors'
-    released code: the half nearest the data) or a comma list of step indices."""
-    if spec == "all":
-        return list(range(num_steps))
-    if spec == "later_half":
-        return list(range(num_steps // 2, num_steps))
-    try:
-        idx = [int(x) for x in str(spec).split(",") if x.strip()]
-    except ValueError:
-        raise ConfigError(
-            "reward.self_confidence.timesteps",
-            f"must be 'all', 'later_half' or a comma list of step indices, got {spec!r}",
-        ) from None
-    check(
-        len(idx) > 0 and all(0 <= i < num_steps for i in idx),
-        "reward.self_confidence.timesteps",
-        f"indices must lie in 0..{num_steps - 1}, got {spec!r}",
-    )
-    return idx
+def _validate_grpo(g: GRPOCfg, num_steps: int) -> None:
+    check(0 < g.rho <= 1, "grpo.rho", f"must lie in (0, 1], got {g.rho}")
+    if g.train_steps:
+        try:
+            steps = parse_steps(g.train_steps, num_steps)
+        except ValueError as e:
+            raise ConfigError("grpo.train_steps", str(e)) from None
+        check(len(steps) > 0, "grpo.train_steps", "names no step")
+    _min(g.beta, 0, "grpo.beta")
+    check(g.clip_range > 0, "grpo.clip_range", f"must be > 0, got {g.clip_range}")
+    check(g.adv_clip > 0, "grpo.adv_clip", f"must be > 0, got {g.adv_clip}")
+    _min(g.inner_epochs, 1, "grpo.inner_epochs")
+    _min(g.micro_batch_size, 1, "grpo.micro_batch_size")
+    _min(g.updates_per_iteration, 1, "grpo.updates_per_iteration")

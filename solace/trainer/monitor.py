@@ -23,16 +23,6 @@ def latent_texture(z0: torch.Tensor) -> torch.Tensor:
     return z0.float().flatten(2).std(-1).mean(-1) if z0.ndim >= 3 else z0.float().std(-1)
 
 
-def toy_foreground(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Toy world: (foreground fraction, number of detected objects) per image."""
-    from solace.toy.evaluator import detect, segment, to_uint8
-
-    arr = to_uint8(images)
-    fg = torch.tensor([float((segment(a) >= 0).mean()) for a in arr])
-    n = torch.tensor([float(len(detect(a))) for a in arr])
-    return fg, n
-
-
 @dataclass
 class CollapseMonitor:
     std_drop: float = 0.5

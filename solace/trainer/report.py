@@ -49,6 +49,64 @@ def _iterations(trainer: Any) -> str:
     return f"{done} of {planned} (stopped by train.max_minutes={trainer.cfg.train.max_minutes:g})"
 
 
+SIGNALS = (
+    "reward/mean",
+    "reward/std",
+    "train/kl",
+    "train/clipfrac",
+    "monitor/texture",
+    "monitor/foreground",
+    "monitor/objects",
+    "train/strict_acc",
+)
+
+
+def window_means(history: list[dict[str, float]], key: str, n: int) -> tuple[float, float]:
+    """Mean of ``key`` over the first and over the last ``n`` iterations (NaN where it was never logged).
+    One iteration's batch statistics swing with the prompts drawn; window means, as the collapse monitor
+    uses, compare like with like."""
+
+    def mean(rows: list[dict[str, float]]) -> float:
+        vals = [float(h[key]) for h in rows if key in h]
+        return sum(vals) / len(vals) if vals else float("nan")
+
+    return mean(history[:n]), mean(history[-n:])
+
+
+def _signal_table(history: list[dict[str, float]], window: int) -> list[str]:
+    n = max(1, min(window, len(history) // 2))
+    first, last = history[0]["iteration"], history[-1]["iteration"]
+    lines = [
+        "## Training signals",
+        "",
+        f"Means over the first and the last {n} iteration{'s' if n > 1 else ''} (`monitor.window`).",
+        "",
+        f"| | iterations {first}-{first + n - 1} | iterations {last - n + 1}-{last} |",
+        "|---|---|---|",
+    ]
+    for k in SIGNALS:
+        if any(k in h for h in history):
+            a, b = window_means(history, k, n)
+            lines.append(f"| {k} | {a:.4f} | {b:.4f} |")
+    return lines
+
+
+def _accuracy_table(evals: list[dict[str, Any]]) -> list[str]:
+    first, last = evals[0], evals[-1]
+    lines = [
+        "## Held-out accuracy (toy world, exact evaluator)",
+        "",
+        f"| | iteration {first['iteration']} (base) | iteration {last['iteration']} (trained) |",
+        "|---|---|---|",
+        f"| overall strict | {first['strict']:.3f} | {last['strict']:.3f} |",
+        f"| overall lenient | {first['lenient']:.3f} | {last['lenient']:.3f} |",
+    ]
+    for c in last["categories"]:
+        a = first["categories"].get(c, {}).get("strict", float("nan"))
+        lines.append(f"| {c} strict | {a:.3f} | {last['categories'][c]['strict']:.3f} |")
+    return [*lines, ""]
+
+
 def write_report(trainer: Any) -> Path:
     out: Path = trainer.out
     cfg = trainer.cfg
@@ -73,34 +131,9 @@ def write_report(trainer: Any) -> Path:
             ["Monitor warnings (first 10):", ""] + [f"- {w}" for w in trainer.monitor.warnings[:10]] + [""]
         )
     if trainer.evals:
-        first, last = trainer.evals[0], trainer.evals[-1]
-        lines += [
-            "## Held-out accuracy (toy world, exact evaluator)",
-            "",
-            f"| | iteration {first['iteration']} (base) | iteration {last['iteration']} (trained) |",
-            "|---|---|---|",
-            f"| overall strict | {first['strict']:.3f} | {last['strict']:.3f} |",
-            f"| overall lenient | {first['lenient']:.3f} | {last['lenient']:.3f} |",
-        ]
-        for c in last["categories"]:
-            a = first["categories"].get(c, {}).get("strict", float("nan"))
-            lines.append(f"| {c} strict | {a:.3f} | {last['categories'][c]['strict']:.3f} |")
-        lines.append("")
+        lines += _accuracy_table(trainer.evals)
     if trainer.history:
-        h0, h1 = trainer.history[0], trainer.history[-1]
-        lines += ["## Training signals", "", "| | first iteration | last iteration |", "|---|---|---|"]
-        for k in (
-            "reward/mean",
-            "reward/std",
-            "train/kl",
-            "train/clipfrac",
-            "monitor/texture",
-            "monitor/foreground",
-            "monitor/objects",
-            "train/strict_acc",
-        ):
-            if k in h0 or k in h1:
-                lines.append(f"| {k} | {h0.get(k, float('nan')):.4f} | {h1.get(k, float('nan')):.4f} |")
+        lines += _signal_table(trainer.history, trainer.cfg.monitor.window)
         t = {
             k: sum(h.get(f"time/{k}", 0.0) for h in trainer.history) / len(trainer.history)
             for k in ("sampling", "reward", "update")

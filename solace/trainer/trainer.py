@@ -2,17 +2,20 @@
 
 One iteration (paper Alg. 1):
 
-1. ``P`` prompts (the same on every process, from ``(seed, iteration)``), ``G`` samples each; the ``P*G``
-   samples are split evenly across processes. Each sample's initial and SDE noise depends only on
-   ``(seed, iteration, sample index)``, so the samples do not depend on the number of processes.
-2. SDE sampling with CFG keeps every latent and step log-prob (no grad).
-3. Rewards: self-confidence on the clean latents (no CFG, probes shared per group) and/or external rewards
-   on decoded images; per-timestep scores and rewards are gathered across processes.
-4. Group-relative advantages over the gathered batch; each process keeps its own slice.
-5. For the last ``ceil(rho |T|)`` steps: PPO-clipped loss on the recomputed log-probs plus ``beta`` KL to
-   the LoRA-off reference; gradients accumulate over (micro-batch x window step) micro-steps, each scaled by
-   1 / (the number of micro-steps actually trained), then one optimizer step per update.
-6. Logging (progress bar, tensorboard, CSV), collapse monitor, periodic evaluation, image grids, atomic
+1. :meth:`Trainer.sample_rollout`: ``P`` prompts (the same on every process, from ``(seed, iteration)``),
+   ``G`` samples each, split evenly across processes (:class:`~solace.sampling.rollout.GroupLayout`). Each
+   sample's initial and SDE noise depends only on ``(seed, iteration, sample index)``
+   (:class:`~solace.utils.seeding.TrainStreams`), so the samples do not depend on the number of processes.
+   SDE sampling with CFG keeps every latent and step log-prob (no grad): a typed
+   :class:`~solace.sampling.rollout.Rollout`.
+2. :meth:`Trainer.score`: self-confidence on the clean latents (no CFG, probes shared per group) and/or
+   external rewards on decoded images, gathered across processes; group-relative advantages over the
+   gathered batch, each process keeping its own slice.
+3. :meth:`Trainer.update`: for the last ``ceil(rho |T|)`` steps, the PPO-clipped loss on the recomputed
+   log-probs plus ``beta`` KL to the LoRA-off reference; gradients accumulate over (micro-batch x window
+   step) micro-steps, each scaled by 1 / (the number of micro-steps actually trained), then one optimizer
+   step per update.
+4. Logging (progress bar, tensorboard, CSV), collapse monitor, periodic evaluation, image grids, atomic
    checkpoints; at the end the LoRA is exported and a report written.
 """
 
@@ -24,7 +27,7 @@ import functools
 import json
 import math
 import time
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -38,19 +41,14 @@ from solace.grpo.window import parse_steps, train_window
 from solace.models import load_adapter, model_family
 from solace.models.base import Conditioning, adapters_disabled
 from solace.models.lora import add_lora, load_lora, lora_config, lora_parameters, lora_state_dict, save_lora
+from solace.prompts import PromptSource
 from solace.rewards.mixture import SELF_CONFIDENCE, RewardMixture
+from solace.sampling.rollout import GroupLayout, Rollout
 from solace.sampling.sampler import sample, step_policy
 from solace.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from solace.trainer.config import SolaceConfig, probe_steps, to_yaml
-from solace.trainer.monitor import CollapseMonitor, latent_texture, toy_foreground
-from solace.trainer.prompts import Prompt, PromptSource
-
-
-def _seed(*parts: int) -> int:
-    h = 1469598103934665603
-    for p in parts:
-        h = ((h ^ (int(p) & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 63)
-    return h
+from solace.trainer.config import SolaceConfig, to_yaml
+from solace.trainer.monitor import CollapseMonitor, latent_texture
+from solace.utils.seeding import Stream, TrainStreams
 
 
 class Trainer:
@@ -64,17 +62,44 @@ class Trainer:
         self.acc = accelerator or Accelerator(cpu=cpu)
         self.out = Path(cfg.train.output_dir)
         self.is_main = self.acc.is_main_process
-        world = self.acc.num_processes
-        total = cfg.sampling.prompts_per_step * cfg.sampling.group_size
+        self.rank = self.acc.process_index
+        self.layout = self._layout()
+        self.adapter = self._load_model()
+        self.params, self.opt, self.wrapped = self._trainable()
+        s = cfg.sampling
+        self.rewards = RewardMixture(cfg.reward.components, cfg.reward.self_confidence, s.cfg_scale)
+        self.streams = TrainStreams(cfg.train.seed)
+        self.source = PromptSource(cfg.data.train_prompts, cfg.train.seed)
+        self.sigmas = self.adapter.sigmas(s.num_steps)
+        g = cfg.grpo
+        self.window = (
+            parse_steps(g.train_steps, s.num_steps) if g.train_steps else train_window(s.num_steps, g.rho)
+        )
+        # S_t is probed at the sampler's own timesteps (sigmas[0..T-1]; sigmas[T] = 0 is the data itself).
+        self.probe_idx, self.probe_t = self.rewards.confidence.timesteps(self.sigmas)
+        self._cond_cache: OrderedDict[str, Conditioning] = OrderedDict()
+        self.null = self.adapter.encode_prompts([""])
+        mc = cfg.monitor
+        self.monitor = CollapseMonitor(mc.std_drop, mc.foreground_drop, mc.reward_spike_z, mc.window)
+        self.is_toy = self.adapter.name == "toy"
+        self.start_iteration = 0
+        self.stopped_at = cfg.train.iterations
+        self.history: list[dict[str, float]] = []
+        self.evals: list[dict[str, Any]] = []
+        self.writer = None
+
+    def _layout(self) -> GroupLayout:
+        s, world = self.cfg.sampling, self.acc.num_processes
+        total = s.prompts_per_step * s.group_size
         if total % world:
             raise ConfigError(
                 "sampling.group_size",
                 f"prompts_per_step * group_size = {total} samples must split evenly over {world} processes",
             )
-        self.local_n = total // world
-        self.rank = self.acc.process_index
+        return GroupLayout.split(s.prompts_per_step, s.group_size, self.rank, world)
 
-        m = cfg.model
+    def _load_model(self) -> Any:
+        m = self.cfg.model
         kwargs: dict[str, Any] = {"device": self.acc.device}
         family = model_family(m.name)
         if family != "toy":
@@ -88,50 +113,30 @@ class Trainer:
                 kwargs["guidance_scale"] = m.guidance_scale
             else:
                 kwargs["text_encoder_3"] = m.text_encoder_3
-        self.adapter = load_adapter(m.name, **kwargs)
+        return load_adapter(m.name, **kwargs)
+
+    def _trainable(self) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer, torch.nn.Module]:
+        """LoRA on the denoiser (its A matrices drawn from ``train.seed``), AdamW, and the module that runs
+        forwards (DDP-wrapped on several processes)."""
+        m, o = self.cfg.model, self.cfg.optim
         den = self.adapter.denoiser
         den.requires_grad_(False)
         targets = m.lora.target_modules or self.adapter.lora_target_modules
-        torch.manual_seed(cfg.train.seed)  # LoRA's A matrices are drawn here: same seed, same initial LoRA
+        torch.manual_seed(self.cfg.train.seed)  # same seed, same initial LoRA
         if m.lora.init_from and m.lora.merge_init:
             load_lora(den, m.lora.init_from, merge=True)
             add_lora(den, m.lora.rank, m.lora.alpha, targets)
         else:
             add_lora(den, m.lora.rank, m.lora.alpha, targets, init_from=m.lora.init_from)
-        self.params = lora_parameters(den)
-        o = cfg.optim
-        self.opt = torch.optim.AdamW(
-            self.params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay
+        params = lora_parameters(den)
+        opt = torch.optim.AdamW(
+            params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay
         )
-        if world > 1:
-            wrapped, self.opt = self.acc.prepare(den, self.opt)
-            self.adapter.forward_module = wrapped
-            self.wrapped = wrapped
-        else:
-            self.wrapped = den
-        self.rewards = RewardMixture(
-            cfg.reward.components, cfg.reward.self_confidence, cfg.sampling.cfg_scale
-        )
-        self.source = PromptSource(cfg.data.train_prompts, cfg.train.seed)
-        self.sigmas = self.adapter.sigmas(cfg.sampling.num_steps)
-        self.window = (
-            parse_steps(cfg.grpo.train_steps, cfg.sampling.num_steps)
-            if cfg.grpo.train_steps
-            else train_window(cfg.sampling.num_steps, cfg.grpo.rho)
-        )
-        self.probe_idx = probe_steps(cfg.reward.self_confidence.timesteps, cfg.sampling.num_steps)
-        # S_t is probed at the sampler's own timesteps (sigmas[0..T-1]; sigmas[T] = 0 is the data itself).
-        self.probe_t = self.sigmas[self.probe_idx].clamp(min=1e-4)
-        self._cond_cache: OrderedDict[str, Conditioning] = OrderedDict()
-        self.null = self.adapter.encode_prompts([""])
-        mc = cfg.monitor
-        self.monitor = CollapseMonitor(mc.std_drop, mc.foreground_drop, mc.reward_spike_z, mc.window)
-        self.is_toy = self.adapter.name == "toy"
-        self.start_iteration = 0
-        self.stopped_at = cfg.train.iterations
-        self.history: list[dict[str, float]] = []
-        self.evals: list[dict[str, Any]] = []
-        self.writer = None
+        if self.acc.num_processes == 1:
+            return params, opt, den
+        wrapped, opt = self.acc.prepare(den, opt)
+        self.adapter.forward_module = wrapped
+        return params, opt, wrapped
 
     @property
     def eval_cfg_scale(self) -> float:
@@ -167,291 +172,235 @@ class Trainer:
             if v is not None and math.isfinite(float(v)):
                 self.writer.add_scalar(k, float(v), step)
 
-    # ------------------------------------------------------------------ one iteration
+    def _batches(self, n: int) -> list[slice]:
+        """Slices of ``sampling.batch_size`` samples: the forwards of sampling and decoding."""
+        bs = self.cfg.sampling.batch_size
+        return [slice(b, b + bs) for b in range(0, n, bs)]
+
+    # ------------------------------------------------------------------ sampling
     @torch.no_grad()
-    def collect(self, iteration: int) -> dict[str, Any]:
-        """Sample this process's share of the iteration's groups and score them."""
-        cfg, s = self.cfg, self.cfg.sampling
-        G = s.group_size
-        prompts: list[Prompt] = self.source.for_iteration(iteration, s.prompts_per_step)
-        gidx = list(range(self.rank * self.local_n, (self.rank + 1) * self.local_n))
-        group_of = torch.tensor([i // G for i in gidx])
-        texts = [prompts[i // G].text for i in gidx]
-        metas = [prompts[i // G].meta for i in gidx]
-        cond = self.encode(texts).to(self.acc.device)
-        null = self.null.index([0] * len(gidx)).to(self.acc.device)
+    def sample_rollout(self, iteration: int) -> Rollout:
+        """Sample this process's share of the iteration's groups with the SDE sampler and CFG."""
+        s, lay, dev = self.cfg.sampling, self.layout, self.acc.device
+        t0 = time.perf_counter()
+        prompts = self.source.for_iteration(iteration, s.prompts_per_step)
+        cond = self.encode([prompts[g].text for g in lay.groups]).to(dev)
+        null = self.null.index([0] * len(cond)).to(dev)
         lat = self.adapter.latent_shape()
-        T = s.num_steps
-        init = torch.stack(
-            [
-                torch.randn(
-                    lat,
-                    generator=torch.Generator().manual_seed(
-                        _seed(cfg.train.seed, iteration, i // G if s.same_init_noise else i, 1)
-                    ),
-                )
-                for i in gidx
-            ]
-        )
+        noise_of = lay.groups if s.same_init_noise else lay.indices  # one z_1 per group, or per sample
+        init = torch.stack([self.streams.initial_noise(iteration, k, lat) for k in noise_of])
         step_noise = torch.stack(
-            [
-                torch.randn(
-                    (T, *lat), generator=torch.Generator().manual_seed(_seed(cfg.train.seed, iteration, i, 2))
-                )
-                for i in gidx
-            ]
+            [self.streams.sde_noise(iteration, i, s.num_steps, lat) for i in lay.indices]
         )
         sde_steps = self.window if s.sde_window_only else None
-        t0 = time.perf_counter()
-        trajs = []
-        for b in range(0, len(gidx), s.batch_size):
-            sl = slice(b, b + s.batch_size)
-            trajs.append(
-                sample(
-                    self.adapter,
-                    cond.index(sl),
-                    null.index(sl),
-                    self.sigmas,
-                    init[sl].to(self.acc.device),
-                    s.cfg_scale,
-                    s.noise_level,
-                    sde_steps,
-                    step_noise=step_noise[sl].to(self.acc.device),
-                )
-            )
+        trajs = [
+            sample(
+                self.adapter,
+                cond.index(sl),
+                null.index(sl),
+                self.sigmas,
+                init[sl].to(dev),
+                s.cfg_scale,
+                s.noise_level,
+                sde_steps,
+                step_noise=step_noise[sl].to(dev),
+            )  # fmt: skip
+            for sl in self._batches(len(cond))
+        ]
         latents = torch.cat([t.latents for t in trajs])
         log_probs = torch.cat([t.log_probs for t in trajs])
-        t_sample = time.perf_counter() - t0
+        ro = Rollout(prompts, lay, cond, null, latents, log_probs)
+        ro.stats["time/sampling"] = time.perf_counter() - t0
+        return ro
 
+    def collect(self, iteration: int) -> Rollout:
+        """Sample and score one iteration: this process's rollout with its advantages and statistics."""
+        ro = self.sample_rollout(iteration)
+        ro.stats.update(self.score(ro, iteration))
+        return ro
+
+    # ------------------------------------------------------------------ rewards and advantages
+    def _confidence_scores(self, ro: Rollout, iteration: int) -> torch.Tensor:
+        """This process's per-timestep self-confidence S_t (n, T'), probes from the run's named streams."""
+        lay = ro.layout
+        if self.cfg.reward.self_confidence.probe_mode == "per_sample_timestep":
+            groups = torch.arange(len(ro))  # fresh probes for every sample: one "group" per sample
+            seeds = [self.streams.seed_of(Stream.SAMPLE_PROBES, iteration, i) for i in lay.indices]
+        else:
+            groups = torch.tensor(lay.groups)
+            seeds = [self.streams.seed_of(Stream.GROUP_PROBES, iteration, g) for g in range(lay.num_groups)]
+        t = self.probe_t.to(ro.z0.device)
+        return self.rewards.confidence.scores(self.adapter, ro.z0, ro.cond, ro.null, t, groups, seeds).cpu()
+
+    @torch.no_grad()
+    def score(self, ro: Rollout, iteration: int) -> dict[str, float]:
+        """Every reward of the whole (gathered) batch, mixed; sets ``ro.advantages`` to this process's
+        group-relative advantages; returns the reward and batch statistics."""
         t0 = time.perf_counter()
-        z0 = latents[:, -1]
         comps: dict[str, torch.Tensor] = {}
-        scores_all = None
+        scores = None
         if self.rewards.uses_self_confidence:
-            seeds = [
-                _seed(cfg.train.seed, iteration, g, 3)
-                if cfg.reward.self_confidence.probe_mode == "group"
-                else _seed(cfg.train.seed, iteration, g, 3, self.rank)
-                for g in range(s.prompts_per_step)
-            ]
-            local_group = group_of
-            if cfg.reward.self_confidence.probe_mode == "per_sample_timestep":
-                # fresh probes for every sample: one "group" per sample, seeded by its global index
-                local_group = torch.arange(len(gidx))
-                seeds = [_seed(cfg.train.seed, iteration, i, 4) for i in gidx]
-            scores = self.rewards.self_confidence_scores(
-                self.adapter, z0, cond, null, self.probe_t.to(z0.device), local_group, seeds
-            ).cpu()
-            scores_all = self._gather(scores)
-            comps[SELF_CONFIDENCE] = self.rewards.aggregate_scores(scores_all, self.probe_t)
+            scores = self._gather(self._confidence_scores(ro, iteration))
+            comps[SELF_CONFIDENCE] = self.rewards.confidence.aggregate(scores, self.probe_t)
         images = None
-        need_images = bool(self.rewards.external) or self.is_toy
-        if need_images:
-            images = torch.cat(
-                [
-                    self.adapter.decode(z0[b : b + s.batch_size]).cpu()
-                    for b in range(0, len(gidx), s.batch_size)
-                ]
-            )
+        if self.rewards.external or self.is_toy:
+            images = torch.cat([self.adapter.decode(ro.z0[sl]).cpu() for sl in self._batches(len(ro))])
         if self.rewards.external:
-            for name, r in self.rewards.external_rewards(images, texts, metas).items():
+            for name, r in self.rewards.external_rewards(images, ro.texts, ro.metas).items():
                 comps[name] = self._gather(r)
         total = self.rewards.combine(comps)
         t_reward = time.perf_counter() - t0
-        all_groups = torch.arange(s.prompts_per_step * G) // G
+        g = self.cfg.grpo
         adv = group_advantages(
-            total,
-            group_ids=all_groups,
-            global_std=cfg.grpo.global_std,
-            eps=cfg.grpo.adv_eps,
-            clip=cfg.grpo.adv_clip,
+            total, group_ids=ro.layout.all_groups(), global_std=g.global_std, eps=g.adv_eps, clip=g.adv_clip
         )
-        local_adv = adv[self.rank * self.local_n : (self.rank + 1) * self.local_n]
-        stats: dict[str, float] = {"reward/mean": float(total.mean()), "reward/std": float(total.std())}
-        for k, v in comps.items():
-            stats[f"reward/{k}_mean"] = float(v.mean())
-        if scores_all is not None:
-            for col, j in enumerate(self.probe_idx):
-                stats[f"self_confidence/S_t{j:02d}"] = float(scores_all[:, col].mean())
-        stats["adv/abs_mean"] = float(adv.abs().mean())
-        stats["adv/max"] = float(adv.max())
-        tex = self._gather(latent_texture(z0).cpu())
-        stats["monitor/texture"] = float(tex.mean())
-        if self.is_toy and images is not None:
-            fg, nobj = toy_foreground(images)
-            stats["monitor/foreground"] = float(self._gather(fg).mean())
-            stats["monitor/objects"] = float(self._gather(nobj).mean())
-            if any("include" in m for m in metas):
-                from solace.toy.evaluator import detect, score_detections, to_uint8
-                from solace.toy.world import PromptRecord
-
-                strict = torch.tensor(
-                    [
-                        float(score_detections(detect(a), PromptRecord.from_json(m))["strict"])
-                        for a, m in zip(to_uint8(images), metas, strict=True)
-                    ]
-                )
-                stats["train/strict_acc"] = float(self._gather(strict).mean())
-        stats["time/sampling"] = t_sample
+        ro.advantages = ro.layout.local(adv)
+        stats = {"reward/mean": float(total.mean()), "reward/std": float(total.std())}
+        stats.update({f"reward/{k}_mean": float(v.mean()) for k, v in comps.items()})
+        if scores is not None:
+            stats.update(
+                {
+                    f"self_confidence/S_t{j:02d}": float(scores[:, c].mean())
+                    for c, j in enumerate(self.probe_idx)
+                }
+            )
+        stats.update({"adv/abs_mean": float(adv.abs().mean()), "adv/max": float(adv.max())})
+        stats.update(self._sample_statistics(ro, images))
         stats["time/reward"] = t_reward
-        return {
-            "latents": latents,
-            "log_probs": log_probs,
-            "adv": local_adv,
-            "cond": cond,
-            "null": null,
-            "stats": stats,
-            "prompts": [p.text for p in prompts],
-        }
+        return stats
 
-    def update(self, batch: dict[str, Any], iteration: int) -> dict[str, float]:
+    def _sample_statistics(self, ro: Rollout, images: torch.Tensor | None) -> dict[str, float]:
+        """Batch means of what the collapse monitor watches (and, on the toy world, strict correctness)."""
+        stats = {"monitor/texture": float(self._gather(latent_texture(ro.z0).cpu()).mean())}
+        if self.is_toy and images is not None:
+            from solace.evaluation.toy_eval import batch_statistics
+
+            for k, v in batch_statistics(images, ro.metas).items():
+                stats[k] = float(self._gather(v).mean())
+        return stats
+
+    # ------------------------------------------------------------------ policy update
+    def update(self, ro: Rollout, iteration: int) -> dict[str, float]:
         """PPO-clipped GRPO update with KL to the LoRA-off reference on the window of steps."""
-        cfg, g = self.cfg, self.cfg.grpo
-        n = batch["latents"].shape[0]
-        dev = self.acc.device
-        agg: dict[str, list[float]] = {
-            "loss": [],
-            "policy_loss": [],
-            "kl": [],
-            "approx_kl": [],
-            "clipfrac": [],
-            "ratio_min": [],
-            "ratio_max": [],
-            "grad_norm": [],
-        }
+        g = self.cfg.grpo
+        agg: dict[str, list[float]] = defaultdict(list)
         t0 = time.perf_counter()
         for epoch in range(g.inner_epochs):
-            perm = torch.randperm(
-                n,
-                generator=torch.Generator().manual_seed(
-                    _seed(cfg.train.seed, iteration, epoch, 5, self.rank)
-                ),
-            )
-            chunks = perm.chunk(g.updates_per_iteration)
-            for chunk in chunks:
-                micro = list(chunk.split(g.micro_batch_size))
-                n_micro = len(micro) * len(self.window)  # the micro-steps actually trained in this update
-                k = 0
-                for mb in micro:
-                    z = batch["latents"][mb].to(dev)
-                    old = batch["log_probs"][mb].to(dev)
-                    adv = batch["adv"][mb].to(dev).float()
-                    cond, null = batch["cond"].index(mb), batch["null"].index(mb)
-                    for j in self.window:
-                        k += 1
-                        last = k == n_micro
-                        sync = (
-                            contextlib.nullcontext()
-                            if (last or self.acc.num_processes == 1)
-                            else self.acc.no_sync(self.wrapped)
-                        )
-                        with sync:
-                            step_j = functools.partial(
-                                step_policy, self.adapter, z[:, j], z[:, j + 1], self.sigmas, j, cond, null,
-                                cfg.sampling.cfg_scale, cfg.sampling.noise_level,
-                            )  # fmt: skip
-                            st = step_j()
-                            pl, pst = ppo_clip_loss(st.log_prob, old[:, j], adv, g.clip_range)
-                            loss = pl
-                            kl = torch.zeros((), device=dev)
-                            if g.beta > 0:
-                                with torch.no_grad(), adapters_disabled(self.adapter.denoiser):
-                                    ref = step_j()  # the same step under the LoRA-off reference
-                                dt = self.sigmas[j + 1] - self.sigmas[j]
-                                kl = gaussian_kl(st.mean, ref.mean, st.std.reshape(-1), dt, g.kl_form).mean()
-                                loss = loss + g.beta * kl
-                            (loss / n_micro).backward()
-                        agg["loss"].append(float(loss.detach()))
-                        agg["policy_loss"].append(float(pl.detach()))
-                        agg["kl"].append(float(kl.detach()))
-                        agg["approx_kl"].append(float(pst["approx_kl"]))
-                        agg["clipfrac"].append(float(pst["clipfrac"]))
-                        agg["ratio_min"].append(float(pst["ratio_min"]))
-                        agg["ratio_max"].append(float(pst["ratio_max"]))
-                if self.acc.num_processes > 1 and self.wrapped is self.adapter.denoiser:
-                    for p in self.params:  # pragma: no cover - prepare() wraps whenever world > 1
-                        if p.grad is not None:
-                            p.grad = self.acc.reduce(p.grad, reduction="mean")
-                gn = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.max_grad_norm)
-                agg["grad_norm"].append(float(gn))
-                self.opt.step()
-                self.opt.zero_grad(set_to_none=True)
-        out = {
-            f"train/{k}": (min(v) if k == "ratio_min" else max(v) if k == "ratio_max" else sum(v) / len(v))
-            for k, v in agg.items()
-            if v
-        }
+            gen = self.streams.generator(Stream.MINIBATCH_ORDER, iteration, epoch, self.rank)
+            for chunk in torch.randperm(len(ro), generator=gen).chunk(g.updates_per_iteration):
+                self._optimizer_step(ro, chunk, agg)
+        reduce = {"ratio_min": min, "ratio_max": max}
+        out = {f"train/{k}": reduce.get(k, lambda v: sum(v) / len(v))(v) for k, v in agg.items()}
         out["time/update"] = time.perf_counter() - t0
         out["train/lr"] = self.opt.param_groups[0]["lr"]
         return out
 
+    def _optimizer_step(self, ro: Rollout, chunk: torch.Tensor, agg: dict[str, list[float]]) -> None:
+        """One optimizer step over the samples ``chunk``: gradients accumulate over its micro-batches and the
+        window's steps, each micro-step scaled by 1 / their number; gradients sync on the last one only."""
+        micro = list(chunk.split(self.cfg.grpo.micro_batch_size))
+        n_micro = len(micro) * len(self.window)
+        k = 0
+        for mb in micro:
+            batch = self._micro_batch(ro, mb)
+            for j in self.window:
+                k += 1
+                sync = k == n_micro or self.acc.num_processes == 1
+                with contextlib.nullcontext() if sync else self.acc.no_sync(self.wrapped):
+                    loss, parts = self._step_loss(batch, j)
+                    (loss / n_micro).backward()
+                agg["loss"].append(float(loss.detach()))
+                for name, v in parts.items():
+                    agg[name].append(float(v))
+        agg["grad_norm"].append(
+            float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm))
+        )
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def _micro_batch(self, ro: Rollout, mb: torch.Tensor) -> dict[str, Any]:
+        dev = self.acc.device
+        return {
+            "z": ro.latents[mb].to(dev),
+            "old": ro.log_probs[mb].to(dev),
+            "adv": ro.advantages[mb].to(dev).float(),
+            "cond": ro.cond.index(mb),
+            "null": ro.null.index(mb),
+        }
+
+    def _step_loss(self, b: dict[str, Any], j: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss of window step ``j`` (Eq. 16): PPO clip on the recomputed log-prob + beta * KL to the
+        LoRA-off reference on the same step."""
+        s, g = self.cfg.sampling, self.cfg.grpo
+        step_j = functools.partial(
+            step_policy, self.adapter, b["z"][:, j], b["z"][:, j + 1], self.sigmas, j, b["cond"], b["null"],
+            s.cfg_scale, s.noise_level,
+        )  # fmt: skip
+        st = step_j()
+        pl, pst = ppo_clip_loss(st.log_prob, b["old"][:, j], b["adv"], g.clip_range)
+        loss = pl
+        kl = torch.zeros((), device=self.acc.device)
+        if g.beta > 0:
+            with torch.no_grad(), adapters_disabled(self.adapter.denoiser):
+                ref = step_j()
+            dt = self.sigmas[j + 1] - self.sigmas[j]
+            kl = gaussian_kl(st.mean, ref.mean, st.std.reshape(-1), dt, g.kl_form).mean()
+            loss = loss + g.beta * kl
+        parts = {"policy_loss": pl.detach(), "kl": kl.detach()}
+        parts.update({k: pst[k] for k in ("approx_kl", "clipfrac", "ratio_min", "ratio_max")})
+        return loss, parts
+
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, iteration: int) -> dict[str, Any] | None:
-        cfg = self.cfg
-        if not self.is_main:
+        """Held-out accuracy with the toy world's exact evaluator (main process; None elsewhere or where
+        nothing can be scored exactly); logged, kept in ``evals``, compared with the base by the monitor."""
+        if not self.is_main or not self.is_toy:
             return None
-        recs = self._toy_eval_records()
-        if recs is not None:
-            from solace.evaluation.toy_eval import BaseEvalCache, evaluate_records
+        from solace.evaluation.toy_eval import eval_records
 
-            cache = (
-                BaseEvalCache(cfg.train.base_eval_cache, self._base_eval_key())
-                if iteration == 0 and cfg.train.base_eval_cache
-                else None
-            )
-            res = cache.get() if cache else None
-            if res is None:
-                res = evaluate_records(
-                    self.adapter,
-                    recs,
-                    cfg.train.eval_samples_per_prompt,
-                    cfg.sampling.eval_num_steps,
-                    self.eval_cfg_scale,
-                    seed=cfg.train.seed + 999,
-                    progress=False,
-                )
-                if cache:
-                    cache.put(res)
-            summ = res["summary"]
-            out = {
-                "iteration": iteration,
-                "strict": summ["overall"]["strict"],
-                "lenient": summ["overall"]["lenient"],
-                "categories": summ["categories"],
-                "images": summ.get("images", {}),  # a cached evaluation from an older version lacks them
-            }
-            self._log(
-                {
-                    "eval/strict": out["strict"],
-                    "eval/lenient": out["lenient"],
-                    **{f"eval/{k}": v for k, v in out["images"].items()},
-                    **{f"eval/{c}_strict": v["strict"] for c, v in summ["categories"].items()},
-                },
-                iteration,
-            )
-            if self.evals and self.cfg.monitor.enabled:
-                for w in self.monitor.update_eval(iteration, self.evals[0].get("images", {}), out["images"]):
-                    tqdm.write(f"WARNING collapse monitor: {w}")
-            self.evals.append(out)
-            return out
-        return None
-
-    def _toy_eval_records(self) -> list | None:
-        """The records the exact evaluator scores: the toy held-out set, or a ``.jsonl`` prompt file whose
-        every line carries GenEval metadata (``include``); None where there is nothing to score exactly."""
-        if not self.is_toy:
+        recs = eval_records(self.cfg.data.eval_prompts, self.cfg.data.eval_prompts_limit)
+        if recs is None:
             return None
-        from solace.toy.world import PromptRecord, balanced_subset, load_heldout
+        summ = self._evaluate_records(recs, iteration)["summary"]
+        out = {
+            "iteration": iteration,
+            "strict": summ["overall"]["strict"],
+            "lenient": summ["overall"]["lenient"],
+            "categories": summ["categories"],
+            "images": summ.get("images", {}),  # a cached evaluation from an older version lacks them
+        }
+        self._log(
+            {
+                "eval/strict": out["strict"],
+                "eval/lenient": out["lenient"],
+                **{f"eval/{k}": v for k, v in out["images"].items()},
+                **{f"eval/{c}_strict": v["strict"] for c, v in summ["categories"].items()},
+            },
+            iteration,
+        )
+        if self.evals and self.cfg.monitor.enabled:
+            for w in self.monitor.update_eval(iteration, self.evals[0].get("images", {}), out["images"]):
+                tqdm.write(f"WARNING collapse monitor: {w}")
+        self.evals.append(out)
+        return out
 
-        spec, limit = self.cfg.data.eval_prompts, self.cfg.data.eval_prompts_limit
-        if spec == "toy_heldout":
-            return balanced_subset(load_heldout(), limit)
-        items = PromptSource(spec, 0).all()
-        if not all("include" in p.meta for p in items):
-            return None
-        recs = [PromptRecord.from_json(p.meta) for p in items]
-        return balanced_subset(recs, limit) if limit else recs
+    def _evaluate_records(self, recs: list, iteration: int) -> dict[str, Any]:
+        """Score ``recs`` on fixed noise; the evaluation before training is cached when configured."""
+        from solace.evaluation.toy_eval import BaseEvalCache, evaluate_records
+
+        c = self.cfg
+        cached = iteration == 0 and c.train.base_eval_cache
+        cache = BaseEvalCache(c.train.base_eval_cache, self._base_eval_key()) if cached else None
+        res = cache.get() if cache else None
+        if res is None:
+            res = evaluate_records(
+                self.adapter, recs, c.train.eval_samples_per_prompt, c.sampling.eval_num_steps,
+                self.eval_cfg_scale, seed=c.train.seed + 999, progress=False,
+            )  # fmt: skip
+            if cache:
+                cache.put(res)
+        return res
 
     def _base_eval_key(self) -> dict[str, Any]:
         """Everything the evaluation before training depends on."""
@@ -477,68 +426,52 @@ class Trainer:
         }
 
     def save_images(self, iteration: int) -> Path | None:
+        """Image grid of fixed prompts and seeds (``train.image_prompts``; on the toy world one held-out
+        prompt per category), 4 samples a row."""
         if not self.is_main:
             return None
-        from solace.evaluation.toy_eval import generate
+        from solace.evaluation.toy_eval import default_image_prompts, generate
         from solace.utils.images import save_grid
 
-        prompts = self.cfg.train.image_prompts or self._default_image_prompts()
-        imgs = generate(
-            self.adapter,
-            prompts,
-            4,
-            self.cfg.sampling.eval_num_steps,
-            self.eval_cfg_scale,
-            seed=self.cfg.train.seed + 4242,
-            progress=False,
+        prompts = self.cfg.train.image_prompts or (
+            default_image_prompts() if self.is_toy else [p.text for p in self.source.for_iteration(0, 4)]
         )
-        scale = 3 if imgs.shape[-1] <= 64 else 1
+        imgs = generate(
+            self.adapter, prompts, 4, self.cfg.sampling.eval_num_steps, self.eval_cfg_scale,
+            seed=self.cfg.train.seed + 4242, progress=False,
+        )  # fmt: skip
         return save_grid(
             self.out / "images" / f"iter_{iteration:06d}.png",
             list(imgs),
             4,
             row_labels=[p.removeprefix("a photo of ") for p in prompts],
-            scale=scale,
+            scale=3 if imgs.shape[-1] <= 64 else 1,
         )
-
-    def _default_image_prompts(self) -> list[str]:
-        if self.is_toy:
-            from solace.toy.world import CATEGORIES, load_heldout
-
-            held = load_heldout()
-            return [next(r.prompt for r in held if r.tag == c) for c in CATEGORIES]
-        return [p.text for p in self.source.for_iteration(0, 4)]
 
     # ------------------------------------------------------------------ checkpoints
     def _lora_meta(self) -> dict[str, str]:
         cfgd = lora_config(self.adapter.denoiser).to_dict()
+        keep = (str, int, float, bool, list, set, type(None))
         return {
             "lora_config": json.dumps(
-                {
-                    k: (sorted(v) if isinstance(v, set) else v)
-                    for k, v in cfgd.items()
-                    if isinstance(v, str | int | float | bool | list | set | type(None))
-                }
+                {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfgd.items() if isinstance(v, keep)}
             )
         }
 
     def checkpoint(self, iteration: int) -> None:
         self.acc.wait_for_everyone()
         if self.is_main:
+            state = {
+                "history": self.history,
+                "evals": self.evals,
+                "monitor": self.monitor.warnings,
+                "monitor_series": self.monitor.series,
+                "reward_history": self.monitor.history,
+            }
             save_checkpoint(
-                self.out / "checkpoints",
-                iteration,
-                lora_state_dict(self.adapter.denoiser),
-                self._lora_meta(),
-                self.opt,
-                {
-                    "history": self.history,
-                    "evals": self.evals,
-                    "monitor": self.monitor.warnings,
-                    "monitor_series": self.monitor.series,
-                    "reward_history": self.monitor.history,
-                },
-            )
+                self.out / "checkpoints", iteration, lora_state_dict(self.adapter.denoiser),
+                self._lora_meta(), self.opt, state,
+            )  # fmt: skip
         self.acc.wait_for_everyone()
 
     def resume(self) -> bool:
@@ -562,17 +495,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ main loop
     def train(self, resume: bool = False) -> dict[str, Any]:
+        """Run (or resume) the iterations, then export the LoRA, evaluate and report."""
         cfg = self.cfg
-        if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(to_yaml(cfg))
-        resumed = self.resume() if resume else False
-        if not resumed and self.is_main:
-            (self.out / "log.csv").unlink(missing_ok=True)
-            if cfg.train.report:
-                self.evaluate(0)
-                if cfg.train.image_every:
-                    self.save_images(0)
+        self._start(resume)
         bar = tqdm(
             range(self.start_iteration, cfg.train.iterations),
             initial=self.start_iteration,
@@ -584,38 +509,10 @@ class Trainer:
         started = time.perf_counter()
         last = cfg.train.iterations  # the iteration the run ends at (earlier when the time budget runs out)
         for it in bar:
-            batch = self.collect(it)
-            stats = batch["stats"]
-            stats.update(self.update(batch, it))
-            warns = (
-                self.monitor.update(
-                    it,
-                    {
-                        "texture": stats["monitor/texture"],
-                        "foreground": stats.get("monitor/foreground", float("nan")),
-                        "reward_mean": stats["reward/mean"],
-                    },
-                )
-                if cfg.monitor.enabled
-                else []
-            )
-            for w in warns:
-                if self.is_main:
-                    tqdm.write(f"WARNING collapse monitor: {w}")
-            stats["iteration"] = it + 1
-            self.history.append(stats)
-            self._log(stats, it + 1)
-            self._write_csv(stats)
+            stats = self.iteration(it)
             bar.set_postfix(reward=f"{stats['reward/mean']:.3f}", kl=f"{stats.get('train/kl', 0):.2e}")
             done = it + 1
-            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.iterations:
-                ev = self.evaluate(done)
-                if ev and self.is_main:
-                    tqdm.write(
-                        f"iteration {done}: held-out strict {ev['strict']:.3f} lenient {ev['lenient']:.3f}"
-                    )
-            if cfg.train.image_every and done % cfg.train.image_every == 0:
-                self.save_images(done)
+            self._periodic(done)
             out_of_time = self._out_of_time(started)
             if done % cfg.train.checkpoint_every == 0 or done == cfg.train.iterations or out_of_time:
                 self.checkpoint(done)
@@ -629,16 +526,64 @@ class Trainer:
                 break
         bar.close()
         self.stopped_at = last
+        return self._finish(last)
+
+    def iteration(self, it: int) -> dict[str, float]:
+        """One iteration: sample, score, update, monitor, log. Returns its statistics."""
+        ro = self.collect(it)
+        stats = {**ro.stats, **self.update(ro, it)}
+        if self.cfg.monitor.enabled:
+            watched = {
+                "texture": stats["monitor/texture"],
+                "foreground": stats.get("monitor/foreground", float("nan")),
+                "reward_mean": stats["reward/mean"],
+            }
+            for w in self.monitor.update(it, watched):
+                if self.is_main:
+                    tqdm.write(f"WARNING collapse monitor: {w}")
+        stats["iteration"] = it + 1
+        self.history.append(stats)
+        self._log(stats, it + 1)
+        self._write_csv(stats)
+        return stats
+
+    def _start(self, resume: bool) -> None:
+        """Write the config, resume or evaluate the base."""
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(to_yaml(self.cfg))
+        resumed = self.resume() if resume else False
+        if not resumed and self.is_main:
+            (self.out / "log.csv").unlink(missing_ok=True)
+            if self.cfg.train.report:
+                self.evaluate(0)
+                if self.cfg.train.image_every:
+                    self.save_images(0)
+
+    def _periodic(self, done: int) -> None:
+        """Evaluations every ``train.eval_every`` and image grids every ``train.image_every`` iterations."""
+        t = self.cfg.train
+        if t.eval_every and done % t.eval_every == 0 and done < t.iterations:
+            ev = self.evaluate(done)
+            if ev and self.is_main:
+                tqdm.write(
+                    f"iteration {done}: held-out strict {ev['strict']:.3f} lenient {ev['lenient']:.3f}"
+                )
+        if t.image_every and done % t.image_every == 0:
+            self.save_images(done)
+
+    def _finish(self, last: int) -> dict[str, Any]:
+        """Export the LoRA, evaluate and report (main process), write monitor.json and evals.json."""
         result: dict[str, Any] = {"output_dir": str(self.out)}
         if self.is_main:
             final = self.out / "lora"
             pipe_cls = type(self.adapter.pipeline) if hasattr(self.adapter, "pipeline") else None
             save_lora(self.adapter, final, pipeline_class=pipe_cls)
             result["lora"] = str(final)
-            if cfg.train.report:
+            if self.cfg.train.report:
                 if not self.evals or self.evals[-1]["iteration"] != last:
                     self.evaluate(last)
-                if cfg.train.image_every:
+                if self.cfg.train.image_every:
                     self.save_images(last)
                 from solace.trainer.report import write_report
 
@@ -646,15 +591,11 @@ class Trainer:
             if self.writer is not None:
                 self.writer.close()  # every event on disk: a distributed run ends with os._exit
                 self.writer = None
-        result["monitor"] = self.monitor.verdict
-        if self.is_main:
-            (self.out / "monitor.json").write_text(
-                json.dumps({"verdict": self.monitor.verdict, "warnings": self.monitor.warnings}, indent=1)
-            )
+            monitor = {"verdict": self.monitor.verdict, "warnings": self.monitor.warnings}
+            (self.out / "monitor.json").write_text(json.dumps(monitor, indent=1))
             # every held-out evaluation of this run, machine-readable
             (self.out / "evals.json").write_text(json.dumps(self.evals, indent=1))
-        result["evals"] = self.evals
-        result["iterations"] = last
+        result.update(monitor=self.monitor.verdict, evals=self.evals, iterations=last)
         self.acc.wait_for_everyone()
         return result
 
@@ -678,8 +619,7 @@ class Trainer:
         new = not path.exists()
         if not new:
             with open(path) as f:
-                header = f.readline().strip().split(",")
-            keys = header
+                keys = f.readline().strip().split(",")
         with open(path, "a", newline="") as f:
             w = csv.writer(f)
             if new:

@@ -1,0 +1,110 @@
+"""Prompts: one type, one reader of prompt files, and the deterministic prompts of each training iteration.
+
+Prompt files come in their published formats:
+
+* ``.txt``: one prompt a line (DrawBench, OCR, Pick-a-Pic as published with Flow-GRPO's datasets); blank
+  lines are skipped and each line is stripped;
+* ``.jsonl``: one JSON object a line with a non-empty string ``prompt`` field (GenEval's published metadata
+  format: ``tag``, ``include``, ``exclude``, ``prompt``). The whole object travels with the prompt as its
+  metadata, which rewards and metrics such as GenEval (and the toy world's exact evaluator) need.
+
+Training and evaluation read files through :func:`read_prompt_file`, so a file is accepted or rejected the
+same way everywhere, with an error that names the field, the file and the line.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from solace.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt and its metadata (the JSON line it came from; empty for plain text)."""
+
+    text: str
+    meta: dict = field(default_factory=dict)
+
+
+def read_prompt_file(path: str | Path, field_name: str = "prompts") -> list[Prompt]:
+    """Read a ``.txt`` (one prompt a line) or ``.jsonl`` (a ``prompt`` field a line) prompt file.
+
+    Every problem is a :class:`ConfigError` naming ``field_name`` (the config field or CLI option the path
+    came from), the file and, for a bad line, its number."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        what = "is a folder, not a prompt file" if p.is_dir() else "does not exist"
+        raise ConfigError(field_name, f"{p} {what}")
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(field_name, f"{p} is not UTF-8 text ({e.reason}); save it as UTF-8") from None
+    items: list[Prompt] = []
+    if p.suffix.lower() == ".jsonl":
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(field_name, f"{p}:{n}: not valid JSON ({e.msg})") from None
+            if (
+                not isinstance(rec, dict)
+                or not isinstance(rec.get("prompt"), str)
+                or not rec["prompt"].strip()
+            ):
+                raise ConfigError(
+                    field_name, f"{p}:{n}: each JSON line needs a non-empty string 'prompt' field"
+                )
+            items.append(Prompt(rec["prompt"].strip(), rec))
+    else:
+        items = [Prompt(line.strip()) for line in text.splitlines() if line.strip()]
+    if not items:
+        raise ConfigError(field_name, f"{p} holds no prompts")
+    return items
+
+
+class PromptSource:
+    """The prompts of each training iteration: the toy world's train distribution (``"toy"``), its held-out
+    list (``"toy_heldout"``) or a prompt file.
+
+    Which prompts an iteration uses depends only on ``(seed, iteration)``, so every process agrees on them
+    and a resumed run continues with exactly the prompts it would have seen. A fixed list is walked in a
+    per-epoch shuffle, so every prompt is used once per epoch."""
+
+    def __init__(self, spec: str, seed: int, field_name: str = "data.train_prompts"):
+        self.spec, self.seed = spec, seed
+        self.items: list[Prompt] | None = None
+        if spec == "toy_heldout":
+            from solace.toy.world import load_heldout
+
+            self.items = [Prompt(r.prompt, r.to_json()) for r in load_heldout()]
+        elif spec != "toy":
+            self.items = read_prompt_file(spec, field_name)
+
+    def for_iteration(self, iteration: int, n: int) -> list[Prompt]:
+        rng = random.Random(self.seed * 1_000_003 + iteration)
+        if self.items is None:
+            from solace.toy.world import sample_train_prompt
+
+            recs = [sample_train_prompt(rng) for _ in range(n)]
+            return [Prompt(r.prompt, r.to_json()) for r in recs]
+        out = []
+        per_epoch = len(self.items)
+        for k in range(iteration * n, iteration * n + n):
+            epoch, pos = divmod(k, per_epoch)
+            order = list(range(per_epoch))
+            random.Random(self.seed * 7919 + epoch).shuffle(order)
+            out.append(self.items[order[pos]])
+        return out
+
+    def all(self, limit: int = 0) -> list[Prompt]:
+        if self.items is None:
+            raise ConfigError(
+                "data.eval_prompts", "'toy' is the train distribution; use 'toy_heldout' or a file"
+            )
+        return self.items[:limit] if limit else list(self.items)

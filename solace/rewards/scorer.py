@@ -1,0 +1,181 @@
+"""The self-confidence scorer: one place where the reward of :mod:`solace.rewards.self_confidence` meets a
+model. The trainer, ``solace score / rerank / analyze`` and the bench scripts all score through it.
+
+:class:`SelfConfidenceCfg` holds the reward's settings (probes, probed timesteps, weighting, the released
+code's switches, the variants) and checks them (:meth:`SelfConfidenceCfg.check`);
+:class:`SelfConfidenceScorer` binds them to an adapter's velocity:
+
+* ``online`` scores with the policy being trained, ``online=False`` with the LoRA-off base (offline);
+* the velocity is the **conditional** one (paper), the CFG one (``cfg_in_reward``), and ``contrastive``
+  scores ``S_t(c) - S_t(empty)`` with the same probes for both terms;
+* probes are drawn per prompt group from one seed each (``probe_mode="group"``, shared by the group, Eq. 9)
+  or fresh per sample and timestep (``per_sample_timestep``, released code).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from solace.errors import ConfigError, check
+from solace.models.base import Conditioning, FlowModelAdapter, adapters_disabled
+from solace.rewards.self_confidence import (
+    VelocityFn,
+    aggregate,
+    check_num_probes,
+    confidence_scores,
+    draw_probes,
+    probe_mse,
+)
+from solace.sampling.sampler import cfg_velocity
+
+Weighting = Literal["uniform", "t(1-t)"]
+ProbeMode = Literal["group", "per_sample_timestep"]
+
+
+@dataclass
+class SelfConfidenceCfg:
+    """Settings of the self-confidence reward (the paper's choices are the defaults)."""
+
+    num_probes: int = 8  # K, even (antithetic pairs)
+    delta: float = 1e-3  # S_t = -log(MSE_t + delta)
+    timesteps: str = "all"  # all | later_half (released code) | a comma list of step indices
+    weighting: Weighting = "uniform"  # w(t): uniform (paper) | t(1-t) (released code)
+    standardize: bool = False  # per-timestep standardisation across the batch (released code)
+    probe_mode: ProbeMode = "group"  # group (paper) | per_sample_timestep (released code)
+    online: bool = True  # score with the policy being trained; False: the frozen base (offline)
+    cfg_in_reward: bool = False  # variant: score with the CFG velocity instead of the conditional one
+    contrastive: bool = False  # variant: S_t(c) - S_t(empty prompt)
+    max_batch: int = 256  # rows per no-grad forward in the reward pass
+
+    def check(self, num_steps: int, prefix: str = "reward.self_confidence") -> None:
+        """Ranges and the probed timesteps (the choice fields are checked by their types)."""
+        check_num_probes(self.num_probes, f"{prefix}.num_probes")
+        check(self.delta > 0, f"{prefix}.delta", f"must be > 0 (it keeps -log finite), got {self.delta}")
+        check(self.max_batch >= 1, f"{prefix}.max_batch", f"must be >= 1, got {self.max_batch}")
+        probe_steps(self.timesteps, num_steps, f"{prefix}.timesteps")
+
+
+def probe_steps(spec: str, num_steps: int, field: str = "reward.self_confidence.timesteps") -> list[int]:
+    """Which sampler timesteps the reward probes: ``all``, ``later_half`` (the authors' released code: the
+    half nearest the data) or a comma list of step indices."""
+    if spec == "all":
+        return list(range(num_steps))
+    if spec == "later_half":
+        return list(range(num_steps // 2, num_steps))
+    try:
+        idx = [int(x) for x in str(spec).split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(
+            field, f"must be 'all', 'later_half' or a comma list of step indices, got {spec!r}"
+        ) from None
+    check(
+        len(idx) > 0 and all(0 <= i < num_steps for i in idx),
+        field,
+        f"indices must lie in 0..{num_steps - 1}, got {spec!r}",
+    )
+    return idx
+
+
+class SelfConfidenceScorer:
+    """Self-confidence of clean latents under a model (Eqs. 9-14), with the settings' variants."""
+
+    def __init__(self, settings: SelfConfidenceCfg | None = None, cfg_scale: float = 1.0):
+        self.cfg = settings or SelfConfidenceCfg()
+        self.cfg_scale = cfg_scale  # used only by the cfg_in_reward variant
+
+    def timesteps(self, sigmas: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+        """The probed step indices and their timesteps: the sampler's own ``sigmas[j]`` (``sigmas[T] = 0`` is
+        the data itself and never probed), kept above 0."""
+        idx = probe_steps(self.cfg.timesteps, sigmas.numel() - 1)
+        return idx, sigmas[idx].clamp(min=1e-4)
+
+    def _velocity(
+        self, adapter: FlowModelAdapter, cond: Conditioning, null: Conditioning | None
+    ) -> VelocityFn:
+        """``v(z_t, t, idx)`` conditioned on row ``idx`` of ``cond``: conditional, or CFG with ``null``."""
+        use_cfg = self.cfg.cfg_in_reward
+
+        def vel(z: torch.Tensor, t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            rows = idx.cpu()
+            if use_cfg:
+                return cfg_velocity(adapter, z, t, cond.index(rows), null.index(rows), self.cfg_scale)
+            return adapter.velocity(z.to(adapter.dtype), t, cond.index(rows)).float()
+
+        return vel
+
+    def _model(self, adapter: FlowModelAdapter) -> contextlib.AbstractContextManager:
+        """The model that scores: the policy (online) or the LoRA-off base (offline)."""
+        return contextlib.nullcontext() if self.cfg.online else adapters_disabled(adapter.denoiser)
+
+    @torch.no_grad()
+    def scores(
+        self,
+        adapter: FlowModelAdapter,
+        z0: torch.Tensor,
+        cond: Conditioning,
+        null: Conditioning | None,
+        probe_t: torch.Tensor,
+        group_index: torch.Tensor,
+        probe_seeds: Sequence[int],
+    ) -> torch.Tensor:
+        """Per-timestep scores S_t (B, T'). Rows with the same ``group_index`` g share the probes drawn from
+        ``probe_seeds[g]`` (in ``per_sample_timestep`` mode fresh ones per row and timestep from that seed).
+        ``null`` (one row per latent) is needed by the CFG-scored and contrastive variants."""
+        sc = self.cfg
+        check(
+            null is not None or not (sc.cfg_in_reward or sc.contrastive),
+            "null",
+            "the CFG-scored and contrastive variants need the empty-prompt conditioning",
+        )
+        lat = tuple(z0.shape[1:])
+        out = torch.empty(z0.shape[0], probe_t.numel(), device=z0.device)
+        for g in torch.unique(group_index).tolist():
+            rows = (group_index == g).nonzero().flatten()
+            gen = torch.Generator().manual_seed(int(probe_seeds[g]))
+            probes = draw_probes(sc.num_probes, lat, rows.numel(), probe_t.numel(), sc.probe_mode, gen)
+            probes = probes.to(z0.device, torch.float32)
+            c_rows = cond.index(rows.cpu())
+            n_rows = null.index(rows.cpu()) if null is not None else None
+            z_rows = z0[rows].float()
+            with self._model(adapter):
+                mse = probe_mse(
+                    self._velocity(adapter, c_rows, n_rows), z_rows, probe_t, probes, sc.max_batch
+                )
+                s = confidence_scores(mse, sc.delta)
+                if sc.contrastive:
+                    mse_u = probe_mse(
+                        self._velocity(adapter, n_rows, n_rows), z_rows, probe_t, probes, sc.max_batch
+                    )
+                    s = s - confidence_scores(mse_u, sc.delta)
+            out[rows] = s
+        return out
+
+    def aggregate(self, scores: torch.Tensor, probe_t: torch.Tensor) -> torch.Tensor:
+        """R from S_t (Eqs. 13-14); ``scores`` holds the whole (gathered) batch when standardising."""
+        return aggregate(scores, probe_t, self.cfg.weighting, self.cfg.standardize)
+
+    @torch.no_grad()
+    def score_group(
+        self,
+        adapter: FlowModelAdapter,
+        z0: torch.Tensor,
+        cond: Conditioning,
+        probe_t: torch.Tensor,
+        probe_seed: int,
+        null: Conditioning | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One prompt group: ``(R (B,), S (B, T'))`` on the CPU, one set of probes from ``probe_seed``.
+        ``cond`` (and ``null``) hold one row per latent or a single row shared by all."""
+        B = z0.shape[0]
+        if len(cond) == 1 and B > 1:
+            cond = cond.index([0] * B)
+        if null is not None and len(null) == 1 and B > 1:
+            null = null.index([0] * B)
+        ts = probe_t.to(z0.device)
+        s = self.scores(adapter, z0, cond, null, ts, torch.zeros(B, dtype=torch.long), [probe_seed])
+        return self.aggregate(s, ts).cpu(), s.cpu()
