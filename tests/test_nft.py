@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from mathcheck import assert_close
 
 from solace.errors import ConfigError
+from solace.nft.ema import EMAPolicy, ema_decay
 from solace.nft.loss import (
     adaptive_weight,
     forward_noise,
@@ -251,3 +254,99 @@ def test_grid_timesteps_are_the_sampler_sigmas():
         sample_training_timesteps(2, "grid", g)
     with pytest.raises(ConfigError):
         sample_training_timesteps(2, "cosine", g)
+
+
+# ------------------------------------------------------------------------------------------------- EMA
+
+
+def test_ema_decay_schedules():
+    assert ema_decay(123, "constant", decay=0.3) == 0.3
+    # released decay_type=1: min(0.001 * step, 0.5)
+    assert ema_decay(0) == 0.0
+    assert ema_decay(100) == pytest.approx(0.1)
+    assert ema_decay(500) == pytest.approx(0.5) and ema_decay(5000) == 0.5
+    # released decay_type=2: 0 before step 75, then min(0.0075 * (step - 75), 0.999)
+    t2 = functools.partial(ema_decay, kind="ramp", rate=0.0075, max_decay=0.999, delay=75)
+    assert t2(74) == 0.0 and t2(75) == 0.0
+    assert t2(175) == pytest.approx(0.75)
+    assert t2(300) == 0.999
+    with pytest.raises(ConfigError):
+        ema_decay(0, "cosine")
+    with pytest.raises(ConfigError):
+        ema_decay(0, "constant", decay=1.5)
+
+
+def _params():
+    return [torch.nn.Parameter(torch.tensor([1.0, 2.0])), torch.nn.Parameter(torch.tensor([[4.0]]))]
+
+
+def test_ema_decay_zero_copies_and_decay_by_hand():
+    params = _params()
+    ema = EMAPolicy(params, decay_schedule=0.0)
+    with torch.no_grad():
+        params[0].copy_(torch.tensor([3.0, 6.0]))
+        params[1].copy_(torch.tensor([[0.0]]))
+    assert torch.equal(ema.old[0], torch.tensor([1.0, 2.0]))  # a copy, not a view of the params
+    assert ema.update(step=7) == 0.0
+    assert torch.equal(ema.old[0], params[0].detach()) and torch.equal(ema.old[1], params[1].detach())
+
+    params = _params()
+    ema = EMAPolicy(params, decay_schedule=functools.partial(ema_decay, kind="constant", decay=0.25))
+    with torch.no_grad():
+        params[0].copy_(torch.tensor([3.0, 6.0]))
+        params[1].copy_(torch.tensor([[0.0]]))
+    assert ema.update(0) == 0.25
+    assert_close(ema.old[0], torch.tensor([2.5, 5.0]))  # 0.25 * [1, 2] + 0.75 * [3, 6]
+    assert_close(ema.old[1], torch.tensor([[1.0]]))  # 0.25 * 4 + 0.75 * 0
+    # the ramp schedule is called with the step
+    ema = EMAPolicy(_params(), decay_schedule=ema_decay)
+    assert ema.update(200) == pytest.approx(0.2)
+
+
+def test_ema_swap_restores_trained_weights_exactly():
+    g = torch.Generator().manual_seed(0)
+    params = [
+        torch.nn.Parameter(torch.randn(3, 4, generator=g)),
+        torch.nn.Parameter(torch.randn(5, generator=g)),
+    ]
+    ema = EMAPolicy(params, decay_schedule=0.0)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=g) / 3)
+    trained = [p.detach().clone() for p in params]
+    with ema.swapped():
+        assert ema.is_swapped
+        assert all(torch.equal(p, o) for p, o in zip(params, ema.old, strict=True))
+        out = (params[0].sum() * 2).requires_grad  # params stay trainable leaves
+        with pytest.raises(RuntimeError):
+            ema.update(0)
+    assert out and not ema.is_swapped
+    assert all(torch.equal(p, k) for p, k in zip(params, trained, strict=True))
+    with pytest.raises(ValueError), ema.swapped():  # restored on errors too
+        raise ValueError("boom")
+    assert all(torch.equal(p, k) for p, k in zip(params, trained, strict=True))
+    with pytest.raises(RuntimeError):
+        ema.swap_out()
+
+
+def test_ema_state_dict_round_trip(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    params = _params()
+    ema = EMAPolicy(params, decay_schedule=0.5)
+    with torch.no_grad():
+        params[0].add_(2.0)
+    ema.update(0)
+    sd = ema.state_dict()
+    assert sorted(sd) == ["old.0", "old.1"]
+    save_file(sd, str(tmp_path / "old.safetensors"))
+    other = EMAPolicy(_params(), decay_schedule=0.0)
+    other.load_state_dict(load_file(str(tmp_path / "old.safetensors")))
+    assert all(torch.equal(a, b) for a, b in zip(other.old, ema.old, strict=True))
+    assert_close(other.old[0], torch.tensor([2.0, 3.0]))
+    sd["old.0"].add_(1.0)  # the state dict holds copies
+    assert_close(ema.old[0], torch.tensor([2.0, 3.0]))
+    with pytest.raises(ConfigError):
+        other.load_state_dict({"old.0": sd["old.0"]})
+    with pytest.raises(ConfigError):
+        other.load_state_dict({"old.0": torch.zeros(3), "old.1": sd["old.1"]})
