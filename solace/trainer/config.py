@@ -95,6 +95,30 @@ class GRPOCfg:
 
 
 @dataclass
+class NFTCfg:
+    """DiffusionNFT's update (``train.algorithm: nft``). Defaults: the released code's where it states them
+    (beta 1, A_max 5, adaptive weights, the sampler's grid of timesteps); the rest are ours."""
+
+    beta: float = 1.0  # b of the implicit policies v+ = b v + (1-b) v_old, v- = (1+b) v_old - b v
+    adv_max: float = 5.0  # A_max: r = clip(A, -A_max, A_max) / (2 A_max) + 1/2
+    adaptive_weight: bool = True  # divide each term by its stop-gradient mean absolute x0 error
+    timesteps: Literal["grid", "uniform"] = "grid"  # the sampler's sigmas, or U[t_min, t_max) then shift
+    timesteps_per_sample: int = 2  # loss terms per sample and optimizer step (distinct on the grid)
+    shift: float = 1.0  # uniform only: t = s u / (1 + (s - 1) u) (the model's resolution shift)
+    t_min: float = 0.0
+    t_max: float = 1.0
+    ema: Literal["constant", "ramp"] = "constant"  # the old policy's decay schedule
+    ema_decay: float = 0.0  # constant: 0 = the policy at the start of the iteration
+    ema_rate: float = 0.001  # ramp: d = min(rate * (step - delay), max) (released: 0.001, 0.5, 0)
+    ema_max: float = 0.5
+    ema_delay: int = 0
+    kl_beta: float = 0.0  # weight of mean((v - v_ref)^2) to the LoRA-off base (released SD3.5-M: 1e-4)
+    micro_batch_size: int = 8  # samples per training forward (per process)
+    inner_epochs: int = 1
+    updates_per_iteration: int = 1  # optimizer steps per inner epoch
+
+
+@dataclass
 class OptimCfg:
     lr: float = 3e-4
     weight_decay: float = 1e-4
@@ -115,6 +139,9 @@ class MonitorCfg:
 
 @dataclass
 class TrainCfg:
+    # the policy update: flow_grpo (the paper's: PPO on SDE step log-probs) | nft (DiffusionNFT: forward
+    # process, no log-probs); see solace/trainer/updates.py
+    algorithm: Literal["flow_grpo", "nft"] = "flow_grpo"
     iterations: int = 100
     # wall-clock budget for the training iterations (the evaluation before training not counted): the run
     # stops after the iteration that reaches it, then checkpoints, evaluates and reports as at the end;
@@ -144,6 +171,7 @@ class SolaceConfig:
     sampling: SamplingCfg = field(default_factory=SamplingCfg)
     reward: RewardCfg = field(default_factory=RewardCfg)
     grpo: GRPOCfg = field(default_factory=GRPOCfg)
+    nft: NFTCfg = field(default_factory=NFTCfg)
     optim: OptimCfg = field(default_factory=OptimCfg)
     monitor: MonitorCfg = field(default_factory=MonitorCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
@@ -258,7 +286,13 @@ def validate(cfg: SolaceConfig, check_paths: bool = True) -> None:
         "sampling.eval_cfg_scale",
         f"must be 0 (same as sampling.cfg_scale) or >= 1, got {s.eval_cfg_scale}",
     )
-    check(s.noise_level > 0, "sampling.noise_level", f"must be > 0 for GRPO log-probs, got {s.noise_level}")
+    if cfg.train.algorithm == "flow_grpo":
+        check(
+            s.noise_level > 0, "sampling.noise_level", f"must be > 0 for GRPO log-probs, got {s.noise_level}"
+        )
+    else:
+        _min(s.noise_level, 0, "sampling.noise_level", " (0: the ODE sampler)")
+        _validate_nft(cfg.nft, s.num_steps)
     _min(s.batch_size, 1, "sampling.batch_size")
     cfg.reward.self_confidence.check(s.num_steps)
     check(len(cfg.reward.components) >= 1, "reward.components", "needs at least one reward")
@@ -285,6 +319,28 @@ def validate(cfg: SolaceConfig, check_paths: bool = True) -> None:
                 name,
                 f"prompt file {src!r} does not exist (use 'toy' or a .txt/.jsonl path)",
             )
+
+
+def _validate_nft(n: NFTCfg, num_steps: int) -> None:
+    check(n.beta > 0, "nft.beta", f"must be > 0, got {n.beta}")
+    check(n.adv_max > 0, "nft.adv_max", f"must be > 0, got {n.adv_max}")
+    _min(n.timesteps_per_sample, 1, "nft.timesteps_per_sample")
+    if n.timesteps == "grid":
+        check(
+            n.timesteps_per_sample <= num_steps,
+            "nft.timesteps_per_sample",
+            f"asks for {n.timesteps_per_sample} distinct grid timesteps but sampling.num_steps = {num_steps}",
+        )
+    check(n.shift > 0, "nft.shift", f"must be > 0, got {n.shift}")
+    check(0 <= n.t_min < n.t_max <= 1, "nft.t_min", f"need 0 <= t_min < t_max <= 1, got {n.t_min}, {n.t_max}")
+    for name in ("ema_decay", "ema_max"):
+        check(0 <= getattr(n, name) <= 1, f"nft.{name}", f"must lie in [0, 1], got {getattr(n, name)}")
+    _min(n.ema_rate, 0, "nft.ema_rate")
+    _min(n.ema_delay, 0, "nft.ema_delay")
+    _min(n.kl_beta, 0, "nft.kl_beta")
+    _min(n.micro_batch_size, 1, "nft.micro_batch_size")
+    _min(n.inner_epochs, 1, "nft.inner_epochs")
+    _min(n.updates_per_iteration, 1, "nft.updates_per_iteration")
 
 
 def _validate_grpo(g: GRPOCfg, num_steps: int) -> None:

@@ -21,13 +21,11 @@ One iteration (paper Alg. 1):
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import functools
 import json
 import math
 import time
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -36,18 +34,18 @@ from tqdm.auto import tqdm
 
 from solace.errors import ConfigError
 from solace.grpo.advantages import group_advantages
-from solace.grpo.loss import gaussian_kl, ppo_clip_loss
 from solace.grpo.window import parse_steps, train_window
 from solace.models import load_adapter, model_family
-from solace.models.base import Conditioning, adapters_disabled
+from solace.models.base import Conditioning
 from solace.models.lora import add_lora, load_lora, lora_config, lora_parameters, lora_state_dict, save_lora
 from solace.prompts import PromptSource
 from solace.rewards.mixture import SELF_CONFIDENCE, RewardMixture
 from solace.sampling.rollout import GroupLayout, Rollout
-from solace.sampling.sampler import sample, step_policy
+from solace.sampling.sampler import sample
 from solace.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from solace.trainer.config import SolaceConfig, to_yaml
 from solace.trainer.monitor import CollapseMonitor, latent_texture
+from solace.trainer.updates import make_update
 from solace.utils.seeding import Stream, TrainStreams
 
 
@@ -77,6 +75,7 @@ class Trainer:
         )
         # S_t is probed at the sampler's own timesteps (sigmas[0..T-1]; sigmas[T] = 0 is the data itself).
         self.probe_idx, self.probe_t = self.rewards.confidence.timesteps(self.sigmas)
+        self.updater = make_update(self)
         self._cond_cache: OrderedDict[str, Conditioning] = OrderedDict()
         self.null = self.adapter.encode_prompts([""])
         mc = cfg.monitor
@@ -193,20 +192,21 @@ class Trainer:
             [self.streams.sde_noise(iteration, i, s.num_steps, lat) for i in lay.indices]
         )
         sde_steps = self.window if s.sde_window_only else None
-        trajs = [
-            sample(
-                self.adapter,
-                cond.index(sl),
-                null.index(sl),
-                self.sigmas,
-                init[sl].to(dev),
-                s.cfg_scale,
-                s.noise_level,
-                sde_steps,
-                step_noise=step_noise[sl].to(dev),
-            )  # fmt: skip
-            for sl in self._batches(len(cond))
-        ]
+        with self.updater.sampling_policy():  # DiffusionNFT samples with its old policy
+            trajs = [
+                sample(
+                    self.adapter,
+                    cond.index(sl),
+                    null.index(sl),
+                    self.sigmas,
+                    init[sl].to(dev),
+                    s.cfg_scale,
+                    s.noise_level,
+                    sde_steps,
+                    step_noise=step_noise[sl].to(dev),
+                )  # fmt: skip
+                for sl in self._batches(len(cond))
+            ]
         latents = torch.cat([t.latents for t in trajs])
         log_probs = torch.cat([t.log_probs for t in trajs])
         ro = Rollout(prompts, lay, cond, null, latents, log_probs)
@@ -281,74 +281,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ policy update
     def update(self, ro: Rollout, iteration: int) -> dict[str, float]:
-        """PPO-clipped GRPO update with KL to the LoRA-off reference on the window of steps."""
-        g = self.cfg.grpo
-        agg: dict[str, list[float]] = defaultdict(list)
-        t0 = time.perf_counter()
-        for epoch in range(g.inner_epochs):
-            gen = self.streams.generator(Stream.MINIBATCH_ORDER, iteration, epoch, self.rank)
-            for chunk in torch.randperm(len(ro), generator=gen).chunk(g.updates_per_iteration):
-                self._optimizer_step(ro, chunk, agg)
-        reduce = {"ratio_min": min, "ratio_max": max}
-        out = {f"train/{k}": reduce.get(k, lambda v: sum(v) / len(v))(v) for k, v in agg.items()}
-        out["time/update"] = time.perf_counter() - t0
-        out["train/lr"] = self.opt.param_groups[0]["lr"]
-        return out
-
-    def _optimizer_step(self, ro: Rollout, chunk: torch.Tensor, agg: dict[str, list[float]]) -> None:
-        """One optimizer step over the samples ``chunk``: gradients accumulate over its micro-batches and the
-        window's steps, each micro-step scaled by 1 / their number; gradients sync on the last one only."""
-        micro = list(chunk.split(self.cfg.grpo.micro_batch_size))
-        n_micro = len(micro) * len(self.window)
-        k = 0
-        for mb in micro:
-            batch = self._micro_batch(ro, mb)
-            for j in self.window:
-                k += 1
-                sync = k == n_micro or self.acc.num_processes == 1
-                with contextlib.nullcontext() if sync else self.acc.no_sync(self.wrapped):
-                    loss, parts = self._step_loss(batch, j)
-                    (loss / n_micro).backward()
-                agg["loss"].append(float(loss.detach()))
-                for name, v in parts.items():
-                    agg[name].append(float(v))
-        agg["grad_norm"].append(
-            float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm))
-        )
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-
-    def _micro_batch(self, ro: Rollout, mb: torch.Tensor) -> dict[str, Any]:
-        dev = self.acc.device
-        return {
-            "z": ro.latents[mb].to(dev),
-            "old": ro.log_probs[mb].to(dev),
-            "adv": ro.advantages[mb].to(dev).float(),
-            "cond": ro.cond.index(mb),
-            "null": ro.null.index(mb),
-        }
-
-    def _step_loss(self, b: dict[str, Any], j: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Loss of window step ``j`` (Eq. 16): PPO clip on the recomputed log-prob + beta * KL to the
-        LoRA-off reference on the same step."""
-        s, g = self.cfg.sampling, self.cfg.grpo
-        step_j = functools.partial(
-            step_policy, self.adapter, b["z"][:, j], b["z"][:, j + 1], self.sigmas, j, b["cond"], b["null"],
-            s.cfg_scale, s.noise_level,
-        )  # fmt: skip
-        st = step_j()
-        pl, pst = ppo_clip_loss(st.log_prob, b["old"][:, j], b["adv"], g.clip_range)
-        loss = pl
-        kl = torch.zeros((), device=self.acc.device)
-        if g.beta > 0:
-            with torch.no_grad(), adapters_disabled(self.adapter.denoiser):
-                ref = step_j()
-            dt = self.sigmas[j + 1] - self.sigmas[j]
-            kl = gaussian_kl(st.mean, ref.mean, st.std.reshape(-1), dt, g.kl_form).mean()
-            loss = loss + g.beta * kl
-        parts = {"policy_loss": pl.detach(), "kl": kl.detach()}
-        parts.update({k: pst[k] for k in ("approx_kl", "clipfrac", "ratio_min", "ratio_max")})
-        return loss, parts
+        """The configured policy update (``train.algorithm``, :mod:`solace.trainer.updates`)."""
+        return self.updater(ro, iteration)
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()

@@ -31,6 +31,8 @@ class Stream(IntEnum):
     GROUP_PROBES = 3  # self-confidence probes shared by a prompt group (probe_mode=group)
     SAMPLE_PROBES = 4  # self-confidence probes of one sample (probe_mode=per_sample_timestep)
     MINIBATCH_ORDER = 5  # the shuffle of the samples into optimizer steps, per inner epoch and process
+    NFT_TIMESTEPS = 6  # DiffusionNFT: the training timesteps of one sample, per inner epoch
+    NFT_NOISE = 7  # DiffusionNFT: the noise that re-noises one sample at them, per inner epoch
 
 
 class TrainStreams:

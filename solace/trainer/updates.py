@@ -1,0 +1,255 @@
+"""Policy updates: how a scored :class:`~solace.sampling.rollout.Rollout` becomes optimizer steps.
+
+``train.algorithm`` picks one; prompts, sampling, rewards, advantages, gathering, checkpoints, logging,
+evaluation, monitor and report are the trainer's and shared by both.
+
+* ``flow_grpo`` (:class:`FlowGRPOUpdate`, the paper's): for each step of the trained window, the
+  PPO-clipped ratio of the recomputed SDE step log-prob to the stored one, plus ``beta`` KL to the LoRA-off
+  reference (:mod:`solace.grpo`). Needs the sampler's log-probs (SDE sampling).
+* ``nft`` (:class:`NFTUpdate`, DiffusionNFT, arXiv 2509.16117): flow-matching regression on the clean
+  samples re-noised at fresh timesteps, pulled towards the old policy's implicit positive velocity and
+  away from its negative one by the optimality ``r`` of each sample's advantage (:mod:`solace.nft`); no
+  log-probs, any sampler (ODE included). The old policy is an EMA of the trained LoRA
+  (:class:`~solace.nft.ema.EMAPolicy`), which also samples the rollouts.
+
+Both accumulate gradients over (micro-batch x term) micro-steps, each scaled by 1 / their number, sync
+gradients across processes on the last one only, clip and take one AdamW step per chunk of samples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from solace.grpo.loss import gaussian_kl, ppo_clip_loss
+from solace.models.base import adapters_disabled
+from solace.nft.ema import EMAPolicy, ema_decay
+from solace.nft.loss import forward_noise, nft_loss, sample_training_timesteps
+from solace.sampling.rollout import Rollout
+from solace.sampling.sampler import step_policy
+from solace.utils.seeding import Stream
+
+if TYPE_CHECKING:
+    from solace.trainer.trainer import Trainer
+
+ALGORITHMS = ("flow_grpo", "nft")
+
+
+class PolicyUpdate:
+    """The loop both updates share; subclasses say what one micro-step's loss is."""
+
+    needs_log_probs = True
+
+    def __init__(
+        self, trainer: Trainer, micro_batch_size: int, inner_epochs: int, updates_per_iteration: int
+    ):
+        self.tr = trainer
+        self.micro_batch_size = micro_batch_size
+        self.inner_epochs = inner_epochs
+        self.updates_per_iteration = updates_per_iteration
+        self.steps = 0  # optimizer steps taken so far (the EMA schedule's clock)
+
+    # what a subclass defines
+    def terms(self) -> int:
+        """Loss terms per micro-batch (window steps, or timesteps per sample)."""
+        raise NotImplementedError
+
+    def micro_batch(self, ro: Rollout, mb: torch.Tensor, iteration: int, epoch: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def loss(self, batch: dict[str, Any], term: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def sampling_policy(self) -> contextlib.AbstractContextManager:
+        """The weights that sample the rollouts: the trained policy, unless the update keeps an old one."""
+        return contextlib.nullcontext()
+
+    def after_iteration(self) -> dict[str, float]:
+        return {}
+
+    def state(self) -> dict[str, Any]:
+        return {"steps": self.steps}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        self.steps = int(state.get("steps", 0))
+
+    # the shared loop
+    def __call__(self, ro: Rollout, iteration: int) -> dict[str, float]:
+        agg: dict[str, list[float]] = defaultdict(list)
+        t0 = time.perf_counter()
+        for epoch in range(self.inner_epochs):
+            gen = self.tr.streams.generator(Stream.MINIBATCH_ORDER, iteration, epoch, self.tr.rank)
+            for chunk in torch.randperm(len(ro), generator=gen).chunk(self.updates_per_iteration):
+                self._optimizer_step(ro, chunk, agg, iteration, epoch)
+        reduce = {"ratio_min": min, "ratio_max": max}
+        out = {f"train/{k}": reduce.get(k, lambda v: sum(v) / len(v))(v) for k, v in agg.items()}
+        out.update(self.after_iteration())
+        out["time/update"] = time.perf_counter() - t0
+        out["train/lr"] = self.tr.opt.param_groups[0]["lr"]
+        return out
+
+    def _optimizer_step(
+        self, ro: Rollout, chunk: torch.Tensor, agg: dict[str, list[float]], iteration: int, epoch: int
+    ) -> None:
+        """One optimizer step over the samples ``chunk``: gradients accumulate over its micro-batches and
+        terms, each micro-step scaled by 1 / their number; gradients sync on the last one only."""
+        tr = self.tr
+        micro = list(chunk.split(self.micro_batch_size))
+        n_micro = len(micro) * self.terms()
+        k = 0
+        for mb in micro:
+            batch = self.micro_batch(ro, mb, iteration, epoch)
+            for term in range(self.terms()):
+                k += 1
+                sync = k == n_micro or tr.acc.num_processes == 1
+                with contextlib.nullcontext() if sync else tr.acc.no_sync(tr.wrapped):
+                    loss, parts = self.loss(batch, term)
+                    (loss / n_micro).backward()
+                agg["loss"].append(float(loss.detach()))
+                for name, v in parts.items():
+                    agg[name].append(float(v))
+        agg["grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(tr.params, tr.cfg.optim.max_grad_norm)))
+        tr.opt.step()
+        tr.opt.zero_grad(set_to_none=True)
+        self.steps += 1
+
+
+class FlowGRPOUpdate(PolicyUpdate):
+    """Flow-GRPO (SOLACE Eq. 16): PPO clip on the window's step log-probs + beta KL to the reference."""
+
+    def __init__(self, trainer: Trainer):
+        g = trainer.cfg.grpo
+        super().__init__(trainer, g.micro_batch_size, g.inner_epochs, g.updates_per_iteration)
+
+    def terms(self) -> int:
+        return len(self.tr.window)
+
+    def micro_batch(self, ro: Rollout, mb: torch.Tensor, iteration: int, epoch: int) -> dict[str, Any]:
+        dev = self.tr.acc.device
+        return {
+            "z": ro.latents[mb].to(dev),
+            "old": ro.log_probs[mb].to(dev),
+            "adv": ro.advantages[mb].to(dev).float(),
+            "cond": ro.cond.index(mb),
+            "null": ro.null.index(mb),
+        }
+
+    def loss(self, b: dict[str, Any], term: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss of window step ``j``: PPO clip on the recomputed log-prob + beta * KL to the LoRA-off
+        reference on the same step."""
+        tr = self.tr
+        s, g, j = tr.cfg.sampling, tr.cfg.grpo, tr.window[term]
+        step_j = functools.partial(
+            step_policy, tr.adapter, b["z"][:, j], b["z"][:, j + 1], tr.sigmas, j, b["cond"], b["null"],
+            s.cfg_scale, s.noise_level,
+        )  # fmt: skip
+        st = step_j()
+        pl, pst = ppo_clip_loss(st.log_prob, b["old"][:, j], b["adv"], g.clip_range)
+        loss = pl
+        kl = torch.zeros((), device=tr.acc.device)
+        if g.beta > 0:
+            with torch.no_grad(), adapters_disabled(tr.adapter.denoiser):
+                ref = step_j()
+            dt = tr.sigmas[j + 1] - tr.sigmas[j]
+            kl = gaussian_kl(st.mean, ref.mean, st.std.reshape(-1), dt, g.kl_form).mean()
+            loss = loss + g.beta * kl
+        parts = {"policy_loss": pl.detach(), "kl": kl.detach()}
+        parts.update({k: pst[k] for k in ("approx_kl", "clipfrac", "ratio_min", "ratio_max")})
+        return loss, parts
+
+
+class NFTUpdate(PolicyUpdate):
+    """DiffusionNFT: advantage-weighted flow matching against the EMA old policy's implicit velocities."""
+
+    needs_log_probs = False
+
+    def __init__(self, trainer: Trainer):
+        n = trainer.cfg.nft
+        super().__init__(trainer, n.micro_batch_size, n.inner_epochs, n.updates_per_iteration)
+        self.cfg = n
+        schedule = functools.partial(
+            ema_decay, kind=n.ema, decay=n.ema_decay, rate=n.ema_rate, max_decay=n.ema_max, delay=n.ema_delay
+        )
+        self.ema = EMAPolicy(trainer.params, schedule)
+
+    def terms(self) -> int:
+        return self.cfg.timesteps_per_sample
+
+    def sampling_policy(self) -> contextlib.AbstractContextManager:
+        """DiffusionNFT samples with the old policy (with decay 0: the policy at the start of the
+        iteration, the same weights)."""
+        return self.ema.swapped()
+
+    def micro_batch(self, ro: Rollout, mb: torch.Tensor, iteration: int, epoch: int) -> dict[str, Any]:
+        """The clean samples, and for each its training timesteps and noises, drawn from streams keyed by
+        ``(iteration, global sample index, epoch)`` so they do not depend on batching or processes."""
+        tr, n = self.tr, self.cfg
+        lat = tuple(ro.z0.shape[1:])
+        ts, eps = [], []
+        for i in mb.tolist():
+            g = ro.layout.start + i
+            ts.append(
+                sample_training_timesteps(
+                    1, n.timesteps, tr.streams.generator(Stream.NFT_TIMESTEPS, iteration, g, epoch),
+                    sigmas=tr.sigmas, shift=n.shift, t_min=n.t_min, t_max=n.t_max,
+                    per_sample=n.timesteps_per_sample,
+                )[0]
+            )  # fmt: skip
+            gen = tr.streams.generator(Stream.NFT_NOISE, iteration, g, epoch)
+            eps.append(torch.randn((n.timesteps_per_sample, *lat), generator=gen))
+        dev = tr.acc.device
+        return {
+            "x0": ro.z0[mb].to(dev).float(),
+            "t": torch.stack(ts).float().to(dev),  # (b, k)
+            "eps": torch.stack(eps).to(dev),  # (b, k, *latent)
+            "adv": ro.advantages[mb].to(dev).float(),
+            "cond": ro.cond.index(mb),
+        }
+
+    def _velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        ad = self.tr.adapter
+        return ad.velocity(x.to(ad.dtype), t, cond).float()
+
+    def loss(self, b: dict[str, Any], term: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The NFT loss at the ``term``-th timestep of each sample, + ``kl_beta`` mean((v - v_ref)^2) to the
+        LoRA-off base (the released code's KL form)."""
+        n = self.cfg
+        t, x0 = b["t"][:, term], b["x0"]
+        x_t = forward_noise(x0, t, b["eps"][:, term])
+        with torch.no_grad(), self.ema.swapped():
+            v_old = self._velocity(x_t, t, b["cond"])
+        v = self._velocity(x_t, t, b["cond"])
+        loss, st = nft_loss(v, v_old, x_t, t, x0, b["adv"], n.beta, n.adv_max, n.adaptive_weight)
+        kl = torch.zeros((), device=v.device)
+        if n.kl_beta > 0:
+            with torch.no_grad(), adapters_disabled(self.tr.adapter.denoiser):
+                v_ref = self._velocity(x_t, t, b["cond"])
+            kl = ((v - v_ref) ** 2).mean()
+            loss = loss + n.kl_beta * kl
+        parts = {"policy_loss": loss.detach() - n.kl_beta * kl.detach(), "kl": kl.detach()}
+        parts.update({f"nft_{k}": v for k, v in st.items()})
+        return loss, parts
+
+    def after_iteration(self) -> dict[str, float]:
+        """Move the old policy towards the trained one (theta_old <- d theta_old + (1 - d) theta)."""
+        return {"train/ema_decay": self.ema.update(self.steps)}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return self.ema.state_dict()
+
+    def load(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        super().load(state, tensors)
+        self.ema.load_state_dict(tensors)
+
+
+def make_update(trainer: Trainer) -> PolicyUpdate:
+    """The update ``train.algorithm`` names."""
+    return {"flow_grpo": FlowGRPOUpdate, "nft": NFTUpdate}[trainer.cfg.train.algorithm](trainer)
