@@ -5,13 +5,24 @@ its PEFT config as metadata), ``optimizer.safetensors`` (AdamW moments, by param
 ``state.json`` (iteration, optimizer step counts and hyper-parameters, metric history). It is written
 to a temporary folder and renamed into place, then ``checkpoints/latest`` is replaced atomically, so a run
 killed at any moment leaves the previous checkpoint intact.
+
+Resuming trusts nothing it has not checked: :func:`find_resumable` takes the checkpoint ``latest`` names when
+it is intact (every file parses: ``state.json`` as JSON naming its iteration, each safetensors file's header
+and size; nothing is unpickled or loaded into tensors), else the newest intact older one, and names every
+checkpoint it passes over. :func:`clean_partial` removes what interrupted writes left behind. A checkpoint
+may record the run's resolved configuration (``save_checkpoint(..., config=...)``, a plain JSON dict), read
+back by :func:`read_state` / :func:`load_checkpoint` as ``state["config"]``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
+import struct
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +65,21 @@ def save_checkpoint(
     lora_meta: dict[str, str],
     opt: torch.optim.Optimizer,
     extra: dict[str, Any],
+    config: dict[str, Any] | None = None,
 ) -> Path:
-    """Write checkpoint ``iter_{iteration:06d}`` under ``folder`` atomically; returns its path."""
+    """Write checkpoint ``iter_{iteration:06d}`` under ``folder`` atomically; returns its path.
+
+    ``config``: the run's resolved configuration as a plain JSON dict, stored as ``state.json``'s
+    ``config`` entry (then :func:`load_checkpoint` / :func:`read_state` return it unchanged).
+    """
+    if config is not None:
+        if not isinstance(config, dict):
+            raise ConfigError("config", f"must be a plain dict, got {type(config).__name__}")
+        try:
+            json.dumps(config, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise ConfigError("config", f"must be plain JSON (dicts, lists, finite numbers): {e}") from e
+        extra = {**extra, "config": config}
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"iter_{iteration:06d}"
     tmp = folder / f".tmp_iter_{iteration:06d}_{os.getpid()}"
@@ -73,27 +97,240 @@ def save_checkpoint(
     for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
+    _fsync_dir(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    _fsync_dir(folder)
     latest_tmp = folder / f".latest_{os.getpid()}"
-    latest_tmp.write_text(final.name)
+    with open(latest_tmp, "w") as fh:
+        fh.write(final.name)
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(latest_tmp, folder / "latest")
+    _fsync_dir(folder)
     return final
 
 
+def _fsync_dir(path: Path) -> None:
+    """Make a folder's entries (a rename into it) durable; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------- integrity
+_ITER_RE = re.compile(r"iter_(\d+)")
+_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "C64": 8,
+    "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why ``path`` is not a complete safetensors file, or None when it is.
+
+    Reads the 8-byte header length and the JSON header only (no tensor is loaded): the header must parse,
+    name each tensor's dtype, shape and byte range, and the ranges must tile the data exactly up to the end
+    of the file, so a truncated or padded file, or garbage, is caught. Bit flips inside tensor data are not.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                return f"{path.name} is truncated ({size} bytes, no header)"
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, _MAX_HEADER):
+                return f"{path.name} is truncated or not safetensors ({n}-byte header, {size}-byte file)"
+            raw = fh.read(n)
+    except FileNotFoundError:
+        return f"{path.name} is missing"
+    except OSError as e:
+        return f"{path.name} cannot be read ({e})"
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return f"{path.name} has a garbled header (not safetensors JSON)"
+    if not isinstance(header, dict):
+        return f"{path.name} has a garbled header (not a JSON object)"
+    ranges: list[tuple[int, int]] = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            if not (isinstance(info, dict) and all(isinstance(v, str) for v in info.values())):
+                return f"{path.name} has garbled metadata"
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            ok = isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end
+            ok = ok and isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            return f"{path.name}: tensor {name!r} has a garbled entry"
+        if dtype in _DTYPE_BYTES and end - begin != math.prod(shape) * _DTYPE_BYTES[dtype]:
+            return f"{path.name}: tensor {name!r} spans {end - begin} bytes, its shape needs another size"
+        ranges.append((begin, end))
+    data = size - 8 - n
+    pos = 0
+    for begin, end in sorted(ranges):
+        if begin != pos:
+            return f"{path.name}: tensor data has a gap or overlap at byte {begin}"
+        pos = end
+    if pos != data:
+        return f"{path.name} is truncated or padded (tensors need {pos} data bytes, the file holds {data})"
+    return None
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why checkpoint folder ``path`` cannot be resumed from, or None when it is intact.
+
+    Intact: ``state.json`` parses as a JSON object whose ``iteration`` matches the folder name and which
+    holds the optimizer's scalars, and ``lora.safetensors`` and ``optimizer.safetensors`` pass
+    :func:`safetensors_problem`. Nothing is unpickled or loaded into tensors.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return "the folder is missing"
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except FileNotFoundError:
+        return "state.json is missing (the write was interrupted)"
+    except (OSError, UnicodeDecodeError, ValueError):
+        return "state.json is truncated or garbled"
+    if not isinstance(state, dict) or not isinstance(state.get("optimizer"), dict):
+        return "state.json is not a solace checkpoint state (no optimizer entry)"
+    m = _ITER_RE.fullmatch(path.name)
+    if m and state.get("iteration") != int(m[1]):
+        return f"state.json says iteration {state.get('iteration')!r}, the folder name {int(m[1])}"
+    for name in ("lora.safetensors", "optimizer.safetensors"):
+        problem = safetensors_problem(path / name)
+        if problem:
+            return problem
+    return None
+
+
+def _iteration_folders(root: Path) -> dict[int, Path]:
+    out: dict[int, Path] = {}
+    for p in root.iterdir() if root.is_dir() else []:
+        m = _ITER_RE.fullmatch(p.name)
+        if m and p.is_dir():
+            out[int(m[1])] = p
+    return out
+
+
+def find_resumable(root: Path) -> tuple[Path | None, list[str]]:
+    """The checkpoint to resume from under ``root`` (``OUT/checkpoints``) and a warning per checkpoint passed
+    over; ``(None, [])`` when there is nothing to resume.
+
+    The folder ``latest`` names is taken when it is intact (:func:`checkpoint_problem`); newer folders
+    beside it (left by an earlier run in the same folder, or written just before a kill that hit before the
+    pointer moved) are named in a warning and not used, since nothing vouches for their lineage. When
+    ``latest`` names a missing or broken folder, the newest intact checkpoint *older* than it is taken; when
+    ``latest`` itself is missing or garbled, the newest intact checkpoint. ``(None, warnings)`` means
+    checkpoints exist but none is intact.
+    """
+    root = Path(root)
+    folders = _iteration_folders(root)
+    warns: list[str] = []
+    ptr = root / "latest"
+    below: int | None = None  # only checkpoints before this iteration are candidates
+    try:
+        name = ptr.read_text().strip()
+    except FileNotFoundError:
+        name = None
+        if folders:
+            warns.append(f"{ptr} is missing; looking for the newest intact checkpoint")
+    except (OSError, UnicodeDecodeError):
+        name = ""
+    if name is not None:
+        m = _ITER_RE.fullmatch(name)
+        if not m:
+            warns.append(f"{ptr} holds {name[:40]!r}, not a checkpoint name; taking the newest intact one")
+        else:
+            named = root / name
+            problem = checkpoint_problem(named)
+            if problem is None:
+                newer = sorted(p.name for i, p in folders.items() if i > int(m[1]))
+                if newer:
+                    warns.append(
+                        f"{root}: {', '.join(newer)}, newer than {name} (named by latest), not used: left "
+                        "by an earlier run in this folder, or written just before the pointer moved"
+                    )
+                return named, warns
+            warns.append(f"skipped {named} (named by latest): {problem}")
+            below = int(m[1])
+    for it in sorted(folders, reverse=True):
+        if below is not None and it >= below:
+            if it > below:
+                warns.append(f"skipped {folders[it]}: newer than what latest names (an earlier run's?)")
+            continue
+        problem = checkpoint_problem(folders[it])
+        if problem is None:
+            if warns:
+                warns.append(f"resuming from {folders[it]}, the newest intact checkpoint")
+            return folders[it], warns
+        warns.append(f"skipped {folders[it]}: {problem}")
+    if warns:
+        warns.append(f"no intact checkpoint under {root}")
+    return None, warns
+
+
 def latest_checkpoint(folder: Path) -> Path | None:
-    ptr = folder / "latest"
-    if not ptr.exists():
-        return None
-    p = folder / ptr.read_text().strip()
-    return p if (p / "state.json").exists() else None
+    """:func:`find_resumable`, each warning issued with :func:`warnings.warn`; None when there are no
+    checkpoints at all. Raises :class:`ConfigError` when checkpoints exist but none is intact, rather than
+    let a resumed run start over (and overwrite the run's log) without saying so."""
+    path, warns = find_resumable(folder)
+    for w in warns:
+        warnings.warn(w, RuntimeWarning, stacklevel=2)
+    if path is None and warns:
+        raise ConfigError(
+            "resume",
+            f"no intact checkpoint under {folder} ({'; '.join(warns)}). To start the run over, delete "
+            f"{folder}; to keep it, train into another train.output_dir.",
+        )
+    return path
+
+
+def clean_partial(root: Path) -> list[Path]:
+    """Remove what interrupted checkpoint writes left under ``root``: ``.tmp_iter_*`` folders and
+    ``.latest_*`` pointer files. Returns the removed paths. Call it only while holding the run's lock
+    (:class:`solace.trainer.runlock.RunLock`): a live writer's temporaries look the same."""
+    root = Path(root)
+    removed: list[Path] = []
+    for p in sorted(root.iterdir()) if root.is_dir() else []:
+        if p.name.startswith(".tmp_iter_") and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.name.startswith(".latest_") and not p.is_dir():
+            p.unlink(missing_ok=True)
+        else:
+            continue
+        removed.append(p)
+    return removed
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """``state.json`` of checkpoint ``path`` (iteration, histories, ``config`` when recorded)."""
+    try:
+        return json.loads((Path(path) / "state.json").read_text())
+    except FileNotFoundError:
+        raise ConfigError("resume", f"{path} is not a solace checkpoint (no state.json)") from None
+    except ValueError as e:
+        raise ConfigError("resume", f"{path}/state.json is garbled ({e})") from None
 
 
 def load_checkpoint(path: Path, opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Restore the optimizer in place; return (lora state dict, state.json content)."""
-    if not (path / "state.json").exists():
-        raise ConfigError("resume", f"{path} is not a solace checkpoint (no state.json)")
-    state = json.loads((path / "state.json").read_text())
+    state = read_state(path)
     _load_optimizer(opt, load_file(str(path / "optimizer.safetensors")), state["optimizer"])
     return load_file(str(path / "lora.safetensors")), state

@@ -1,0 +1,218 @@
+"""A resumed run is the run it continues: its configuration is compared field by field with the one the
+checkpoint recorded, and its ``log.csv`` is cut back to the checkpoint.
+
+Which changes are safe (:data:`SAFE`): those that change neither the training trajectory nor what the run
+has recorded so far. How long to train (``train.iterations``, ``train.max_minutes``), how often to evaluate,
+draw grids and checkpoint, whether to report, the thread count, the device (a run moved to another machine)
+and the output folder (a moved folder), the grid prompts, the collapse monitor's thresholds, the base
+evaluation cache's file and the informational ``preset`` name.
+
+Evaluation settings (:data:`EVAL_FIELDS`: ``data.eval_prompts``, ``data.eval_prompts_limit``,
+``train.eval_samples_per_prompt``, ``sampling.eval_num_steps``, ``sampling.eval_cfg_scale``) are *not*
+safe, a deliberate choice: they leave the training trajectory alone, but the evaluations already recorded
+(restored from the checkpoint, starting with the baseline at iteration 0 that the report, ``evals.json`` and
+the collapse monitor compare against) were measured the old way, so the run's eval curve would silently mix
+two measurements. Changing them needs ``allow_changes``, which says so in the log line.
+
+Everything else (model, LoRA, data, sampling, reward, GRPO, optimiser, seed, batch sizes, which change the
+samples, the gradients or merely their rounding) is unsafe: a resumed run would no longer be the run that
+an uninterrupted one is, bit for bit.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any
+
+from solace.errors import ConfigError
+
+#: Dotted keys (``fnmatch`` patterns) whose change on resume is safe.
+SAFE: tuple[str, ...] = (
+    "train.iterations",
+    "train.max_minutes",
+    "train.eval_every",
+    "train.image_every",
+    "train.checkpoint_every",
+    "train.report",
+    "train.threads",
+    "train.image_prompts",
+    "train.base_eval_cache",
+    "train.output_dir",
+    "train.device",
+    "monitor.*",
+    "preset",
+)
+#: Evaluation-only settings: unsafe because earlier evaluations of the run were measured with the old ones.
+EVAL_FIELDS: tuple[str, ...] = (
+    "data.eval_prompts",
+    "data.eval_prompts_limit",
+    "train.eval_samples_per_prompt",
+    "sampling.eval_num_steps",
+    "sampling.eval_cfg_scale",
+)
+#: How the command line spells ``allow_changes`` (used in the error message's fix).
+ALLOW_FLAG = "--allow-changes"
+
+
+class _Absent:
+    """A key present on one side of :func:`config_diff` only."""
+
+    def __repr__(self) -> str:
+        return "<absent>"
+
+
+ABSENT = _Absent()
+
+
+def _plain(v: Any) -> Any:
+    """Tuples as lists (a JSON round trip makes them lists), recursively."""
+    if isinstance(v, tuple | list):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    if isinstance(a, bool) != isinstance(b, bool):  # True == 1 in Python, not in a config
+        return False
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if _numeric(a, b):
+        return a == b
+    return type(a) is type(b) and a == b
+
+
+def _numeric(a: Any, b: Any) -> bool:
+    """Both int or float (not bool): 1 and 1.0 compare equal (YAML may write either)."""
+    return all(isinstance(x, int | float) and not isinstance(x, bool) for x in (a, b))
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``[(dotted key, old value, new value), ...]`` for every leaf that differs, sorted by key.
+
+    Nested dicts are walked (``{"train": {"seed": 0}}`` gives ``train.seed``); lists (e.g.
+    ``reward.components``) are compared whole; tuples equal lists, ``1`` equals ``1.0``, NaN equals NaN, a
+    bool never equals a number. A key on one side only has :data:`ABSENT` on the other.
+    """
+    a, b = _flatten(_plain(old)), _flatten(_plain(new))
+    out = []
+    for key in sorted(a.keys() | b.keys()):
+        va, vb = a.get(key, ABSENT), b.get(key, ABSENT)
+        if va is ABSENT or vb is ABSENT or not _same(va, vb):
+            out.append((key, va, vb))
+    return out
+
+
+def _matches(key: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatchcase(key, p) for p in patterns)
+
+
+def _fmt(key: str, old: Any, new: Any) -> str:
+    def short(v: Any) -> str:
+        r = repr(v)
+        return r if len(r) <= 80 else r[:77] + "..."
+
+    return f"{key}: {short(old)} -> {short(new)}"
+
+
+def check_resume(old: dict[str, Any], new: dict[str, Any], allow_changes: bool = False) -> list[str]:
+    """Compare the configuration a checkpoint recorded (``old``) with the resuming run's (``new``).
+
+    Raises :class:`ConfigError` on ``--resume`` listing every change outside :data:`SAFE` (evaluation
+    settings, :data:`EVAL_FIELDS`, with their own reason) and the fix, unless ``allow_changes``. Returns one
+    line ``"key: old -> new"`` per accepted change, for the log (unsafe ones allowed by ``allow_changes`` end
+    with ``(unsafe, allowed)``).
+    """
+    safe, unsafe = [], []
+    for key, a, b in config_diff(old, new):
+        line = _fmt(key, a, b)
+        if _matches(key, SAFE):
+            safe.append(line)
+        elif _matches(key, EVAL_FIELDS):
+            unsafe.append(line + " (evaluation only, but this run's earlier evaluations used the old value)")
+        else:
+            unsafe.append(line)
+    if unsafe and not allow_changes:
+        raise ConfigError(
+            "--resume",
+            f"the configuration differs from the one the checkpoint was trained with in {len(unsafe)} "
+            "field(s) that change what the run computes:\n  "
+            + "\n  ".join(unsafe)
+            + f"\nResume with the checkpoint's values, train into another train.output_dir, or pass "
+            f"{ALLOW_FLAG} to continue with the changed settings anyway (the run is then no longer "
+            "comparable with an uninterrupted one).",
+        )
+    return safe + [u + " (unsafe, allowed)" for u in unsafe]
+
+
+def truncate_log(csv_path: str | Path, iteration: int) -> int:
+    """Drop the rows of ``log.csv`` whose ``iteration`` is above ``iteration`` (the checkpoint's), which a
+    killed run wrote after its last checkpoint and its resumption writes again. Also drops a row cut short
+    by a kill (no final newline, a wrong field count, or an unreadable ``iteration``). The header is kept;
+    the file is rewritten through a temporary file and ``os.replace``, and left untouched when nothing is
+    dropped. An empty file is removed (the next write starts it with a header). Returns the rows dropped;
+    0 when there is no file. Raises :class:`ConfigError` when the header has no ``iteration`` column.
+    """
+    path = Path(csv_path)
+    try:
+        with open(path, newline="") as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        return 0
+    if not text.strip():
+        path.unlink()
+        return 0
+    rows = list(csv.reader(io.StringIO(text)))
+    header, body = rows[0], rows[1:]
+    partial_last = not text.endswith("\n")
+    if partial_last and not body:  # the header itself was cut short: no row was written yet
+        path.unlink()
+        return 0
+    if "iteration" not in header:
+        raise ConfigError("log.csv", f"{path} has no iteration column; move it away to resume")
+    col = len(header)
+    idx = header.index("iteration")
+    keep, dropped = [], 0
+    for i, row in enumerate(body):
+        ok = len(row) == col and not (partial_last and i == len(body) - 1)
+        if ok:
+            try:
+                ok = float(row[idx]) <= iteration
+            except ValueError:
+                ok = False
+        if ok:
+            keep.append(row)
+        else:
+            dropped += 1
+    if not dropped:
+        return 0
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(keep)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return dropped
