@@ -16,7 +16,7 @@ from solace.models.base import FlowModelAdapter
 from solace.prompts import read_prompt_file
 from solace.sampling.sampler import sample
 from solace.toy.evaluator import detect, score_detections, segment, summarize, to_uint8
-from solace.toy.world import CATEGORIES, PromptRecord, balanced_subset, load_heldout
+from solace.toy.world import CATEGORIES, PromptRecord, balanced_subset, load_heldout, train_eval_prompts
 from solace.utils.seeding import prompt_seed
 
 
@@ -103,10 +103,13 @@ def batch_statistics(images: torch.Tensor, metas: Sequence[dict]) -> dict[str, t
 
 def eval_records(spec: str, limit: int = 0) -> list[PromptRecord] | None:
     """The records the exact evaluator scores for ``data.eval_prompts``: the held-out set (``toy_heldout``,
-    ``limit`` of them taken round-robin over categories), or a ``.jsonl`` file whose every line carries
+    ``limit`` of them taken round-robin over categories), fresh prompts of the training distribution
+    (``toy_train_eval``, ``limit`` of them, 64 by default), or a ``.jsonl`` file whose every line carries
     GenEval metadata (``include``); None where there is nothing to score exactly."""
     if spec == "toy_heldout":
         return balanced_subset(load_heldout(), limit)
+    if spec == "toy_train_eval":
+        return train_eval_prompts(limit or 64)
     items = read_prompt_file(spec, "data.eval_prompts")
     if not all("include" in p.meta for p in items):
         return None

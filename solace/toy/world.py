@@ -208,6 +208,21 @@ def sample_train_prompt(rng: random.Random, mix: dict[str, float] | None = None)
     return rng.choice(train_prompts()[cat])
 
 
+TRAIN_EVAL_SEED = 20261130  # no training run draws its prompts from this stream
+
+
+def train_eval_prompts(n: int = 64, seed: int = TRAIN_EVAL_SEED) -> list[PromptRecord]:
+    """``n`` distinct prompts drawn fresh from the training distribution (:func:`sample_train_prompt`, its
+    category mix): an evaluation set of what the model is trained on, next to the held-out compositions."""
+    rng, out, seen = random.Random(seed), [], set()
+    while len(out) < n:
+        r = sample_train_prompt(rng)
+        if r.prompt not in seen:
+            seen.add(r.prompt)
+            out.append(r)
+    return out
+
+
 def vocabulary() -> list[str]:
     """Word-level vocabulary of the toy text encoder: index 0 is padding, 1 is unknown."""
     words = {"a", "photo", "of", "and", "above", "below", "left", "right"}

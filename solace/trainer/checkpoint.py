@@ -2,7 +2,8 @@
 
 A checkpoint is a folder ``checkpoints/iter_000010`` holding ``lora.safetensors`` (the trainable LoRA with
 its PEFT config as metadata), ``optimizer.safetensors`` (AdamW moments, by parameter index), and
-``state.json`` (iteration, optimizer step counts and hyper-parameters, metric history). It is written
+``state.json`` (iteration, optimizer step counts and hyper-parameters, metric history), and where the
+policy update keeps tensors of its own ``update.safetensors`` (DiffusionNFT's old policy). It is written
 to a temporary folder and renamed into place, then ``checkpoints/latest`` is replaced atomically, so a run
 killed at any moment leaves the previous checkpoint intact.
 
@@ -30,6 +31,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from solace.errors import ConfigError
+
+UPDATE_FILE = "update.safetensors"
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -66,6 +69,7 @@ def save_checkpoint(
     opt: torch.optim.Optimizer,
     extra: dict[str, Any],
     config: dict[str, Any] | None = None,
+    update_tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write checkpoint ``iter_{iteration:06d}`` under ``folder`` atomically; returns its path.
 
@@ -93,6 +97,10 @@ def save_checkpoint(
     )
     ot, os_ = _optimizer_tensors(opt)
     save_file(ot, str(tmp / "optimizer.safetensors"))
+    if update_tensors:  # the policy update's own state (DiffusionNFT's old policy)
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in update_tensors.items()}, str(tmp / UPDATE_FILE)
+        )
     (tmp / "state.json").write_text(json.dumps({"iteration": iteration, "optimizer": os_, **extra}))
     for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
         with open(f, "rb") as fh:
@@ -213,7 +221,10 @@ def checkpoint_problem(path: Path) -> str | None:
     m = _ITER_RE.fullmatch(path.name)
     if m and state.get("iteration") != int(m[1]):
         return f"state.json says iteration {state.get('iteration')!r}, the folder name {int(m[1])}"
-    for name in ("lora.safetensors", "optimizer.safetensors"):
+    names = ["lora.safetensors", "optimizer.safetensors"]
+    if (path / UPDATE_FILE).exists():
+        names.append(UPDATE_FILE)
+    for name in names:
         problem = safetensors_problem(path / name)
         if problem:
             return problem
@@ -327,6 +338,12 @@ def read_state(path: Path) -> dict[str, Any]:
         raise ConfigError("resume", f"{path} is not a solace checkpoint (no state.json)") from None
     except ValueError as e:
         raise ConfigError("resume", f"{path}/state.json is garbled ({e})") from None
+
+
+def load_update_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The policy update's tensors saved with checkpoint ``path`` (empty when it saved none)."""
+    f = Path(path) / UPDATE_FILE
+    return load_file(str(f)) if f.exists() else {}
 
 
 def load_checkpoint(path: Path, opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -46,7 +46,8 @@ class ModelCfg:
 @dataclass
 class DataCfg:
     train_prompts: str = "toy"  # "toy" (the toy world's train distribution) or a .txt / .jsonl file
-    eval_prompts: str = "toy_heldout"  # "toy_heldout" or a .txt / .jsonl file
+    # "toy_heldout", "toy_train_eval" (fresh prompts of the toy training distribution) or a .txt/.jsonl file
+    eval_prompts: str = "toy_heldout"
     eval_prompts_limit: int = 0  # 0: all; the toy held-out subset is taken round-robin over categories
 
 
@@ -313,7 +314,7 @@ def validate(cfg: SolaceConfig, check_paths: bool = True) -> None:
         ("data.train_prompts", cfg.data.train_prompts),
         ("data.eval_prompts", cfg.data.eval_prompts),
     ):
-        if check_paths and src not in ("toy", "toy_heldout"):
+        if check_paths and src not in ("toy", "toy_heldout", "toy_train_eval"):
             check(
                 Path(src).exists(),
                 name,

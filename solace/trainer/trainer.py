@@ -42,7 +42,7 @@ from solace.prompts import PromptSource
 from solace.rewards.mixture import SELF_CONFIDENCE, RewardMixture
 from solace.sampling.rollout import GroupLayout, Rollout
 from solace.sampling.sampler import sample
-from solace.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from solace.trainer.checkpoint import latest_checkpoint, load_checkpoint, load_update_tensors, save_checkpoint
 from solace.trainer.config import SolaceConfig, to_yaml
 from solace.trainer.monitor import CollapseMonitor, latent_texture
 from solace.trainer.updates import make_update
@@ -401,10 +401,11 @@ class Trainer:
                 "monitor": self.monitor.warnings,
                 "monitor_series": self.monitor.series,
                 "reward_history": self.monitor.history,
+                "update": self.updater.state(),
             }
             save_checkpoint(
                 self.out / "checkpoints", iteration, lora_state_dict(self.adapter.denoiser),
-                self._lora_meta(), self.opt, state,
+                self._lora_meta(), self.opt, state, update_tensors=self.updater.state_tensors(),
             )  # fmt: skip
         self.acc.wait_for_everyone()
 
@@ -425,6 +426,7 @@ class Trainer:
         self.monitor.warnings = state.get("monitor", [])
         self.monitor.series = state.get("monitor_series", {})
         self.monitor.history = state.get("reward_history", [])
+        self.updater.load(state.get("update", {}), load_update_tensors(ck))
         return True
 
     # ------------------------------------------------------------------ main loop
