@@ -110,7 +110,8 @@ def train(
     if res.get("evals"):
         first, last = res["evals"][0], res["evals"][-1]
         typer.echo(
-            f"held-out strict accuracy: {first['strict']:.3f} (base) -> {last['strict']:.3f} (trained); "
+            f"{cfg.data.eval_prompts} strict accuracy: {first['strict']:.3f} (base) -> {last['strict']:.3f} "
+            f"(trained); "
             f"lenient {first['lenient']:.3f} -> {last['lenient']:.3f}"
         )
     finish()
