@@ -26,7 +26,14 @@ def main() -> None:
     rest = [r for r in rest if r != "resume=1"]
     cfg = load_config("toy", tiny_overrides(weights, out) + rest)
     if mode == "train":
-        Trainer(cfg).train(resume=resume)
+        from solace.trainer.signals import RunInterrupted
+
+        try:
+            Trainer(cfg).train(resume=resume)
+        except RunInterrupted as e:  # what `solace train` does: the message, the signal's exit code
+            print(f"stopped: {e}", file=sys.stderr, flush=True)
+            finish()
+            sys.exit(e.exit_code)
         return finish()
     tr = Trainer(cfg)
     ro = tr.collect(0)

@@ -93,15 +93,23 @@ def train(
         help="YAML file or preset name (toy, sd35m, flux, toy_verifiable, ablation/k4 ...).",
     ),
     resume: bool = typer.Option(False, help="Continue from the output folder's latest checkpoint."),
+    allow_changes: bool = typer.Option(
+        False, "--allow-changes", help="With --resume: continue although the config changed (listed)."
+    ),
 ) -> None:
     """Post-train a model with SOLACE / Flow-GRPO. Extra arguments are overrides: key=value (grpo.rho=1.0)."""
     from solace.trainer.config import load_config
     from solace.trainer.distributed import finish
+    from solace.trainer.signals import RunInterrupted
     from solace.trainer.trainer import run_training
 
     try:
         cfg = load_config(config, list(ctx.args))
-        res = run_training(cfg, resume=resume)
+        res = run_training(cfg, resume=resume, allow_changes=allow_changes)
+    except RunInterrupted as e:
+        typer.secho(f"stopped: {e}", fg=typer.colors.YELLOW, err=True)
+        finish()
+        raise typer.Exit(e.exit_code) from None
     except SolaceError as e:
         _fail(e)
     if res.get("report"):

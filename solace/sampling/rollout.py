@@ -60,6 +60,7 @@ class Rollout:
     latents: (n, T+1, *latent) the states at ``sigmas[0..T]`` (``z0 = latents[:, -1]`` is the clean sample).
     log_probs: (n, T) each step's log-prob under the sampling policy (None for updates that need none).
     advantages: (n,) set once the gathered rewards are known.
+    keep: set when samples were dropped (a non-finite reward): the update leaves the others out.
     """
 
     prompts: list[Prompt]  # the iteration's prompts, one per group (every process holds all of them)
@@ -69,6 +70,9 @@ class Rollout:
     latents: torch.Tensor
     log_probs: torch.Tensor | None
     advantages: torch.Tensor | None = None
+    keep: torch.Tensor | None = (
+        None  # (P * G,) bool over the whole batch: samples the update may use (None: all)
+    )
     stats: dict[str, float] = field(default_factory=dict)
 
     def __len__(self) -> int:

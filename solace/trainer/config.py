@@ -148,6 +148,9 @@ class TrainCfg:
     # stops after the iteration that reaches it, then checkpoints, evaluates and reports as at the end;
     # 0: no limit. `--resume` continues it towards `iterations` with a fresh budget.
     max_minutes: float = 0.0
+    # stop (non-zero exit, last checkpoint intact) after this many consecutive iterations with a non-finite
+    # reward or gradient (those samples are dropped, those optimizer steps skipped); 0: never stop
+    max_nonfinite: int = 3
     seed: int = 0
     output_dir: str = "runs/solace"
     eval_every: int = 0  # 0: only before and after training
@@ -299,6 +302,11 @@ def validate(cfg: SolaceConfig, check_paths: bool = True) -> None:
     check(len(cfg.reward.components) >= 1, "reward.components", "needs at least one reward")
     for i, c in enumerate(cfg.reward.components):
         check(bool(c.name), f"reward.components[{i}].name", "must name a reward")
+    check(
+        any(c.weight != 0 for c in cfg.reward.components),
+        "reward.components",
+        "every weight is 0: the reward would be constant and nothing trained; give a component a weight",
+    )
     _validate_grpo(cfg.grpo, s.num_steps)
     o, t, lora = cfg.optim, cfg.train, cfg.model.lora
     _min(cfg.monitor.window, 1, "monitor.window")
@@ -310,6 +318,7 @@ def validate(cfg: SolaceConfig, check_paths: bool = True) -> None:
     _min(t.max_minutes, 0, "train.max_minutes", " (0: no limit)")
     _min(t.checkpoint_every, 1, "train.checkpoint_every")
     _min(t.threads, 0, "train.threads", " (0: torch's default)")
+    _min(t.max_nonfinite, 0, "train.max_nonfinite", " (0: never stop)")
     for name, src in (
         ("data.train_prompts", cfg.data.train_prompts),
         ("data.eval_prompts", cfg.data.eval_prompts),

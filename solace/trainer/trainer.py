@@ -21,7 +21,9 @@ One iteration (paper Alg. 1):
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import dataclasses
 import json
 import math
 import time
@@ -33,7 +35,6 @@ import torch
 from tqdm.auto import tqdm
 
 from solace.errors import ConfigError
-from solace.grpo.advantages import group_advantages
 from solace.grpo.window import parse_steps, train_window
 from solace.models import load_adapter, model_family
 from solace.models.base import Conditioning
@@ -42,18 +43,36 @@ from solace.prompts import PromptSource
 from solace.rewards.mixture import SELF_CONFIDENCE, RewardMixture
 from solace.sampling.rollout import GroupLayout, Rollout
 from solace.sampling.sampler import sample
-from solace.trainer.checkpoint import latest_checkpoint, load_checkpoint, load_update_tensors, save_checkpoint
+from solace.trainer.checkpoint import (
+    clean_partial,
+    latest_checkpoint,
+    load_checkpoint,
+    load_update_tensors,
+    read_state,
+    save_checkpoint,
+)
 from solace.trainer.config import SolaceConfig, to_yaml
+from solace.trainer.guard import (
+    NonFiniteError,
+    NonFiniteGuard,
+    all_zero,
+    drop_nonfinite,
+    group_advantages_masked,
+)
 from solace.trainer.monitor import CollapseMonitor, latent_texture
+from solace.trainer.resume_check import check_resume, truncate_log
+from solace.trainer.runlock import RunLock
+from solace.trainer.signals import RunInterrupted, StopRequest
 from solace.trainer.updates import make_update
 from solace.utils.seeding import Stream, TrainStreams
 
 
 class Trainer:
-    def __init__(self, cfg: SolaceConfig, accelerator: Any | None = None):
+    def __init__(self, cfg: SolaceConfig, accelerator: Any | None = None, allow_changes: bool = False):
         from accelerate import Accelerator
 
         self.cfg = cfg
+        self.allow_changes = allow_changes  # --resume with a changed config: proceed (listed) or stop
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
@@ -80,6 +99,7 @@ class Trainer:
         self.null = self.adapter.encode_prompts([""])
         mc = cfg.monitor
         self.monitor = CollapseMonitor(mc.std_drop, mc.foreground_drop, mc.reward_spike_z, mc.window)
+        self.guard = NonFiniteGuard(cfg.train.max_nonfinite)
         self.is_toy = self.adapter.name == "toy"
         self.start_iteration = 0
         self.stopped_at = cfg.train.iterations
@@ -159,6 +179,10 @@ class Trainer:
         if self.acc.num_processes == 1:
             return t
         return self.acc.gather(t.to(self.acc.device).contiguous()).cpu()
+
+    def _warn(self, message: str) -> None:
+        if self.is_main:
+            tqdm.write(f"WARNING {message}")
 
     def _log(self, scalars: dict[str, float], step: int) -> None:
         if not self.is_main:
@@ -250,12 +274,27 @@ class Trainer:
                 comps[name] = self._gather(r)
         total = self.rewards.combine(comps)
         t_reward = time.perf_counter() - t0
-        g = self.cfg.grpo
-        adv = group_advantages(
-            total, group_ids=ro.layout.all_groups(), global_std=g.global_std, eps=g.adv_eps, clip=g.adv_clip
+        g, groups = self.cfg.grpo, ro.layout.all_groups()
+        keep, dropped = drop_nonfinite(total, groups)  # a non-finite reward leaves its group and the update
+        adv = group_advantages_masked(
+            total, groups, keep, global_std=g.global_std, eps=g.adv_eps, clip=g.adv_clip
         )
         ro.advantages = ro.layout.local(adv)
-        stats = {"reward/mean": float(total.mean()), "reward/std": float(total.std())}
+        if dropped:
+            ro.keep = keep
+            self._warn(
+                f"{dropped} sample(s) with a non-finite reward dropped from their groups and the update"
+            )
+        if all_zero(adv):
+            self._warn(
+                "every advantage is 0 (rewards tie within every group): no policy signal this iteration"
+            )
+        kept = total if not dropped else total[keep]
+        stats = {
+            "reward/mean": float(kept.mean()),
+            "reward/std": float(kept.std()) if len(kept) > 1 else math.nan,
+        }
+        stats.update({"guard/dropped": float(dropped), "guard/zero_advantages": float(all_zero(adv))})
         stats.update({f"reward/{k}_mean": float(v.mean()) for k, v in comps.items()})
         if scores is not None:
             stats.update(
@@ -402,17 +441,27 @@ class Trainer:
                 "monitor_series": self.monitor.series,
                 "reward_history": self.monitor.history,
                 "update": self.updater.state(),
+                "nonfinite": self.guard.state_dict(),
             }
             save_checkpoint(
                 self.out / "checkpoints", iteration, lora_state_dict(self.adapter.denoiser),
-                self._lora_meta(), self.opt, state, update_tensors=self.updater.state_tensors(),
+                self._lora_meta(), self.opt, state, config=dataclasses.asdict(self.cfg),
+                update_tensors=self.updater.state_tensors(),
             )  # fmt: skip
         self.acc.wait_for_everyone()
 
     def resume(self) -> bool:
-        ck = latest_checkpoint(self.out / "checkpoints")
+        """Continue from the newest intact checkpoint (an interrupted or damaged newer one is passed over with
+        a warning); a changed config stops here unless its fields are safe to change or ``allow_changes``.
+        False (and a line saying so) when there is nothing to resume."""
+        root = self.out / "checkpoints"
+        if self.is_main:
+            clean_partial(root)
+        ck = latest_checkpoint(root)
         if ck is None:
+            self._warn(f"--resume: no checkpoint in {root}; starting a new run")
             return False
+        self._check_config_against(read_state(ck).get("config"), ck)
         from peft import set_peft_model_state_dict
 
         lora, state = load_checkpoint(ck, self.opt)
@@ -427,11 +476,37 @@ class Trainer:
         self.monitor.series = state.get("monitor_series", {})
         self.monitor.history = state.get("reward_history", [])
         self.updater.load(state.get("update", {}), load_update_tensors(ck))
+        self.guard.load_state_dict(state.get("nonfinite", {}))
+        if self.is_main:  # rows logged after the checkpoint are redone
+            truncate_log(self.out / "log.csv", self.start_iteration)
         return True
+
+    def _check_config_against(self, old: dict[str, Any] | None, ck: Path) -> None:
+        """Stop on a changed config (listing the fields) before anything is loaded or written."""
+        if old is None:
+            self._warn(f"{ck} records no config (an older checkpoint): the config was not compared")
+            return
+        from omegaconf import OmegaConf
+
+        from solace.trainer.config import load_config
+
+        try:  # the old config through this version's schema, so fields added since do not count as changes
+            old = dataclasses.asdict(
+                load_config(None, check_paths=False, layers_after=[OmegaConf.create(old)])
+            )
+        except Exception:  # noqa: BLE001 - a config this version cannot read is compared as it is
+            pass
+        for line in check_resume(old, dataclasses.asdict(self.cfg), self.allow_changes):
+            self._warn(f"--resume: {line}")
 
     # ------------------------------------------------------------------ main loop
     def train(self, resume: bool = False) -> dict[str, Any]:
-        """Run (or resume) the iterations, then export the LoRA, evaluate and report."""
+        """Run (or resume) the iterations, then export the LoRA, evaluate and report. One run per output
+        folder (a lock); Ctrl-C / SIGTERM finish the iteration, checkpoint and stop."""
+        with self._run_lock(), StopRequest() as stop:
+            return self._train(resume, stop)
+
+    def _train(self, resume: bool, stop: StopRequest) -> dict[str, Any]:
         cfg = self.cfg
         self._start(resume)
         bar = tqdm(
@@ -449,9 +524,24 @@ class Trainer:
             bar.set_postfix(reward=f"{stats['reward/mean']:.3f}", kl=f"{stats.get('train/kl', 0):.2e}")
             done = it + 1
             self._periodic(done)
-            out_of_time = self._out_of_time(started)
-            if done % cfg.train.checkpoint_every == 0 or done == cfg.train.iterations or out_of_time:
+            out_of_time = self._rank0_decides(
+                bool(cfg.train.max_minutes) and time.perf_counter() - started >= 60.0 * cfg.train.max_minutes
+            )
+            signalled = self._rank0_decides(stop.signum is not None)
+            if (
+                done % cfg.train.checkpoint_every == 0
+                or done == cfg.train.iterations
+                or out_of_time
+                or signalled
+            ):
                 self.checkpoint(done)
+            if signalled:
+                bar.close()
+                raise RunInterrupted(
+                    f"{stop.name or 'a signal'} received: stopped after iteration {done} of "
+                    f"{cfg.train.iterations}, checkpoint written; `solace train ... --resume` continues",
+                    stop.signum or 15,
+                )
             if out_of_time and done < cfg.train.iterations:
                 last = done
                 if self.is_main:
@@ -464,10 +554,34 @@ class Trainer:
         self.stopped_at = last
         return self._finish(last)
 
+    @contextlib.contextmanager
+    def _run_lock(self) -> Any:
+        """Hold the output folder's lock for the run (rank 0 takes it; every rank fails if it cannot)."""
+        lock, error = None, None
+        if self.is_main:
+            lock = RunLock(self.out)
+            try:
+                msg = lock.acquire()
+                if msg:
+                    self._warn(msg)
+            except ConfigError as e:
+                error = e
+        if self._rank0_decides(error is not None):
+            raise error or ConfigError(
+                "train.output_dir", f"{self.out} is locked by another run (see rank 0)"
+            )
+        try:
+            yield
+        finally:
+            if lock is not None:
+                lock.release()
+
     def iteration(self, it: int) -> dict[str, float]:
         """One iteration: sample, score, update, monitor, log. Returns its statistics."""
         ro = self.collect(it)
         stats = {**ro.stats, **self.update(ro, it)}
+        if self.guard.record(stats["guard/dropped"] > 0 or stats.get("train/skipped_steps", 0) > 0):
+            raise NonFiniteError(self.guard.message())
         if self.cfg.monitor.enabled:
             watched = {
                 "texture": stats["monitor/texture"],
@@ -485,10 +599,9 @@ class Trainer:
 
     def _start(self, resume: bool) -> None:
         """Write the config, resume or evaluate the base."""
-        if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(to_yaml(self.cfg))
         resumed = self.resume() if resume else False
+        if self.is_main:  # written once every check passed
+            (self.out / "config.yaml").write_text(to_yaml(self.cfg))
         if not resumed and self.is_main:
             (self.out / "log.csv").unlink(missing_ok=True)
             if self.cfg.train.report:
@@ -535,17 +648,14 @@ class Trainer:
         self.acc.wait_for_everyone()
         return result
 
-    def _out_of_time(self, started: float) -> bool:
-        """Whether ``train.max_minutes`` has run out; every process takes rank 0's decision."""
-        budget = self.cfg.train.max_minutes
-        if not budget:
-            return False
-        flag = torch.tensor([float(time.perf_counter() - started >= 60.0 * budget)], device=self.acc.device)
-        if self.acc.num_processes > 1:
-            from accelerate.utils import broadcast
+    def _rank0_decides(self, flag: bool) -> bool:
+        """Rank 0's ``flag`` on every process (a time budget, a signal, a lock): all take the same branch."""
+        if self.acc.num_processes == 1:
+            return flag
+        from accelerate.utils import broadcast
 
-            flag = broadcast(flag, from_process=0)
-        return bool(flag.item())
+        t = torch.tensor([float(flag)], device=self.acc.device)
+        return bool(broadcast(t, from_process=0).item())
 
     def _write_csv(self, stats: dict[str, float]) -> None:
         if not self.is_main:
@@ -563,7 +673,7 @@ class Trainer:
             w.writerow([stats.get(k, "") for k in keys])
 
 
-def run_training(cfg: SolaceConfig, resume: bool = False) -> dict[str, Any]:
+def run_training(cfg: SolaceConfig, resume: bool = False, allow_changes: bool = False) -> dict[str, Any]:
     """Train one run. The process group stays up (``solace ablate`` trains several runs in one process);
     the command that started it ends with :func:`solace.trainer.distributed.finish`."""
-    return Trainer(cfg).train(resume=resume)
+    return Trainer(cfg, allow_changes=allow_changes).train(resume=resume)

@@ -53,6 +53,13 @@ class PolicyUpdate:
         self.inner_epochs = inner_epochs
         self.updates_per_iteration = updates_per_iteration
         self.steps = 0  # optimizer steps taken so far (the EMA schedule's clock)
+        self.skipped = 0  # optimizer steps skipped for a non-finite gradient, this iteration
+
+    def _too_few_kept(self, keep: torch.Tensor) -> bool:
+        """Whether some process keeps fewer samples than this update takes optimizer steps: then every
+        process skips the update (each must take the same number of steps)."""
+        per_rank = keep.view(self.tr.acc.num_processes, -1).sum(1)
+        return int(per_rank.min()) < self.updates_per_iteration
 
     # what a subclass defines
     def terms(self) -> int:
@@ -85,12 +92,20 @@ class PolicyUpdate:
     def __call__(self, ro: Rollout, iteration: int) -> dict[str, float]:
         agg: dict[str, list[float]] = defaultdict(list)
         t0 = time.perf_counter()
+        self.skipped = 0
+        local_keep = ro.layout.local(ro.keep) if ro.keep is not None else None
+        if local_keep is not None and self._too_few_kept(ro.keep):
+            return {"train/skipped_steps": float(self.inner_epochs * self.updates_per_iteration)}
         for epoch in range(self.inner_epochs):
             gen = self.tr.streams.generator(Stream.MINIBATCH_ORDER, iteration, epoch, self.tr.rank)
-            for chunk in torch.randperm(len(ro), generator=gen).chunk(self.updates_per_iteration):
+            order = torch.randperm(len(ro), generator=gen)
+            if local_keep is not None:  # dropped samples take no part (0 * NaN is NaN)
+                order = order[local_keep[order]]
+            for chunk in order.chunk(self.updates_per_iteration):
                 self._optimizer_step(ro, chunk, agg, iteration, epoch)
         reduce = {"ratio_min": min, "ratio_max": max}
         out = {f"train/{k}": reduce.get(k, lambda v: sum(v) / len(v))(v) for k, v in agg.items()}
+        out["train/skipped_steps"] = float(self.skipped)
         out.update(self.after_iteration())
         out["time/update"] = time.perf_counter() - t0
         out["train/lr"] = self.tr.opt.param_groups[0]["lr"]
@@ -116,8 +131,12 @@ class PolicyUpdate:
                 agg["loss"].append(float(loss.detach()))
                 for name, v in parts.items():
                     agg[name].append(float(v))
-        agg["grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(tr.params, tr.cfg.optim.max_grad_norm)))
-        tr.opt.step()
+        gn = torch.nn.utils.clip_grad_norm_(tr.params, tr.cfg.optim.max_grad_norm)
+        if torch.isfinite(gn):  # the norm is all-reduced: every process takes the same decision
+            agg["grad_norm"].append(float(gn))
+            tr.opt.step()
+        else:
+            self.skipped += 1
         tr.opt.zero_grad(set_to_none=True)
         self.steps += 1
 

@@ -1,0 +1,179 @@
+"""A run is never lost and never silently wrong (issue 17), end to end on a tiny toy model: non-finite
+rewards, resume safety, signals, one run per folder."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from solace.errors import ConfigError
+from solace.rewards.registry import register_reward
+from solace.trainer.config import load_config
+from solace.trainer.runlock import RunLock
+from solace.trainer.trainer import Trainer
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+from trainer_helpers import make_tiny_toy_weights, tiny_overrides  # noqa: E402
+
+SCRIPT = HERE / "run_tiny_training.py"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@register_reward("test_nonfinite")
+def _nonfinite(value: str = "nan", every: bool = False):
+    """Sample 0 of each batch (or every sample) scores ``value``; the others a finite pixel statistic."""
+
+    def fn(images, prompts, metadata=None):
+        r = images.float().flatten(1).std(1)
+        bad = float(value)
+        if every:
+            return torch.full_like(r, bad)
+        r[0] = bad
+        return r
+
+    return fn
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    return make_tiny_toy_weights(tmp_path_factory.mktemp("w") / "tiny_toy.safetensors")
+
+
+def _cfg(weights, out, **extra):
+    return load_config("toy", tiny_overrides(weights, out, **extra))
+
+
+def _rows(out: Path) -> list[dict[str, str]]:
+    with open(out / "log.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def _lora(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "lora" / "pytorch_lora_weights.safetensors"))
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_a_nonfinite_reward_is_dropped_and_the_lora_stays_finite(weights, tmp_path, value):
+    reward = f"reward.components=[{{name: test_nonfinite, weight: 1.0, kwargs: {{value: '{value}'}}}}]"
+    cfg = load_config("toy", tiny_overrides(weights, tmp_path / "r") + [reward])
+    Trainer(cfg).train()
+    rows = _rows(tmp_path / "r")
+    assert [float(r["guard/dropped"]) for r in rows] == [1.0, 1.0]  # sample 0 of each iteration
+    assert all(torch.isfinite(torch.tensor(float(r[k]))) for r in rows for k in ("reward/mean", "train/loss"))
+    lora = _lora(tmp_path / "r")
+    assert all(torch.isfinite(v).all() for v in lora.values())
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in lora.items())
+
+
+def test_persistent_nonfinite_rewards_stop_the_run_with_the_last_checkpoint_intact(weights, tmp_path):
+    from typer.testing import CliRunner
+
+    from solace.cli.main import app
+
+    out = tmp_path / "r"
+    reward = "reward.components=[{name: test_nonfinite, weight: 1.0, kwargs: {every: true}}]"
+    args = ["train", "--config", "toy", *tiny_overrides(weights, out, **{"train.iterations": 4}), reward]
+    res = CliRunner().invoke(app, [*args, "train.max_nonfinite=2"])
+    assert res.exit_code == 2 and "2 consecutive iterations produced non-finite" in res.output
+    ck = out / "checkpoints"
+    assert (ck / "iter_000001" / "state.json").exists() and not (ck / "iter_000002").exists()
+    assert (ck / "latest").read_text() == "iter_000001"
+
+
+def test_resume_with_a_changed_lr_stops_and_names_the_field(weights, tmp_path):
+    out = tmp_path / "r"
+    Trainer(_cfg(weights, out, **{"train.iterations": 1})).train()
+    before = (out / "config.yaml").read_text()
+    changed = _cfg(weights, out, **{"train.iterations": 2, "optim.lr": 0.5})
+    with pytest.raises(ConfigError, match=r"optim\.lr: 0\.01 -> 0\.5") as e:
+        Trainer(changed).train(resume=True)
+    assert "--allow-changes" in str(e.value) and "train.iterations" not in str(e.value)
+    assert (out / "config.yaml").read_text() == before  # nothing written before the check
+    # a safe change (more iterations) resumes; with --allow-changes an unsafe one does too
+    res = Trainer(_cfg(weights, out, **{"train.iterations": 2})).train(resume=True)
+    assert res["iterations"] == 2 and [int(r["iteration"]) for r in _rows(out)] == [1, 2]
+    Trainer(_cfg(weights, out, **{"train.iterations": 3, "optim.lr": 0.5}), allow_changes=True).train(
+        resume=True
+    )
+    assert [int(r["iteration"]) for r in _rows(out)] == [1, 2, 3]
+
+
+def test_a_broken_newest_checkpoint_falls_back_and_the_log_is_truncated_not_deleted(
+    weights, tmp_path, capsys
+):
+    out = tmp_path / "r"
+    cfg = _cfg(weights, out, **{"train.iterations": 3, "train.checkpoint_every": 2})
+    Trainer(cfg).train()  # checkpoints 2 and 3 (the end); the log holds iterations 1-3
+    (out / "checkpoints" / "iter_000003" / "state.json").write_text('{"iteration": 3, "optim')  # truncated
+    (out / "checkpoints" / ".tmp_iter_000004_999").mkdir()  # an interrupted write
+    with pytest.warns(RuntimeWarning, match="iter_000003"):
+        Trainer(cfg).train(resume=True)
+    assert [int(r["iteration"]) for r in _rows(out)] == [1, 2, 3]  # row 3 redone once, rows 1-2 kept
+    assert not (out / "checkpoints" / ".tmp_iter_000004_999").exists()
+    empty = tmp_path / "empty"
+    Trainer(_cfg(weights, empty, **{"train.iterations": 1})).train(resume=True)
+    assert "no checkpoint in" in capsys.readouterr().out
+
+
+def test_a_second_run_into_a_locked_folder_fails_at_once(weights, tmp_path):
+    out = tmp_path / "r"
+    with RunLock(out):
+        with pytest.raises(ConfigError, match="train.output_dir"):
+            Trainer(_cfg(weights, out)).train()
+        assert not (out / "log.csv").exists()
+    Trainer(_cfg(weights, out, **{"train.iterations": 1})).train()  # released: the folder is free again
+
+
+def test_sigterm_mid_run_checkpoints_and_resumes_to_the_uninterrupted_lora(weights, tmp_path):
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    extra = ["train.iterations=6", "train.checkpoint_every=100"]  # only the signal and the end checkpoint
+    subprocess.run(
+        [sys.executable, str(SCRIPT), str(weights), str(full), "train", *extra], check=True, env=ENV
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), str(weights), str(stopped), "train", *extra],
+        env=ENV,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and not (stopped / "log.csv").exists():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-2000:]
+    assert "SIGTERM received: stopped after iteration" in err
+    done = int((stopped / "checkpoints" / "latest").read_text().removeprefix("iter_"))
+    assert 1 <= done < 6 and not (stopped / "lora").exists()  # the signal landed mid-training
+    subprocess.run(
+        [sys.executable, str(SCRIPT), str(weights), str(stopped), "train", *extra, "resume=1"],
+        check=True,
+        env=ENV,
+    )
+    a, b = _lora(full), _lora(stopped)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        ("optim.lr=inf", "optim.lr"),
+        ("sampling.cfg_scale=nan", "sampling.cfg_scale"),
+        ("reward.components=[{name: self_confidence, weight: 0.0}]", "reward.components"),
+        ("train.threads=-3", "train.threads"),
+        ("train.max_nonfinite=-1", "train.max_nonfinite"),
+    ],
+)
+def test_bad_values_are_rejected_naming_the_field(override, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config("toy", [override])
