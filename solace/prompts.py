@@ -60,6 +60,14 @@ def read_prompt_file(path: str | Path, field_name: str = "prompts") -> list[Prom
                 raise ConfigError(
                     field_name, f"{p}:{n}: each JSON line needs a non-empty string 'prompt' field"
                 )
+            inc = rec.get("include", [])
+            if not isinstance(inc, list) or not all(
+                isinstance(x, dict) and isinstance(x.get("class"), str) for x in inc
+            ):
+                raise ConfigError(
+                    field_name,
+                    f"{p}:{n}: 'include' must be a list of objects with a 'class' (GenEval metadata)",
+                )
             items.append(Prompt(rec["prompt"].strip(), rec))
     else:
         items = [Prompt(line.strip()) for line in text.splitlines() if line.strip()]

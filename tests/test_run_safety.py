@@ -177,3 +177,70 @@ def test_sigterm_mid_run_checkpoints_and_resumes_to_the_uninterrupted_lora(weigh
 def test_bad_values_are_rejected_naming_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         load_config("toy", [override])
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory, weights):
+    """Files a careless user passes: garbage safetensors, a LoRA of another model, broken prompt files."""
+    from solace.models.lora import add_lora, save_lora
+    from solace.models.toy import ToyAdapter
+
+    d = tmp_path_factory.mktemp("bad")
+    (d / "garbage.safetensors").write_bytes(b"\x00" * 7 + b"not a tensor file" * 10)
+    tiny = ToyAdapter(weights=weights)
+    add_lora(tiny.denoiser, 4, 8, ToyAdapter.lora_target_modules)
+    save_lora(tiny, d / "other_lora")
+    (d / "latin1.txt").write_bytes("a photo of a caf\xe9\n".encode("latin-1"))
+    (d / "include.jsonl").write_text(
+        '{"prompt": "a photo of a circle", "tag": "single_object", "include": "oops"}\n'
+    )
+    (d / "number.jsonl").write_text('{"prompt": 42}\n')
+    (d / "a_file").write_text("x")
+    (d / "folder").mkdir()
+    return d
+
+
+CASES = [
+    (["sample", "--steps", "0"], "--steps"),
+    (["sample", "--seeds", ","], "--seeds"),
+    (["sample", "--cfg", "-5"], "--cfg"),
+    (["sample", "--out", "{d}/folder"], "--out"),
+    (["sample", "--model", "{d}/garbage.safetensors", "--out", "{d}/x.png"], "model"),
+    (["sample", "--lora", "{d}/garbage.safetensors", "--out", "{d}/x.png"], "lora"),
+    (["sample", "--lora", "{d}/other_lora", "--out", "{d}/x.png", "--seeds", "0"], "lora"),
+    (["eval", "--suite", "toy", "--samples", "0"], "--samples"),
+    (["eval", "--suite", "toy", "--limit", "-1"], "--limit"),
+    (["config", "check", "toy", "reward.components=[{name: nosuch}]"], "unknown reward"),
+    (
+        ["config", "check", "toy_verifiable", "reward.components=[{name: toy_geneval, kwargs: {moode: x}}]"],
+        "moode",
+    ),
+    (["train", "--config", "toy", "train.output_dir={d}/a_file"], "train.output_dir"),
+    (["train", "--config", "toy", "train.device=cuda"], "train.device"),
+    (["train", "--config", "toy", "train.threads=-3"], "train.threads"),
+    (["train", "--config", "toy", "data.train_prompts={d}/latin1.txt", "train.output_dir={d}/r1"], "UTF-8"),
+    (["train", "--config", "toy", "data.train_prompts={d}/folder", "train.output_dir={d}/r2"], "folder"),
+    (
+        ["train", "--config", "toy", "data.train_prompts={d}/number.jsonl", "train.output_dir={d}/r3"],
+        "prompt",
+    ),
+    (
+        ["train", "--config", "toy", "data.eval_prompts={d}/include.jsonl", "train.output_dir={d}/r4"],
+        "include",
+    ),
+]
+
+
+@pytest.mark.parametrize("args,needle", CASES, ids=[" ".join(a[:3]) + " " + n for a, n in CASES])
+def test_bad_input_is_one_line_and_exit_code_2(bad_inputs, args, needle):
+    import torch as _torch
+    from typer.testing import CliRunner
+
+    from solace.cli.main import app
+
+    if "train.device=cuda" in args and _torch.cuda.is_available():
+        pytest.skip("a GPU is present: cuda is valid here")
+    res = CliRunner().invoke(app, [a.replace("{d}", str(bad_inputs)) for a in args])
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert res.exit_code == 2, res.output[-1500:]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], res.output[-1500:]

@@ -104,3 +104,91 @@ def test_settings_are_checked_in_one_place():
         SelfConfidenceScorer(SelfConfidenceCfg(num_probes=2, contrastive=True)).scores(
             _Adapter(), torch.zeros(2, 4), _cond([0, 0]), None, torch.tensor([0.5]), torch.zeros(2), [0]
         )
+
+
+def test_edit_contrast_forms_by_hand():
+    from solace.rewards.self_confidence import edit_contrast
+
+    s_c, s_e = torch.tensor([[1.0]]), torch.tensor([[[0.5], [2.0]]])
+    assert_close(edit_contrast(s_c, s_e, "mean"), [[-0.25]])
+    assert_close(edit_contrast(s_c, s_e, "max"), [[-1.0]])
+    expected = 1.0 - 0.5 * torch.log(
+        torch.exp(torch.tensor(2.0)) + torch.exp(torch.tensor(1.0)) + torch.exp(torch.tensor(4.0))
+    )
+    assert_close(edit_contrast(s_c, s_e, "lse", temperature=0.5), [[float(expected)]])
+
+
+class _PointMass:
+    """The exact velocity of a point-mass data distribution per prompt, x0 = mu_c:
+    v(z, t, c) = (z - mu_c) / t. Then eps_hat = v + z0 = eps + (z0 - mu_c) / t, so
+    MSE_t = ||z0 - mu_c||^2 / (t^2 D) whatever the probes."""
+
+    name, dtype = "point_mass", torch.float32
+
+    def __init__(self):
+        self.denoiser = torch.nn.Identity()
+
+    def velocity(self, z, t, cond):
+        return (z - cond.tensors["mu"]) / t.reshape(-1, 1)
+
+
+def test_edits_variant_is_the_classifier_posterior_on_a_point_mass_field():
+    """An image at mu_c scored against edits c' with means mu_c': S(c) = -log(delta) and S(c') =
+    -log(||mu_c - mu_c'||^2 / (t^2 D) + delta), so the lse form is the log-posterior of c, by hand."""
+    D, delta, t = 4, 1e-3, torch.tensor([0.5, 0.25])
+    mu_c, mu_a, mu_b = torch.zeros(D), torch.full((D,), 0.1), torch.full((D,), 0.2)
+    cond = Conditioning({"mu": mu_c.reshape(1, D)})
+    edits = Conditioning({"mu": torch.stack([mu_a, mu_b])})
+    z0 = mu_c.reshape(1, D)
+    cfg = SelfConfidenceCfg(num_probes=2, delta=delta, edits="lse", edit_temperature=1.0)
+    got = SelfConfidenceScorer(cfg).scores(
+        _PointMass(), z0, cond, None, t, torch.zeros(1), [3], edit_conds=[edits]
+    )
+    for j, tj in enumerate(t.tolist()):
+        s_c = -torch.log(torch.tensor(delta))
+        s_e = [
+            -torch.log(torch.tensor(float(((mu_c - m) ** 2).sum()) / (tj**2 * D) + delta))
+            for m in (mu_a, mu_b)
+        ]
+        expected = s_c - torch.logsumexp(torch.stack([s_c, *s_e]), 0)
+        assert_close(got[0, j], expected, rtol=1e-5, atol=1e-5)
+    assert float(got.max()) <= 0
+
+
+@pytest.mark.parametrize("mode", ["group", "per_sample_timestep"])
+def test_edit_scores_use_exactly_the_prompts_probes(mode):
+    """With a velocity that ignores the prompt, S(c') equals S(c) bitwise only if every candidate saw the
+    same probes and timesteps: the mean contrast is exactly 0 (different probes would leave a difference)."""
+
+    class _Blind(_Adapter):
+        def velocity(self, z, t, cond):
+            return self.denoiser.lin(z) * t.reshape(-1, 1)
+
+    ad = _Blind()
+    z0 = torch.randn(4, 4, generator=torch.Generator().manual_seed(3))
+    cond, null = _cond([0.1, 0.1, 0.2, 0.2]), _cond([0.0] * 4)
+    edits = [_cond([0.5, -0.5, 0.9]), _cond([0.7, 0.3, -0.1])]
+    cfg = SelfConfidenceCfg(num_probes=4, edits="mean", probe_mode=mode)
+    t = torch.tensor([0.9, 0.4, 0.1])
+    got = SelfConfidenceScorer(cfg).scores(
+        ad, z0, cond, null, t, torch.tensor([0, 0, 1, 1]), [1, 2], edit_conds=edits
+    )
+    assert float(got.abs().max()) < 1e-6  # float rounding of the batched forwards at most
+    # the check can fail: other probes move S(c) itself by far more than that
+    plain = SelfConfidenceScorer(SelfConfidenceCfg(num_probes=4, probe_mode=mode))
+    a = plain.scores(ad, z0, cond, null, t, torch.tensor([0, 0, 1, 1]), [1, 2])
+    b = plain.scores(ad, z0, cond, null, t, torch.tensor([0, 0, 1, 1]), [5, 6])
+    assert float((a - b).abs().max()) > 1e-3
+
+
+def test_candidate_edits_toy_records_text_rules_and_the_empty_fallback():
+    from solace.rewards.prompt_edits import candidate_edits
+    from solace.toy.edits import toy_edits
+    from solace.toy.world import load_heldout
+
+    rec = next(r for r in load_heldout() if r.tag == "color_attr")
+    assert candidate_edits(rec.prompt, rec.to_json(), limit=50) == [e.prompt for e in toy_edits(rec)]
+    assert candidate_edits(rec.prompt, rec.to_json(), limit=3) == [e.prompt for e in toy_edits(rec)][:3]
+    text = candidate_edits("a red car left of a tree", limit=50)
+    assert "a red car right of a tree" in text and all(p != "a red car left of a tree" for p in text)
+    assert candidate_edits("a photo") == [""]

@@ -225,32 +225,36 @@ def sample_cmd(
     from solace.evaluation.toy_eval import generate
     from solace.utils.images import save_grid
 
-    try:
-        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
-    except ValueError:
-        _fail(SolaceError(f"--seeds: expected comma-separated integers, got {seeds!r}"))
     if not prompt:
-        from solace.toy.world import CATEGORIES, load_heldout
+        from solace.evaluation.toy_eval import default_image_prompts
 
-        held = load_heldout()
-        prompt = [next(r.prompt for r in held if r.tag == c) for c in CATEGORIES]
+        prompt = default_image_prompts()
     try:
+        seed_list = _int_list(seeds, "--seeds", 0)
+        _check_sampling(steps, 2, cfg, "ode", 1)
+        _check_image_path(out)
         adapter = _load(model, lora, device)
+        rows = [generate(adapter, prompt, 1, steps, cfg, seed=sd, progress=False) for sd in seed_list]
+        imgs = torch.stack(rows, 1).reshape(-1, *rows[0].shape[1:])
+        labels = [p.removeprefix("a photo of ") for p in prompt]
+        path = save_grid(
+            out, list(imgs), len(seed_list), row_labels=labels, scale=4 if imgs.shape[-1] <= 64 else 1
+        )
     except SolaceError as e:
         _fail(e)
-    rows = []
-    for sd in seed_list:
-        rows.append(generate(adapter, prompt, 1, steps, cfg, seed=sd, progress=False))
-    imgs = torch.stack(rows, 1).reshape(-1, *rows[0].shape[1:])
-    scale = 4 if imgs.shape[-1] <= 64 else 1
-    path = save_grid(
-        out,
-        list(imgs),
-        len(seed_list),
-        row_labels=[p.removeprefix("a photo of ") for p in prompt],
-        scale=scale,
-    )
     typer.echo(str(path))
+
+
+def _check_image_path(out: Path) -> None:
+    """``--out`` names an image file to write (not a folder; its folder writable)."""
+    from solace.errors import ConfigError
+
+    if out.is_dir():
+        raise ConfigError(
+            "--out", f"{out} is a folder; name the image file to write, e.g. {out / 'grid.png'}"
+        )
+    if out.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+        raise ConfigError("--out", f"{out}: give a .png or .jpg file name")
 
 
 @app.command("eval")
@@ -293,6 +297,16 @@ def eval_cmd(
     device: DeviceOpt = "auto",
 ) -> None:
     """Evaluate a model (and optionally a LoRA) on a prompt suite; prints a table, writes JSON + Markdown."""
+    from solace.errors import ConfigError
+
+    try:
+        if samples is not None and samples < 1:
+            raise ConfigError("--samples", f"must be >= 1, got {samples}")
+        if limit < 0:
+            raise ConfigError("--limit", f"must be >= 0 (0: all prompts), got {limit}")
+        _check_sampling(steps, 2, cfg, "ode", 1)
+    except SolaceError as e:
+        _fail(e)
     if suite != "toy":
         try:
             _eval_suite(

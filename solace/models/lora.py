@@ -255,7 +255,14 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     from safetensors import safe_open
     from safetensors.torch import load_file
 
+    from solace.utils.files import safetensors_problem
+
     file = _resolve_file(Path(path))
+    problem = safetensors_problem(file)
+    if problem:
+        raise ConfigError(
+            "lora", f"{file}: {problem}; pass a LoRA saved by solace or diffusers (.safetensors)"
+        )
     raw = load_file(str(file))
     with safe_open(str(file), framework="pt") as f:
         header = f.metadata() or {}
@@ -315,7 +322,13 @@ def _load_weights(
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = set_peft_model_state_dict(denoiser, state, adapter_name=adapter_name)
+        try:
+            result = set_peft_model_state_dict(denoiser, state, adapter_name=adapter_name)
+        except RuntimeError as e:  # shapes that do not fit: a LoRA of another base model
+            first = str(e).strip().splitlines()[-1].strip()[:200]
+            raise ConfigError(
+                "lora", f"{source} does not fit this model ({first}); was it trained on another base model?"
+            ) from None
     unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
     if unexpected:
         raise ConfigError(

@@ -59,6 +59,11 @@ def load_toy_net(path: str | Path | None = None) -> ToyFlowNet:
         raise ConfigError(
             "model", f"toy weights not found at {path}; run `solace toy pretrain` or pass a path"
         )
+    from solace.utils.files import safetensors_problem
+
+    problem = safetensors_problem(path)
+    if problem:
+        raise ConfigError("model", f"{path}: {problem}; pass toy weights written by `solace toy pretrain`")
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
     cfg = json.loads(meta.get("config", "{}")) or {"vocab_size": len(vocabulary())}

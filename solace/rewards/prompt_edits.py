@@ -336,3 +336,28 @@ def edits_for(
             seen.add(e.prompt)
             out.append(e)
     return out
+
+
+def candidate_edits(
+    text: str,
+    meta: Mapping | None = None,
+    negatives: Mapping[str, Sequence[str]] | None = None,
+    limit: int = 8,
+) -> list[str]:
+    """The competing prompts the ``edits`` self-confidence variant scores a sample against, at most
+    ``limit`` in a fixed order: for a toy-world prompt (GenEval metadata the toy world knows) its exact
+    single-attribute edits (:func:`solace.toy.edits.toy_edits`), otherwise the user negatives and rule edits
+    of :func:`edits_for`. A prompt with no edit at all (nothing to swap) falls back to the empty prompt, so
+    the variant becomes ``S(c) - S(empty)`` for it."""
+    out: list[str] = []
+    if meta and "include" in meta and "tag" in meta:
+        from solace.toy.edits import toy_edits
+        from solace.toy.world import PromptRecord
+
+        try:
+            out = [e.prompt for e in toy_edits(PromptRecord.from_json(dict(meta)))]
+        except (ConfigError, KeyError, ValueError, TypeError):
+            out = []  # GenEval metadata outside the toy world's vocabulary: the text rules below
+    if not out:
+        out = [e.prompt for e in edits_for(text, negatives, max_per_kind=None)]
+    return out[:limit] or [""]

@@ -67,11 +67,21 @@ def reward_parameters(name: str) -> list[str]:
     return [("**" if p.kind is inspect.Parameter.VAR_KEYWORD else p.name) for p in params]
 
 
+def check_reward(name: str, kwargs: dict[str, Any], field: str = "reward") -> None:
+    """The reward ``name`` exists and its factory takes every keyword of ``kwargs`` (nothing is built, no
+    model loads): a typo fails in one line before any work."""
+    params = reward_parameters(name)
+    if "**" in params:
+        return
+    bad = sorted(set(kwargs) - set(params))
+    if bad:
+        takes = ", ".join(p for p in params) or "no keywords"
+        raise ConfigError(
+            f"{field}.kwargs", f"reward {name!r} takes no keyword {', '.join(bad)}; it takes: {takes}"
+        )
+
+
 def build_reward(name: str, **kwargs: Any) -> RewardFn:
     """Build the registered reward ``name`` with its keyword arguments."""
-    _load_builtin()
-    if name not in _FACTORIES:
-        raise ConfigError(
-            "reward.name", f"unknown reward {name!r}; available: {', '.join(sorted(_FACTORIES))}"
-        )
+    check_reward(name, kwargs, f"reward.{name}")
     return _FACTORIES[name](**kwargs)

@@ -29,6 +29,7 @@ from solace.rewards.self_confidence import (
     check_num_probes,
     confidence_scores,
     draw_probes,
+    edit_contrast,
     probe_mse,
 )
 from solace.sampling.sampler import cfg_velocity
@@ -50,6 +51,12 @@ class SelfConfidenceCfg:
     online: bool = True  # score with the policy being trained; False: the frozen base (offline)
     cfg_in_reward: bool = False  # variant: score with the CFG velocity instead of the conditional one
     contrastive: bool = False  # variant: S_t(c) - S_t(empty prompt)
+    # variant (issue 18): S_t(c) against S_t of the prompt's minimal edits c' (colour, count, relation,
+    # binding, shape), scored with the same probes and timesteps: off | mean | max | lse (log-posterior of c)
+    edits: Literal["off", "mean", "max", "lse"] = "off"
+    edit_temperature: float = 1.0  # lse: tau
+    max_edits: int = 8  # at most this many edits of a prompt (their deterministic order), 1 + E passes
+    negatives: str = ""  # optional .jsonl of user negatives per prompt ({"prompt": ..., "negatives": [...]})
     max_batch: int = 256  # rows per no-grad forward in the reward pass
 
     def check(self, num_steps: int, prefix: str = "reward.self_confidence") -> None:
@@ -57,6 +64,17 @@ class SelfConfidenceCfg:
         check_num_probes(self.num_probes, f"{prefix}.num_probes")
         check(self.delta > 0, f"{prefix}.delta", f"must be > 0 (it keeps -log finite), got {self.delta}")
         check(self.max_batch >= 1, f"{prefix}.max_batch", f"must be >= 1, got {self.max_batch}")
+        check(self.max_edits >= 1, f"{prefix}.max_edits", f"must be >= 1, got {self.max_edits}")
+        check(
+            self.edit_temperature > 0,
+            f"{prefix}.edit_temperature",
+            f"must be > 0, got {self.edit_temperature}",
+        )
+        check(
+            not (self.contrastive and self.edits != "off"),
+            f"{prefix}.edits",
+            "contrasts with the prompt's edits; it does not combine with contrastive (the empty prompt)",
+        )
         probe_steps(self.timesteps, num_steps, f"{prefix}.timesteps")
 
 
@@ -122,11 +140,18 @@ class SelfConfidenceScorer:
         probe_t: torch.Tensor,
         group_index: torch.Tensor,
         probe_seeds: Sequence[int],
+        edit_conds: Sequence[Conditioning] | None = None,
     ) -> torch.Tensor:
         """Per-timestep scores S_t (B, T'). Rows with the same ``group_index`` g share the probes drawn from
         ``probe_seeds[g]`` (in ``per_sample_timestep`` mode fresh ones per row and timestep from that seed).
-        ``null`` (one row per latent) is needed by the CFG-scored and contrastive variants."""
+        ``null`` (one row per latent) is needed by the CFG-scored and contrastive variants; ``edit_conds[g]``
+        (the E edits of group g's prompt, one row each) by the ``edits`` variant."""
         sc = self.cfg
+        check(
+            edit_conds is not None or sc.edits == "off",
+            "edit_conds",
+            "the edits variant needs the conditioning of each prompt's edits",
+        )
         check(
             null is not None or not (sc.cfg_in_reward or sc.contrastive),
             "null",
@@ -134,6 +159,7 @@ class SelfConfidenceScorer:
         )
         lat = tuple(z0.shape[1:])
         out = torch.empty(z0.shape[0], probe_t.numel(), device=z0.device)
+        group_index = group_index.long()
         for g in torch.unique(group_index).tolist():
             rows = (group_index == g).nonzero().flatten()
             gen = torch.Generator().manual_seed(int(probe_seeds[g]))
@@ -147,6 +173,13 @@ class SelfConfidenceScorer:
                     self._velocity(adapter, c_rows, n_rows), z_rows, probe_t, probes, sc.max_batch
                 )
                 s = confidence_scores(mse, sc.delta)
+                if sc.edits != "off":
+                    s = edit_contrast(
+                        s,
+                        self._edit_scores(adapter, z_rows, edit_conds[g], n_rows, probe_t, probes),
+                        sc.edits,
+                        sc.edit_temperature,
+                    )
                 if sc.contrastive:
                     mse_u = probe_mse(
                         self._velocity(adapter, n_rows, n_rows), z_rows, probe_t, probes, sc.max_batch
@@ -154,6 +187,26 @@ class SelfConfidenceScorer:
                     s = s - confidence_scores(mse_u, sc.delta)
             out[rows] = s
         return out
+
+    def _edit_scores(
+        self,
+        adapter: FlowModelAdapter,
+        z: torch.Tensor,
+        edits: Conditioning,
+        null: Conditioning | None,
+        probe_t: torch.Tensor,
+        probes: torch.Tensor,
+    ) -> torch.Tensor:
+        """S_t (B, E, T') of B latents under each of E edit prompts, with exactly the probes and timesteps
+        of the prompt's own scores: the B * E rows go through one batched pass."""
+        B, E = z.shape[0], len(edits)
+        rows = [e for e in range(E) for _ in range(B)]  # edit-major: row e * B + b is latent b under edit e
+        cond = edits.index(rows)
+        null_rep = null.index([b for _ in range(E) for b in range(B)]) if null is not None else None
+        z_rep = z.repeat(E, *([1] * (z.ndim - 1)))
+        p_rep = probes if probes.ndim == z.ndim else probes.repeat(E, *([1] * (probes.ndim - 1)))
+        mse = probe_mse(self._velocity(adapter, cond, null_rep), z_rep, probe_t, p_rep, self.cfg.max_batch)
+        return confidence_scores(mse, self.cfg.delta).reshape(E, B, -1).transpose(0, 1)
 
     def aggregate(self, scores: torch.Tensor, probe_t: torch.Tensor) -> torch.Tensor:
         """R from S_t (Eqs. 13-14); ``scores`` holds the whole (gathered) batch when standardising."""

@@ -161,6 +161,31 @@ def confidence_scores(mse: torch.Tensor, delta: float = 1e-3) -> torch.Tensor:
     return -torch.log(mse + delta)
 
 
+EDIT_AGGREGATES = ("mean", "max", "lse")
+
+
+def edit_contrast(
+    s_c: torch.Tensor, s_edits: torch.Tensor, mode: str = "mean", temperature: float = 1.0
+) -> torch.Tensor:
+    """Self-confidence of the prompt against its minimal edits, per timestep (issue 18; a Diffusion-Classifier
+    reading of S_t: the same image, probes and timesteps under competing prompts, so the image's own
+    difficulty cancels). ``s_c`` (B, T) scores prompt c, ``s_edits`` (B, E, T) its E edits c'.
+
+    * ``mean``: ``S(c) - mean_e S(c'_e)``;  ``max``: ``S(c) - max_e S(c'_e)``;
+    * ``lse``: the log-posterior of c among {c, c'_1..E} under a softmax with temperature tau,
+      ``S(c) - tau * log sum_{x in {c, c'}} exp(S(x) / tau)`` (<= 0; 0 when c explains the image alone).
+    """
+    check(mode in EDIT_AGGREGATES, "edits", f"must be one of {EDIT_AGGREGATES}, got {mode!r}")
+    check(s_edits.ndim == 3 and s_edits.shape[0] == s_c.shape[0], "s_edits", "must be (B, E, T)")
+    if mode == "mean":
+        return s_c - s_edits.mean(1)
+    if mode == "max":
+        return s_c - s_edits.max(1).values
+    check(temperature > 0, "edit_temperature", f"must be > 0, got {temperature}")
+    both = torch.cat([s_c.unsqueeze(1), s_edits], 1) / temperature
+    return s_c - temperature * torch.logsumexp(both, 1)
+
+
 def timestep_weights(timesteps: torch.Tensor, weighting: str = "uniform") -> torch.Tensor:
     """w(t) of Eq. 13: ``uniform`` (paper, w = 1) or ``t(1-t)`` (authors' released code)."""
     check(weighting in WEIGHTINGS, "weighting", f"must be one of {WEIGHTINGS}, got {weighting!r}")

@@ -18,11 +18,9 @@ back by :func:`read_state` / :func:`load_checkpoint` as ``state["config"]``.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
-import struct
 import warnings
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from solace.errors import ConfigError
+from solace.utils.files import safetensors_problem
 
 UPDATE_FILE = "update.safetensors"
 
@@ -136,68 +135,6 @@ def _fsync_dir(path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- integrity
 _ITER_RE = re.compile(r"iter_(\d+)")
-_DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4, "C64": 8,
-    "I64": 8, "U64": 8, "F64": 8,
-}  # fmt: skip
-_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
-
-
-def safetensors_problem(path: Path) -> str | None:
-    """Why ``path`` is not a complete safetensors file, or None when it is.
-
-    Reads the 8-byte header length and the JSON header only (no tensor is loaded): the header must parse,
-    name each tensor's dtype, shape and byte range, and the ranges must tile the data exactly up to the end
-    of the file, so a truncated or padded file, or garbage, is caught. Bit flips inside tensor data are not.
-    """
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                return f"{path.name} is truncated ({size} bytes, no header)"
-            (n,) = struct.unpack("<Q", head)
-            if n > min(size - 8, _MAX_HEADER):
-                return f"{path.name} is truncated or not safetensors ({n}-byte header, {size}-byte file)"
-            raw = fh.read(n)
-    except FileNotFoundError:
-        return f"{path.name} is missing"
-    except OSError as e:
-        return f"{path.name} cannot be read ({e})"
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        return f"{path.name} has a garbled header (not safetensors JSON)"
-    if not isinstance(header, dict):
-        return f"{path.name} has a garbled header (not a JSON object)"
-    ranges: list[tuple[int, int]] = []
-    for name, info in header.items():
-        if name == "__metadata__":
-            if not (isinstance(info, dict) and all(isinstance(v, str) for v in info.values())):
-                return f"{path.name} has garbled metadata"
-            continue
-        try:
-            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-            ok = isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end
-            ok = ok and isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
-        except (KeyError, TypeError, ValueError):
-            ok = False
-        if not ok:
-            return f"{path.name}: tensor {name!r} has a garbled entry"
-        if dtype in _DTYPE_BYTES and end - begin != math.prod(shape) * _DTYPE_BYTES[dtype]:
-            return f"{path.name}: tensor {name!r} spans {end - begin} bytes, its shape needs another size"
-        ranges.append((begin, end))
-    data = size - 8 - n
-    pos = 0
-    for begin, end in sorted(ranges):
-        if begin != pos:
-            return f"{path.name}: tensor data has a gap or overlap at byte {begin}"
-        pos = end
-    if pos != data:
-        return f"{path.name} is truncated or padded (tensors need {pos} data bytes, the file holds {data})"
-    return None
 
 
 def checkpoint_problem(path: Path) -> str | None:

@@ -302,6 +302,13 @@ def validate(cfg: SolaceConfig, check_paths: bool = True) -> None:
     check(len(cfg.reward.components) >= 1, "reward.components", "needs at least one reward")
     for i, c in enumerate(cfg.reward.components):
         check(bool(c.name), f"reward.components[{i}].name", "must name a reward")
+        if c.name != "self_confidence":  # a typo or a bad keyword fails here, before any model loads
+            from solace.rewards.registry import check_reward
+
+            try:
+                check_reward(c.name, dict(c.kwargs), f"reward.components[{i}]")
+            except ConfigError as e:
+                raise ConfigError(f"reward.components[{i}]", str(e)) from None
     check(
         any(c.weight != 0 for c in cfg.reward.components),
         "reward.components",

@@ -39,7 +39,7 @@ from solace.grpo.window import parse_steps, train_window
 from solace.models import load_adapter, model_family
 from solace.models.base import Conditioning
 from solace.models.lora import add_lora, load_lora, lora_config, lora_parameters, lora_state_dict, save_lora
-from solace.prompts import PromptSource
+from solace.prompts import Prompt, PromptSource
 from solace.rewards.mixture import SELF_CONFIDENCE, RewardMixture
 from solace.sampling.rollout import GroupLayout, Rollout
 from solace.sampling.sampler import sample
@@ -75,6 +75,8 @@ class Trainer:
         self.allow_changes = allow_changes  # --resume with a changed config: proceed (listed) or stop
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
+        if cfg.train.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("train.device", "cuda asked for, but torch sees no GPU; use auto or cpu")
         cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
         self.acc = accelerator or Accelerator(cpu=cpu)
         self.out = Path(cfg.train.output_dir)
@@ -94,6 +96,11 @@ class Trainer:
         )
         # S_t is probed at the sampler's own timesteps (sigmas[0..T-1]; sigmas[T] = 0 is the data itself).
         self.probe_idx, self.probe_t = self.rewards.confidence.timesteps(self.sigmas)
+        self.negatives = None  # user negatives of the edits variant, read once
+        if cfg.reward.self_confidence.negatives:
+            from solace.rewards.prompt_edits import load_negatives
+
+            self.negatives = load_negatives(cfg.reward.self_confidence.negatives)
         self.updater = make_update(self)
         self._cond_cache: OrderedDict[str, Conditioning] = OrderedDict()
         self.null = self.adapter.encode_prompts([""])
@@ -247,14 +254,29 @@ class Trainer:
     def _confidence_scores(self, ro: Rollout, iteration: int) -> torch.Tensor:
         """This process's per-timestep self-confidence S_t (n, T'), probes from the run's named streams."""
         lay = ro.layout
-        if self.cfg.reward.self_confidence.probe_mode == "per_sample_timestep":
+        sc = self.cfg.reward.self_confidence
+        if sc.probe_mode == "per_sample_timestep":
             groups = torch.arange(len(ro))  # fresh probes for every sample: one "group" per sample
             seeds = [self.streams.seed_of(Stream.SAMPLE_PROBES, iteration, i) for i in lay.indices]
+            prompt_of = lay.groups
         else:
             groups = torch.tensor(lay.groups)
             seeds = [self.streams.seed_of(Stream.GROUP_PROBES, iteration, g) for g in range(lay.num_groups)]
+            prompt_of = list(range(lay.num_groups))
+        edits = None
+        if sc.edits != "off":  # each scoring group's prompt against its minimal edits
+            dev = ro.z0.device
+            edits = [self.encode(self._edit_prompts(ro.prompts[p])).to(dev) for p in prompt_of]
         t = self.probe_t.to(ro.z0.device)
-        return self.rewards.confidence.scores(self.adapter, ro.z0, ro.cond, ro.null, t, groups, seeds).cpu()
+        return self.rewards.confidence.scores(
+            self.adapter, ro.z0, ro.cond, ro.null, t, groups, seeds, edit_conds=edits
+        ).cpu()
+
+    def _edit_prompts(self, prompt: Prompt) -> list[str]:
+        from solace.rewards.prompt_edits import candidate_edits
+
+        sc = self.cfg.reward.self_confidence
+        return candidate_edits(prompt.text, prompt.meta, self.negatives, sc.max_edits)
 
     @torch.no_grad()
     def score(self, ro: Rollout, iteration: int) -> dict[str, float]:
@@ -566,6 +588,14 @@ class Trainer:
                     self._warn(msg)
             except ConfigError as e:
                 error = e
+            except OSError as e:  # a file in the way, a read-only or full disk
+                lock, error = (
+                    None,
+                    ConfigError(
+                        "train.output_dir",
+                        f"{self.out} cannot be written ({e.strerror}); choose another folder",
+                    ),
+                )
         if self._rank0_decides(error is not None):
             raise error or ConfigError(
                 "train.output_dir", f"{self.out} is locked by another run (see rank 0)"
