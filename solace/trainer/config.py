@@ -336,6 +336,9 @@ def validate(cfg: SolaceConfig, check_paths: bool = True) -> None:
                 name,
                 f"prompt file {src!r} does not exist (use 'toy' or a .txt/.jsonl path)",
             )
+            from solace.prompts import read_prompt_file
+
+            read_prompt_file(src, name)  # a bad file fails now, before anything is written
 
 
 def _validate_nft(n: NFTCfg, num_steps: int) -> None:
