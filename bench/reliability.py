@@ -27,7 +27,7 @@ HERE = Path(__file__).parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from trainer_helpers import make_tiny_toy_weights, tiny_overrides  # noqa: E402
+from trainer_helpers import make_bad_inputs, make_tiny_toy_weights, tiny_overrides  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -112,25 +112,6 @@ def input_cases(d: Path, w: Path) -> list[tuple[str, list[str], str]]:
         ("config check, unknown reward", ["config", "check", "toy", "reward.components=[{name: nosuch}]"], "unknown"),
         ("a tiny model that loads", ["sample", "--model", str(w), "--out", f"{d}/ok.png", "--seeds", "0", "--steps", "2"], ""),
     ]  # fmt: skip
-
-
-def make_inputs(d: Path, w: Path) -> None:
-    from solace.models.lora import add_lora, save_lora
-    from solace.models.toy import ToyAdapter
-
-    (d / "garbage.safetensors").write_bytes(b"\x00" * 7 + b"not a tensor file" * 10)
-    tiny = ToyAdapter(weights=w)
-    add_lora(tiny.denoiser, 4, 8, ToyAdapter.lora_target_modules)
-    save_lora(tiny, d / "other_lora")
-    (d / "latin1.txt").write_bytes("a photo of a caf\xe9\n".encode("latin-1"))
-    (d / "include.jsonl").write_text(
-        '{"prompt": "a photo of a circle", "tag": "single_object", "include": "oops"}\n'
-    )
-    (d / "number.jsonl").write_text('{"prompt": 42}\n')
-    (d / "bad.jsonl").write_text('{"prompt": "a"}\n{not json\n')
-    (d / "empty.txt").write_text("\n \n")
-    (d / "a_file").write_text("x")
-    (d / "folder").mkdir()
 
 
 def run_inputs(d: Path, w: Path) -> list[dict]:
@@ -400,7 +381,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         w = make_tiny_toy_weights(d / "tiny_toy.safetensors")
-        make_inputs(d, w)
+        make_bad_inputs(d, w)
         t0 = time.time()
         rows = run_inputs(d, w) + run_faults(d, w)
         wall = time.time() - t0

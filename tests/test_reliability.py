@@ -445,18 +445,11 @@ def test_check_resume_accepts_safe_changes_and_names_every_unsafe_one():
 
 
 def _write_log(path: Path, rows: list[dict]) -> None:
-    """As Trainer._write_csv does: the first row's keys are the header; append one row at a time."""
+    """As the trainer does: the first row's keys are the header; append one row at a time."""
+    from solace.utils.files import append_csv_row
+
     for stats in rows:
-        keys = sorted(stats)
-        new = not path.exists()
-        if not new:
-            with open(path) as f:
-                keys = f.readline().strip().split(",")
-        with open(path, "a", newline="") as f:
-            w = csv.writer(f)
-            if new:
-                w.writerow(keys)
-            w.writerow([stats.get(k, "") for k in keys])
+        append_csv_row(path, stats)
 
 
 def test_truncate_log_drops_rows_after_the_checkpoint(tmp_path):

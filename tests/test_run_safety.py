@@ -181,23 +181,9 @@ def test_bad_values_are_rejected_naming_the_field(override, field):
 
 @pytest.fixture(scope="module")
 def bad_inputs(tmp_path_factory, weights):
-    """Files a careless user passes: garbage safetensors, a LoRA of another model, broken prompt files."""
-    from solace.models.lora import add_lora, save_lora
-    from solace.models.toy import ToyAdapter
+    from trainer_helpers import make_bad_inputs
 
-    d = tmp_path_factory.mktemp("bad")
-    (d / "garbage.safetensors").write_bytes(b"\x00" * 7 + b"not a tensor file" * 10)
-    tiny = ToyAdapter(weights=weights)
-    add_lora(tiny.denoiser, 4, 8, ToyAdapter.lora_target_modules)
-    save_lora(tiny, d / "other_lora")
-    (d / "latin1.txt").write_bytes("a photo of a caf\xe9\n".encode("latin-1"))
-    (d / "include.jsonl").write_text(
-        '{"prompt": "a photo of a circle", "tag": "single_object", "include": "oops"}\n'
-    )
-    (d / "number.jsonl").write_text('{"prompt": 42}\n')
-    (d / "a_file").write_text("x")
-    (d / "folder").mkdir()
-    return d
+    return make_bad_inputs(tmp_path_factory.mktemp("bad"), weights)
 
 
 CASES = [

@@ -55,3 +55,27 @@ def tiny_overrides(weights: str | Path, out: str | Path, **extra: object) -> lis
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def make_bad_inputs(d: Path, weights: str | Path) -> Path:
+    """Files a careless user passes, under ``d``: garbage safetensors, a LoRA of another model (the tiny
+    net's), prompt files that are not UTF-8, have a number as prompt, bad GenEval metadata, a bad JSON line
+    or no prompt at all, a file and a folder in the wrong places."""
+    from solace.models.lora import add_lora, save_lora
+    from solace.models.toy import ToyAdapter
+
+    d = Path(d)
+    (d / "garbage.safetensors").write_bytes(b"\x00" * 7 + b"not a tensor file" * 10)
+    tiny = ToyAdapter(weights=weights)
+    add_lora(tiny.denoiser, 4, 8, ToyAdapter.lora_target_modules)
+    save_lora(tiny, d / "other_lora")
+    (d / "latin1.txt").write_bytes("a photo of a caf\xe9\n".encode("latin-1"))
+    (d / "include.jsonl").write_text(
+        '{"prompt": "a photo of a circle", "tag": "single_object", "include": "oops"}\n'
+    )
+    (d / "number.jsonl").write_text('{"prompt": 42}\n')
+    (d / "bad.jsonl").write_text('{"prompt": "a"}\n{not json\n')
+    (d / "empty.txt").write_text("\n \n")
+    (d / "a_file").write_text("x")
+    (d / "folder").mkdir(exist_ok=True)
+    return d

@@ -22,7 +22,6 @@ One iteration (paper Alg. 1):
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import json
 import math
@@ -64,6 +63,7 @@ from solace.trainer.resume_check import check_resume, truncate_log
 from solace.trainer.runlock import RunLock
 from solace.trainer.signals import RunInterrupted, StopRequest
 from solace.trainer.updates import make_update
+from solace.utils.files import append_csv_row
 from solace.utils.seeding import Stream, TrainStreams
 
 
@@ -688,19 +688,8 @@ class Trainer:
         return bool(broadcast(t, from_process=0).item())
 
     def _write_csv(self, stats: dict[str, float]) -> None:
-        if not self.is_main:
-            return
-        path = self.out / "log.csv"
-        keys = sorted(k for k in stats if isinstance(stats[k], int | float))
-        new = not path.exists()
-        if not new:
-            with open(path) as f:
-                keys = f.readline().strip().split(",")
-        with open(path, "a", newline="") as f:
-            w = csv.writer(f)
-            if new:
-                w.writerow(keys)
-            w.writerow([stats.get(k, "") for k in keys])
+        if self.is_main:
+            append_csv_row(self.out / "log.csv", stats)
 
 
 def run_training(cfg: SolaceConfig, resume: bool = False, allow_changes: bool = False) -> dict[str, Any]:

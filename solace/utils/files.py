@@ -3,6 +3,7 @@ safetensors file that reads its header only (nothing is loaded or unpickled)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -23,6 +24,22 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 
 def write_json_atomic(path: str | Path, obj: Any) -> Path:
     return write_text_atomic(path, json.dumps(obj, indent=1))
+
+
+def append_csv_row(path: str | Path, row: dict[str, Any]) -> None:
+    """Append ``row`` to a CSV log: a new file takes the row's sorted numeric keys as its header; an
+    existing one keeps its header (keys it lacks are dropped, missing ones left empty)."""
+    path = Path(path)
+    keys = sorted(k for k in row if isinstance(row[k], int | float))
+    new = not path.exists()
+    if not new:
+        with open(path) as f:
+            keys = f.readline().strip().split(",")
+    with open(path, "a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(keys)
+        w.writerow([row.get(k, "") for k in keys])
 
 
 _DTYPE_BYTES = {
