@@ -4,6 +4,7 @@ rewards, resume safety, signals, one run per folder."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -73,6 +74,7 @@ def test_a_nonfinite_reward_is_dropped_and_the_lora_stays_finite(weights, tmp_pa
     lora = _lora(tmp_path / "r")
     assert all(torch.isfinite(v).all() for v in lora.values())
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in lora.items())
+    assert json.loads((tmp_path / "r" / "monitor.json").read_text())["nonfinite"]["dropped_samples"] == 2
 
 
 def test_persistent_nonfinite_rewards_stop_the_run_with_the_last_checkpoint_intact(weights, tmp_path):
@@ -88,6 +90,8 @@ def test_persistent_nonfinite_rewards_stop_the_run_with_the_last_checkpoint_inta
     ck = out / "checkpoints"
     assert (ck / "iter_000001" / "state.json").exists() and not (ck / "iter_000002").exists()
     assert (ck / "latest").read_text() == "iter_000001"
+    mon = json.loads((out / "monitor.json").read_text())["nonfinite"]
+    assert mon["consecutive"] == 2 and "consecutive iterations" in mon["stopped"]
 
 
 def test_resume_with_a_changed_lr_stops_and_names_the_field(weights, tmp_path):

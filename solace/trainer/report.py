@@ -123,7 +123,9 @@ def write_report(trainer: Any) -> Path:
         f"CFG {cfg.sampling.cfg_scale} (eval {trainer.eval_cfg_scale})",
         f"- GRPO: rho={cfg.grpo.rho} (window {trainer.window}), beta={cfg.grpo.beta}, "
         f"lr={cfg.optim.lr}, LoRA r={cfg.model.lora.rank} alpha={cfg.model.lora.alpha}",
-        f"- collapse monitor: **{trainer.monitor.verdict}**",
+        f"- collapse monitor: **{trainer.monitor.verdict}**; non-finite guard: "
+        f"{int(sum(h.get('guard/dropped', 0.0) for h in trainer.history))} samples dropped, "
+        f"{trainer.guard.total} bad iterations",
         "",
     ]
     if trainer.monitor.warnings:

@@ -611,6 +611,7 @@ class Trainer:
         ro = self.collect(it)
         stats = {**ro.stats, **self.update(ro, it)}
         if self.guard.record(stats["guard/dropped"] > 0 or stats.get("train/skipped_steps", 0) > 0):
+            self._write_monitor(stopped=self.guard.message())
             raise NonFiniteError(self.guard.message())
         if self.cfg.monitor.enabled:
             watched = {
@@ -670,13 +671,24 @@ class Trainer:
             if self.writer is not None:
                 self.writer.close()  # every event on disk: a distributed run ends with os._exit
                 self.writer = None
-            monitor = {"verdict": self.monitor.verdict, "warnings": self.monitor.warnings}
-            (self.out / "monitor.json").write_text(json.dumps(monitor, indent=1))
+            self._write_monitor()
             # every held-out evaluation of this run, machine-readable
             (self.out / "evals.json").write_text(json.dumps(self.evals, indent=1))
         result.update(monitor=self.monitor.verdict, evals=self.evals, iterations=last)
         self.acc.wait_for_everyone()
         return result
+
+    def _write_monitor(self, stopped: str = "") -> None:
+        """monitor.json: the collapse monitor's verdict and warnings, and the non-finite guard's counts."""
+        if not self.is_main:
+            return
+        dropped = sum(h.get("guard/dropped", 0.0) for h in self.history)
+        doc = {
+            "verdict": self.monitor.verdict,
+            "warnings": self.monitor.warnings,
+            "nonfinite": {**self.guard.state_dict(), "dropped_samples": int(dropped), "stopped": stopped},
+        }
+        (self.out / "monitor.json").write_text(json.dumps(doc, indent=1))
 
     def _rank0_decides(self, flag: bool) -> bool:
         """Rank 0's ``flag`` on every process (a time budget, a signal, a lock): all take the same branch."""
