@@ -326,19 +326,26 @@ def validate(cfg: SolaceConfig, check_paths: bool = True) -> None:
     _min(t.checkpoint_every, 1, "train.checkpoint_every")
     _min(t.threads, 0, "train.threads", " (0: torch's default)")
     _min(t.max_nonfinite, 0, "train.max_nonfinite", " (0: never stop)")
+    if check_paths:
+        _validate_prompt_files(cfg)
+
+
+def _validate_prompt_files(cfg: SolaceConfig) -> None:
+    """Prompt files exist and read cleanly (one reader, :func:`solace.prompts.read_prompt_file`), so a bad
+    file fails before anything is written."""
+    from solace.prompts import read_prompt_file
+
     for name, src in (
         ("data.train_prompts", cfg.data.train_prompts),
         ("data.eval_prompts", cfg.data.eval_prompts),
     ):
-        if check_paths and src not in ("toy", "toy_heldout", "toy_train_eval"):
+        if src not in ("toy", "toy_heldout", "toy_train_eval"):
             check(
                 Path(src).exists(),
                 name,
                 f"prompt file {src!r} does not exist (use 'toy' or a .txt/.jsonl path)",
             )
-            from solace.prompts import read_prompt_file
-
-            read_prompt_file(src, name)  # a bad file fails now, before anything is written
+            read_prompt_file(src, name)
 
 
 def _validate_nft(n: NFTCfg, num_steps: int) -> None:
