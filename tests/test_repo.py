@@ -58,3 +58,25 @@ def test_doc_links_and_anchors_resolve():
             elif anchor and file in heads and anchor not in heads[file]:
                 dead.append(f"{d}: {target} (no such heading)")
     assert not dead, "\n".join(dead)
+
+
+def test_trainer_functions_are_short_and_self_confidence_has_one_home():
+    """Issue 14's structure, kept: no function in solace/trainer/ over 60 lines; the reward's pure
+    functions are called only by the scorer (every caller goes through SelfConfidenceScorer)."""
+    import ast
+    import re
+
+    root = Path(__file__).parent.parent
+    for p in (root / "solace" / "trainer").rglob("*.py"):
+        for n in ast.walk(ast.parse(p.read_text())):
+            if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef):
+                assert n.end_lineno - n.lineno + 1 <= 60, (
+                    f"{p.name}:{n.name} is {n.end_lineno - n.lineno + 1} lines"
+                )
+    callers = {
+        str(p.relative_to(root))
+        for d in ("solace", "bench")
+        for p in (root / d).rglob("*.py")
+        if re.search(r"\b(probe_mse|draw_probes|confidence_scores)\(", p.read_text())
+    }
+    assert callers == {"solace/rewards/self_confidence.py", "solace/rewards/scorer.py"}, callers
