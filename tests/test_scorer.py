@@ -192,3 +192,39 @@ def test_candidate_edits_toy_records_text_rules_and_the_empty_fallback():
     text = candidate_edits("a red car left of a tree", limit=50)
     assert "a red car right of a tree" in text and all(p != "a red car left of a tree" for p in text)
     assert candidate_edits("a photo") == [""]
+
+
+def test_rerank_and_score_take_the_edits_form(tmp_path):
+    """``solace score/rerank --edits lse`` score each prompt against its minimal edits; the settings say so,
+    the log-posterior form is <= 0, and a bad form is one line naming --edits."""
+    from trainer_helpers import make_tiny_toy_weights
+    from typer.testing import CliRunner
+
+    from solace.cli.main import app
+
+    w = make_tiny_toy_weights(tmp_path / "w.safetensors")
+    common = ["--steps", "2", "--probes", "2", "--model", str(w), "--threads", "1"]
+    res = CliRunner().invoke(
+        app,
+        [
+            "score",
+            "-p",
+            "a photo of a red circle",
+            "--generate",
+            "2",
+            *common,
+            "--edits",
+            "lse",
+            "--out",
+            str(tmp_path / "s"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    import json
+
+    doc = json.loads((tmp_path / "s" / "score.json").read_text())
+    assert doc["settings"]["edits"] == "lse" and all(r["R"] <= 0 for r in doc["scores"])
+    bad = CliRunner().invoke(
+        app, ["rerank", "--limit", "1", "--n", "2", "--seeds", "0", *common, "--edits", "avg"]
+    )
+    assert bad.exit_code == 2 and "--edits" in bad.output

@@ -36,6 +36,13 @@ ResolutionOpt = Annotated[
 ]
 ThreadsOpt = Annotated[int, typer.Option("--threads", help="torch CPU threads.")]
 ProbesOpt = Annotated[int, typer.Option("--probes", help="K antithetic probes (even).")]
+EditsOpt = Annotated[
+    str,
+    typer.Option(
+        "--edits",
+        help="off (the paper's S) | mean | max | lse: S(c) against the prompt's minimal edits (same probes).",
+    ),
+]
 
 
 def _fail(e: Exception) -> None:
@@ -551,6 +558,7 @@ def score_cmd(
     ),
     sampler: str = typer.Option("sde", help="sde (the training sampler) | ode."),
     probes: ProbesOpt = 8,
+    edits: EditsOpt = "off",
     model: ModelOpt = "toy",
     lora: LoraOpt = None,
     out: Path = typer.Option(Path("runs/score"), help="Output folder (score.json, generated images)."),
@@ -596,6 +604,7 @@ def score_cmd(
             cfg_scale=cfg,
             sampler=sampler,
             num_probes=probes,
+            edits=edits,
         )
     except SolaceError as e:
         _fail(e)
@@ -617,6 +626,7 @@ def rerank_cmd(
     cfg: float = typer.Option(7.0, "--cfg", help="CFG scale of generation."),
     sampler: str = typer.Option("sde", help="sde (the training sampler) | ode."),
     probes: ProbesOpt = 8,
+    edits: EditsOpt = "off",
     batch_size: int = typer.Option(16, help="Samples per generation batch."),
     model: ModelOpt = "toy",
     lora: LoraOpt = None,
@@ -653,6 +663,7 @@ def rerank_cmd(
             sampler=sampler,
             num_probes=probes,
             batch_size=batch_size,
+            edits=edits,
         )
     except SolaceError as e:
         _fail(e)
@@ -672,6 +683,7 @@ def rationale_cmd(
     cfg: float = typer.Option(7.0, "--cfg", help="CFG scale of the guided regimes."),
     sampler: str = typer.Option("ode", help="ode (inference) | sde (the training sampler)."),
     probes: ProbesOpt = 8,
+    edits: EditsOpt = "off",
     seed: int = typer.Option(0, help="Seed of the initial noise (the same for every regime) and probes."),
     batch_size: int = typer.Option(16, help="Samples per generation batch."),
     model: ModelOpt = "toy",
@@ -707,6 +719,7 @@ def rationale_cmd(
             num_probes=probes,
             seed=seed,
             batch_size=batch_size,
+            edits=edits,
         )
     except SolaceError as e:
         _fail(e)

@@ -41,11 +41,34 @@ def score_latents(
     num_probes: int = 8,
     probe_seed: int = 0,
     max_batch: int = 64,
+    edits: str = "off",
+    edit_cond: Conditioning | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Self-confidence of one prompt group (the paper's form): ``(R (B,), S (B, T))``, one set of probes
-    for the group from ``probe_seed``. ``cond`` holds one row per latent (or a single row, shared by all)."""
-    scorer = SelfConfidenceScorer(SelfConfidenceCfg(num_probes=num_probes, max_batch=max_batch))
-    return scorer.score_group(adapter, z0, cond, timesteps, probe_seed)
+    """Self-confidence of one prompt group: ``(R (B,), S (B, T))``, one set of probes for the group from
+    ``probe_seed``. ``cond`` holds one row per latent (or a single row, shared by all). The paper's form, or
+    with ``edits`` (mean | max | lse) the prompt against its minimal edits ``edit_cond`` (one row each),
+    scored with the same probes."""
+    scorer = SelfConfidenceScorer(SelfConfidenceCfg(num_probes=num_probes, max_batch=max_batch, edits=edits))
+    return scorer.score_group(adapter, z0, cond, timesteps, probe_seed, edit_cond=edit_cond)
+
+
+EDIT_FORMS = ("off", "mean", "max", "lse")
+
+
+def check_edits(edits: str) -> None:
+    check(edits in EDIT_FORMS, "--edits", f"use one of {', '.join(EDIT_FORMS)}, not {edits!r}")
+
+
+def edit_conditioning(
+    adapter: FlowModelAdapter, prompt: str, record: PromptRecord | None, edits: str, limit: int = 8
+) -> Conditioning | None:
+    """The encoded minimal edits of ``prompt`` (toy records: exact edits; free text: rule edits), or None
+    when ``edits`` is off."""
+    if edits == "off":
+        return None
+    from solace.rewards.prompt_edits import candidate_edits
+
+    return adapter.encode_prompts(candidate_edits(prompt, record.to_json() if record else None, limit=limit))
 
 
 @torch.no_grad()
@@ -118,6 +141,7 @@ def run_score(
     cfg_scale: float = 7.0,
     sampler: str = "sde",
     num_probes: int = 8,
+    edits: str = "off",
     progress: bool = True,
 ) -> dict:
     """Self-confidence of given images (one prompt) or of ``generate`` samples per prompt.
@@ -127,6 +151,7 @@ def run_score(
     """
     from solace.utils.images import to_pil
 
+    check_edits(edits)
     out.mkdir(parents=True, exist_ok=True)
     ts = probe_timesteps(adapter, num_steps)
     null = adapter.encode_prompts([""])
@@ -148,7 +173,10 @@ def run_score(
                 f = f"images/{i:04d}_{j:02d}.png"
                 to_pil(im).save(out / f)
                 names.append(f)
-        r, s = score_latents(adapter, z0, cond, ts, num_probes, prompt_seed(seed, i) + 1)
+        ec = edit_conditioning(adapter, p, None, edits)
+        r, s = score_latents(
+            adapter, z0, cond, ts, num_probes, prompt_seed(seed, i) + 1, edits=edits, edit_cond=ec
+        )
         for j, name in enumerate(names):
             rows.append({"prompt": p, "image": name, "R": float(r[j]), "S_t": [float(x) for x in s[j]]})
         bar.update(1)
@@ -157,6 +185,7 @@ def run_score(
         "settings": {
             "num_steps": num_steps,
             "num_probes": num_probes,
+            "edits": edits,
             "seed": seed,
             "source": "images" if images is not None else "generated",
             **(
@@ -197,6 +226,7 @@ def run_rerank(
     sampler: str = "sde",
     num_probes: int = 8,
     batch_size: int = 16,
+    edits: str = "off",
     progress: bool = True,
 ) -> dict:
     """Best-of-N by self-confidence. Generates max(N) candidates per prompt and seed once; smaller N use
@@ -206,6 +236,7 @@ def run_rerank(
 
     ns = sorted(set(int(n) for n in ns))
     nmax = ns[-1]
+    check_edits(edits)
     out.mkdir(parents=True, exist_ok=True)
     ts = probe_timesteps(adapter, num_steps)
     null = adapter.encode_prompts([""])
@@ -223,7 +254,10 @@ def run_rerank(
             z0 = generate_group(
                 adapter, cond, null, nmax, num_steps, cfg_scale, prompt_seed(seed, i), sampler, batch_size
             )
-            r, _ = score_latents(adapter, z0, cond, ts, num_probes, prompt_seed(seed, i) + 1)
+            ec = edit_conditioning(adapter, p, records[i] if records else None, edits)
+            r, _ = score_latents(
+                adapter, z0, cond, ts, num_probes, prompt_seed(seed, i) + 1, edits=edits, edit_cond=ec
+            )
             scores[i] = r.numpy()
             row: dict = {"seed": seed, "prompt": p, "R": [float(x) for x in r]}
             picks = {n: int(np.argmax(scores[i, :n])) for n in ns}
@@ -253,6 +287,7 @@ def run_rerank(
         "cfg_scale": cfg_scale,
         "sampler": sampler,
         "num_probes": num_probes,
+        "edits": edits,
     }
     doc: dict = {"settings": settings, "timesteps": [float(t) for t in ts]}
     if records is not None:
@@ -315,12 +350,14 @@ def run_rationale(
     num_probes: int = 8,
     seed: int = 0,
     batch_size: int = 16,
+    edits: str = "off",
     progress: bool = True,
 ) -> dict:
     """Self-confidence R of ``samples`` per prompt under the three :func:`regimes`, all probed at the same
     timesteps (``sigmas(num_steps)[:-1]``) with the same probes, so that only the images differ. Writes
     ``rationale.json`` and ``rationale.png`` (overlaid histograms); with ``records`` (toy world) also the
     within-group AUC of R (and of each S_t) against strict correctness, per category (``rationale.md``)."""
+    check_edits(edits)
     out.mkdir(parents=True, exist_ok=True)
     ts = probe_timesteps(adapter, num_steps)
     null = adapter.encode_prompts([""])
@@ -340,7 +377,10 @@ def run_rationale(
             z0 = generate_group(
                 adapter, cond, null, samples, steps, cfg, prompt_seed(seed, i), sampler, batch_size
             )
-            r, s = score_latents(adapter, z0, cond, ts, num_probes, prompt_seed(seed, i) + 1)
+            ec = edit_conditioning(adapter, prompts[i], records[i] if records else None, edits)
+            r, s = score_latents(
+                adapter, z0, cond, ts, num_probes, prompt_seed(seed, i) + 1, edits=edits, edit_cond=ec
+            )
             r_all[i], s_all[i] = r.numpy(), s.numpy()
             if records is not None:
                 c_all[i], _ = judge(adapter, z0, records[i])
@@ -365,6 +405,7 @@ def run_rationale(
         "probe_steps": num_steps,
         "sampler": sampler,
         "num_probes": num_probes,
+        "edits": edits,
         "seed": seed,
     }
     doc: dict = {

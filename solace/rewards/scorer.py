@@ -221,6 +221,7 @@ class SelfConfidenceScorer:
         probe_t: torch.Tensor,
         probe_seed: int,
         null: Conditioning | None = None,
+        edit_cond: Conditioning | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One prompt group: ``(R (B,), S (B, T'))`` on the CPU, one set of probes from ``probe_seed``.
         ``cond`` (and ``null``) hold one row per latent or a single row shared by all."""
@@ -230,5 +231,6 @@ class SelfConfidenceScorer:
         if null is not None and len(null) == 1 and B > 1:
             null = null.index([0] * B)
         ts = probe_t.to(z0.device)
-        s = self.scores(adapter, z0, cond, null, ts, torch.zeros(B, dtype=torch.long), [probe_seed])
+        edits = [edit_cond] if edit_cond is not None else None
+        s = self.scores(adapter, z0, cond, null, ts, torch.zeros(B, dtype=torch.long), [probe_seed], edits)
         return self.aggregate(s, ts).cpu(), s.cpu()
