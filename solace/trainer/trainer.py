@@ -307,7 +307,8 @@ class Trainer:
             self._warn(
                 f"{dropped} sample(s) with a non-finite reward dropped from their groups and the update"
             )
-        if all_zero(adv):
+        flat = all_zero(adv)
+        if flat:
             self._warn(
                 "every advantage is 0 (rewards tie within every group): no policy signal this iteration"
             )
@@ -316,7 +317,7 @@ class Trainer:
             "reward/mean": float(kept.mean()),
             "reward/std": float(kept.std()) if len(kept) > 1 else math.nan,
         }
-        stats.update({"guard/dropped": float(dropped), "guard/zero_advantages": float(all_zero(adv))})
+        stats.update({"guard/dropped": float(dropped), "guard/zero_advantages": float(flat)})
         stats.update({f"reward/{k}_mean": float(v.mean()) for k, v in comps.items()})
         if scores is not None:
             stats.update(
