@@ -14,7 +14,17 @@ Variants: ``paper`` (conditional velocity, uniform weights, probes shared by the
 the CFG velocity), ``later_half`` (the paper's form on the later half of the timesteps only),
 ``contrastive`` (S(c) - S(empty)), ``empty_only`` (S(empty): prompt-blind), ``released`` (the authors' code:
 standardised S_t, t(1-t) weights, per-sample probes, later half), and two prompt-blind baselines,
-``-pixel_std`` and ``-foreground``.
+``-pixel_std`` and ``-foreground``. Issue 18's forms contrast S(c) with the prompt's minimal edits c' (the
+toy world's exact single-attribute edits, at most 8 in their fixed order, as the ``edits`` variant trains),
+all scored with the group's probes and timesteps: ``edits_mean``, ``edits_max`` and ``edits_lse_<tau>``
+(:func:`solace.rewards.self_confidence.edit_contrast`).
+
+    python bench/signal_report.py --variants paper,contrastive,empty_only,edits,-pixel_std,-foreground \
+        --out bench/results/signal_edits
+
+``--variants`` picks what is computed (``edits`` stands for every edit form); the samples depend only on
+``--seed``, so rows of runs with the same seed compare. ``raw.safetensors`` keeps per sample: strict,
+lenient, S_t(c), S_t(empty) and S_t of each edit (NaN-padded), for ``bench/edit_gap.py``.
 """
 
 from __future__ import annotations
@@ -30,15 +40,40 @@ import torch
 
 from solace.evaluation.analysis import auc
 from solace.models.toy import ToyAdapter
+from safetensors.numpy import save_file
+
+from solace.rewards.prompt_edits import candidate_edits
 from solace.rewards.scorer import SelfConfidenceCfg, SelfConfidenceScorer
-from solace.rewards.self_confidence import aggregate
+from solace.rewards.self_confidence import aggregate, edit_contrast
 from solace.sampling.sampler import sample
 from solace.toy.evaluator import detect, score_detections, segment, to_uint8
 from solace.toy.world import CATEGORIES, load_heldout
 
 
+ALL_VARIANTS = ("paper", "cfg", "contrastive", "later_half", "empty_only", "released", "edits", "-pixel_std",
+                "-foreground")
+LSE_TAUS = (1.0, 0.1, 0.01)
+MAX_EDITS = 8  # the edits variant's default max_edits
+
+
+def edit_forms(s_c: torch.Tensor, s_e: torch.Tensor, ts: torch.Tensor) -> dict[str, torch.Tensor]:
+    """R of every edit form from S_t(c) (G, T) and S_t(c') (G, E, T), uniform weights."""
+    out = {f"edits_{m}": aggregate(edit_contrast(s_c, s_e, m), ts) for m in ("mean", "max")}
+    for tau in LSE_TAUS:
+        out[f"edits_lse_{tau:g}"] = aggregate(edit_contrast(s_c, s_e, "lse", tau), ts)
+    return out
+
+
+def check_batched_variant(ad, z0, cond, null, ts, one_group, seed, econd, s_c, s_e) -> None:
+    """The trained ``edits`` variant (one batched pass over the edits) equals the forms computed here."""
+    sc = SelfConfidenceScorer(SelfConfidenceCfg(edits="mean"))
+    got = sc.scores(ad, z0, cond, null, ts, one_group, [seed + 1], [econd])
+    want = edit_contrast(s_c, s_e, "mean")
+    assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
+
+
 @torch.no_grad()
-def score_group(ad: ToyAdapter, prompt: str, G: int, cfg: float, K: int, seed: int) -> dict:
+def score_group(ad: ToyAdapter, prompt: str, G: int, cfg: float, K: int, seed: int, variants, first=False) -> dict:
     sig = ad.sigmas(10)
     ts = sig[:-1]
     cond = ad.encode_prompts([prompt]).index([0] * G)
@@ -50,32 +85,86 @@ def score_group(ad: ToyAdapter, prompt: str, G: int, cfg: float, K: int, seed: i
     ).final
     one_group = torch.zeros(G, dtype=torch.long)
     paper = SelfConfidenceScorer(SelfConfidenceCfg(num_probes=K))
-    # the same group probes (seed + 1) for the conditional, empty-prompt and CFG-scored forms
-    s_c = paper.scores(ad, z0, cond, null, ts, one_group, [seed + 1])
-    s_u = paper.scores(ad, z0, null, null, ts, one_group, [seed + 1])
-    s_cfg = SelfConfidenceScorer(SelfConfidenceCfg(num_probes=K, cfg_in_reward=True), cfg).scores(
-        ad, z0, cond, null, ts, one_group, [seed + 1]
-    )
     half = list(range(len(ts) // 2, len(ts)))
-    released = SelfConfidenceScorer(SelfConfidenceCfg(num_probes=K, probe_mode="per_sample_timestep"))
-    s_rel = released.scores(ad, z0, cond, null, ts[half], one_group, [seed + 2])
     imgs = to_uint8(ad.decode(z0))
     sc = [score_detections(detect(a), REC[prompt]) for a in imgs]
+    # the same group probes (seed + 1) for the conditional, empty-prompt, CFG-scored and edit forms
+    s_c = paper.scores(ad, z0, cond, null, ts, one_group, [seed + 1])
+    rewards = {"paper": aggregate(s_c, ts), "later_half": aggregate(s_c[:, half], ts[half])}
+    s_u = s_e = None
+    if {"contrastive", "empty_only"} & set(variants):
+        s_u = paper.scores(ad, z0, null, null, ts, one_group, [seed + 1])
+        rewards |= {"contrastive": aggregate(s_c - s_u, ts), "empty_only": aggregate(s_u, ts)}
+    if "cfg" in variants:
+        s_cfg = SelfConfidenceScorer(SelfConfidenceCfg(num_probes=K, cfg_in_reward=True), cfg).scores(
+            ad, z0, cond, null, ts, one_group, [seed + 1]
+        )
+        rewards["cfg"] = aggregate(s_cfg, ts)
+    if "released" in variants:
+        released = SelfConfidenceScorer(SelfConfidenceCfg(num_probes=K, probe_mode="per_sample_timestep"))
+        s_rel = released.scores(ad, z0, cond, null, ts[half], one_group, [seed + 2])
+        rewards["released"] = aggregate(s_rel, ts[half], "t(1-t)", standardize=True)
+    edits: list[str] = []
+    if "edits" in variants:
+        edits = candidate_edits(prompt, REC[prompt].to_json(), limit=MAX_EDITS)
+        econd = ad.encode_prompts(edits)
+        s_e = torch.stack(
+            [paper.scores(ad, z0, econd.index([j] * G), null, ts, one_group, [seed + 1]) for j in range(len(edits))],
+            1,
+        )
+        if first:
+            check_batched_variant(ad, z0, cond, null, ts, one_group, seed, econd, s_c, s_e)
+        rewards |= edit_forms(s_c, s_e, ts)
+    rewards = {k: v.numpy() for k, v in rewards.items()}
+    rewards["-pixel_std"] = -z0.flatten(1).std(1).numpy()
+    rewards["-foreground"] = -np.array([(segment(a) >= 0).sum() for a in imgs], dtype=float)
+    keep = [k for k in rewards if k in variants or (k.startswith("edits_") and "edits" in variants)]
     return {
         "strict": np.array([s["strict"] for s in sc]),
         "lenient": np.array([s["lenient"] for s in sc]),
         "S_t": s_c.numpy(),
-        "rewards": {
-            "paper": aggregate(s_c, ts).numpy(),
-            "cfg": aggregate(s_cfg, ts).numpy(),
-            "contrastive": aggregate(s_c - s_u, ts).numpy(),
-            "later_half": aggregate(s_c[:, half], ts[half]).numpy(),
-            "empty_only": aggregate(s_u, ts).numpy(),
-            "released": aggregate(s_rel, ts[half], "t(1-t)", standardize=True).numpy(),
-            "-pixel_std": -z0.flatten(1).std(1).numpy(),
-            "-foreground": -np.array([(segment(a) >= 0).sum() for a in imgs], dtype=float),
-        },
+        "S_u": None if s_u is None else s_u.numpy(),
+        "S_e": None if s_e is None else s_e.numpy(),
+        "edits": edits,
+        "rewards": {k: rewards[k] for k in keep},
     }
+
+
+def save_raw(groups: list[dict], out: Path) -> None:
+    """Per-sample arrays of every group (S_e NaN-padded to MAX_EDITS) and the edit prompts, for edit_gap.py."""
+    n = sum(len(g["strict"]) for g in groups)
+    T = groups[0]["S_t"].shape[1]
+    s_e = np.full((n, MAX_EDITS, T), np.nan, dtype=np.float32)
+    s_u = np.full((n, T), np.nan, dtype=np.float32)
+    i = 0
+    for g in groups:
+        G = len(g["strict"])
+        if g["S_e"] is not None:
+            s_e[i : i + G, : g["S_e"].shape[1]] = g["S_e"]
+        if g["S_u"] is not None:
+            s_u[i : i + G] = g["S_u"]
+        i += G
+    arrays = {
+        "group": np.concatenate([np.full(len(g["strict"]), j) for j, g in enumerate(groups)]).astype(np.int64),
+        "strict": np.concatenate([g["strict"] for g in groups]).astype(np.float32),
+        "lenient": np.concatenate([g["lenient"] for g in groups]).astype(np.float32),
+        "S_c": np.concatenate([g["S_t"] for g in groups]).astype(np.float32),
+        "S_u": s_u,
+        "S_e": s_e,
+    }
+    save_file(arrays, str(out / "raw.safetensors"))
+    meta = [{"prompt": g["prompt"], "tag": g["tag"], "edits": g["edits"]} for g in groups]
+    (out / "raw_groups.json").write_text(json.dumps(meta, indent=1))
+
+
+def per_timestep_auc(groups: list[dict], key: str, fn=None) -> list[float | None]:
+    """Within-group AUC (strict) of one timestep's score alone, per probed timestep."""
+    out = []
+    for j in range(groups[0]["S_t"].shape[1]):
+        xs = [auc((fn(g) if fn else g[key])[:, j], g["strict"].astype(bool)) for g in groups]
+        xs = [x for x in xs if x is not None]
+        out.append(float(np.mean(xs)) if xs else None)
+    return out
 
 
 REC: dict = {}
@@ -90,7 +179,12 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="bench/results/signal")
+    p.add_argument("--variants", default=",".join(ALL_VARIANTS), help="comma list of " + ",".join(ALL_VARIANTS))
     a = p.parse_args()
+    variants = [v.strip() for v in a.variants.split(",") if v.strip()]
+    bad = [v for v in variants if v not in ALL_VARIANTS]
+    if bad:
+        p.error(f"--variants: unknown {bad}; choose from {','.join(ALL_VARIANTS)}")
     torch.set_num_threads(a.threads)
     ad = ToyAdapter()
     held = list(load_heldout())
@@ -99,8 +193,8 @@ def main() -> None:
     t0 = time.perf_counter()
     groups = []
     for i, r in enumerate(recs):
-        g = score_group(ad, r.prompt, a.group, a.cfg, a.probes, a.seed * 100_003 + i)
-        g["tag"] = r.tag
+        g = score_group(ad, r.prompt, a.group, a.cfg, a.probes, a.seed * 100_003 + i, variants, first=i == 0)
+        g["tag"], g["prompt"] = r.tag, r.prompt
         groups.append(g)
         print(f"[{i + 1}/{len(recs)}] {r.prompt}: strict {g['strict'].mean():.2f}", flush=True)
     names = list(groups[0]["rewards"])
@@ -129,14 +223,19 @@ def main() -> None:
             "random_pick_strict": float(np.mean(rand)),
             "oracle_strict": float(np.mean(oracle)),
         }
-    per_t = []
-    for j in range(groups[0]["S_t"].shape[1]):
-        xs = [auc(g["S_t"][:, j], g["strict"].astype(bool)) for g in groups]
-        xs = [x for x in xs if x is not None]
-        per_t.append(float(np.mean(xs)) if xs else None)
+    per_t = per_timestep_auc(groups, "S_t")
     res["paper_auc_strict_per_timestep"] = per_t
+    timestep_rows = {"paper": per_t}
+    if "edits" in variants:
+        for m in ("mean", "max"):
+            fn = lambda g, m=m: edit_contrast(torch.from_numpy(g["S_t"]), torch.from_numpy(g["S_e"]), m).numpy()
+            timestep_rows[f"edits_{m}"] = per_timestep_auc(groups, "", fn)
+    if "contrastive" in variants:
+        timestep_rows["contrastive"] = per_timestep_auc(groups, "", lambda g: g["S_t"] - g["S_u"])
+    res["auc_strict_per_timestep"] = timestep_rows
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    save_raw(groups, out)
     (out / "signal.json").write_text(json.dumps(res, indent=2))
     lines = [
         "| reward | AUC strict | AUC lenient | best-of-G strict | random pick | oracle |",
@@ -154,9 +253,10 @@ def main() -> None:
         pc = v["auc_strict_per_category"]
         lines.append(f"| {name} | " + " | ".join(f"{pc[c]:.3f}" if c in pc else "-" for c in cats) + " |")
     ts_row = [f"{float(t):.3f}" for t in ad.sigmas(10)[:-1]]
-    lines += ["", "Paper reward, within-group AUC (strict) of S_t alone, per probed timestep t:", ""]
-    lines += ["| t | " + " | ".join(ts_row) + " |", "|---" * (len(ts_row) + 1) + "|"]
-    lines.append("| AUC | " + " | ".join("-" if x is None else f"{x:.3f}" for x in per_t) + " |")
+    lines += ["", "Within-group AUC (strict) of one timestep's score alone, per probed timestep t:", ""]
+    lines += ["| form \\ t | " + " | ".join(ts_row) + " |", "|---" * (len(ts_row) + 1) + "|"]
+    for name, row in timestep_rows.items():
+        lines.append(f"| {name} | " + " | ".join("-" if x is None else f"{x:.3f}" for x in row) + " |")
     (out / "signal.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print("paper AUC per timestep:", [None if x is None else round(x, 3) for x in per_t])
