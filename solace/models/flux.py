@@ -281,10 +281,12 @@ class FluxAdapter:
         return pack_latents((z - shift) * scale).to(self.dtype)
 
     def sigmas(self, num_steps: int) -> torch.Tensor:
-        """FluxPipeline's sigmas: ``linspace(1, 1/N, N)`` through the dynamic shift with :attr:`mu` (or the
-        static ``shift`` for schedulers without dynamic shifting, e.g. FLUX.1-schnell), plus a trailing 0."""
+        """FluxPipeline's sigmas: ``linspace(1, 1/N, N)`` through the dynamic shift with :attr:`mu` and the
+        scheduler config's ``time_shift_type`` (exponential or linear), or through the static ``shift`` for
+        schedulers without dynamic shifting (e.g. FLUX.1-schnell); plus a trailing 0."""
         if self.mu is not None:
-            return flux_sigmas(num_steps, self.mu)
+            kind = self.pipeline.scheduler.config.get("time_shift_type", None) or "exponential"
+            return flux_sigmas(num_steps, self.mu, kind)
         check(
             isinstance(num_steps, int) and num_steps >= 1,
             "num_steps",

@@ -281,7 +281,8 @@ class SD3Adapter:
 
     def sigmas(self, num_steps: int) -> torch.Tensor:
         """``FlowMatchEulerDiscreteScheduler.set_timesteps(num_steps).sigmas`` from the scheduler config
-        (static ``shift``, or the dynamic ``mu`` SD3's pipeline computes when ``use_dynamic_shifting``)."""
+        (static ``shift``, or the dynamic ``mu`` SD3's pipeline computes when ``use_dynamic_shifting``, through
+        the config's ``time_shift_type``, exponential or linear)."""
         cfg = self.pipeline.scheduler.config
         mu = None
         if cfg.get("use_dynamic_shifting", False):
@@ -292,4 +293,5 @@ class SD3Adapter:
                 float(cfg.get("base_shift", 0.5)),
                 float(cfg.get("max_shift", 1.16)),
             )
-        return flow_match_sigmas(num_steps, self.shift, self.num_train_timesteps, mu=mu)
+        kind = cfg.get("time_shift_type", None) or "exponential"
+        return flow_match_sigmas(num_steps, self.shift, self.num_train_timesteps, mu=mu, time_shift_type=kind)
