@@ -278,8 +278,8 @@ def eval_cmd(
         None,
         "--metrics",
         help="Comma-separated metrics (clip_score, pickscore, hps, image_reward, aesthetic, ocr, geneval, "
-        "unified_reward); default per suite: drawbench clip_score,pickscore,hps; geneval geneval; ocr ocr; "
-        "pickscore pickscore.",
+        "unified_reward, or your own factory package.module:function); default per suite: drawbench "
+        "clip_score,pickscore,hps; geneval geneval; ocr ocr; pickscore pickscore.",
     ),
     metric_arg: list[str] = typer.Option(
         None,

@@ -72,7 +72,7 @@ def parse_metric_args(args: Sequence[str], metrics: Sequence[str]) -> dict[str, 
     out: dict[str, dict[str, Any]] = {m: {} for m in metrics}
     for arg in args:
         key, eq, raw = arg.partition("=")
-        name, dot, kw = key.strip().partition(".")
+        name, dot, kw = _split_metric_key(key.strip())
         if not eq or not dot or not name or not kw:
             raise ConfigError(
                 "--metric-arg", f"expected METRIC.KEY=VALUE (e.g. clip_score.model=/path), got {arg!r}"
@@ -89,19 +89,41 @@ def parse_metric_args(args: Sequence[str], metrics: Sequence[str]) -> dict[str, 
     return out
 
 
+def _split_metric_key(key: str) -> tuple[str, str, str]:
+    """``clip_score.model`` -> (``clip_score``, ``.``, ``model``); a user metric's dotted module is kept
+    whole: ``my_pkg.rewards:sharpness.scale`` -> (``my_pkg.rewards:sharpness``, ``.``, ``scale``)."""
+    head, colon, tail = key.partition(":")
+    if not colon:
+        return key.partition(".")
+    fn, dot, kw = tail.partition(".")
+    return f"{head}:{fn}", dot, kw
+
+
 def build_metrics(
     names: Sequence[str], kwargs: dict[str, dict[str, Any]] | None = None
 ) -> dict[str, Callable[..., torch.Tensor]]:
-    """Build every metric through the registry; unknown names and arguments fail with one line."""
-    from solace.rewards.registry import available_rewards, build_reward, reward_parameters
+    """Build every metric through the registry (a name may be a user factory ``package.module:function``);
+    unknown names, unimportable modules and bad arguments fail with one line before any model loads."""
+    from solace.rewards.registry import (
+        available_rewards,
+        build_reward,
+        is_user_reward,
+        reward_factory,
+        reward_parameters,
+    )
 
     kwargs = kwargs or {}
     known = available_rewards()
     for name in names:
-        if name not in known:
-            raise ConfigError("--metrics", f"unknown metric {name!r}; available: {', '.join(known)}")
-    out = {}
-    for name in names:
+        if is_user_reward(name):
+            reward_factory(name, "--metrics")  # imported now: a bad module or function fails here
+        elif name not in known:
+            raise ConfigError(
+                "--metrics",
+                f"unknown metric {name!r}; available: {', '.join(known)}, or your own factory as "
+                "package.module:function",
+            )
+    for name in names:  # every name's arguments are checked before the first metric is built
         user = kwargs.get(name, {})
         params = reward_parameters(name)
         bad = [k for k in user if k not in params]
@@ -110,9 +132,9 @@ def build_metrics(
                 f"--metric-arg {name}.{bad[0]}",
                 f"{name} takes no argument {bad[0]!r}; it takes {', '.join(params) or 'none'}",
             )
-        given = {**EVAL_DEFAULTS.get(name, {}), **user}
-        out[name] = build_reward(name, **given)
-    return out
+    return {
+        name: build_reward(name, **{**EVAL_DEFAULTS.get(name, {}), **kwargs.get(name, {})}) for name in names
+    }
 
 
 # --------------------------------------------------------------------------------------------------------

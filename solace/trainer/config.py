@@ -68,7 +68,8 @@ class SamplingCfg:
 
 @dataclass
 class RewardComponent:
-    name: str = "self_confidence"  # self_confidence or any registered reward (solace.rewards.registry)
+    # self_confidence, a registered reward (solace.rewards.registry) or your factory package.module:function
+    name: str = "self_confidence"
     weight: float = 1.0
     kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -300,15 +301,7 @@ def validate(cfg: SolaceConfig, check_paths: bool = True) -> None:
     _min(s.batch_size, 1, "sampling.batch_size")
     cfg.reward.self_confidence.check(s.num_steps)
     check(len(cfg.reward.components) >= 1, "reward.components", "needs at least one reward")
-    for i, c in enumerate(cfg.reward.components):
-        check(bool(c.name), f"reward.components[{i}].name", "must name a reward")
-        if c.name != "self_confidence":  # a typo or a bad keyword fails here, before any model loads
-            from solace.rewards.registry import check_reward
-
-            try:
-                check_reward(c.name, dict(c.kwargs), f"reward.components[{i}]")
-            except ConfigError as e:
-                raise ConfigError(f"reward.components[{i}]", str(e)) from None
+    _validate_reward_names(cfg.reward.components)
     check(
         any(c.weight != 0 for c in cfg.reward.components),
         "reward.components",
@@ -328,6 +321,19 @@ def validate(cfg: SolaceConfig, check_paths: bool = True) -> None:
     _min(t.max_nonfinite, 0, "train.max_nonfinite", " (0: never stop)")
     if check_paths:
         _validate_prompt_files(cfg)
+
+
+def _validate_reward_names(components: list[RewardComponent]) -> None:
+    """Every component names a reward whose factory resolves (a registered name, or a user factory
+    ``package.module:function``, imported now) and accepts its kwargs: a typo, a missing module or function
+    or a bad keyword fails in one line naming ``reward.components[i].name`` / ``.kwargs``, before any model
+    loads."""
+    from solace.rewards.registry import check_reward
+
+    for i, c in enumerate(components):
+        check(bool(c.name), f"reward.components[{i}].name", "must name a reward")
+        if c.name != "self_confidence":
+            check_reward(c.name, dict(c.kwargs), f"reward.components[{i}]")
 
 
 def _validate_prompt_files(cfg: SolaceConfig) -> None:
