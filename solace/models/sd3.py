@@ -281,8 +281,8 @@ class SD3Adapter:
 
     def sigmas(self, num_steps: int) -> torch.Tensor:
         """``FlowMatchEulerDiscreteScheduler.set_timesteps(num_steps).sigmas`` from the scheduler config
-        (static ``shift``, or the dynamic ``mu`` SD3's pipeline computes when ``use_dynamic_shifting``, through
-        the config's ``time_shift_type``, exponential or linear)."""
+        (static ``shift``, or the dynamic ``mu`` SD3's pipeline computes when ``use_dynamic_shifting``,
+        through the config's ``time_shift_type``: exponential or linear)."""
         cfg = self.pipeline.scheduler.config
         mu = None
         if cfg.get("use_dynamic_shifting", False):
