@@ -197,8 +197,10 @@ def generate_and_score(
     grid_samples: int = 2,
     thumb_size: int = 256,
     progress: bool = True,
+    negative_prompt: str = "",
 ) -> dict[str, Any]:
-    """Sample every prompt ``samples_per_prompt`` times, score with every metric, save the PNGs.
+    """Sample every prompt ``samples_per_prompt`` times (CFG's null: ``negative_prompt``), score with every
+    metric, save the PNGs.
 
     Returns ``scores`` ({metric: (P, S) tensor}), ``files`` (P lists of S relative paths), ``thumbs``
     (uint8 thumbnails of the first ``grid_samples`` samples of the first ``grid_rows`` prompts) and
@@ -207,6 +209,7 @@ def generate_and_score(
     from tqdm.auto import tqdm
 
     from solace.evaluation.toy_eval import generate
+    from solace.rewards.mixture import reward_scores
     from solace.utils.images import to_pil
 
     P, S = len(suite), samples_per_prompt
@@ -228,7 +231,7 @@ def generate_and_score(
         prompts = [suite.items[i].text for i in idx]
         images = generate(
             adapter, prompts, S, num_steps, cfg_scale, seed=seed, batch_size=len(idx) * S, progress=False,
-            first_index=start,
+            first_index=start, negative_prompt=negative_prompt,
         )  # fmt: skip
         images = _quantize(images)
         size = list(images.shape[-2:])
@@ -236,8 +239,8 @@ def generate_and_score(
         rep_meta = [suite.items[i].meta for i in idx for _ in range(S)]
         for m, fn in metrics.items():
             with torch.no_grad():
-                sc = fn(images, rep_prompts, rep_meta)
-            scores[m][idx] = sc.detach().float().cpu().reshape(len(idx), S)
+                sc = reward_scores(m, fn(images, rep_prompts, rep_meta), len(rep_prompts))
+            scores[m][idx] = sc.reshape(len(idx), S)
         for k, i in enumerate(idx):
             for j in range(S):
                 rel = f"images/{label}/{i:04d}_{j}.png"
@@ -345,6 +348,7 @@ def run_metric_eval(
     batch_size: int = 8,
     settings: dict[str, Any] | None = None,
     progress: bool = True,
+    negative_prompt: str = "",
 ) -> dict[str, Any]:
     """Evaluate ``adapter`` and, when ``lora`` is given, ``adapter`` + that LoRA (attached to ``adapter``
     after the base pass) on ``suite`` with every metric; writes the files listed in the module docstring.
@@ -365,7 +369,7 @@ def run_metric_eval(
     out.mkdir(parents=True, exist_ok=True)
     kw = dict(
         samples_per_prompt=samples_per_prompt, num_steps=num_steps, cfg_scale=cfg_scale, seed=seed,
-        batch_size=batch_size, progress=progress,
+        batch_size=batch_size, progress=progress, negative_prompt=negative_prompt,
     )  # fmt: skip
     runs = {"base": generate_and_score(adapter, suite, metrics, "base", out, **kw)}
     if lora:
@@ -394,6 +398,7 @@ def run_metric_eval(
         "samples_per_prompt": samples_per_prompt,
         "num_steps": num_steps,
         "cfg_scale": cfg_scale,
+        "negative_prompt": negative_prompt,
         "seed": seed,
         "sampler": "ODE (Euler), same initial noise for base and LoRA",
         "lora": lora,

@@ -41,7 +41,8 @@ def cfg_velocity(
     cfg_scale: float,
 ) -> torch.Tensor:
     """Classifier-free guidance ``v = v(z, t, null) + s (v(z, t, c) - v(z, t, null))`` in one batched
-    forward; ``cfg_scale == 1`` (or no ``null_cond``) is the plain conditional velocity.
+    forward (two forwards for an adapter whose ``cfg_in_two_passes`` is set, as its pipeline computes it);
+    ``cfg_scale == 1`` (or no ``null_cond``) is the plain conditional velocity.
 
     The model runs in ``adapter.dtype`` (e.g. bf16); the returned velocity is float32, like ``z``, so that the
     SDE step and its log-prob are computed in float32 (bf16 log-probs are far too coarse for PPO ratios).
@@ -49,6 +50,10 @@ def cfg_velocity(
     zin = z.to(adapter.dtype)
     if cfg_scale == 1.0 or null_cond is None:
         return adapter.velocity(zin, t, cond).float()
+    if getattr(adapter, "cfg_in_two_passes", False):  # as the adapter's pipeline does (FLUX's true CFG)
+        v_c = adapter.velocity(zin, t, cond).float()
+        v_u = adapter.velocity(zin, t, null_cond).float()
+        return v_u + cfg_scale * (v_c - v_u)
     zz = torch.cat([zin, zin])
     tt = torch.cat([t, t])
     v_u, v_c = adapter.velocity(zz, tt, Conditioning.cat([null_cond, cond])).float().chunk(2)
