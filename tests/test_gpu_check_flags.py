@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,9 @@ def test_bf16_latents_flag_sets_the_trajectory_dtype(capsys, flag, dtype):
     out = capsys.readouterr().out
     assert f"latents {dtype}" in out  # the recipe line
     assert f"trajectory latents {dtype}" in out  # what the sampler actually returned
+    # and it matters: bf16 step log-probs are no longer the training pass's float32 ones (ratio != 1)
+    ratio_dev = float(re.search(r"max\|ratio-1\| (\S+),", out).group(1))
+    assert (ratio_dev > 1e-3) if flag else (ratio_dev == 0.0)
 
 
 def test_sampler_carries_latents_in_the_asked_dtype():
