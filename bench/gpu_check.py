@@ -18,8 +18,9 @@ transformer's forward count per stage, and achieved TFLOP/s, from FLOPs per forw
 ``torch.utils.flop_counter.FlopCounterMode`` times the forward rows counted by a hook.
 
 Trajectory latents and step log-probs are kept in float32 while the transformer runs in bf16 (as Flow-GRPO,
-whose SDE step upcasts to fp32): ``--bf16-latents`` runs the sampler in the model dtype instead, which shows
-up as a PPO ratio away from 1 (clipfrac > 0) on the on-policy first iteration.
+whose SDE step upcasts to fp32): ``--bf16-latents`` makes the sampler carry the latents, velocities and SDE
+steps in bfloat16 instead (``sample(..., latent_dtype=torch.bfloat16)``), which is expected to show up as a
+PPO ratio away from 1 (clipfrac > 0) on the on-policy first iteration.
 
 Usage:
     python bench/gpu_check.py                 # GPU, SD3.5-Medium size, 512 px, G=16, T=10, CFG 7, K=8
@@ -82,24 +83,6 @@ TINY: dict[str, Any] = dict(
 TINY_TEXT = dict(seq_len=24, dim=32, pooled=32)
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, SXM
-
-
-class Fp32Latents:
-    """Run the adapter's transformer in its own dtype but keep latents/velocities (hence the SDE steps and
-    their log-probs) in float32 for the sampler and the training pass."""
-
-    def __init__(self, inner: SD3Adapter):
-        self.inner = inner
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.float32
-
-    def velocity(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        return self.inner.velocity(latents, t, cond).float()
 
 
 class Meter:
@@ -196,10 +179,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--iters", type=int, default=None, help="iterations (default 2: the first warms up)")
     p.add_argument("--no-grad-ckpt", action="store_true", help="disable gradient checkpointing")
-    p.add_argument("--bf16-latents", action="store_true", help="keep latents/log-probs in the model dtype")
+    p.add_argument(
+        "--bf16-latents", action="store_true", help="carry the sampler's latents and SDE steps in bfloat16"
+    )
     p.add_argument("--save-lora", default=None, help="export the LoRA (diffusers format) to this folder")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
+
+
+def latent_dtype(args: argparse.Namespace) -> torch.dtype:
+    """The dtype the sampler carries the trajectory in: bfloat16 with ``--bf16-latents``, else float32."""
+    return torch.bfloat16 if args.bf16_latents else torch.float32
 
 
 def run_iteration(
@@ -227,6 +217,7 @@ def run_iteration(
             cfg_scale=args.cfg,
             noise_level=args.noise_level,
             generator=gen,
+            latent_dtype=latent_dtype(args),
         )
 
     with meter("reward"):
@@ -271,6 +262,7 @@ def run_iteration(
     stats["reward_mean"] = float(rewards.mean())
     stats["reward_std"] = float(rewards.std())
     stats["finite"] = float(bool(torch.isfinite(traj.final).all()) and math.isfinite(stats["loss"]))
+    stats["latents_bf16"] = float(traj.latents.dtype == torch.bfloat16)
     return stats
 
 
@@ -294,7 +286,6 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     base = build_adapter(cfg, args.resolution, device, dtype, grad_ckpt=not args.no_grad_ckpt and cuda)
     add_lora(base, args.lora_rank, args.lora_alpha, base.lora_target_modules)
-    adapter: Any = base if args.bf16_latents else Fp32Latents(base)
     n_params = sum(p.numel() for p in base.denoiser.parameters() if not p.requires_grad)
     n_lora = sum(p.numel() for p in lora_parameters(base))
     gen = torch.Generator(device=device).manual_seed(1234)
@@ -320,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         f"recipe: {args.resolution}px ({tokens} image + {text['seq_len']} text tokens), G={args.group_size}, "
         f"T={args.steps}, CFG={args.cfg:g}, K={args.probes}, "
         f"train steps {train_window(args.steps, args.rho)}, "
-        f"beta={args.beta:g}, latents {'model dtype' if args.bf16_latents else 'fp32'}, "
+        f"beta={args.beta:g}, latents {latent_dtype(args)}, "
         f"grad ckpt {'on' if (cuda and not args.no_grad_ckpt) else 'off'}"
     )
     print(f"setup {setup_s:.1f}s; FLOPs per forward row (FlopCounterMode): {fpr:.4g}")
@@ -329,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     for it in range(args.iters):
         meter = Meter(device, base.denoiser)
         t_it = time.perf_counter()
-        stats = run_iteration(args, adapter, cond, null, opt, meter, it)
+        stats = run_iteration(args, base, cond, null, opt, meter, it)
         total = time.perf_counter() - t_it
         tag = " (warm-up)" if it == 0 and args.iters > 1 else ""
         print(f"\niteration {it}{tag}: {total:.2f}s")
@@ -351,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
             f"  reward mean {stats['reward_mean']:.4f} std {stats['reward_std']:.4f}; "
             f"loss {stats['loss']:.3e}, "
             f"kl {stats['kl']:.3e}, clipfrac {stats['clipfrac']:.3f}, max|ratio-1| {stats['ratio_dev']:.2e}, "
-            f"grad norm {stats['grad_norm']:.3e}, finite {bool(stats['finite'])}"
+            f"grad norm {stats['grad_norm']:.3e}, finite {bool(stats['finite'])}, "
+            f"trajectory latents {'torch.bfloat16' if stats['latents_bf16'] else 'torch.float32'}"
         )
     if cuda:
         print(f"\npeak memory (whole run): {torch.cuda.max_memory_reserved(device) / 2**30:.2f} GiB reserved")

@@ -32,7 +32,21 @@ DtypeOpt = Annotated[
     typer.Option("--dtype", help="SD3/FLUX weights: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32."),
 ]
 ResolutionOpt = Annotated[
-    int, typer.Option("--resolution", help="SD3/FLUX image size in pixels (0: the adapter's 512).")
+    int,
+    typer.Option(
+        "--resolution",
+        help="Square image side in pixels, shorthand for --height = --width (0: the model's own: SD3/FLUX "
+        "512; the toy model draws 32 x 32 only).",
+    ),
+]
+HeightOpt = Annotated[int, typer.Option("--height", help="Image height in pixels (0: --resolution or 512).")]
+WidthOpt = Annotated[int, typer.Option("--width", help="Image width in pixels (0: --resolution or 512).")]
+NegativePromptOpt = Annotated[
+    str,
+    typer.Option(
+        "--negative-prompt",
+        help="Prompt whose embedding is CFG's null conditioning (default: the empty one).",
+    ),
 ]
 ThreadsOpt = Annotated[int, typer.Option("--threads", help="torch CPU threads.")]
 ProbesOpt = Annotated[int, typer.Option("--probes", help="K antithetic probes (even).")]
@@ -224,6 +238,11 @@ def sample_cmd(
     model: ModelOpt = "toy",
     lora: LoraOpt = None,
     out: Path = typer.Option(Path("samples.png"), help="Output grid PNG."),
+    negative_prompt: NegativePromptOpt = "",
+    resolution: ResolutionOpt = 0,
+    height: HeightOpt = 0,
+    width: WidthOpt = 0,
+    dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
 ) -> None:
     """Write an image grid (rows = prompts, columns = seeds) with the ODE sampler."""
@@ -240,8 +259,11 @@ def sample_cmd(
         seed_list = _int_list(seeds, "--seeds", 0)
         _check_sampling(steps, 2, cfg, "ode", 1)
         _check_image_path(out)
-        adapter = _load(model, lora, device)
-        rows = [generate(adapter, prompt, 1, steps, cfg, seed=sd, progress=False) for sd in seed_list]
+        adapter = _load(model, lora, device, **_model_kwargs(device, dtype, resolution, height, width))
+        rows = [
+            generate(adapter, prompt, 1, steps, cfg, seed=sd, progress=False, negative_prompt=negative_prompt)
+            for sd in seed_list
+        ]
         imgs = torch.stack(rows, 1).reshape(-1, *rows[0].shape[1:])
         labels = [p.removeprefix("a photo of ") for p in prompt]
         path = save_grid(
@@ -278,8 +300,8 @@ def eval_cmd(
         None,
         "--metrics",
         help="Comma-separated metrics (clip_score, pickscore, hps, image_reward, aesthetic, ocr, geneval, "
-        "unified_reward); default per suite: drawbench clip_score,pickscore,hps; geneval geneval; ocr ocr; "
-        "pickscore pickscore.",
+        "unified_reward, or your own factory package.module:function); default per suite: drawbench "
+        "clip_score,pickscore,hps; geneval geneval; ocr ocr; pickscore pickscore.",
     ),
     metric_arg: list[str] = typer.Option(
         None,
@@ -298,7 +320,10 @@ def eval_cmd(
         0, help="toy: the first N held-out prompts per category; other suites: the first N prompts (0: all)."
     ),
     batch_size: int = typer.Option(8, help="Images per generation batch (file suites)."),
+    negative_prompt: NegativePromptOpt = "",
     resolution: ResolutionOpt = 0,
+    height: HeightOpt = 0,
+    width: WidthOpt = 0,
     dtype: DtypeOpt = "auto",
     out: Path = typer.Option(Path("runs/eval"), help="Output folder (JSON, Markdown, grids)."),
     device: DeviceOpt = "auto",
@@ -312,6 +337,7 @@ def eval_cmd(
         if limit < 0:
             raise ConfigError("--limit", f"must be >= 0 (0: all prompts), got {limit}")
         _check_sampling(steps, 2, cfg, "ode", 1)
+        model_kwargs = _model_kwargs(device, dtype, resolution, height, width)
     except SolaceError as e:
         _fail(e)
     if suite != "toy":
@@ -329,8 +355,8 @@ def eval_cmd(
                 seed=seed,
                 limit=limit,
                 batch_size=batch_size,
-                resolution=resolution,
-                dtype=dtype,
+                model_kwargs=model_kwargs,
+                negative_prompt=negative_prompt,
                 out=out,
                 device=device,
             )
@@ -355,8 +381,11 @@ def eval_cmd(
         runs = [("base", None)] + ([("lora", lora)] if lora else [])
         results = {}
         for label, lw in runs:
-            adapter = _load(model, lw, device)
-            res = run_toy_eval(adapter, str(out / label), samples, steps, cfg, seed, recs, label=label)
+            adapter = _load(model, lw, device, **model_kwargs)
+            res = run_toy_eval(
+                adapter, str(out / label), samples, steps, cfg, seed, recs, label=label,
+                negative_prompt=negative_prompt,
+            )  # fmt: skip
             results[label] = res["summary"]
             typer.echo(res["table"])
             typer.echo("")
@@ -380,8 +409,8 @@ def _eval_suite(
     seed: int,
     limit: int,
     batch_size: int,
-    resolution: int,
-    dtype: str,
+    model_kwargs: dict[str, Any],
+    negative_prompt: str,
     out: Path,
     device: str,
 ) -> None:
@@ -398,7 +427,6 @@ def _eval_suite(
     prompt_suite = load_suite(suite, prompts, limit)
     names = parse_metric_list(metrics if metrics else list(SUITES[suite]["metrics"]))
     kwargs = parse_metric_args(metric_args, names)
-    model_kwargs = _model_kwargs(device, dtype, resolution)
     if lora:
         from solace.models.lora import read_lora
 
@@ -408,7 +436,8 @@ def _eval_suite(
     settings = {
         "model": model,
         "metric_args": kwargs,
-        "resolution": resolution or None,
+        "height": getattr(adapter, "height", None),
+        "width": getattr(adapter, "width", None),
         "dtype": model_kwargs["dtype"],
     }
     res = run_metric_eval(
@@ -423,6 +452,7 @@ def _eval_suite(
         seed=seed,
         batch_size=batch_size,
         settings=settings,
+        negative_prompt=negative_prompt,
     )
     typer.echo(res["table"])
     typer.echo("")
@@ -492,35 +522,63 @@ def _prompt_source(prompts: str, limit: int, model: str) -> tuple[list[str], lis
     return [it.text for it in items], records
 
 
-def _model_kwargs(device: str, dtype: str, resolution: int) -> dict[str, Any]:
-    """The adapter's ``dtype`` (auto: bf16 on CUDA, fp32 on CPU) and ``resolution``, checked."""
+def _size_kwargs(resolution: int, height: int, width: int) -> dict[str, int]:
+    """``--resolution`` (shorthand for ``--height`` = ``--width``) and ``--height``/``--width`` as the
+    adapter's ``height``/``width`` keywords (0: not given, the model's own); negative or conflicting values
+    are a ConfigError naming the option."""
+    from solace.errors import ConfigError
+
+    for opt, v in (("--resolution", resolution), ("--height", height), ("--width", width)):
+        if v < 0:
+            raise ConfigError(opt, f"must be >= 0 pixels (0: the model's own size), got {v}")
+    for opt, v in (("--height", height), ("--width", width)):
+        if resolution and v and v != resolution:
+            raise ConfigError(
+                "--resolution",
+                f"{resolution} conflicts with {opt} {v}: --resolution sets both height and width; give "
+                "--resolution or --height and --width",
+            )
+    size = {"height": height or resolution, "width": width or resolution}
+    return {k: v for k, v in size.items() if v}
+
+
+def _model_kwargs(
+    device: str, dtype: str, resolution: int, height: int = 0, width: int = 0
+) -> dict[str, Any]:
+    """The adapter's ``dtype`` (auto: bf16 on CUDA, fp32 on CPU) and image size, checked."""
     import torch
 
     from solace.errors import ConfigError
 
     if dtype not in ("auto", "bf16", "fp16", "fp32"):
         raise ConfigError("--dtype", f"use auto, bf16, fp16 or fp32, not {dtype!r}")
-    if resolution < 0:
-        raise ConfigError("--resolution", f"must be >= 0, got {resolution}")
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     kwargs: dict[str, Any] = {"dtype": ("bf16" if cuda else "fp32") if dtype == "auto" else dtype}
-    if resolution:
-        kwargs["resolution"] = resolution
-    return kwargs
+    return {**kwargs, **_size_kwargs(resolution, height, width)}
 
 
 def _load_scoring_model(
-    model: str, lora: str | None, device: str, dtype: str, resolution: int, threads: int
+    model: str, lora: str | None, device: str, dtype: str, size: tuple[int, int, int], threads: int
 ) -> FlowModelAdapter:
+    """The adapter of the scoring commands; ``size`` = (--resolution, --height, --width)."""
     import torch
 
-    kwargs = _model_kwargs(device, dtype, resolution)
+    kwargs = _model_kwargs(device, dtype, *size)
     torch.set_num_threads(threads)
     return _load(model, lora, device, **kwargs)
 
 
-def _read_images(paths: list[str], size: int) -> Any:
-    """PNG/JPEG files -> (B, 3, size, size) float in [0, 1] (resized bicubically when their size differs)."""
+def _image_size(adapter: FlowModelAdapter) -> tuple[int, int]:
+    """(height, width) in pixels of the adapter's images (the toy model's: its latent's)."""
+    if getattr(adapter, "height", None) and getattr(adapter, "width", None):
+        return int(adapter.height), int(adapter.width)  # type: ignore[attr-defined]
+    h, w = adapter.latent_shape()[-2:]
+    return int(h), int(w)
+
+
+def _read_images(paths: list[str], size: tuple[int, int]) -> Any:
+    """PNG/JPEG files -> (B, 3, H, W) float in [0, 1] with ``size = (H, W)`` (resized bicubically when their
+    size differs)."""
     import numpy as np
     import torch
     from PIL import Image
@@ -535,8 +593,8 @@ def _read_images(paths: list[str], size: int) -> Any:
             im = Image.open(p).convert("RGB")
         except Exception as e:  # PIL raises several kinds for unreadable files
             raise ConfigError("--images", f"{p} is not a readable image ({type(e).__name__})") from None
-        if im.size != (size, size):
-            im = im.resize((size, size), Image.BICUBIC)
+        if im.size != (size[1], size[0]):  # PIL sizes are (width, height)
+            im = im.resize((size[1], size[0]), Image.BICUBIC)
         out.append(torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1))
     return torch.stack(out)
 
@@ -562,7 +620,10 @@ def score_cmd(
     model: ModelOpt = "toy",
     lora: LoraOpt = None,
     out: Path = typer.Option(Path("runs/score"), help="Output folder (score.json, generated images)."),
+    negative_prompt: NegativePromptOpt = "",
     resolution: ResolutionOpt = 0,
+    height: HeightOpt = 0,
+    width: WidthOpt = 0,
     dtype: DtypeOpt = "auto",
     threads: ThreadsOpt = 2,
     device: DeviceOpt = "auto",
@@ -587,11 +648,8 @@ def score_cmd(
         if missing:
             raise ConfigError("--images", f"{missing[0]} does not exist")
         _check_sampling(steps, probes, cfg, sampler, threads)
-        adapter = _load_scoring_model(model, lora, device, dtype, resolution, threads)
-        imgs = None
-        if paths:
-            size = int(getattr(adapter, "resolution", adapter.latent_shape()[-1]))
-            imgs = _read_images(paths, size)
+        adapter = _load_scoring_model(model, lora, device, dtype, (resolution, height, width), threads)
+        imgs = _read_images(paths, _image_size(adapter)) if paths else None
         doc = run_score(
             adapter,
             list(prompt),
@@ -605,6 +663,7 @@ def score_cmd(
             sampler=sampler,
             num_probes=probes,
             edits=edits,
+            negative_prompt=negative_prompt,
         )
     except SolaceError as e:
         _fail(e)
@@ -631,7 +690,10 @@ def rerank_cmd(
     model: ModelOpt = "toy",
     lora: LoraOpt = None,
     out: Path = typer.Option(Path("runs/rerank"), help="Output folder."),
+    negative_prompt: NegativePromptOpt = "",
     resolution: ResolutionOpt = 0,
+    height: HeightOpt = 0,
+    width: WidthOpt = 0,
     dtype: DtypeOpt = "auto",
     threads: ThreadsOpt = 2,
     device: DeviceOpt = "auto",
@@ -650,7 +712,7 @@ def rerank_cmd(
         if batch_size < 1:
             raise ConfigError("--batch-size", f"must be >= 1, got {batch_size}")
         prompt_list, records = _prompt_source(prompts, limit, model)
-        adapter = _load_scoring_model(model, lora, device, dtype, resolution, threads)
+        adapter = _load_scoring_model(model, lora, device, dtype, (resolution, height, width), threads)
         doc = run_rerank(
             adapter,
             prompt_list,
@@ -664,6 +726,7 @@ def rerank_cmd(
             num_probes=probes,
             batch_size=batch_size,
             edits=edits,
+            negative_prompt=negative_prompt,
         )
     except SolaceError as e:
         _fail(e)
@@ -689,7 +752,10 @@ def rationale_cmd(
     model: ModelOpt = "toy",
     lora: LoraOpt = None,
     out: Path = typer.Option(Path("runs/rationale"), help="Output folder."),
+    negative_prompt: NegativePromptOpt = "",
     resolution: ResolutionOpt = 0,
+    height: HeightOpt = 0,
+    width: WidthOpt = 0,
     dtype: DtypeOpt = "auto",
     threads: ThreadsOpt = 2,
     device: DeviceOpt = "auto",
@@ -706,7 +772,7 @@ def rationale_cmd(
             raise ConfigError("--batch-size", f"must be >= 1, got {batch_size}")
         _check_sampling(steps, probes, cfg, sampler, threads, limit)
         prompt_list, records = _prompt_source(prompts, limit, model)
-        adapter = _load_scoring_model(model, lora, device, dtype, resolution, threads)
+        adapter = _load_scoring_model(model, lora, device, dtype, (resolution, height, width), threads)
         doc = run_rationale(
             adapter,
             prompt_list,
@@ -720,6 +786,7 @@ def rationale_cmd(
             seed=seed,
             batch_size=batch_size,
             edits=edits,
+            negative_prompt=negative_prompt,
         )
     except SolaceError as e:
         _fail(e)

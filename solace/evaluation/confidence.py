@@ -106,6 +106,11 @@ def generate_group(
     return torch.cat(out)
 
 
+def negative_setting(negative_prompt: str) -> dict[str, str]:
+    """The negative prompt as a recorded setting, only when one was given (older records stay alike)."""
+    return {"negative_prompt": negative_prompt} if negative_prompt else {}
+
+
 def probe_timesteps(adapter: FlowModelAdapter, num_steps: int) -> torch.Tensor:
     """The sampler's own timesteps ``sigmas(num_steps)[:-1]`` (all in (0, 1])."""
     return SelfConfidenceScorer().timesteps(adapter.sigmas(num_steps).float())[1]
@@ -143,6 +148,7 @@ def run_score(
     num_probes: int = 8,
     edits: str = "off",
     progress: bool = True,
+    negative_prompt: str = "",
 ) -> dict:
     """Self-confidence of given images (one prompt) or of ``generate`` samples per prompt.
 
@@ -154,7 +160,7 @@ def run_score(
     check_edits(edits)
     out.mkdir(parents=True, exist_ok=True)
     ts = probe_timesteps(adapter, num_steps)
-    null = adapter.encode_prompts([""])
+    null = adapter.encode_prompts([negative_prompt])  # CFG's null conditioning of generation
     z_given = adapter.encode_images(images).float() if images is not None else None
     rows: list[dict] = []
     bar = tqdm(total=len(prompts), desc="scoring", disable=not progress, dynamic_ncols=True)
@@ -189,7 +195,12 @@ def run_score(
             "seed": seed,
             "source": "images" if images is not None else "generated",
             **(
-                {"samples_per_prompt": generate, "cfg_scale": cfg_scale, "sampler": sampler}
+                {
+                    "samples_per_prompt": generate,
+                    "cfg_scale": cfg_scale,
+                    "sampler": sampler,
+                    **negative_setting(negative_prompt),
+                }
                 if images is None
                 else {}
             ),
@@ -228,6 +239,7 @@ def run_rerank(
     batch_size: int = 16,
     edits: str = "off",
     progress: bool = True,
+    negative_prompt: str = "",
 ) -> dict:
     """Best-of-N by self-confidence. Generates max(N) candidates per prompt and seed once; smaller N use
     prefixes. With ``records`` (toy world) it reports best-of-N / random / oracle strict accuracy over seeds
@@ -239,7 +251,7 @@ def run_rerank(
     check_edits(edits)
     out.mkdir(parents=True, exist_ok=True)
     ts = probe_timesteps(adapter, num_steps)
-    null = adapter.encode_prompts([""])
+    null = adapter.encode_prompts([negative_prompt])  # CFG's null conditioning of generation
     enc = adapter.encode_prompts(list(prompts))
     per_seed: list[dict] = []
     per_prompt: list[dict] = []
@@ -288,6 +300,7 @@ def run_rerank(
         "sampler": sampler,
         "num_probes": num_probes,
         "edits": edits,
+        **negative_setting(negative_prompt),
     }
     doc: dict = {"settings": settings, "timesteps": [float(t) for t in ts]}
     if records is not None:
@@ -352,6 +365,7 @@ def run_rationale(
     batch_size: int = 16,
     edits: str = "off",
     progress: bool = True,
+    negative_prompt: str = "",
 ) -> dict:
     """Self-confidence R of ``samples`` per prompt under the three :func:`regimes`, all probed at the same
     timesteps (``sigmas(num_steps)[:-1]``) with the same probes, so that only the images differ. Writes
@@ -360,7 +374,7 @@ def run_rationale(
     check_edits(edits)
     out.mkdir(parents=True, exist_ok=True)
     ts = probe_timesteps(adapter, num_steps)
-    null = adapter.encode_prompts([""])
+    null = adapter.encode_prompts([negative_prompt])  # CFG's null conditioning of generation
     enc = adapter.encode_prompts(list(prompts))
     regs = regimes(num_steps, cfg_scale)
     results: dict[str, dict] = {}
@@ -407,6 +421,7 @@ def run_rationale(
         "num_probes": num_probes,
         "edits": edits,
         "seed": seed,
+        **negative_setting(negative_prompt),
     }
     doc: dict = {
         "settings": settings,

@@ -72,7 +72,7 @@ def parse_metric_args(args: Sequence[str], metrics: Sequence[str]) -> dict[str, 
     out: dict[str, dict[str, Any]] = {m: {} for m in metrics}
     for arg in args:
         key, eq, raw = arg.partition("=")
-        name, dot, kw = key.strip().partition(".")
+        name, dot, kw = _split_metric_key(key.strip())
         if not eq or not dot or not name or not kw:
             raise ConfigError(
                 "--metric-arg", f"expected METRIC.KEY=VALUE (e.g. clip_score.model=/path), got {arg!r}"
@@ -89,19 +89,41 @@ def parse_metric_args(args: Sequence[str], metrics: Sequence[str]) -> dict[str, 
     return out
 
 
+def _split_metric_key(key: str) -> tuple[str, str, str]:
+    """``clip_score.model`` -> (``clip_score``, ``.``, ``model``); a user metric's dotted module is kept
+    whole: ``my_pkg.rewards:sharpness.scale`` -> (``my_pkg.rewards:sharpness``, ``.``, ``scale``)."""
+    head, colon, tail = key.partition(":")
+    if not colon:
+        return key.partition(".")
+    fn, dot, kw = tail.partition(".")
+    return f"{head}:{fn}", dot, kw
+
+
 def build_metrics(
     names: Sequence[str], kwargs: dict[str, dict[str, Any]] | None = None
 ) -> dict[str, Callable[..., torch.Tensor]]:
-    """Build every metric through the registry; unknown names and arguments fail with one line."""
-    from solace.rewards.registry import available_rewards, build_reward, reward_parameters
+    """Build every metric through the registry (a name may be a user factory ``package.module:function``);
+    unknown names, unimportable modules and bad arguments fail with one line before any model loads."""
+    from solace.rewards.registry import (
+        available_rewards,
+        build_reward,
+        is_user_reward,
+        reward_factory,
+        reward_parameters,
+    )
 
     kwargs = kwargs or {}
     known = available_rewards()
     for name in names:
-        if name not in known:
-            raise ConfigError("--metrics", f"unknown metric {name!r}; available: {', '.join(known)}")
-    out = {}
-    for name in names:
+        if is_user_reward(name):
+            reward_factory(name, "--metrics")  # imported now: a bad module or function fails here
+        elif name not in known:
+            raise ConfigError(
+                "--metrics",
+                f"unknown metric {name!r}; available: {', '.join(known)}, or your own factory as "
+                "package.module:function",
+            )
+    for name in names:  # every name's arguments are checked before the first metric is built
         user = kwargs.get(name, {})
         params = reward_parameters(name)
         bad = [k for k in user if k not in params]
@@ -110,9 +132,9 @@ def build_metrics(
                 f"--metric-arg {name}.{bad[0]}",
                 f"{name} takes no argument {bad[0]!r}; it takes {', '.join(params) or 'none'}",
             )
-        given = {**EVAL_DEFAULTS.get(name, {}), **user}
-        out[name] = build_reward(name, **given)
-    return out
+    return {
+        name: build_reward(name, **{**EVAL_DEFAULTS.get(name, {}), **kwargs.get(name, {})}) for name in names
+    }
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -175,8 +197,10 @@ def generate_and_score(
     grid_samples: int = 2,
     thumb_size: int = 256,
     progress: bool = True,
+    negative_prompt: str = "",
 ) -> dict[str, Any]:
-    """Sample every prompt ``samples_per_prompt`` times, score with every metric, save the PNGs.
+    """Sample every prompt ``samples_per_prompt`` times (CFG's null: ``negative_prompt``), score with every
+    metric, save the PNGs.
 
     Returns ``scores`` ({metric: (P, S) tensor}), ``files`` (P lists of S relative paths), ``thumbs``
     (uint8 thumbnails of the first ``grid_samples`` samples of the first ``grid_rows`` prompts) and
@@ -185,6 +209,7 @@ def generate_and_score(
     from tqdm.auto import tqdm
 
     from solace.evaluation.toy_eval import generate
+    from solace.rewards.mixture import reward_scores
     from solace.utils.images import to_pil
 
     P, S = len(suite), samples_per_prompt
@@ -206,7 +231,7 @@ def generate_and_score(
         prompts = [suite.items[i].text for i in idx]
         images = generate(
             adapter, prompts, S, num_steps, cfg_scale, seed=seed, batch_size=len(idx) * S, progress=False,
-            first_index=start,
+            first_index=start, negative_prompt=negative_prompt,
         )  # fmt: skip
         images = _quantize(images)
         size = list(images.shape[-2:])
@@ -214,8 +239,8 @@ def generate_and_score(
         rep_meta = [suite.items[i].meta for i in idx for _ in range(S)]
         for m, fn in metrics.items():
             with torch.no_grad():
-                sc = fn(images, rep_prompts, rep_meta)
-            scores[m][idx] = sc.detach().float().cpu().reshape(len(idx), S)
+                sc = reward_scores(m, fn(images, rep_prompts, rep_meta), len(rep_prompts))
+            scores[m][idx] = sc.reshape(len(idx), S)
         for k, i in enumerate(idx):
             for j in range(S):
                 rel = f"images/{label}/{i:04d}_{j}.png"
@@ -323,6 +348,7 @@ def run_metric_eval(
     batch_size: int = 8,
     settings: dict[str, Any] | None = None,
     progress: bool = True,
+    negative_prompt: str = "",
 ) -> dict[str, Any]:
     """Evaluate ``adapter`` and, when ``lora`` is given, ``adapter`` + that LoRA (attached to ``adapter``
     after the base pass) on ``suite`` with every metric; writes the files listed in the module docstring.
@@ -343,7 +369,7 @@ def run_metric_eval(
     out.mkdir(parents=True, exist_ok=True)
     kw = dict(
         samples_per_prompt=samples_per_prompt, num_steps=num_steps, cfg_scale=cfg_scale, seed=seed,
-        batch_size=batch_size, progress=progress,
+        batch_size=batch_size, progress=progress, negative_prompt=negative_prompt,
     )  # fmt: skip
     runs = {"base": generate_and_score(adapter, suite, metrics, "base", out, **kw)}
     if lora:
@@ -372,6 +398,7 @@ def run_metric_eval(
         "samples_per_prompt": samples_per_prompt,
         "num_steps": num_steps,
         "cfg_scale": cfg_scale,
+        "negative_prompt": negative_prompt,
         "seed": seed,
         "sampler": "ODE (Euler), same initial noise for base and LoRA",
         "lora": lora,

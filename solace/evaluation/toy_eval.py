@@ -32,14 +32,16 @@ def generate(
     noise_level: float = 0.0,
     progress: bool = True,
     first_index: int = 0,
+    negative_prompt: str = "",
 ) -> torch.Tensor:
     """Images (P * S, 3, H, W) in [0, 1], prompt-major, deterministic given ``seed`` (ODE by default).
+    CFG's null conditioning is ``negative_prompt`` ("": the empty prompt).
 
     The initial noise of sample ``j`` of prompt ``i`` depends only on ``(seed, first_index + i, j)``, not on
     batching: generating a long list in slices (``first_index`` = the slice's start) gives the same noise.
     """
     sigmas = adapter.sigmas(num_steps)
-    null = adapter.encode_prompts([""])
+    null = adapter.encode_prompts([negative_prompt])
     uniq = list(dict.fromkeys(prompts))
     enc = adapter.encode_prompts(uniq)
     where = {p: k for k, p in enumerate(uniq)}
@@ -133,6 +135,7 @@ def evaluate_records(
     batch_size: int = 64,
     progress: bool = True,
     keep_images: bool = False,
+    negative_prompt: str = "",
 ) -> dict:
     """Generate ``samples_per_prompt`` images per record and score them. Returns ``summary`` (per-category
     and overall strict/lenient accuracy), ``per_prompt`` rows, and optionally the ``images``."""
@@ -145,6 +148,7 @@ def evaluate_records(
         seed,
         batch_size,
         progress=progress,
+        negative_prompt=negative_prompt,
     )
     arr = to_uint8(images)
     recs_rep = [r for r in records for _ in range(samples_per_prompt)]
@@ -185,6 +189,7 @@ def run_toy_eval(
     batch_size: int = 64,
     label: str = "model",
     progress: bool = True,
+    negative_prompt: str = "",
 ) -> dict:
     """Evaluate on the shipped held-out set; writes ``toy_eval.json``, ``toy_eval.md`` and a grid PNG
     (the first four samples of every prompt) into ``out_dir``. Returns the result dict."""
@@ -206,6 +211,7 @@ def run_toy_eval(
         batch_size,
         progress=progress,
         keep_images=True,
+        negative_prompt=negative_prompt,
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -216,6 +222,7 @@ def run_toy_eval(
         "seed": seed,
         "num_prompts": len(recs),
         "model": label,
+        **({"negative_prompt": negative_prompt} if negative_prompt else {}),
     }
     doc = {"settings": settings, "summary": res["summary"], "per_prompt": res["per_prompt"]}
     (out / "toy_eval.json").write_text(json.dumps(doc, indent=2))

@@ -11,6 +11,9 @@ from solace.models.base import Conditioning, FlowModelAdapter, adapters_disabled
 
 __all__ = ["Conditioning", "FlowModelAdapter", "adapters_disabled", "load_adapter", "model_family"]
 
+TOY_SIDE = 32
+"""The toy model draws TOY_SIDE x TOY_SIDE images, and no other size."""
+
 
 def model_family(model: str | None) -> str:
     """``toy`` (default; the shipped base or a toy ``.safetensors``), ``sd3`` or ``flux``.
@@ -44,6 +47,18 @@ def model_family(model: str | None) -> str:
     )
 
 
+def check_toy_size(kwargs: dict[str, Any]) -> None:
+    """A size asked of the toy model (``resolution``, ``height``, ``width``; 0 or None: not given) is 32."""
+    for key in ("resolution", "height", "width"):
+        v = kwargs.get(key)
+        if v not in (None, 0, TOY_SIDE):
+            raise ConfigError(
+                key,
+                f"the toy model draws {TOY_SIDE} x {TOY_SIDE} images only, got {key} = {v}; leave the size "
+                f"out (or give {TOY_SIDE}) for the toy model",
+            )
+
+
 def load_adapter(model: str | None = "toy", **kwargs: Any) -> FlowModelAdapter:
     """Build the adapter for ``model`` (see :func:`model_family`); keyword arguments go to its loader."""
     fam = model_family(model)
@@ -51,6 +66,7 @@ def load_adapter(model: str | None = "toy", **kwargs: Any) -> FlowModelAdapter:
         from solace.models.toy import ToyAdapter
 
         weights = model if model and str(model).endswith(".safetensors") else None
+        check_toy_size(kwargs)
         allowed = {k: v for k, v in kwargs.items() if k in ("device", "shift")}
         return ToyAdapter(weights=weights, **allowed)
     kwargs.pop("shift", None)  # SD3/FLUX take their shift from the pipeline's scheduler config

@@ -19,6 +19,11 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from solace.errors import ConfigError, check
+
+DEFAULT_SIDE = 512
+"""SD3/FLUX image side in pixels when no size is given."""
+
 
 @dataclass
 class Conditioning:
@@ -61,6 +66,36 @@ class Conditioning:
         return Conditioning(
             {k: torch.cat([c.tensors[k] for c in items], dim=0) for k in keys}, dict(items[0].shared)
         )
+
+
+def image_size(
+    resolution: int | None, height: int | None, width: int | None, step: int, why: str
+) -> tuple[int, int]:
+    """``(height, width)`` in pixels from the square shorthand ``resolution`` and/or an explicit ``height``
+    and ``width`` (0 or None: not given; neither given: :data:`DEFAULT_SIDE`). Each side must be a positive
+    multiple of ``step`` (``why`` says where it comes from); a resolution that disagrees with a height or
+    width given with it is a ConfigError, as is a side off the grid, naming the argument that set it."""
+    given = {"resolution": resolution, "height": height, "width": width}
+    for name, v in given.items():
+        check(
+            v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+            name,
+            f"must be a whole number of pixels >= 0 (0: not given), got {v!r}",
+        )
+    for name in ("height", "width"):
+        if resolution and given[name] and given[name] != resolution:
+            raise ConfigError(
+                "resolution",
+                f"{resolution} conflicts with {name} = {given[name]}: resolution sets both height and "
+                "width; give either resolution or height and width",
+            )
+    size = []
+    for name in ("height", "width"):
+        v = given[name] or resolution or DEFAULT_SIDE
+        field = name if given[name] else ("resolution" if resolution else name)
+        check(v % step == 0, field, f"must be a positive multiple of {why} = {step}, got {v}")
+        size.append(v)
+    return size[0], size[1]
 
 
 @runtime_checkable

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from solace.errors import MissingDependencyError, check
-from solace.models.base import Conditioning
+from solace.models.base import Conditioning, image_size
 from solace.models.sd3 import (
     SD3_LORA_TARGETS,
     check_scheduler_config,
@@ -92,7 +92,10 @@ class FluxAdapter:
     Args:
         pipeline: a ``FluxPipeline`` (CLIP pooled + T5 text encoders, ``FluxTransformer2DModel``, VAE; the
             VAE and text encoders may be ``None`` for latent-only use, as for :class:`SD3Adapter`).
-        resolution: image side in pixels (square); must be a multiple of ``2 * vae_scale_factor`` (16).
+        resolution: image side in pixels, shorthand for ``height = width`` (default 512); a ``height`` or
+            ``width`` given too must agree.
+        height, width: image size in pixels, multiples of ``2 * vae_scale_factor`` (16 for FLUX.1: the VAE
+            downsamples by 8 and the latent is packed in 2x2 patches).
         max_sequence_length: T5 tokens per prompt (FLUX.1-dev: up to 512).
         guidance_scale: value fed to the guidance embedding when ``transformer.config.guidance_embeds``.
         gradient_checkpointing: enable the transformer's gradient checkpointing.
@@ -101,15 +104,21 @@ class FluxAdapter:
 
     lora_target_modules: list[str]
     forward_module: nn.Module | None = None  # set by the trainer to the DDP/FSDP-wrapped denoiser
+    # CFG (FluxPipeline's "true CFG") runs the negative prompt in a forward of its own, as FluxPipeline does,
+    # so that solace's samples equal the pipeline's bitwise (one batched forward rounds differently)
+    cfg_in_two_passes = True
 
     def __init__(
         self,
         pipeline: Any,
-        resolution: int = 512,
+        resolution: int | None = None,
         max_sequence_length: int = 512,
         guidance_scale: float = 3.5,
         gradient_checkpointing: bool = False,
         name: str = "flux",
+        *,
+        height: int | None = None,
+        width: int | None = None,
     ) -> None:
         for comp in ("transformer", "scheduler"):
             check(getattr(pipeline, comp, None) is not None, "pipeline", f"has no {comp}")
@@ -128,13 +137,10 @@ class FluxAdapter:
         self.lora_target_modules = list(FLUX_LORA_TARGETS)
         self.vae_scale_factor = vae_scale_factor_of(pipeline)
         step = 2 * self.vae_scale_factor
-        check(
-            isinstance(resolution, int) and resolution > 0 and resolution % step == 0,
-            "resolution",
-            f"must be a positive multiple of 2 * vae_scale_factor = {step}, got {resolution!r}",
-        )
-        self.resolution = resolution
-        self.latent_side = resolution // self.vae_scale_factor
+        self.height, self.width = image_size(resolution, height, width, step, "2 * vae_scale_factor")
+        self.resolution = self.height if self.height == self.width else None  # the square side
+        self.latent_height = self.height // self.vae_scale_factor  # unpacked latent pixels
+        self.latent_width = self.width // self.vae_scale_factor
         sched = pipeline.scheduler.config
         check_scheduler_config(sched, "FLUX")
         self.num_train_timesteps = int(sched.get("num_train_timesteps", 1000))
@@ -171,7 +177,9 @@ class FluxAdapter:
         guidance_scale: float = 3.5,
         device: torch.device | str | None = None,
         gradient_checkpointing: bool = False,
-        resolution: int = 512,
+        resolution: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
     ) -> FluxAdapter:
         """Load a ``FluxPipeline`` (hub id such as ``black-forest-labs/FLUX.1-dev``, or a local folder)."""
         torch_dtype = parse_dtype(dtype)
@@ -188,6 +196,8 @@ class FluxAdapter:
             max_sequence_length=max_sequence_length,
             guidance_scale=guidance_scale,
             gradient_checkpointing=gradient_checkpointing,
+            height=height,
+            width=width,
         )
 
     # ------------------------------------------------------------------ FlowModelAdapter
@@ -200,17 +210,17 @@ class FluxAdapter:
         return self.denoiser.dtype
 
     def image_seq_len(self) -> int:
-        """Packed image tokens at :attr:`resolution`: ``(H/2)(W/2)`` in latent pixels."""
-        return (self.latent_side // 2) ** 2
+        """Packed image tokens at :attr:`height` x :attr:`width`: ``(H/2)(W/2)`` in latent pixels."""
+        return (self.latent_height // 2) * (self.latent_width // 2)
 
     def latent_shape(self) -> tuple[int, ...]:
         """The *packed* latent shape ``(seq, 4 C)`` (see the module docstring)."""
         return (self.image_seq_len(), int(self.denoiser.config.in_channels))
 
     def img_ids(self) -> torch.Tensor:
-        """The packed tokens' positional ids at :attr:`resolution` (cached)."""
+        """The packed tokens' positional ids at :attr:`height` x :attr:`width` (cached)."""
         if self._img_ids is None or self._img_ids.device != self.device:
-            self._img_ids = latent_image_ids(self.latent_side, self.latent_side, self.device, self.dtype)
+            self._img_ids = latent_image_ids(self.latent_height, self.latent_width, self.device, self.dtype)
         return self._img_ids
 
     @torch.no_grad()
@@ -268,7 +278,7 @@ class FluxAdapter:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Packed latents -> unpack -> ``/ scaling_factor + shift_factor`` -> VAE -> RGB in [0, 1]."""
         scale, shift = self._vae_scale()
-        z = unpack_latents(latents, self.latent_side, self.latent_side)
+        z = unpack_latents(latents, self.latent_height, self.latent_width)
         z = z.to(self.vae.device, self.vae.dtype) / scale + shift
         img = self.vae.decode(z, return_dict=False)[0]
         return (img.float() / 2 + 0.5).clamp(0, 1)
@@ -281,10 +291,12 @@ class FluxAdapter:
         return pack_latents((z - shift) * scale).to(self.dtype)
 
     def sigmas(self, num_steps: int) -> torch.Tensor:
-        """FluxPipeline's sigmas: ``linspace(1, 1/N, N)`` through the dynamic shift with :attr:`mu` (or the
-        static ``shift`` for schedulers without dynamic shifting, e.g. FLUX.1-schnell), plus a trailing 0."""
+        """FluxPipeline's sigmas: ``linspace(1, 1/N, N)`` through the dynamic shift with :attr:`mu` and the
+        scheduler config's ``time_shift_type`` (exponential or linear), or through the static ``shift`` for
+        schedulers without dynamic shifting (e.g. FLUX.1-schnell); plus a trailing 0."""
         if self.mu is not None:
-            return flux_sigmas(num_steps, self.mu)
+            kind = self.pipeline.scheduler.config.get("time_shift_type", None) or "exponential"
+            return flux_sigmas(num_steps, self.mu, kind)
         check(
             isinstance(num_steps, int) and num_steps >= 1,
             "num_steps",

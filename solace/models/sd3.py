@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from solace.errors import ConfigError, MissingDependencyError, check
-from solace.models.base import Conditioning
+from solace.models.base import Conditioning, image_size
 from solace.sampling.schedule import flow_match_sigmas, flux_mu
 
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -130,7 +130,10 @@ class SD3Adapter:
             transformer, VAE and scheduler config are used). Components may be ``None`` where unused: a
             pipeline without VAE cannot :meth:`decode`, one without text encoders cannot
             :meth:`encode_prompts` (pass precomputed :class:`Conditioning` instead).
-        resolution: image side in pixels (square); sets :meth:`latent_shape` and the dynamic shift if any.
+        resolution: image side in pixels, shorthand for ``height = width`` (default 512); a ``height`` or
+            ``width`` given too must agree.
+        height, width: image size in pixels (multiples of ``vae_scale_factor * patch_size``, 16 for SD3);
+            they set :meth:`latent_shape` and the dynamic shift if any.
         max_sequence_length: T5 tokens per prompt (SD3 default 256).
         gradient_checkpointing: enable the transformer's gradient checkpointing (saves memory when training).
         name: identifier for logs.
@@ -142,10 +145,13 @@ class SD3Adapter:
     def __init__(
         self,
         pipeline: Any,
-        resolution: int = 512,
+        resolution: int | None = None,
         max_sequence_length: int = 256,
         gradient_checkpointing: bool = False,
         name: str = "sd3",
+        *,
+        height: int | None = None,
+        width: int | None = None,
     ) -> None:
         for comp in ("transformer", "scheduler"):
             check(getattr(pipeline, comp, None) is not None, "pipeline", f"has no {comp}")
@@ -163,12 +169,8 @@ class SD3Adapter:
         self.vae_scale_factor = vae_scale_factor_of(pipeline)
         self.patch_size = int(self.denoiser.config.patch_size)
         step = self.vae_scale_factor * self.patch_size
-        check(
-            isinstance(resolution, int) and resolution > 0 and resolution % step == 0,
-            "resolution",
-            f"must be a positive multiple of vae_scale_factor * patch_size = {step}, got {resolution!r}",
-        )
-        self.resolution = resolution
+        self.height, self.width = image_size(resolution, height, width, step, "vae_scale_factor * patch_size")
+        self.resolution = self.height if self.height == self.width else None  # the square side
         sched = pipeline.scheduler.config
         check_scheduler_config(sched, "SD3")
         self.num_train_timesteps = int(sched.get("num_train_timesteps", 1000))
@@ -190,7 +192,9 @@ class SD3Adapter:
         max_sequence_length: int = 256,
         device: torch.device | str | None = None,
         gradient_checkpointing: bool = False,
-        resolution: int = 512,
+        resolution: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
     ) -> SD3Adapter:
         """Load a ``StableDiffusion3Pipeline`` (hub id or local folder) and wrap it.
 
@@ -211,6 +215,8 @@ class SD3Adapter:
             resolution=resolution,
             max_sequence_length=max_sequence_length,
             gradient_checkpointing=gradient_checkpointing,
+            height=height,
+            width=width,
         )
 
     # ------------------------------------------------------------------ FlowModelAdapter
@@ -223,9 +229,9 @@ class SD3Adapter:
         return self.denoiser.dtype
 
     def latent_shape(self) -> tuple[int, ...]:
-        """``(in_channels, resolution / vae_scale_factor, resolution / vae_scale_factor)``."""
-        side = self.resolution // self.vae_scale_factor
-        return (int(self.denoiser.config.in_channels), side, side)
+        """``(in_channels, height / vae_scale_factor, width / vae_scale_factor)``."""
+        f = self.vae_scale_factor
+        return (int(self.denoiser.config.in_channels), self.height // f, self.width // f)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
@@ -275,13 +281,14 @@ class SD3Adapter:
         return ((z - shift) * scale).to(self.dtype)
 
     def image_seq_len(self) -> int:
-        """Number of image tokens the transformer sees at :attr:`resolution`."""
-        side = self.resolution // self.vae_scale_factor // self.patch_size
-        return side * side
+        """Number of image tokens the transformer sees at :attr:`height` x :attr:`width`."""
+        step = self.vae_scale_factor * self.patch_size
+        return (self.height // step) * (self.width // step)
 
     def sigmas(self, num_steps: int) -> torch.Tensor:
         """``FlowMatchEulerDiscreteScheduler.set_timesteps(num_steps).sigmas`` from the scheduler config
-        (static ``shift``, or the dynamic ``mu`` SD3's pipeline computes when ``use_dynamic_shifting``)."""
+        (static ``shift``, or the dynamic ``mu`` SD3's pipeline computes when ``use_dynamic_shifting``,
+        through the config's ``time_shift_type``: exponential or linear)."""
         cfg = self.pipeline.scheduler.config
         mu = None
         if cfg.get("use_dynamic_shifting", False):
@@ -292,4 +299,5 @@ class SD3Adapter:
                 float(cfg.get("base_shift", 0.5)),
                 float(cfg.get("max_shift", 1.16)),
             )
-        return flow_match_sigmas(num_steps, self.shift, self.num_train_timesteps, mu=mu)
+        kind = cfg.get("time_shift_type", None) or "exponential"
+        return flow_match_sigmas(num_steps, self.shift, self.num_train_timesteps, mu=mu, time_shift_type=kind)

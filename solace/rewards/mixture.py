@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from solace.errors import ConfigError
 from solace.rewards.registry import build_reward
 from solace.rewards.scorer import SelfConfidenceCfg, SelfConfidenceScorer
 
@@ -37,8 +38,9 @@ class RewardMixture:
         self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict] | None
     ) -> dict[str, torch.Tensor]:
         """Each external reward of the batch, (B,) float on the CPU."""
+        meta = list(metadata) if metadata is not None else None
         return {
-            name: fn(images, list(prompts), list(metadata) if metadata is not None else None).float().cpu()
+            name: reward_scores(name, fn(images, list(prompts), meta), len(images))
             for name, fn in self.external.items()
         }
 
@@ -50,3 +52,20 @@ class RewardMixture:
             total = r if total is None else total + r
         assert total is not None
         return total
+
+
+def reward_scores(name: str, scores: object, batch: int) -> torch.Tensor:
+    """A reward function's output as (B,) float32 on the CPU; anything else (a user reward returning one
+    number, a (B, 1) tensor, a string) is a ConfigError naming the reward and its contract."""
+    try:
+        t = torch.as_tensor(scores).detach()
+    except (TypeError, ValueError, RuntimeError):
+        t = None
+    if t is None or t.shape != (batch,) or t.is_complex():
+        got = tuple(t.shape) if t is not None else type(scores).__name__
+        raise ConfigError(
+            f"reward {name}",
+            f"returned {got} for {batch} images; a reward returns one real score per image, a tensor of "
+            f"shape ({batch},)",
+        )
+    return t.float().cpu()

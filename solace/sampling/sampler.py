@@ -41,7 +41,8 @@ def cfg_velocity(
     cfg_scale: float,
 ) -> torch.Tensor:
     """Classifier-free guidance ``v = v(z, t, null) + s (v(z, t, c) - v(z, t, null))`` in one batched
-    forward; ``cfg_scale == 1`` (or no ``null_cond``) is the plain conditional velocity.
+    forward (two forwards for an adapter whose ``cfg_in_two_passes`` is set, as its pipeline computes it);
+    ``cfg_scale == 1`` (or no ``null_cond``) is the plain conditional velocity.
 
     The model runs in ``adapter.dtype`` (e.g. bf16); the returned velocity is float32, like ``z``, so that the
     SDE step and its log-prob are computed in float32 (bf16 log-probs are far too coarse for PPO ratios).
@@ -49,6 +50,10 @@ def cfg_velocity(
     zin = z.to(adapter.dtype)
     if cfg_scale == 1.0 or null_cond is None:
         return adapter.velocity(zin, t, cond).float()
+    if getattr(adapter, "cfg_in_two_passes", False):  # as the adapter's pipeline does (FLUX's true CFG)
+        v_c = adapter.velocity(zin, t, cond).float()
+        v_u = adapter.velocity(zin, t, null_cond).float()
+        return v_u + cfg_scale * (v_c - v_u)
     zz = torch.cat([zin, zin])
     tt = torch.cat([t, t])
     v_u, v_c = adapter.velocity(zz, tt, Conditioning.cat([null_cond, cond])).float().chunk(2)
@@ -96,6 +101,7 @@ def sample(
     generator: torch.Generator | None = None,
     keep_trajectory: bool = True,
     step_noise: torch.Tensor | None = None,
+    latent_dtype: torch.dtype = torch.float32,
 ) -> Trajectory:
     """Sample a batch with Flow-GRPO's SDE sampler (``noise_level > 0``) or the Euler ODE (``0``).
 
@@ -109,6 +115,9 @@ def sample(
         step_noise: (B, T, *latent) the SDE noise of every sample and step, instead of drawing it from
             ``generator``; makes each sample's trajectory independent of how samples are batched (the
             trainer draws it per sample, so 1 and N processes produce the same samples).
+        latent_dtype: the dtype the latents, velocities and SDE steps are carried in. float32 (default,
+            whatever the model's dtype) everywhere in solace; ``bench/gpu_check.py --bf16-latents`` passes
+            bfloat16 to measure what low-precision trajectories do to the PPO ratio.
     """
     check(sigmas.ndim == 1 and sigmas.numel() >= 2, "sigmas", "must be a 1-D schedule with T+1 >= 2 entries")
     check(noise_level >= 0, "noise_level", f"must be >= 0, got {noise_level}")
@@ -120,14 +129,14 @@ def sample(
         mask[i] = True
     if noise_level == 0:
         mask[:] = False
-    z = init_noise.float()  # trajectories and log-probs stay float32 whatever the model's dtype
+    z = init_noise.to(latent_dtype)  # float32 by default, whatever the model's dtype
     B = z.shape[0]
     states = [z]
     log_probs = torch.zeros(B, T, device=z.device)
     sigma_max = float(sigmas[1])
     for i in range(T):
         t = sigmas[i].expand(B).to(z.device)
-        v = cfg_velocity(adapter, z, t, cond, null_cond, cfg_scale)
+        v = cfg_velocity(adapter, z, t, cond, null_cond, cfg_scale).to(latent_dtype)
         if mask[i]:
             if step_noise is not None:
                 noise = step_noise[:, i]
@@ -145,7 +154,7 @@ def sample(
                 sigmas[i + 1],
                 noise_level,
                 sigma_max,
-                noise=noise.to(z.device, torch.float32),
+                noise=noise.to(z.device, latent_dtype),
             )
             z, log_probs[:, i] = st.next, st.log_prob.float()
         else:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import numpy as np
 import torch
 
 from solace.errors import check
+
+TimeShift = Literal["exponential", "linear"]
+"""The dynamic-shift forms of ``FlowMatchEulerDiscreteScheduler`` (its ``time_shift_type``)."""
 
 
 def shift_sigmas(sigmas: np.ndarray | torch.Tensor, shift: float) -> np.ndarray | torch.Tensor:
@@ -18,6 +22,25 @@ def shift_sigmas(sigmas: np.ndarray | torch.Tensor, shift: float) -> np.ndarray 
 def flux_time_shift(mu: float, sigmas: np.ndarray) -> np.ndarray:
     """FLUX's exponential time shift ``e^mu / (e^mu + (1/sigma - 1))`` (dynamic shifting, exponent 1)."""
     return math.exp(mu) / (math.exp(mu) + (1.0 / sigmas - 1.0))
+
+
+def linear_time_shift(mu: float, sigmas: np.ndarray) -> np.ndarray:
+    """The scheduler's ``time_shift_type="linear"``: ``mu / (mu + (1/sigma - 1))`` (exponent 1)."""
+    return mu / (mu + (1.0 / sigmas - 1.0))
+
+
+def dynamic_time_shift(mu: float, sigmas: np.ndarray, time_shift_type: str = "exponential") -> np.ndarray:
+    """Dynamic shifting as ``FlowMatchEulerDiscreteScheduler.time_shift`` with its ``time_shift_type``:
+    :func:`flux_time_shift` (``exponential``, FLUX.1) or :func:`linear_time_shift` (``linear``)."""
+    check(
+        time_shift_type in ("exponential", "linear"),
+        "scheduler.time_shift_type",
+        f"must be exponential or linear (diffusers' choices), got {time_shift_type!r}",
+    )
+    if time_shift_type == "exponential":
+        return flux_time_shift(mu, sigmas)
+    check(mu > 0, "scheduler.time_shift_type", f"the linear time shift needs mu > 0, got mu = {mu}")
+    return linear_time_shift(mu, sigmas)
 
 
 def flux_mu(
@@ -37,6 +60,7 @@ def flow_match_sigmas(
     shift: float = 3.0,
     num_train_timesteps: int = 1000,
     mu: float | None = None,
+    time_shift_type: TimeShift = "exponential",
 ) -> torch.Tensor:
     """Sampler sigmas of ``FlowMatchEulerDiscreteScheduler.set_timesteps`` (float32), with a trailing 0.
 
@@ -49,7 +73,8 @@ def flow_match_sigmas(
         num_steps: number of sampling steps (|T|); the result has ``num_steps + 1`` entries.
         shift: SD3's static shift (3.0 for SD3/SD3.5). Ignored when ``mu`` is given.
         num_train_timesteps: the scheduler's ``num_train_timesteps``.
-        mu: use FLUX's dynamic exponential shift with this ``mu`` instead of the static shift.
+        mu: use the dynamic shift with this ``mu`` instead of the static shift.
+        time_shift_type: the dynamic shift's form (the scheduler config's ``time_shift_type``).
     """
     check(
         isinstance(num_steps, int) and num_steps >= 1,
@@ -64,16 +89,17 @@ def flow_match_sigmas(
     sigma_max, sigma_min = float(train_sigmas[0]), float(train_sigmas[-1])
     ts = np.linspace(sigma_max * num_train_timesteps, sigma_min * num_train_timesteps, num_steps)
     sig = ts / num_train_timesteps
-    sig = flux_time_shift(mu, sig) if mu is not None else shift_sigmas(sig, shift)
+    sig = dynamic_time_shift(mu, sig, time_shift_type) if mu is not None else shift_sigmas(sig, shift)
     out = torch.from_numpy(np.asarray(sig)).to(torch.float32)
     return torch.cat([out, torch.zeros(1)])
 
 
-def flux_sigmas(num_steps: int, mu: float) -> torch.Tensor:
+def flux_sigmas(num_steps: int, mu: float, time_shift_type: TimeShift = "exponential") -> torch.Tensor:
     """Sigmas of diffusers' FLUX.1 pipelines: ``linspace(1, 1/N, N)`` through the exponential time shift.
 
     ``FluxPipeline.__call__`` passes these sigmas explicitly to ``FlowMatchEulerDiscreteScheduler`` with
     ``use_dynamic_shifting=True`` and the ``mu`` of :func:`flux_mu`; a trailing 0 is appended.
+    ``time_shift_type`` is the scheduler config's (FLUX.1: ``exponential``).
     """
     check(
         isinstance(num_steps, int) and num_steps >= 1,
@@ -81,5 +107,5 @@ def flux_sigmas(num_steps: int, mu: float) -> torch.Tensor:
         f"must be an integer >= 1, got {num_steps!r}",
     )
     sig = np.linspace(1.0, 1.0 / num_steps, num_steps).astype(np.float32)
-    out = torch.from_numpy(flux_time_shift(mu, sig).astype(np.float32))
+    out = torch.from_numpy(np.asarray(dynamic_time_shift(mu, sig, time_shift_type)).astype(np.float32))
     return torch.cat([out, torch.zeros(1)])

@@ -35,7 +35,12 @@ class LoraCfg:
 class ModelCfg:
     name: str = "toy"  # "toy", a toy .safetensors, a diffusers folder, or a hub id (SD3/SD3.5, FLUX.1)
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # diffusers models
-    resolution: int = 512
+    # image size in pixels; 0: the model's own (toy 32 x 32, the only size it draws; SD3/FLUX 512 x 512).
+    # resolution is shorthand for height = width (in the YAML file or command line that gives it; a height
+    # or width given there too must agree); after loading it holds the side of a square size, else 0.
+    height: int = 0
+    width: int = 0
+    resolution: int = 0
     text_encoder_3: bool = True  # SD3: load T5
     max_sequence_length: int = 256
     guidance_scale: float = 3.5  # FLUX.1-dev guidance embedding
@@ -64,11 +69,15 @@ class SamplingCfg:
     # one initial noise per group (DanceGRPO); the paper and Flow-GRPO: a different initial noise per sample
     same_init_noise: bool = False
     batch_size: int = 32  # samples per sampling forward (per process; CFG doubles it)
+    # the prompt whose embedding is CFG's null conditioning (training, evaluation and image grids): "" is
+    # the empty prompt (the paper); the reward variants that use the null (cfg_in_reward, contrastive) see it
+    negative_prompt: str = ""
 
 
 @dataclass
 class RewardComponent:
-    name: str = "self_confidence"  # self_confidence or any registered reward (solace.rewards.registry)
+    # self_confidence, a registered reward (solace.rewards.registry) or your factory package.module:function
+    name: str = "self_confidence"
     weight: float = 1.0
     kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -208,6 +217,7 @@ def _load_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> Any:
     except Exception as e:  # yaml errors
         raise ConfigError("config", f"{path}: not valid YAML ({e})") from e
     bases = raw.pop("defaults", []) if "defaults" in raw else []
+    raw = expand_resolution(raw, str(path))
     merged = OmegaConf.create()
     for b in bases:
         bp = (path.parent / b) if not Path(b).is_absolute() else Path(b)
@@ -237,8 +247,8 @@ def load_config(
         check("=" in o, "overrides", f"{o!r} is not of the form key=value (e.g. grpo.rho=1.0)")
     try:
         if overrides:
-            layers.append(OmegaConf.from_dotlist(list(overrides)))
-        layers.extend(layers_after or [])
+            layers.append(expand_resolution(OmegaConf.from_dotlist(list(overrides)), "the overrides"))
+        layers.extend(expand_resolution(layer, "a config layer") for layer in layers_after or [])
         merged = OmegaConf.merge(*layers)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "config"
@@ -247,10 +257,34 @@ def load_config(
             str(key), f"{msg} (see solace/trainer/config.py for the fields and their types)"
         ) from e
     cfg: SolaceConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    m = cfg.model
+    m.resolution = m.height if m.height == m.width else 0  # the square side, never a stale shorthand
     if path:
         cfg.preset = cfg.preset or str(path)
     validate(cfg, check_paths)
     return cfg
+
+
+def expand_resolution(layer: Any, where: str) -> Any:
+    """``model.resolution: R`` in one layer (a YAML file, the overrides) is shorthand for ``model.height: R``
+    and ``model.width: R`` in that layer, so a later layer's height or width wins as usual; a height or
+    width the same layer gives must agree with R. Returns a new layer (the given one is not changed)."""
+    model = layer.get("model", None) if OmegaConf.is_dict(layer) else None
+    r = model.get("resolution", None) if OmegaConf.is_dict(model) else None
+    if isinstance(r, str) and r.strip().isdigit():  # YAML "512": the schema would convert it
+        r = int(r)
+    if not isinstance(r, int) or isinstance(r, bool) or r == 0:
+        return layer  # not given (0: the size is in height/width); a wrong type fails in the schema merge
+    check(r > 0, "model.resolution", f"must be > 0 pixels (0: the model's own size), got {r}")
+    for side in ("height", "width"):
+        v = model.get(side, None)
+        check(
+            v in (None, 0, r),
+            "model.resolution",
+            f"{r} conflicts with model.{side}={v} in {where}: resolution sets both height and width; "
+            "give either model.resolution or model.height and model.width",
+        )
+    return OmegaConf.merge(layer, {"model": {"height": r, "width": r}})
 
 
 def to_yaml(cfg: SolaceConfig) -> str:
@@ -298,17 +332,10 @@ def validate(cfg: SolaceConfig, check_paths: bool = True) -> None:
         _min(s.noise_level, 0, "sampling.noise_level", " (0: the ODE sampler)")
         _validate_nft(cfg.nft, s.num_steps)
     _min(s.batch_size, 1, "sampling.batch_size")
+    _validate_size(cfg.model)
     cfg.reward.self_confidence.check(s.num_steps)
     check(len(cfg.reward.components) >= 1, "reward.components", "needs at least one reward")
-    for i, c in enumerate(cfg.reward.components):
-        check(bool(c.name), f"reward.components[{i}].name", "must name a reward")
-        if c.name != "self_confidence":  # a typo or a bad keyword fails here, before any model loads
-            from solace.rewards.registry import check_reward
-
-            try:
-                check_reward(c.name, dict(c.kwargs), f"reward.components[{i}]")
-            except ConfigError as e:
-                raise ConfigError(f"reward.components[{i}]", str(e)) from None
+    _validate_reward_names(cfg.reward.components)
     check(
         any(c.weight != 0 for c in cfg.reward.components),
         "reward.components",
@@ -328,6 +355,42 @@ def validate(cfg: SolaceConfig, check_paths: bool = True) -> None:
     _min(t.max_nonfinite, 0, "train.max_nonfinite", " (0: never stop)")
     if check_paths:
         _validate_prompt_files(cfg)
+
+
+def _validate_size(m: ModelCfg) -> None:
+    """Height and width are >= 0 (0: the model's own); the toy model draws 32 x 32 only. SD3/FLUX sizes
+    are checked against the pipeline's VAE and patch size when the adapter loads."""
+    from solace.models import TOY_SIDE, model_family
+
+    for side in ("height", "width"):
+        _min(getattr(m, side), 0, f"model.{side}", " (0: the model's own size)")
+    try:
+        toy = model_family(m.name) == "toy"
+    except ConfigError:  # an unknown model name fails when the model loads
+        toy = False
+    if not toy:
+        return
+    for side in ("height", "width"):
+        v = getattr(m, side)
+        check(
+            v in (0, TOY_SIDE),
+            f"model.{side}",
+            f"the toy model draws {TOY_SIDE} x {TOY_SIDE} images only, got {v}; drop model.{side} (and "
+            f"model.resolution) or set it to {TOY_SIDE}",
+        )
+
+
+def _validate_reward_names(components: list[RewardComponent]) -> None:
+    """Every component names a reward whose factory resolves (a registered name, or a user factory
+    ``package.module:function``, imported now) and accepts its kwargs: a typo, a missing module or function
+    or a bad keyword fails in one line naming ``reward.components[i].name`` / ``.kwargs``, before any model
+    loads."""
+    from solace.rewards.registry import check_reward
+
+    for i, c in enumerate(components):
+        check(bool(c.name), f"reward.components[{i}].name", "must name a reward")
+        if c.name != "self_confidence":
+            check_reward(c.name, dict(c.kwargs), f"reward.components[{i}]")
 
 
 def _validate_prompt_files(cfg: SolaceConfig) -> None:

@@ -103,7 +103,7 @@ class Trainer:
             self.negatives = load_negatives(cfg.reward.self_confidence.negatives)
         self.updater = make_update(self)
         self._cond_cache: OrderedDict[str, Conditioning] = OrderedDict()
-        self.null = self.adapter.encode_prompts([""])
+        self.null = self.adapter.encode_prompts([s.negative_prompt])  # CFG's null (default: empty prompt)
         mc = cfg.monitor
         self.monitor = CollapseMonitor(mc.std_drop, mc.foreground_drop, mc.reward_spike_z, mc.window)
         self.guard = NonFiniteGuard(cfg.train.max_nonfinite)
@@ -131,7 +131,8 @@ class Trainer:
         if family != "toy":
             kwargs.update(
                 dtype=m.dtype,
-                resolution=m.resolution,
+                height=m.height or None,  # 0: the adapter's own size
+                width=m.width or None,
                 max_sequence_length=m.max_sequence_length,
                 gradient_checkpointing=m.gradient_checkpointing,
             )
@@ -393,6 +394,7 @@ class Trainer:
             res = evaluate_records(
                 self.adapter, recs, c.train.eval_samples_per_prompt, c.sampling.eval_num_steps,
                 self.eval_cfg_scale, seed=c.train.seed + 999, progress=False,
+                negative_prompt=c.sampling.negative_prompt,
             )  # fmt: skip
             if cache:
                 cache.put(res)
@@ -419,6 +421,9 @@ class Trainer:
             "steps": c.sampling.eval_num_steps,
             "cfg": self.eval_cfg_scale,
             "seed": c.train.seed,
+            # only when set, so that the caches of runs before these settings existed stay valid
+            **({"negative_prompt": c.sampling.negative_prompt} if c.sampling.negative_prompt else {}),
+            **({"size": [c.model.height, c.model.width]} if c.model.height or c.model.width else {}),
         }
 
     def save_images(self, iteration: int) -> Path | None:
@@ -435,6 +440,7 @@ class Trainer:
         imgs = generate(
             self.adapter, prompts, 4, self.cfg.sampling.eval_num_steps, self.eval_cfg_scale,
             seed=self.cfg.train.seed + 4242, progress=False,
+            negative_prompt=self.cfg.sampling.negative_prompt,
         )  # fmt: skip
         return save_grid(
             self.out / "images" / f"iter_{iteration:06d}.png",
