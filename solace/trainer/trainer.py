@@ -50,6 +50,7 @@ from solace.trainer.checkpoint import (
     save_checkpoint,
 )
 from solace.trainer.config import SolaceConfig, to_yaml
+from solace.trainer.distributed import check_backend
 from solace.trainer.guard import (
     NonFiniteError,
     NonFiniteGuard,
@@ -79,6 +80,7 @@ class Trainer:
             raise ConfigError("train.device", "cuda asked for, but torch sees no GPU; use auto or cpu")
         cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
         self.acc = accelerator or Accelerator(cpu=cpu)
+        check_backend(self.acc.distributed_type)  # FSDP / DeepSpeed: refused with the reason
         self.out = Path(cfg.train.output_dir)
         self.is_main = self.acc.is_main_process
         self.rank = self.acc.process_index
