@@ -238,7 +238,8 @@ def test_rollout_null_is_broadcast_not_copied(tmp_path):
 
 
 def test_trainer_with_disk_cache_and_freed_encoders_samples_the_same(tmp_path):
-    """The same rollout and rewards with embeddings from disk and the encoders freed as without either."""
+    """The same rollout and rewards with embeddings from disk and the encoders freed (or, without a disk
+    cache, offloaded to the CPU) as without either."""
     from solace.trainer.trainer import Trainer
 
     folder = save_tiny_pipeline(make_tiny_sd3(0), tmp_path / "pipe")
@@ -264,6 +265,11 @@ def test_trainer_with_disk_cache_and_freed_encoders_samples_the_same(tmp_path):
     _assert_same(ro.cond, plain.cond)
     assert len(tr._cond_cache) == 1
     assert tr.save_images(1) is not None  # image grids read their prompts from disk too
+
+    cpu_tr, cpu_ro = run("cpu", **{"model.offload_text_encoders": "cpu"})
+    assert cpu_tr.adapter.text.placement == "cpu" and cpu_tr.adapter.text.store is None
+    assert len(cpu_tr._cond_cache) == len(PROMPTS) + 1  # warmed before the encoders left
+    assert torch.equal(cpu_ro.latents, plain.latents) and torch.equal(cpu_ro.advantages, plain.advantages)
 
 
 # ------------------------------------------------------------------ config and CLI

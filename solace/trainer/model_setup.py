@@ -48,20 +48,32 @@ def load_model(m: ModelCfg, device: torch.device | str) -> Any:
 
 def run_prompts(cfg: SolaceConfig, source: PromptSource, negatives: Any = None) -> list[str]:
     """The prompts a run encodes, each once, in a fixed order: the empty prompt (CFG), every training
-    prompt, ``train.image_prompts`` and, with the ``edits`` reward variant, every training prompt's edits."""
+    prompt, ``train.image_prompts``, the evaluation prompts of a ``data.eval_prompts`` file and, with the
+    ``edits`` reward variant, every training prompt's edits."""
     if source.items is None:
         raise ConfigError(
             "data.train_prompts",
             "'toy' is the toy world's generated distribution; precomputed embeddings need a prompt file",
         )
     items = source.all()
-    texts = ["", *(p.text for p in items), *cfg.train.image_prompts]
+    texts = ["", *(p.text for p in items), *cfg.train.image_prompts, *_eval_prompt_texts(cfg)]
     sc = cfg.reward.self_confidence
     if sc.edits != "off":
         from solace.rewards.prompt_edits import candidate_edits
 
         texts += [e for p in items for e in candidate_edits(p.text, p.meta, negatives, sc.max_edits)]
     return list(dict.fromkeys(texts))
+
+
+def _eval_prompt_texts(cfg: SolaceConfig) -> list[str]:
+    """The prompts of ``data.eval_prompts`` when it is a file (the toy world's own lists need no encoder)."""
+    d = cfg.data
+    if d.eval_prompts in ("toy", "toy_heldout", "toy_train_eval"):
+        return []
+    from solace.prompts import read_prompt_file
+
+    items = read_prompt_file(d.eval_prompts, "data.eval_prompts")
+    return [p.text for p in (items[: d.eval_prompts_limit] if d.eval_prompts_limit else items)]
 
 
 def offload_text_encoders(tr: Trainer) -> None:
