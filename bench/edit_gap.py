@@ -70,7 +70,10 @@ def ground_truth_scores(ad: ToyAdapter, rec: PromptRecord, edits: list[str], ren
     one = torch.zeros(n, dtype=torch.long)
     sc = SelfConfidenceScorer(SelfConfidenceCfg(num_probes=K))
     conds = ad.encode_prompts([rec.prompt, *edits])
-    r = [aggregate(sc.scores(ad, z0, conds.index([j] * n), None, ts, one, [seed]), ts) for j in range(len(conds))]
+    r = [
+        aggregate(sc.scores(ad, z0, conds.index([j] * n), None, ts, one, [seed]), ts)
+        for j in range(len(conds))
+    ]
     return r[0].numpy(), torch.stack(r[1:], 1).numpy()
 
 
@@ -143,7 +146,10 @@ def main() -> None:
         gt = ground_truth_scores(ad, rec, edits, a.renders, a.probes, 1_000_003 + gi)
         if gt is not None:
             gt_rows.append((rec.tag, kinds, *pair_outcomes(*gt)))
-        print(f"[{gi + 1}/{len(groups)}] {rec.prompt}: {E} edits, {int(strict.sum())} correct samples", flush=True)
+        print(
+            f"[{gi + 1}/{len(groups)}] {rec.prompt}: {E} edits, {int(strict.sum())} correct samples",
+            flush=True,
+        )
     res = {
         "settings": vars(a),
         "seconds": time.perf_counter() - t0,
@@ -221,7 +227,9 @@ def plot(res: dict, png: Path) -> None:
     ax.axhline(0.5, color="grey", lw=0.8, ls=":", label="pairwise chance 0.5")
     ax.set_xticks(x, cats)
     ax.set_ylim(0, 1)
-    ax.set_title("Toy base: does it discriminate (self-confidence vs minimal edits) better than it generates?")
+    ax.set_title(
+        "Toy base: does it discriminate (self-confidence vs minimal edits) better than it generates?"
+    )
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(png, dpi=120)

@@ -33,15 +33,15 @@ import argparse
 import json
 import time
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.numpy import save_file
 
 from solace.evaluation.analysis import auc
 from solace.models.toy import ToyAdapter
-from safetensors.numpy import save_file
-
 from solace.rewards.prompt_edits import candidate_edits
 from solace.rewards.scorer import SelfConfidenceCfg, SelfConfidenceScorer
 from solace.rewards.self_confidence import aggregate, edit_contrast
@@ -49,9 +49,17 @@ from solace.sampling.sampler import sample
 from solace.toy.evaluator import detect, score_detections, segment, to_uint8
 from solace.toy.world import CATEGORIES, load_heldout
 
-
-ALL_VARIANTS = ("paper", "cfg", "contrastive", "later_half", "empty_only", "released", "edits", "-pixel_std",
-                "-foreground")
+ALL_VARIANTS = (
+    "paper",
+    "cfg",
+    "contrastive",
+    "later_half",
+    "empty_only",
+    "released",
+    "edits",
+    "-pixel_std",
+    "-foreground",
+)
 LSE_TAUS = (1.0, 0.1, 0.01)
 MAX_EDITS = 8  # the edits variant's default max_edits
 
@@ -73,7 +81,9 @@ def check_batched_variant(ad, z0, cond, null, ts, one_group, seed, econd, s_c, s
 
 
 @torch.no_grad()
-def score_group(ad: ToyAdapter, prompt: str, G: int, cfg: float, K: int, seed: int, variants, first=False) -> dict:
+def score_group(
+    ad: ToyAdapter, prompt: str, G: int, cfg: float, K: int, seed: int, variants, first=False
+) -> dict:
     sig = ad.sigmas(10)
     ts = sig[:-1]
     cond = ad.encode_prompts([prompt]).index([0] * G)
@@ -109,7 +119,10 @@ def score_group(ad: ToyAdapter, prompt: str, G: int, cfg: float, K: int, seed: i
         edits = candidate_edits(prompt, REC[prompt].to_json(), limit=MAX_EDITS)
         econd = ad.encode_prompts(edits)
         s_e = torch.stack(
-            [paper.scores(ad, z0, econd.index([j] * G), null, ts, one_group, [seed + 1]) for j in range(len(edits))],
+            [
+                paper.scores(ad, z0, econd.index([j] * G), null, ts, one_group, [seed + 1])
+                for j in range(len(edits))
+            ],
             1,
         )
         if first:
@@ -131,7 +144,7 @@ def score_group(ad: ToyAdapter, prompt: str, G: int, cfg: float, K: int, seed: i
 
 
 def save_raw(groups: list[dict], out: Path) -> None:
-    """Per-sample arrays of every group (S_e NaN-padded to MAX_EDITS) and the edit prompts, for edit_gap.py."""
+    """Per-sample arrays of every group (S_e NaN-padded to MAX_EDITS) and the edit prompts (edit_gap.py)."""
     n = sum(len(g["strict"]) for g in groups)
     T = groups[0]["S_t"].shape[1]
     s_e = np.full((n, MAX_EDITS, T), np.nan, dtype=np.float32)
@@ -145,7 +158,9 @@ def save_raw(groups: list[dict], out: Path) -> None:
             s_u[i : i + G] = g["S_u"]
         i += G
     arrays = {
-        "group": np.concatenate([np.full(len(g["strict"]), j) for j, g in enumerate(groups)]).astype(np.int64),
+        "group": np.concatenate([np.full(len(g["strict"]), j) for j, g in enumerate(groups)]).astype(
+            np.int64
+        ),
         "strict": np.concatenate([g["strict"] for g in groups]).astype(np.float32),
         "lenient": np.concatenate([g["lenient"] for g in groups]).astype(np.float32),
         "S_c": np.concatenate([g["S_t"] for g in groups]).astype(np.float32),
@@ -155,6 +170,10 @@ def save_raw(groups: list[dict], out: Path) -> None:
     save_file(arrays, str(out / "raw.safetensors"))
     meta = [{"prompt": g["prompt"], "tag": g["tag"], "edits": g["edits"]} for g in groups]
     (out / "raw_groups.json").write_text(json.dumps(meta, indent=1))
+
+
+def _edit_form(g: dict, mode: str) -> np.ndarray:
+    return edit_contrast(torch.from_numpy(g["S_t"]), torch.from_numpy(g["S_e"]), mode).numpy()
 
 
 def per_timestep_auc(groups: list[dict], key: str, fn=None) -> list[float | None]:
@@ -179,7 +198,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="bench/results/signal")
-    p.add_argument("--variants", default=",".join(ALL_VARIANTS), help="comma list of " + ",".join(ALL_VARIANTS))
+    p.add_argument(
+        "--variants", default=",".join(ALL_VARIANTS), help="comma list of " + ",".join(ALL_VARIANTS)
+    )
     a = p.parse_args()
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
     bad = [v for v in variants if v not in ALL_VARIANTS]
@@ -228,8 +249,7 @@ def main() -> None:
     timestep_rows = {"paper": per_t}
     if "edits" in variants:
         for m in ("mean", "max"):
-            fn = lambda g, m=m: edit_contrast(torch.from_numpy(g["S_t"]), torch.from_numpy(g["S_e"]), m).numpy()
-            timestep_rows[f"edits_{m}"] = per_timestep_auc(groups, "", fn)
+            timestep_rows[f"edits_{m}"] = per_timestep_auc(groups, "", partial(_edit_form, mode=m))
     if "contrastive" in variants:
         timestep_rows["contrastive"] = per_timestep_auc(groups, "", lambda g: g["S_t"] - g["S_u"])
     res["auc_strict_per_timestep"] = timestep_rows

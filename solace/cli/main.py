@@ -213,6 +213,31 @@ def config_check(
     typer.echo(f"{config}: ok")
 
 
+@app.command("embed", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def embed_cmd(
+    ctx: typer.Context,
+    config: str = typer.Option(..., "--config", "-c", help="YAML file or preset name of an SD3/FLUX run."),
+    prompts: str = typer.Option(
+        None, "--prompts", help="Prompt file (.txt / .jsonl); default: the config's data.train_prompts."
+    ),
+    device: DeviceOpt = "auto",
+) -> None:
+    """Precompute prompt embeddings into model.embedding_cache (one safetensors file a prompt), so that
+    training reads them from disk. Extra arguments are overrides (model.embedding_cache=DIR)."""
+    from solace.errors import ConfigError
+    from solace.trainer.config import load_config
+    from solace.trainer.model_setup import embed_prompts
+
+    try:
+        if device not in ("auto", "cpu", "cuda"):
+            raise ConfigError("--device", f"use auto, cpu or cuda, not {device!r}")
+        cfg = load_config(config, list(ctx.args), check_paths=False)
+        res = embed_prompts(cfg, prompts, device)
+    except SolaceError as e:
+        _fail(e)
+    typer.echo(json.dumps(res))
+
+
 def _load(model: str, lora: str | None, device: str, **kwargs: Any) -> FlowModelAdapter:
     import torch
 

@@ -45,6 +45,15 @@ class Conditioning:
             idx = torch.as_tensor(list(idx), dtype=torch.long)
         return Conditioning({k: v[idx] for k, v in self.tensors.items()}, dict(self.shared))
 
+    def expand(self, n: int) -> Conditioning:
+        """A one-row conditioning seen as ``n`` rows without a copy (``Tensor.expand``: every row is the same
+        memory), e.g. the empty prompt of CFG for a whole batch."""
+        if len(self) != 1:
+            raise ValueError(f"Conditioning.expand needs one row, got {len(self)}")
+        return Conditioning(
+            {k: v.expand(n, *v.shape[1:]) for k, v in self.tensors.items()}, dict(self.shared)
+        )
+
     def repeat_interleave(self, n: int) -> Conditioning:
         return Conditioning(
             {k: v.repeat_interleave(n, dim=0) for k, v in self.tensors.items()}, dict(self.shared)

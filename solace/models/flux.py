@@ -49,6 +49,7 @@ from solace.models.base import Conditioning, image_size
 from solace.models.sd3 import (
     SD3_LORA_TARGETS,
     check_scheduler_config,
+    configure_vae,
     default_device,
     freeze,
     load_pipeline,
@@ -56,6 +57,7 @@ from solace.models.sd3 import (
     vae_scale_factor_of,
     vae_scaling,
 )
+from solace.models.text_cache import TextEncoders, text_identity
 from solace.sampling.schedule import flux_mu, flux_sigmas, shift_sigmas
 
 FLUX_LORA_TARGETS = list(SD3_LORA_TARGETS)
@@ -100,6 +102,7 @@ class FluxAdapter:
         guidance_scale: value fed to the guidance embedding when ``transformer.config.guidance_embeds``.
         gradient_checkpointing: enable the transformer's gradient checkpointing.
         name: identifier for logs.
+        embedding_cache, vae_slicing, vae_tiling: as for :class:`~solace.models.sd3.SD3Adapter`.
     """
 
     lora_target_modules: list[str]
@@ -116,6 +119,9 @@ class FluxAdapter:
         guidance_scale: float = 3.5,
         gradient_checkpointing: bool = False,
         name: str = "flux",
+        embedding_cache: str | None = None,
+        vae_slicing: bool = False,
+        vae_tiling: bool = False,
         *,
         height: int | None = None,
         width: int | None = None,
@@ -167,6 +173,12 @@ class FluxAdapter:
         if gradient_checkpointing:
             self.denoiser.enable_gradient_checkpointing()
         self._img_ids: torch.Tensor | None = None
+        configure_vae(self.vae, vae_slicing, vae_tiling)
+        self.text = TextEncoders(
+            pipeline, lambda: text_identity(pipeline, "flux", max_sequence_length), lambda: self.device
+        )
+        if embedding_cache:
+            self.text.use_store(embedding_cache)
 
     @classmethod
     def from_pretrained(
@@ -180,8 +192,10 @@ class FluxAdapter:
         resolution: int | None = None,
         height: int | None = None,
         width: int | None = None,
+        **memory: Any,
     ) -> FluxAdapter:
-        """Load a ``FluxPipeline`` (hub id such as ``black-forest-labs/FLUX.1-dev``, or a local folder)."""
+        """Load a ``FluxPipeline`` (hub id such as ``black-forest-labs/FLUX.1-dev``, or a local folder);
+        ``memory``: ``embedding_cache``, ``vae_slicing``, ``vae_tiling``."""
         torch_dtype = parse_dtype(dtype)
         try:
             from diffusers import FluxPipeline
@@ -198,7 +212,12 @@ class FluxAdapter:
             gradient_checkpointing=gradient_checkpointing,
             height=height,
             width=width,
+            **memory,
         )
+
+    def offload_text_encoders(self, mode: str) -> None:
+        """Move the text encoders to the CPU (``cpu``) or free them (``free``); see :class:`TextEncoders`."""
+        self.text.offload(mode)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ FlowModelAdapter
     @property
@@ -225,9 +244,14 @@ class FluxAdapter:
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
-        """``FluxPipeline.encode_prompt``: T5 tokens, CLIP pooled embedding, ``text_ids`` (shared)."""
+        """``FluxPipeline.encode_prompt``: T5 tokens, CLIP pooled embedding, ``text_ids`` (shared), through
+        the embedding cache and the encoders' placement (:attr:`text`); then the image's ``img_ids``."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         check(len(prompts) > 0, "prompts", "must hold at least one prompt")
+        cond = self.text.encode(prompts, self._encode_text)
+        return Conditioning(cond.tensors, {**cond.shared, "img_ids": self.img_ids()})
+
+    def _encode_text(self, prompts: list[str]) -> Conditioning:
         prompt_embeds, pooled, text_ids = self.pipeline.encode_prompt(
             prompt=prompts,
             prompt_2=None,
@@ -236,8 +260,7 @@ class FluxAdapter:
             max_sequence_length=self.max_sequence_length,
         )
         return Conditioning(
-            {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled},
-            {"text_ids": text_ids, "img_ids": self.img_ids()},
+            {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}, {"text_ids": text_ids}
         )
 
     def velocity(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:

@@ -27,6 +27,7 @@ from torch import nn
 
 from solace.errors import ConfigError, MissingDependencyError, check
 from solace.models.base import Conditioning, image_size
+from solace.models.text_cache import TextEncoders, text_identity
 from solace.sampling.schedule import flow_match_sigmas, flux_mu
 
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -100,6 +101,18 @@ def vae_scaling(vae: nn.Module | None) -> tuple[float, float]:
     return float(cfg.scaling_factor), float(cfg.get("shift_factor", None) or 0.0)
 
 
+def configure_vae(vae: nn.Module | None, slicing: bool = False, tiling: bool = False) -> None:
+    """diffusers' ``AutoencoderKL.enable_slicing`` (a batch decoded one image at a time) and ``enable_tiling``
+    (large latents decoded in overlapping, blended tiles) when asked for; a ConfigError without a VAE."""
+    for on, name, method in (
+        (slicing, "vae_slicing", "enable_slicing"),
+        (tiling, "vae_tiling", "enable_tiling"),
+    ):
+        if on:
+            check(vae is not None, f"model.{name}", "this adapter has no VAE; turn the switch off")
+            getattr(vae, method)()
+
+
 def load_pipeline(pipeline_cls: Any, model: str, torch_dtype: torch.dtype, **kwargs: Any) -> Any:
     """``pipeline_cls.from_pretrained`` with a solace error that says what to download when it fails."""
     try:  # newer diffusers renamed from_pretrained's ``torch_dtype`` to ``dtype``
@@ -137,6 +150,10 @@ class SD3Adapter:
         max_sequence_length: T5 tokens per prompt (SD3 default 256).
         gradient_checkpointing: enable the transformer's gradient checkpointing (saves memory when training).
         name: identifier for logs.
+        embedding_cache: folder of prompt embeddings on disk (:mod:`solace.models.text_cache`); None: none.
+        vae_slicing, vae_tiling: :func:`configure_vae`.
+
+    :attr:`text` manages the text encoders (:meth:`offload_text_encoders`) and the embedding cache.
     """
 
     lora_target_modules: list[str]
@@ -149,6 +166,9 @@ class SD3Adapter:
         max_sequence_length: int = 256,
         gradient_checkpointing: bool = False,
         name: str = "sd3",
+        embedding_cache: str | None = None,
+        vae_slicing: bool = False,
+        vae_tiling: bool = False,
         *,
         height: int | None = None,
         width: int | None = None,
@@ -182,6 +202,12 @@ class SD3Adapter:
         )
         if gradient_checkpointing:
             self.denoiser.enable_gradient_checkpointing()
+        configure_vae(self.vae, vae_slicing, vae_tiling)
+        self.text = TextEncoders(
+            pipeline, lambda: text_identity(pipeline, "sd3", max_sequence_length), lambda: self.device
+        )
+        if embedding_cache:
+            self.text.use_store(embedding_cache)
 
     @classmethod
     def from_pretrained(
@@ -195,11 +221,13 @@ class SD3Adapter:
         resolution: int | None = None,
         height: int | None = None,
         width: int | None = None,
+        **memory: Any,
     ) -> SD3Adapter:
         """Load a ``StableDiffusion3Pipeline`` (hub id or local folder) and wrap it.
 
         ``text_encoder_3=False`` skips T5-XXL (about 9.5 GB in bf16): the pipeline then feeds zeros in place
-        of the T5 tokens, as diffusers documents for memory-constrained SD3 inference.
+        of the T5 tokens, as diffusers documents for memory-constrained SD3 inference. ``memory``:
+        ``embedding_cache``, ``vae_slicing``, ``vae_tiling`` (see the class).
         """
         torch_dtype = parse_dtype(dtype)
         try:
@@ -217,7 +245,12 @@ class SD3Adapter:
             gradient_checkpointing=gradient_checkpointing,
             height=height,
             width=width,
+            **memory,
         )
+
+    def offload_text_encoders(self, mode: str) -> None:
+        """Move the text encoders to the CPU (``cpu``) or free them (``free``); see :class:`TextEncoders`."""
+        self.text.offload(mode)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ FlowModelAdapter
     @property
@@ -235,9 +268,13 @@ class SD3Adapter:
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
-        """The pipeline's ``encode_prompt`` on all its encoders, one row per prompt, no CFG duplication."""
+        """The pipeline's ``encode_prompt`` on all its encoders, one row per prompt, no CFG duplication
+        (through the embedding cache and the encoders' placement, :attr:`text`)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         check(len(prompts) > 0, "prompts", "must hold at least one prompt")
+        return self.text.encode(prompts, self._encode_text)
+
+    def _encode_text(self, prompts: list[str]) -> Conditioning:
         prompt_embeds, _, pooled, _ = self.pipeline.encode_prompt(
             prompt=prompts,
             prompt_2=None,

@@ -46,6 +46,14 @@ class ModelCfg:
     guidance_scale: float = 3.5  # FLUX.1-dev guidance embedding
     gradient_checkpointing: bool = False
     lora: LoraCfg = field(default_factory=LoraCfg)
+    # memory (SD3/FLUX): prompt embeddings kept on disk (a folder, safetensors per prompt; "" none), the
+    # prompts kept in memory, the text encoders moved to the CPU or freed once the run's prompts are encoded
+    # ("free" needs embedding_cache), VAE decoding one image at a time / in tiles
+    embedding_cache: str = ""
+    embedding_lru_size: int = 4096
+    offload_text_encoders: Literal["off", "cpu", "free"] = "off"
+    vae_slicing: bool = False
+    vae_tiling: bool = False
 
 
 @dataclass
@@ -203,7 +211,11 @@ def resolve_preset(path_or_name: str) -> Path:
     cand = presets_dir() / (path_or_name if path_or_name.endswith(".yaml") else path_or_name + ".yaml")
     if cand.exists():
         return cand
-    names = sorted(str(q.relative_to(presets_dir()))[:-5] for q in presets_dir().rglob("*.yaml"))
+    names = sorted(
+        str(q.relative_to(presets_dir()))[:-5]
+        for q in presets_dir().rglob("*.yaml")
+        if q.parent.name != "accelerate"  # accelerate's launch configs, not solace presets
+    )
     raise ConfigError(
         "config", f"{path_or_name!r} is neither a file nor a preset; presets: {', '.join(names)}"
     )
@@ -346,6 +358,7 @@ def validate(cfg: SolaceConfig, check_paths: bool = True) -> None:
     _min(cfg.monitor.window, 1, "monitor.window")
     check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     check(o.max_grad_norm > 0, "optim.max_grad_norm", f"must be > 0, got {o.max_grad_norm}")
+    _validate_memory(cfg.model)
     _min(lora.rank, 1, "model.lora.rank")
     check(lora.alpha > 0, "model.lora.alpha", f"must be > 0, got {lora.alpha}")
     _min(t.iterations, 0, "train.iterations")
@@ -409,6 +422,34 @@ def _validate_prompt_files(cfg: SolaceConfig) -> None:
                 f"prompt file {src!r} does not exist (use 'toy' or a .txt/.jsonl path)",
             )
             read_prompt_file(src, name)
+
+
+def _validate_memory(m: ModelCfg) -> None:
+    """The memory switches: SD3/FLUX only, a positive LRU size, ``free`` only with a disk cache."""
+    _min(m.embedding_lru_size, 1, "model.embedding_lru_size")
+    toy = m.name in ("", "toy") or m.name.endswith(".safetensors")
+    switches = {
+        "embedding_cache": bool(m.embedding_cache),
+        "offload_text_encoders": m.offload_text_encoders != "off",
+        "vae_slicing": m.vae_slicing,
+        "vae_tiling": m.vae_tiling,
+    }
+    for name, on in switches.items():
+        check(
+            not (toy and on), f"model.{name}", "applies to SD3/FLUX models only; unset it for the toy model"
+        )
+    check(
+        m.offload_text_encoders != "free" or bool(m.embedding_cache),
+        "model.offload_text_encoders",
+        "free needs model.embedding_cache (a folder), so that prompts encoded before the encoders were "
+        "freed can be read back; set it, or use cpu",
+    )
+    if m.embedding_cache:
+        check(
+            not Path(m.embedding_cache).is_file(),
+            "model.embedding_cache",
+            f"{m.embedding_cache} is a file; name a folder (created when missing)",
+        )
 
 
 def _validate_nft(n: NFTCfg, num_steps: int) -> None:

@@ -5,7 +5,9 @@ Which changes are safe (:data:`SAFE`): those that change neither the training tr
 has recorded so far. How long to train (``train.iterations``, ``train.max_minutes``), how often to evaluate,
 draw grids and checkpoint, whether to report, the thread count, the device (a run moved to another machine)
 and the output folder (a moved folder), the grid prompts, the collapse monitor's thresholds, the base
-evaluation cache's file and the informational ``preset`` name.
+evaluation cache's file and the informational ``preset`` name, and where prompt embeddings are kept
+(``model.embedding_cache``, ``model.embedding_lru_size``, ``model.offload_text_encoders``: each prompt is
+encoded alone either way, the same values).
 
 Evaluation settings (:data:`EVAL_FIELDS`: ``data.eval_prompts``, ``data.eval_prompts_limit``,
 ``train.eval_samples_per_prompt``, ``sampling.eval_num_steps``, ``sampling.eval_cfg_scale``) are *not*
@@ -46,6 +48,9 @@ SAFE: tuple[str, ...] = (
     "train.device",
     "monitor.*",
     "preset",
+    "model.embedding_cache",
+    "model.embedding_lru_size",
+    "model.offload_text_encoders",
 )
 #: Evaluation-only settings: unsafe because earlier evaluations of the run were measured with the old ones.
 EVAL_FIELDS: tuple[str, ...] = (

@@ -26,7 +26,6 @@ import dataclasses
 import json
 import math
 import time
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +34,9 @@ from tqdm.auto import tqdm
 
 from solace.errors import ConfigError
 from solace.grpo.window import parse_steps, train_window
-from solace.models import load_adapter, model_family
 from solace.models.base import Conditioning
 from solace.models.lora import add_lora, load_lora, lora_config, lora_parameters, lora_state_dict, save_lora
+from solace.models.text_cache import ConditioningLRU
 from solace.prompts import Prompt, PromptSource
 from solace.rewards.mixture import SELF_CONFIDENCE, RewardMixture
 from solace.sampling.rollout import GroupLayout, Rollout
@@ -51,6 +50,7 @@ from solace.trainer.checkpoint import (
     save_checkpoint,
 )
 from solace.trainer.config import SolaceConfig, to_yaml
+from solace.trainer.distributed import check_backend
 from solace.trainer.guard import (
     NonFiniteError,
     NonFiniteGuard,
@@ -58,6 +58,7 @@ from solace.trainer.guard import (
     drop_nonfinite,
     group_advantages_masked,
 )
+from solace.trainer.model_setup import load_model, offload_text_encoders
 from solace.trainer.monitor import CollapseMonitor, latent_texture
 from solace.trainer.resume_check import check_resume, truncate_log
 from solace.trainer.runlock import RunLock
@@ -79,6 +80,7 @@ class Trainer:
             raise ConfigError("train.device", "cuda asked for, but torch sees no GPU; use auto or cpu")
         cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
         self.acc = accelerator or Accelerator(cpu=cpu)
+        check_backend(self.acc.distributed_type)  # FSDP / DeepSpeed: refused with the reason
         self.out = Path(cfg.train.output_dir)
         self.is_main = self.acc.is_main_process
         self.rank = self.acc.process_index
@@ -102,8 +104,9 @@ class Trainer:
 
             self.negatives = load_negatives(cfg.reward.self_confidence.negatives)
         self.updater = make_update(self)
-        self._cond_cache: OrderedDict[str, Conditioning] = OrderedDict()
+        self._cond_cache = ConditioningLRU(cfg.model.embedding_lru_size)
         self.null = self.adapter.encode_prompts([s.negative_prompt])  # CFG's null (default: empty prompt)
+        offload_text_encoders(self)  # model.offload_text_encoders: the run's prompts encoded, then offloaded
         mc = cfg.monitor
         self.monitor = CollapseMonitor(mc.std_drop, mc.foreground_drop, mc.reward_spike_z, mc.window)
         self.guard = NonFiniteGuard(cfg.train.max_nonfinite)
@@ -125,22 +128,7 @@ class Trainer:
         return GroupLayout.split(s.prompts_per_step, s.group_size, self.rank, world)
 
     def _load_model(self) -> Any:
-        m = self.cfg.model
-        kwargs: dict[str, Any] = {"device": self.acc.device}
-        family = model_family(m.name)
-        if family != "toy":
-            kwargs.update(
-                dtype=m.dtype,
-                height=m.height or None,  # 0: the adapter's own size
-                width=m.width or None,
-                max_sequence_length=m.max_sequence_length,
-                gradient_checkpointing=m.gradient_checkpointing,
-            )
-            if family == "flux":
-                kwargs["guidance_scale"] = m.guidance_scale
-            else:
-                kwargs["text_encoder_3"] = m.text_encoder_3
-        return load_adapter(m.name, **kwargs)
+        return load_model(self.cfg.model, self.acc.device)
 
     def _trainable(self) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer, torch.nn.Module]:
         """LoRA on the denoiser (its A matrices drawn from ``train.seed``), AdamW, and the module that runs
@@ -173,15 +161,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ helpers
     def encode(self, prompts: list[str]) -> Conditioning:
-        """Encode each prompt once and reuse it (LRU of 4096 prompts)."""
-        for p in prompts:
-            if p not in self._cond_cache:
-                self._cond_cache[p] = self.adapter.encode_prompts([p])
-                if len(self._cond_cache) > 4096:
-                    self._cond_cache.popitem(last=False)
-            else:
-                self._cond_cache.move_to_end(p)
-        return Conditioning.cat([self._cond_cache[p] for p in prompts])
+        """Encode each prompt once and reuse it (an LRU of ``model.embedding_lru_size`` prompts)."""
+        return self._cond_cache(prompts, self.adapter.encode_prompts)
 
     def _gather(self, t: torch.Tensor) -> torch.Tensor:
         if self.acc.num_processes == 1:
@@ -216,7 +197,7 @@ class Trainer:
         t0 = time.perf_counter()
         prompts = self.source.for_iteration(iteration, s.prompts_per_step)
         cond = self.encode([prompts[g].text for g in lay.groups]).to(dev)
-        null = self.null.index([0] * len(cond)).to(dev)
+        null = self.null.to(dev).expand(len(cond))  # one row seen len(cond) times, not copied
         lat = self.adapter.latent_shape()
         noise_of = lay.groups if s.same_init_noise else lay.indices  # one z_1 per group, or per sample
         init = torch.stack([self.streams.initial_noise(iteration, k, lat) for k in noise_of])

@@ -1,0 +1,128 @@
+"""The run's model and its prompt embeddings (memory switches of ``model.*``).
+
+* :func:`load_model`: the adapter ``model.*`` describes, with the SD3/FLUX settings (dtype, height / width,
+  T5, guidance, gradient checkpointing, embedding cache on disk, VAE slicing / tiling).
+* :func:`run_prompts`: every prompt a run encodes: the empty prompt, the training prompts, their minimal
+  edits when the reward scores against them, the image-grid prompts.
+* :func:`offload_text_encoders`: ``model.offload_text_encoders``: those prompts encoded once (into the disk
+  cache, or into the in-memory LRU without one), then the text encoders moved to the CPU or freed.
+* :func:`embed_prompts`: ``solace embed``, the same prompts written to the disk cache ahead of a run.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from solace.errors import ConfigError, check
+from solace.models import load_adapter, model_family
+from solace.models.text_cache import precompute
+from solace.prompts import PromptSource
+
+if TYPE_CHECKING:
+    from solace.trainer.config import ModelCfg, SolaceConfig
+    from solace.trainer.trainer import Trainer
+
+
+def load_model(m: ModelCfg, device: torch.device | str) -> Any:
+    """The adapter of ``model.name`` on ``device``; SD3/FLUX get their settings and memory switches."""
+    kwargs: dict[str, Any] = {"device": device}
+    family = model_family(m.name)
+    if family != "toy":
+        kwargs.update(
+            dtype=m.dtype,
+            height=m.height or None,  # 0: the adapter's own size
+            width=m.width or None,
+            max_sequence_length=m.max_sequence_length,
+            gradient_checkpointing=m.gradient_checkpointing,
+            embedding_cache=m.embedding_cache or None,
+            vae_slicing=m.vae_slicing,
+            vae_tiling=m.vae_tiling,
+        )
+        if family == "flux":
+            kwargs["guidance_scale"] = m.guidance_scale
+        else:
+            kwargs["text_encoder_3"] = m.text_encoder_3
+    return load_adapter(m.name, **kwargs)
+
+
+def run_prompts(cfg: SolaceConfig, source: PromptSource, negatives: Any = None) -> list[str]:
+    """The prompts a run encodes, each once, in a fixed order: the empty and the negative prompt (CFG),
+    every training prompt, ``train.image_prompts``, the evaluation prompts of a ``data.eval_prompts`` file
+    and, with the ``edits`` reward variant, every training prompt's edits."""
+    if source.items is None:
+        raise ConfigError(
+            "data.train_prompts",
+            "'toy' is the toy world's generated distribution; precomputed embeddings need a prompt file",
+        )
+    items = source.all()
+    texts = [
+        "",
+        cfg.sampling.negative_prompt,
+        *(p.text for p in items),
+        *cfg.train.image_prompts,
+        *_eval_prompt_texts(cfg),
+    ]
+    sc = cfg.reward.self_confidence
+    if sc.edits != "off":
+        from solace.rewards.prompt_edits import candidate_edits
+
+        texts += [e for p in items for e in candidate_edits(p.text, p.meta, negatives, sc.max_edits)]
+    return list(dict.fromkeys(texts))
+
+
+def _eval_prompt_texts(cfg: SolaceConfig) -> list[str]:
+    """The prompts of ``data.eval_prompts`` when it is a file (the toy world's own lists need no encoder)."""
+    d = cfg.data
+    if d.eval_prompts in ("toy", "toy_heldout", "toy_train_eval"):
+        return []
+    from solace.prompts import read_prompt_file
+
+    items = read_prompt_file(d.eval_prompts, "data.eval_prompts")
+    return [p.text for p in (items[: d.eval_prompts_limit] if d.eval_prompts_limit else items)]
+
+
+def offload_text_encoders(tr: Trainer) -> None:
+    """``model.offload_text_encoders`` (cpu | free): encode :func:`run_prompts` once, the first process
+    first (it writes the disk cache, the others read it), then move the encoders off the compute device.
+
+    With a disk cache every prompt lands on disk (nothing kept in memory); without one (``cpu`` only) the
+    first ``model.embedding_lru_size`` prompts fill the trainer's LRU and later misses bring the encoders
+    back to the device for their encoding."""
+    m = tr.cfg.model
+    if m.offload_text_encoders == "off":
+        return
+    text = tr.adapter.text
+    prompts = run_prompts(tr.cfg, tr.source, tr.negatives)
+    with tr.acc.main_process_first():
+        if text.store is not None:
+            precompute(text, tr.adapter.encode_prompts, prompts)
+        else:
+            with text.on_device():
+                for p in prompts[: m.embedding_lru_size]:
+                    tr.encode([p])
+    tr.adapter.offload_text_encoders(m.offload_text_encoders)
+
+
+def embed_prompts(cfg: SolaceConfig, prompts: str | None, device: str) -> dict[str, Any]:
+    """``solace embed``: the embeddings of :func:`run_prompts` of ``prompts`` (default
+    ``data.train_prompts``) into ``model.embedding_cache``; what was computed and what was already there."""
+    check(
+        bool(cfg.model.embedding_cache),
+        "model.embedding_cache",
+        "name the folder to write the embeddings to, e.g. model.embedding_cache=cache/embeddings",
+    )
+    field = "--prompts" if prompts else "data.train_prompts"
+    source = PromptSource(prompts or cfg.data.train_prompts, cfg.train.seed, field)
+    negatives = None
+    if cfg.reward.self_confidence.negatives:
+        from solace.rewards.prompt_edits import load_negatives
+
+        negatives = load_negatives(cfg.reward.self_confidence.negatives)
+    texts = run_prompts(cfg, source, negatives)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    adapter = load_model(cfg.model, device)
+    counts = precompute(adapter.text, adapter.encode_prompts, texts)
+    return {"cache": str(adapter.text.store.root), **counts}
