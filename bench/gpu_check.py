@@ -30,11 +30,14 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,6 +50,8 @@ from solace.models.lora import add_lora, lora_parameters, save_lora
 from solace.models.sd3 import SD3Adapter
 from solace.rewards.scorer import SelfConfidenceCfg, SelfConfidenceScorer
 from solace.sampling.sampler import sample, step_policy
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/gpu_text.py beside this script
 
 SD35_MEDIUM: dict[str, Any] = dict(  # stabilityai/stable-diffusion-3.5-medium transformer/config.json
     sample_size=128,
@@ -127,9 +132,15 @@ class Meter:
 
 
 def build_adapter(
-    cfg: dict[str, Any], resolution: int, device: torch.device, dtype: torch.dtype, grad_ckpt: bool
+    cfg: dict[str, Any],
+    resolution: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    grad_ckpt: bool,
+    text_encoders: dict[str, Any] | None = None,
 ) -> SD3Adapter:
-    """A text-encoder-free, VAE-free ``StableDiffusion3Pipeline`` around a randomly initialised MMDiT."""
+    """A VAE-free ``StableDiffusion3Pipeline`` around a randomly initialised MMDiT; without
+    ``text_encoders`` (``bench/gpu_text.py``) it has none and conditioning is random tensors."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from diffusers.utils import logging as diffusers_logging
 
@@ -142,7 +153,9 @@ def build_adapter(
         ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
     )
     pipe = StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), **none
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        **(none | (text_encoders or {})),
     )
     return SD3Adapter(pipe, resolution=resolution, gradient_checkpointing=grad_ckpt)
 
@@ -183,6 +196,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--bf16-latents", action="store_true", help="carry the sampler's latents and SDE steps in bfloat16"
     )
     p.add_argument("--save-lora", default=None, help="export the LoRA (diffusers format) to this folder")
+    p.add_argument(
+        "--text-encoders",
+        action="store_true",
+        help="load CLIP-L + CLIP-G + T5-XXL of SD3.5's sizes (random weights) and encode real prompts",
+    )
+    p.add_argument(
+        "--offload-text-encoders",
+        choices=("off", "cpu", "free"),
+        default="off",
+        help="with --text-encoders: after encoding, move the encoders to the CPU or free them",
+    )
+    p.add_argument(
+        "--json", default=None, help="write the results (settings, memory, stages) to this JSON file"
+    )
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -266,6 +293,79 @@ def run_iteration(
     return stats
 
 
+def gib_allocated(device: torch.device) -> float:
+    return torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+
+
+def conditioning(args: argparse.Namespace, base: SD3Adapter, text: dict, device, dtype, res: dict):
+    """G rows of the prompt's conditioning and of the null one: encoded by the text encoders (then offloaded
+    as asked, memory recorded in ``res``) or, without them, random tensors of the real shapes."""
+    G = args.group_size
+    if not args.text_encoders:
+        gen = torch.Generator(device=device).manual_seed(1234)
+        emb = torch.randn(1, text["seq_len"], text["dim"], generator=gen, device=device, dtype=dtype)
+        pooled = torch.randn(1, text["pooled"], generator=gen, device=device, dtype=dtype)
+        cond = Conditioning({"prompt_embeds": emb, "pooled_prompt_embeds": pooled}).repeat_interleave(G)
+        null = Conditioning({"prompt_embeds": emb * 0.1, "pooled_prompt_embeds": pooled * 0.1})
+        return cond, null.repeat_interleave(G)
+    from gpu_text import parameters_gib
+
+    names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    res["text_encoders_gib"] = parameters_gib({k: getattr(base.pipeline, k, None) for k in names})
+    res["allocated_gib_with_encoders"] = gib_allocated(device)
+    t0 = time.perf_counter()
+    cond = base.encode_prompts(["a photo of a red apple on a wooden table, studio light"])
+    null = base.encode_prompts([""])
+    res["encode_seconds"] = time.perf_counter() - t0
+    if args.offload_text_encoders != "off":
+        base.offload_text_encoders(args.offload_text_encoders)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    res["allocated_gib_after_offload"] = gib_allocated(device)
+    return cond.index([0] * G), null.index([0] * G)
+
+
+def report_iteration(
+    args, res: dict, meter: Meter, stats: dict, total: float, it: int, fpr: float, name: str
+):
+    """Print one iteration's stage table and throughput, and keep them in ``res["iterations"]``."""
+    cuda = meter.cuda
+    stages = ("sampling", "reward", "advantages", "train_reference", "train_policy", "optimizer")
+    tag = " (warm-up)" if it == 0 and args.iters > 1 else ""
+    print(f"\niteration {it}{tag}: {total:.2f}s")
+    print(f"  {'stage':<16}{'seconds':>9}{'share':>8}{'fwd calls':>10}{'fwd rows':>10}{'peak GiB':>10}")
+    rec: dict[str, Any] = {"seconds": total, "stages": {}, "tflops": {}, "stats": dict(stats)}
+    for s in stages:
+        print(
+            f"  {s:<16}{meter.seconds[s]:>9.3f}{meter.seconds[s] / total:>8.1%}{meter.calls[s]:>10}"
+            f"{meter.rows[s]:>10}{meter.peak[s]:>10.2f}"
+        )
+        rec["stages"][s] = {
+            "seconds": meter.seconds[s],
+            "calls": meter.calls[s],
+            "rows": meter.rows[s],
+            "peak_gib": meter.peak[s],
+        }
+    # Training: policy = forward + backward (~3 forwards, +1 recompute with checkpointing).
+    train_mult = 4 if (cuda and not args.no_grad_ckpt) else 3
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    for s, mult in (("sampling", 1), ("reward", 1), ("train_policy", train_mult), ("train_reference", 1)):
+        if meter.seconds[s] > 0:
+            tflops = meter.rows[s] * fpr * mult / meter.seconds[s] / 1e12
+            frac = tflops / peak if peak and cuda else None
+            rec["tflops"][s] = {"tflops": tflops, "fraction_of_bf16_peak": frac}
+            mfu = f" ({frac:.1%} of {peak:g} bf16 peak)" if frac is not None else ""
+            print(f"  {s} achieved: {tflops:.4g} TFLOP/s{mfu}")
+    print(
+        f"  reward mean {stats['reward_mean']:.4f} std {stats['reward_std']:.4f}; "
+        f"loss {stats['loss']:.3e}, "
+        f"kl {stats['kl']:.3e}, clipfrac {stats['clipfrac']:.3f}, max|ratio-1| {stats['ratio_dev']:.2e}, "
+        f"grad norm {stats['grad_norm']:.3e}, finite {bool(stats['finite'])}, "
+        f"trajectory latents {'torch.bfloat16' if stats['latents_bf16'] else 'torch.float32'}"
+    )
+    res["iterations"].append(rec)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cuda = torch.cuda.is_available() and not args.tiny
@@ -282,73 +382,62 @@ def main(argv: list[str] | None = None) -> int:
     args.iters = args.iters or 2
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
+    res: dict[str, Any] = {"settings": vars(args).copy(), "iterations": []}
 
     t0 = time.perf_counter()
-    base = build_adapter(cfg, args.resolution, device, dtype, grad_ckpt=not args.no_grad_ckpt and cuda)
+    encoders = None
+    if args.text_encoders:
+        from gpu_text import sd35_text_encoders
+
+        encoders = sd35_text_encoders(device, dtype, args.tiny)
+    base = build_adapter(cfg, args.resolution, device, dtype, not args.no_grad_ckpt and cuda, encoders)
     add_lora(base, args.lora_rank, args.lora_alpha, base.lora_target_modules)
     n_params = sum(p.numel() for p in base.denoiser.parameters() if not p.requires_grad)
     n_lora = sum(p.numel() for p in lora_parameters(base))
-    gen = torch.Generator(device=device).manual_seed(1234)
-    emb = torch.randn(1, text["seq_len"], text["dim"], generator=gen, device=device, dtype=dtype)
-    pooled = torch.randn(1, text["pooled"], generator=gen, device=device, dtype=dtype)
-    cond = Conditioning({"prompt_embeds": emb, "pooled_prompt_embeds": pooled}).repeat_interleave(
-        args.group_size
-    )
-    null = Conditioning({"prompt_embeds": emb * 0.1, "pooled_prompt_embeds": pooled * 0.1})
-    null = null.repeat_interleave(args.group_size)
+    cond, null = conditioning(args, base, text, device, dtype, res)
+    del encoders
     opt = torch.optim.AdamW(lora_parameters(base), lr=args.lr, weight_decay=1e-4)
     fpr = flops_per_row(base, cond)
     setup_s = time.perf_counter() - t0
 
     name = torch.cuda.get_device_name(device) if cuda else "CPU"
     tokens = base.image_seq_len()
+    res |= {"device": name, "dtype": str(dtype), "frozen_params": n_params, "lora_params": n_lora}
+    res |= {"setup_seconds": setup_s, "flops_per_row": fpr, "image_tokens": tokens}
+    res["text_tokens"] = int(cond.tensors["prompt_embeds"].shape[1])
     print(
         f"device: {name}  dtype: {dtype}  model: {'tiny' if args.tiny else 'SD3.5-Medium'} MMDiT "
         f"({n_params / 1e6:,.2f} M frozen params, LoRA r={args.lora_rank} alpha={args.lora_alpha:g}: "
         f"{n_lora / 1e6:,.3f} M trainable)"
     )
     print(
-        f"recipe: {args.resolution}px ({tokens} image + {text['seq_len']} text tokens), G={args.group_size}, "
-        f"T={args.steps}, CFG={args.cfg:g}, K={args.probes}, "
+        f"recipe: {args.resolution}px ({tokens} image + {res['text_tokens']} text tokens), "
+        f"G={args.group_size}, T={args.steps}, CFG={args.cfg:g}, K={args.probes}, "
         f"train steps {train_window(args.steps, args.rho)}, "
         f"beta={args.beta:g}, latents {latent_dtype(args)}, "
         f"grad ckpt {'on' if (cuda and not args.no_grad_ckpt) else 'off'}"
     )
+    if args.text_encoders:
+        print(
+            f"text encoders: {res['text_encoders_gib']:.2f} GiB; allocated "
+            f"{res['allocated_gib_with_encoders']:.2f} GiB with them, "
+            f"{res['allocated_gib_after_offload']:.2f} GiB after offload "
+            f"({args.offload_text_encoders}); encoding {res['encode_seconds']:.2f}s"
+        )
     print(f"setup {setup_s:.1f}s; FLOPs per forward row (FlopCounterMode): {fpr:.4g}")
 
-    stages = ("sampling", "reward", "advantages", "train_reference", "train_policy", "optimizer")
     for it in range(args.iters):
         meter = Meter(device, base.denoiser)
         t_it = time.perf_counter()
         stats = run_iteration(args, base, cond, null, opt, meter, it)
-        total = time.perf_counter() - t_it
-        tag = " (warm-up)" if it == 0 and args.iters > 1 else ""
-        print(f"\niteration {it}{tag}: {total:.2f}s")
-        print(f"  {'stage':<16}{'seconds':>9}{'share':>8}{'fwd calls':>10}{'fwd rows':>10}{'peak GiB':>10}")
-        for s in stages:
-            print(
-                f"  {s:<16}{meter.seconds[s]:>9.3f}{meter.seconds[s] / total:>8.1%}{meter.calls[s]:>10}"
-                f"{meter.rows[s]:>10}{meter.peak[s]:>10.2f}"
-            )
-        # Training: policy = forward + backward (~3 forwards, +1 recompute with checkpointing).
-        train_mult = 4 if (cuda and not args.no_grad_ckpt) else 3
-        for s, mult in (("sampling", 1), ("reward", 1), ("train_policy", train_mult), ("train_reference", 1)):
-            if meter.seconds[s] > 0:
-                tflops = meter.rows[s] * fpr * mult / meter.seconds[s] / 1e12
-                peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-                mfu = f" ({tflops / peak:.1%} of {peak:g} bf16 peak)" if peak and cuda else ""
-                print(f"  {s} achieved: {tflops:.4g} TFLOP/s{mfu}")
-        print(
-            f"  reward mean {stats['reward_mean']:.4f} std {stats['reward_std']:.4f}; "
-            f"loss {stats['loss']:.3e}, "
-            f"kl {stats['kl']:.3e}, clipfrac {stats['clipfrac']:.3f}, max|ratio-1| {stats['ratio_dev']:.2e}, "
-            f"grad norm {stats['grad_norm']:.3e}, finite {bool(stats['finite'])}, "
-            f"trajectory latents {'torch.bfloat16' if stats['latents_bf16'] else 'torch.float32'}"
-        )
+        report_iteration(args, res, meter, stats, time.perf_counter() - t_it, it, fpr, name)
     if cuda:
-        print(f"\npeak memory (whole run): {torch.cuda.max_memory_reserved(device) / 2**30:.2f} GiB reserved")
+        res["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+        print(f"\npeak memory (whole run): {res['peak_reserved_gib']:.2f} GiB reserved")
     if args.save_lora:
         print(f"LoRA saved to {save_lora(base, args.save_lora)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2, default=str))
     return 0
 
 
