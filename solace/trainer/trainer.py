@@ -15,8 +15,10 @@ One iteration (paper Alg. 1):
    log-probs plus ``beta`` KL to the LoRA-off reference; gradients accumulate over (micro-batch x window
    step) micro-steps, each scaled by 1 / (the number of micro-steps actually trained), then one optimizer
    step per update.
-4. Logging (progress bar, tensorboard, CSV), collapse monitor, periodic evaluation, image grids, atomic
-   checkpoints; at the end the LoRA is exported and a report written.
+4. Logging (progress bar, tensorboard, CSV), collapse monitor, periodic
+   evaluation (an :class:`~solace.evaluation.evaluators.Evaluator` chosen from the config: the toy world's
+   exact evaluator or registry metrics), image grids, atomic checkpoints; at the end the LoRA is exported and
+   a report written.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from solace.errors import ConfigError
+from solace.evaluation.evaluators import make_evaluator
 from solace.grpo.window import parse_steps, train_window
 from solace.models import load_adapter, model_family
 from solace.models.base import Conditioning
@@ -113,6 +116,10 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self.evals: list[dict[str, Any]] = []
         self.writer = None
+        # the main process evaluates (metric models load here, before training); None: nothing to evaluate
+        self.evaluator = (
+            make_evaluator(cfg, self.adapter, self.out, self.eval_cfg_scale) if self.is_main else None
+        )
 
     def _layout(self) -> GroupLayout:
         s, world = self.cfg.sampling, self.acc.num_processes
@@ -349,77 +356,17 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, iteration: int) -> dict[str, Any] | None:
-        """Held-out accuracy with the toy world's exact evaluator (main process; None elsewhere or where
-        nothing can be scored exactly); logged, kept in ``evals``, compared with the base by the monitor."""
-        if not self.is_main or not self.is_toy:
+        """Evaluate with the configured evaluator (main process; None elsewhere or where nothing evaluates);
+        logged, kept in ``evals``, its image statistics compared with the base's by the monitor."""
+        if not self.is_main or self.evaluator is None:
             return None
-        from solace.evaluation.toy_eval import eval_records
-
-        recs = eval_records(self.cfg.data.eval_prompts, self.cfg.data.eval_prompts_limit)
-        if recs is None:
-            return None
-        summ = self._evaluate_records(recs, iteration)["summary"]
-        out = {
-            "iteration": iteration,
-            "strict": summ["overall"]["strict"],
-            "lenient": summ["overall"]["lenient"],
-            "categories": summ["categories"],
-            "images": summ.get("images", {}),  # a cached evaluation from an older version lacks them
-        }
-        self._log(
-            {
-                "eval/strict": out["strict"],
-                "eval/lenient": out["lenient"],
-                **{f"eval/{k}": v for k, v in out["images"].items()},
-                **{f"eval/{c}_strict": v["strict"] for c, v in summ["categories"].items()},
-            },
-            iteration,
-        )
+        out = self.evaluator.evaluate(iteration)
+        self._log(self.evaluator.scalars(out), iteration)
         if self.evals and self.cfg.monitor.enabled:
             for w in self.monitor.update_eval(iteration, self.evals[0].get("images", {}), out["images"]):
                 tqdm.write(f"WARNING collapse monitor: {w}")
         self.evals.append(out)
         return out
-
-    def _evaluate_records(self, recs: list, iteration: int) -> dict[str, Any]:
-        """Score ``recs`` on fixed noise; the evaluation before training is cached when configured."""
-        from solace.evaluation.toy_eval import BaseEvalCache, evaluate_records
-
-        c = self.cfg
-        cached = iteration == 0 and c.train.base_eval_cache
-        cache = BaseEvalCache(c.train.base_eval_cache, self._base_eval_key()) if cached else None
-        res = cache.get() if cache else None
-        if res is None:
-            res = evaluate_records(
-                self.adapter, recs, c.train.eval_samples_per_prompt, c.sampling.eval_num_steps,
-                self.eval_cfg_scale, seed=c.train.seed + 999, progress=False,
-            )  # fmt: skip
-            if cache:
-                cache.put(res)
-        return res
-
-    def _base_eval_key(self) -> dict[str, Any]:
-        """Everything the evaluation before training depends on."""
-        import hashlib
-
-        from solace.models.toy import default_weights_path
-
-        c = self.cfg
-        weights = default_weights_path() if c.model.name == "toy" else Path(c.model.name)
-        return {
-            "model": c.model.name,
-            # the weights themselves, so a changed base (a new shipped toy model) is evaluated anew
-            "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else "",
-            "lora_init": c.model.lora.init_from,
-            "merge_init": c.model.lora.merge_init,
-            "dtype": c.model.dtype,
-            "eval_prompts": c.data.eval_prompts,
-            "limit": c.data.eval_prompts_limit,
-            "samples": c.train.eval_samples_per_prompt,
-            "steps": c.sampling.eval_num_steps,
-            "cfg": self.eval_cfg_scale,
-            "seed": c.train.seed,
-        }
 
     def save_images(self, iteration: int) -> Path | None:
         """Image grid of fixed prompts and seeds (``train.image_prompts``; on the toy world one held-out
@@ -646,10 +593,8 @@ class Trainer:
         t = self.cfg.train
         if t.eval_every and done % t.eval_every == 0 and done < t.iterations:
             ev = self.evaluate(done)
-            if ev and self.is_main:
-                tqdm.write(
-                    f"iteration {done}: held-out strict {ev['strict']:.3f} lenient {ev['lenient']:.3f}"
-                )
+            if ev and self.evaluator is not None:
+                tqdm.write(f"iteration {done}: {self.evaluator.progress_line(ev)}")
         if t.image_every and done % t.image_every == 0:
             self.save_images(done)
 
@@ -675,6 +620,8 @@ class Trainer:
             self._write_monitor()
             # every held-out evaluation of this run, machine-readable
             (self.out / "evals.json").write_text(json.dumps(self.evals, indent=1))
+        if self.evaluator is not None and self.evals:
+            result["eval_summary"] = self.evaluator.summary(self.evals)
         result.update(monitor=self.monitor.verdict, evals=self.evals, iterations=last)
         self.acc.wait_for_everyone()
         return result
