@@ -214,8 +214,8 @@ def test_eval_config_errors_name_the_field(tmp_path, tiny_sd3_folder):
     assert cfg.eval.evaluator == "none"
 
 
-def test_resume_check_knows_the_eval_fields():
-    """The grid's rows may change on --resume; the evaluator's settings may not (the recorded
+def test_resume_check_knows_the_eval_and_tracker_fields():
+    """Trackers and the grid's rows may change on --resume; the evaluator's settings may not (the recorded
     evaluations would no longer compare), and say why."""
     from dataclasses import asdict
 
@@ -223,8 +223,9 @@ def test_resume_check_knows_the_eval_fields():
     from solace.trainer.resume_check import check_resume
 
     old, new = asdict(SolaceConfig()), asdict(SolaceConfig())
+    new["train"]["log_with"] = ["tensorboard", "wandb"]
     new["eval"]["grid_prompts"] = 2
-    assert len(check_resume(old, new)) == 1
+    assert len(check_resume(old, new)) == 2
     new["eval"]["metrics"] = ["clip_score"]
     with pytest.raises(ConfigError, match=r"eval\.metrics: \[\] -> \['clip_score'\] \(evaluation only"):
         check_resume(old, new)

@@ -157,6 +157,10 @@ class EvalCfg:
     grid_prompts: int = 8  # metrics: prompts (rows) of each evaluation's base | current image grid; 0: none
 
 
+TRACKERS = ("tensorboard", "wandb")
+"""Experiment trackers ``train.log_with`` may name (through accelerate's tracker API)."""
+
+
 @dataclass
 class TrainCfg:
     # the policy update: flow_grpo (the paper's: PPO on SDE step log-probs) | nft (DiffusionNFT: forward
@@ -185,6 +189,10 @@ class TrainCfg:
     # JSON file caching the evaluation before training (the base model), keyed by every setting it depends
     # on, so runs that share a base and seed (an ablation grid) evaluate it once; "" disables the cache
     base_eval_cache: str = ""
+    # experiment trackers (accelerate): tensorboard (events in <output_dir>/tb) and/or wandb (pip install
+    # 'solace[wandb]'; WANDB_MODE=offline works without an account); []: log.csv only
+    log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
+    tracker_project: str = "solace"  # the wandb project (the run is named after train.output_dir)
 
 
 @dataclass
@@ -348,10 +356,24 @@ def validate(cfg: SolaceConfig, check_paths: bool = True) -> None:
     _min(t.max_nonfinite, 0, "train.max_nonfinite", " (0: never stop)")
     _min(t.eval_samples_per_prompt, 1, "train.eval_samples_per_prompt")
     _min(t.eval_every, 0, "train.eval_every", " (0: only before and after training)")
+    _validate_trackers(t)
     _validate_eval(cfg.eval)
     if check_paths:
         _validate_prompt_files(cfg)
         _validate_evaluator(cfg)
+
+
+def _validate_trackers(t: TrainCfg) -> None:
+    """``train.log_with`` names known trackers, each once (whether wandb is installed is checked when the
+    trainer starts, on the machine that trains)."""
+    for name in t.log_with:
+        check(
+            name in TRACKERS,
+            "train.log_with",
+            f"unknown tracker {name!r}; use a list of {', '.join(TRACKERS)} (e.g. [tensorboard,wandb]) or []",
+        )
+    check(len(set(t.log_with)) == len(t.log_with), "train.log_with", f"names a tracker twice: {t.log_with}")
+    check(bool(t.tracker_project.strip()), "train.tracker_project", "must name the wandb project")
 
 
 def _validate_eval(e: EvalCfg) -> None:

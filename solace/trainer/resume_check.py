@@ -4,7 +4,7 @@ checkpoint recorded, and its ``log.csv`` is cut back to the checkpoint.
 Which changes are safe (:data:`SAFE`): those that change neither the training trajectory nor what the run
 has recorded so far. How long to train (``train.iterations``, ``train.max_minutes``), how often to evaluate,
 draw grids and checkpoint, whether to report, the thread count, the device (a run moved to another machine)
-and the output folder (a moved folder), the grid prompts and rows, the collapse
+and the output folder (a moved folder), the grid prompts and rows, the experiment trackers, the collapse
 monitor's thresholds, the base evaluation cache's file and the informational ``preset`` name.
 
 Evaluation settings (:data:`EVAL_FIELDS`: ``data.eval_prompts``, ``data.eval_prompts_limit``,
@@ -45,6 +45,8 @@ SAFE: tuple[str, ...] = (
     "train.base_eval_cache",
     "train.output_dir",
     "train.device",
+    "train.log_with",
+    "train.tracker_project",
     "eval.grid_prompts",
     "monitor.*",
     "preset",

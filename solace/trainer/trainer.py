@@ -15,7 +15,7 @@ One iteration (paper Alg. 1):
    log-probs plus ``beta`` KL to the LoRA-off reference; gradients accumulate over (micro-batch x window
    step) micro-steps, each scaled by 1 / (the number of micro-steps actually trained), then one optimizer
    step per update.
-4. Logging (progress bar, tensorboard, CSV), collapse monitor, periodic
+4. Logging (progress bar, the experiment trackers of ``train.log_with``, CSV), collapse monitor, periodic
    evaluation (an :class:`~solace.evaluation.evaluators.Evaluator` chosen from the config: the toy world's
    exact evaluator or registry metrics), image grids, atomic checkpoints; at the end the LoRA is exported and
    a report written.
@@ -65,6 +65,7 @@ from solace.trainer.monitor import CollapseMonitor, latent_texture
 from solace.trainer.resume_check import check_resume, truncate_log
 from solace.trainer.runlock import RunLock
 from solace.trainer.signals import RunInterrupted, StopRequest
+from solace.trainer.tracking import Trackers, log_with
 from solace.trainer.updates import make_update
 from solace.utils.files import append_csv_row
 from solace.utils.seeding import Stream, TrainStreams
@@ -81,8 +82,10 @@ class Trainer:
         if cfg.train.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("train.device", "cuda asked for, but torch sees no GPU; use auto or cpu")
         cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
-        self.acc = accelerator or Accelerator(cpu=cpu)
         self.out = Path(cfg.train.output_dir)
+        # a given accelerator brings its own trackers (its log_with)
+        self.acc = accelerator or Accelerator(cpu=cpu, log_with=log_with(cfg.train.log_with, self.out))
+        self.trackers = Trackers(self.acc, cfg.train.tracker_project, self.out, dataclasses.asdict(cfg))
         self.is_main = self.acc.is_main_process
         self.rank = self.acc.process_index
         self.layout = self._layout()
@@ -115,7 +118,6 @@ class Trainer:
         self.stopped_at = cfg.train.iterations
         self.history: list[dict[str, float]] = []
         self.evals: list[dict[str, Any]] = []
-        self.writer = None
         # the main process evaluates (metric models load here, before training); None: nothing to evaluate
         self.evaluator = (
             make_evaluator(cfg, self.adapter, self.out, self.eval_cfg_scale) if self.is_main else None
@@ -199,15 +201,8 @@ class Trainer:
             tqdm.write(f"WARNING {message}")
 
     def _log(self, scalars: dict[str, float], step: int) -> None:
-        if not self.is_main:
-            return
-        if self.writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.out / "tb"))
-        for k, v in scalars.items():
-            if v is not None and math.isfinite(float(v)):
-                self.writer.add_scalar(k, float(v), step)
+        """The finite scalars to every tracker of ``train.log_with`` (main process)."""
+        self.trackers.log(scalars, step)
 
     def _batches(self, n: int) -> list[slice]:
         """Slices of ``sampling.batch_size`` samples: the forwards of sampling and decoding."""
@@ -362,6 +357,8 @@ class Trainer:
             return None
         out = self.evaluator.evaluate(iteration)
         self._log(self.evaluator.scalars(out), iteration)
+        if out.get("grid"):
+            self.trackers.log_image("eval/grid", self.out / out["grid"], iteration)
         if self.evals and self.cfg.monitor.enabled:
             for w in self.monitor.update_eval(iteration, self.evals[0].get("images", {}), out["images"]):
                 tqdm.write(f"WARNING collapse monitor: {w}")
@@ -383,13 +380,15 @@ class Trainer:
             self.adapter, prompts, 4, self.cfg.sampling.eval_num_steps, self.eval_cfg_scale,
             seed=self.cfg.train.seed + 4242, progress=False,
         )  # fmt: skip
-        return save_grid(
+        path = save_grid(
             self.out / "images" / f"iter_{iteration:06d}.png",
             list(imgs),
             4,
             row_labels=[p.removeprefix("a photo of ") for p in prompts],
             scale=3 if imgs.shape[-1] <= 64 else 1,
         )
+        self.trackers.log_image("images/samples", path, iteration)
+        return path
 
     # ------------------------------------------------------------------ checkpoints
     def _lora_meta(self) -> dict[str, str]:
@@ -474,7 +473,10 @@ class Trainer:
         """Run (or resume) the iterations, then export the LoRA, evaluate and report. One run per output
         folder (a lock); Ctrl-C / SIGTERM finish the iteration, checkpoint and stop."""
         with self._run_lock(), StopRequest() as stop:
-            return self._train(resume, stop)
+            try:
+                return self._train(resume, stop)
+            finally:
+                self.trackers.finish()  # also when stopped by a signal or an error: every event on disk
 
     def _train(self, resume: bool, stop: StopRequest) -> dict[str, Any]:
         cfg = self.cfg
@@ -609,14 +611,13 @@ class Trainer:
             if self.cfg.train.report:
                 if not self.evals or self.evals[-1]["iteration"] != last:
                     self.evaluate(last)
-                if self.cfg.train.image_every:
+                every = self.cfg.train.image_every
+                if every and (last % every or last == self.start_iteration):  # else written by _periodic
                     self.save_images(last)
                 from solace.trainer.report import write_report
 
                 result["report"] = str(write_report(self))
-            if self.writer is not None:
-                self.writer.close()  # every event on disk: a distributed run ends with os._exit
-                self.writer = None
+            self.trackers.finish()  # every event on disk: a distributed run ends with os._exit
             self._write_monitor()
             # every held-out evaluation of this run, machine-readable
             (self.out / "evals.json").write_text(json.dumps(self.evals, indent=1))
