@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                 v.float().pow(2).mean().backward()
 
     print(
-        f"{res['device']}: FLUX {'tiny' if a.tiny else '.1-dev size'}, {res['frozen_params'] / 1e9:.2f} B params"
+        f"{res['device']}: FLUX {'tiny' if a.tiny else '.1-dev size'}, "
+        f"{res['frozen_params'] / 1e9:.2f} B params"
     )
     print(f"  weights + LoRA: {res['weights_gib']:.2f} GiB allocated")
     ad.denoiser.eval()

@@ -66,7 +66,8 @@ def main() -> int:
             line += f"; iteration {last['seconds']:.1f} s, peak {peak:.1f} GiB"
             line += f", reward {last['tflops'].get('reward', {}).get('tflops', 0):.0f} TFLOP/s"
         if "allocated_gib_after_offload" in r:
-            line += f"; encoders {r['text_encoders_gib']:.1f} GiB, after offload {r['allocated_gib_after_offload']:.1f}"
+            line += f"; encoders {r['text_encoders_gib']:.1f} GiB"
+            line += f", allocated after offload {r['allocated_gib_after_offload']:.1f} GiB"
         if "train" in r:
             line += f"; FLUX weights {r['weights_gib']:.1f} GiB, train peak {r['train']['peak_gib']:.1f} GiB"
         print(line)

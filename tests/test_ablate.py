@@ -210,7 +210,7 @@ def test_trainer_reuses_a_cached_base_evaluation(tmp_path):
     over = tiny_overrides(weights, tmp_path / "run", **{"train.base_eval_cache": str(cache_path)}) + EVAL
     tr = Trainer(load_config(None, over))
     fake = {"overall": {"strict": 0.123, "lenient": 0.456}, "categories": {"colors": {"strict": 0.123}}}
-    BaseEvalCache(cache_path, tr._base_eval_key()).put({"summary": fake, "per_prompt": []})
+    BaseEvalCache(cache_path, tr.evaluator.cache.key).put({"summary": fake, "per_prompt": []})
     assert tr.evaluate(0)["strict"] == 0.123  # read, not recomputed
     assert tr.evaluate(1)["strict"] != 0.123  # later evaluations always run (2 prompts x 1 sample)
     # another seed or CFG is another key: computed and added beside the first entry
@@ -219,9 +219,9 @@ def test_trainer_reuses_a_cached_base_evaluation(tmp_path):
     assert tr2.evaluate(0)["strict"] != 0.123
     assert len(json.loads(cache_path.read_text())["entries"]) == 2
     # other weights under the same path are another key too: a changed base is never served a stale result
-    before = tr._base_eval_key()
+    before = tr.evaluator.cache.key
     make_tiny_toy_weights(weights, seed=1)
-    after = Trainer(load_config(None, over))._base_eval_key()
+    after = Trainer(load_config(None, over)).evaluator.cache.key
     assert after["model"] == before["model"] and after["weights_sha256"] != before["weights_sha256"]
 
 

@@ -155,7 +155,10 @@ def test_trainer_uses_the_negative_prompt_as_null(weights, tmp_path):
     tr = Trainer(cfg)
     want = tr.adapter.encode_prompts([NEG])
     assert all(torch.equal(tr.null.tensors[k], want.tensors[k]) for k in want.tensors)
-    assert tr._base_eval_key()["negative_prompt"] == NEG
+    from solace.evaluation.evaluators import base_eval_key
+
+    assert base_eval_key(cfg, tr.eval_cfg_scale)["negative_prompt"] == NEG
+    assert tr.evaluator.negative_prompt == NEG
     ro = tr.sample_rollout(0)
     assert all(
         torch.equal(ro.null.tensors[k], want.tensors[k].expand_as(ro.null.tensors[k])) for k in want.tensors

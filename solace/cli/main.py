@@ -136,13 +136,8 @@ def train(
     if res.get("report"):
         typer.echo(f"report: {res['report']}")
     typer.echo(f"collapse monitor: {res['monitor']}")
-    if res.get("evals"):
-        first, last = res["evals"][0], res["evals"][-1]
-        typer.echo(
-            f"{cfg.data.eval_prompts} strict accuracy: {first['strict']:.3f} (base) -> {last['strict']:.3f} "
-            f"(trained); "
-            f"lenient {first['lenient']:.3f} -> {last['lenient']:.3f}"
-        )
+    if res.get("eval_summary"):  # the evaluator's line: toy accuracy or metrics, base -> trained
+        typer.echo(res["eval_summary"])
     finish()
 
 

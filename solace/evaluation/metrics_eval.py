@@ -137,6 +137,10 @@ def build_metrics(
     }
 
 
+def _finite(v: float) -> float | None:
+    return v if math.isfinite(v) else None
+
+
 # --------------------------------------------------------------------------------------------------------
 # tables
 # --------------------------------------------------------------------------------------------------------
@@ -187,7 +191,7 @@ def generate_and_score(
     suite: PromptSuite,
     metrics: dict[str, Callable[..., torch.Tensor]],
     label: str,
-    out_dir: Path,
+    out_dir: Path | None,
     samples_per_prompt: int = 1,
     num_steps: int = 40,
     cfg_scale: float = 7.0,
@@ -200,11 +204,12 @@ def generate_and_score(
     negative_prompt: str = "",
 ) -> dict[str, Any]:
     """Sample every prompt ``samples_per_prompt`` times (CFG's null: ``negative_prompt``), score with every
-    metric, save the PNGs.
+    metric, save the PNGs under ``out_dir`` (none saved when it is None: the evaluations during training).
 
-    Returns ``scores`` ({metric: (P, S) tensor}), ``files`` (P lists of S relative paths), ``thumbs``
-    (uint8 thumbnails of the first ``grid_samples`` samples of the first ``grid_rows`` prompts) and
-    ``image_size`` ([H, W]).
+    Returns ``scores`` ({metric: (P, S) tensor}), ``pixel_std`` ((P, S): each 8-bit image's pixel standard
+    deviation, what a collapse toward flat images lowers), ``files`` (P lists of S relative paths),
+    ``thumbs`` (uint8 thumbnails of the first ``grid_samples`` samples of the first ``grid_rows`` prompts)
+    and ``image_size`` ([H, W]).
     """
     from tqdm.auto import tqdm
 
@@ -215,11 +220,12 @@ def generate_and_score(
     P, S = len(suite), samples_per_prompt
     per_chunk = max(1, batch_size // S)
     scores = {m: torch.full((P, S), float("nan")) for m in metrics}
+    pixel_std = torch.full((P, S), float("nan"))
     files: list[list[str]] = [[] for _ in range(P)]
     thumbs: dict[int, torch.Tensor] = {}
     size: list[int] = []
-    img_dir = out_dir / "images" / label
-    img_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir is not None:
+        (out_dir / "images" / label).mkdir(parents=True, exist_ok=True)
     bar = tqdm(
         total=P * S,
         desc=f"{ROW_LABELS.get(label, label)}: sampling",
@@ -241,8 +247,9 @@ def generate_and_score(
             with torch.no_grad():
                 sc = reward_scores(m, fn(images, rep_prompts, rep_meta), len(rep_prompts))
             scores[m][idx] = sc.reshape(len(idx), S)
+        pixel_std[idx] = images.float().flatten(1).std(-1).cpu().reshape(len(idx), S)
         for k, i in enumerate(idx):
-            for j in range(S):
+            for j in range(S if out_dir is not None else 0):
                 rel = f"images/{label}/{i:04d}_{j}.png"
                 to_pil(images[k * S + j]).save(out_dir / rel)
                 files[i].append(rel)
@@ -250,10 +257,33 @@ def generate_and_score(
                 thumbs[i] = _thumb(images[k * S : k * S + min(S, grid_samples)], thumb_size)
         bar.update(len(idx) * S)
     bar.close()
-    return {"scores": scores, "files": files, "thumbs": thumbs, "image_size": size}
+    return {"scores": scores, "pixel_std": pixel_std, "files": files, "thumbs": thumbs, "image_size": size}
 
 
-def _write_grid(path: Path, suite: PromptSuite, thumbs: dict[str, dict[int, torch.Tensor]]) -> Path:
+def summarize_scores(
+    scores: dict[str, torch.Tensor],
+) -> tuple[dict[str, float | None], dict[str, list[float | None]]]:
+    """``({metric: mean over prompts of the per-prompt means}, {metric: [per-prompt mean over its samples]})``
+    of ``scores`` ({metric: (P, S)}); a non-finite value becomes None (JSON). The numbers of ``solace eval``'s
+    tables and of the evaluations during training."""
+    per_prompt = {m: v.mean(1) for m, v in scores.items()}
+    summary = {m: _finite(float(v.mean())) for m, v in per_prompt.items()}
+    return summary, {m: [_finite(float(x)) for x in v] for m, v in per_prompt.items()}
+
+
+def check_suite_metadata(suite: PromptSuite, metrics: Sequence[str], field: str) -> None:
+    """GenEval-style metrics need GenEval metadata (``include``) on every prompt."""
+    if ("geneval" in metrics or "toy_geneval" in metrics) and any("include" not in m for m in suite.metadata):
+        raise ConfigError(
+            field,
+            f"the GenEval metric needs GenEval metadata per prompt ('include', 'tag'): pass a .jsonl file in "
+            f"GenEval's format (e.g. geneval_test_metadata.jsonl), not {Path(suite.path).name}",
+        )
+
+
+def write_grid(path: Path, suite: PromptSuite, thumbs: dict[str, dict[int, torch.Tensor]]) -> Path:
+    """Prompts as rows; for each label (``base``, ``lora``, ...) its thumbnails side by side, headed by the
+    label."""
     from PIL import Image, ImageDraw, ImageFont
 
     from solace.utils.images import make_grid
@@ -331,10 +361,6 @@ CFG {s["cfg_scale"]}, seed {s["seed"]} (the same initial noise for both)</p>
     return path
 
 
-def _finite(v: float) -> float | None:
-    return v if math.isfinite(v) else None
-
-
 def run_metric_eval(
     adapter: Any,
     suite: PromptSuite,
@@ -359,12 +385,7 @@ def run_metric_eval(
         raise ConfigError("--steps", f"must be >= 1, got {num_steps}")
     if batch_size < 1:
         raise ConfigError("--batch-size", f"must be >= 1, got {batch_size}")
-    if ("geneval" in metrics or "toy_geneval" in metrics) and any("include" not in m for m in suite.metadata):
-        raise ConfigError(
-            "--prompts",
-            f"the GenEval metric needs GenEval metadata per prompt ('include', 'tag'): pass a .jsonl file in "
-            f"GenEval's format (e.g. geneval_test_metadata.jsonl), not {Path(suite.path).name}",
-        )
+    check_suite_metadata(suite, list(metrics), "--prompts")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     kw = dict(
@@ -379,16 +400,14 @@ def run_metric_eval(
         runs["lora"] = generate_and_score(adapter, suite, metrics, "lora", out, **kw)
 
     names = list(metrics)
-    per_prompt_means = {lb: {m: r["scores"][m].mean(1) for m in names} for lb, r in runs.items()}
-    summary = {lb: {m: _finite(float(v[m].mean())) for m in names} for lb, v in per_prompt_means.items()}
+    summarized = {lb: summarize_scores(r["scores"]) for lb, r in runs.items()}
+    summary = {lb: v[0] for lb, v in summarized.items()}
     per_prompt = []
     for i, item in enumerate(suite.items):
         rec: dict[str, Any] = {"index": i, "prompt": item.text}
         if item.meta:
             rec["metadata"] = item.meta
-        rec["scores"] = {
-            lb: {m: _finite(float(v[m][i])) for m in names} for lb, v in per_prompt_means.items()
-        }
+        rec["scores"] = {lb: {m: v[1][m][i] for m in names} for lb, v in summarized.items()}
         rec["images"] = {lb: r["files"][i] for lb, r in runs.items()}
         per_prompt.append(rec)
     s = {
@@ -427,6 +446,6 @@ def run_metric_eval(
     }
     paths["json"].write_text(json.dumps(doc, indent=2))
     paths["markdown"].write_text(table + "\n")
-    _write_grid(paths["grid"], suite, {lb: r["thumbs"] for lb, r in runs.items()})
+    write_grid(paths["grid"], suite, {lb: r["thumbs"] for lb, r in runs.items()})
     _write_html(paths["html"], doc)
     return {**doc, "table": table, "paths": {k: str(v) for k, v in paths.items()}}

@@ -141,7 +141,7 @@ def summarize_run(res: dict[str, Any]) -> dict[str, Any]:
         "monitor": replay_monitor(res).verdict,
         "monitor_at_run": res["monitor"],
     }
-    evals = res.get("evals") or []
+    evals = [e for e in res.get("evals") or [] if "strict" in e]  # the toy world's exact evaluations
     if len(evals) >= 2:
         b, a = evals[0], evals[-1]
         out.update(

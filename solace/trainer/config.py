@@ -156,6 +156,29 @@ class MonitorCfg:
 
 
 @dataclass
+class EvalCfg:
+    """Evaluation during training: before training (the base), every ``train.eval_every`` iterations and at
+    the end, on ``data.eval_prompts`` (``data.eval_prompts_limit`` of them), ``train.eval_samples_per_prompt``
+    samples each, ``sampling.eval_num_steps`` ODE steps, CFG ``sampling.eval_cfg_scale``, the same initial
+    noise every time (seed ``train.seed + 999``). See :mod:`solace.evaluation.evaluators`."""
+
+    # auto: registry metrics when eval.metrics names any, else the toy world's exact evaluator where it can
+    # score data.eval_prompts (a toy model), else none; toy | metrics | none force one
+    evaluator: Literal["auto", "toy", "metrics", "none"] = "auto"
+    # registry metrics, as `solace eval --metrics` (clip_score, pickscore, hps, image_reward, aesthetic, ocr,
+    # geneval, unified_reward, toy_geneval); the LoRA-off base is evaluated once, then the trained model
+    metrics: list[str] = field(default_factory=list)
+    # per metric, its factory's keywords, as `solace eval --metric-arg`: {clip_score: {model: /path}}
+    metric_args: dict[str, dict[str, Any]] = field(default_factory=dict)
+    batch_size: int = 8  # metrics: images per generation and scoring batch (`solace eval --batch-size`)
+    grid_prompts: int = 8  # metrics: prompts (rows) of each evaluation's base | current image grid; 0: none
+
+
+TRACKERS = ("tensorboard", "wandb")
+"""Experiment trackers ``train.log_with`` may name (through accelerate's tracker API)."""
+
+
+@dataclass
 class TrainCfg:
     # the policy update: flow_grpo (the paper's: PPO on SDE step log-probs) | nft (DiffusionNFT: forward
     # process, no log-probs); see solace/trainer/updates.py
@@ -183,6 +206,10 @@ class TrainCfg:
     # JSON file caching the evaluation before training (the base model), keyed by every setting it depends
     # on, so runs that share a base and seed (an ablation grid) evaluate it once; "" disables the cache
     base_eval_cache: str = ""
+    # experiment trackers (accelerate): tensorboard (events in <output_dir>/tb) and/or wandb (pip install
+    # 'solace[wandb]'; WANDB_MODE=offline works without an account); []: log.csv only
+    log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
+    tracker_project: str = "solace"  # the wandb project (the run is named after train.output_dir)
 
 
 @dataclass
@@ -195,6 +222,7 @@ class SolaceConfig:
     nft: NFTCfg = field(default_factory=NFTCfg)
     optim: OptimCfg = field(default_factory=OptimCfg)
     monitor: MonitorCfg = field(default_factory=MonitorCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
     preset: str = ""  # informational: the preset this config came from
 
@@ -366,8 +394,72 @@ def validate(cfg: SolaceConfig, check_paths: bool = True) -> None:
     _min(t.checkpoint_every, 1, "train.checkpoint_every")
     _min(t.threads, 0, "train.threads", " (0: torch's default)")
     _min(t.max_nonfinite, 0, "train.max_nonfinite", " (0: never stop)")
+    _min(t.eval_samples_per_prompt, 1, "train.eval_samples_per_prompt")
+    _min(t.eval_every, 0, "train.eval_every", " (0: only before and after training)")
+    _validate_trackers(t)
+    _validate_eval(cfg.eval)
     if check_paths:
         _validate_prompt_files(cfg)
+        _validate_evaluator(cfg)
+
+
+def _validate_trackers(t: TrainCfg) -> None:
+    """``train.log_with`` names known trackers, each once (whether wandb is installed is checked when the
+    trainer starts, on the machine that trains)."""
+    for name in t.log_with:
+        check(
+            name in TRACKERS,
+            "train.log_with",
+            f"unknown tracker {name!r}; use a list of {', '.join(TRACKERS)} (e.g. [tensorboard,wandb]) or []",
+        )
+    check(len(set(t.log_with)) == len(t.log_with), "train.log_with", f"names a tracker twice: {t.log_with}")
+    check(bool(t.tracker_project.strip()), "train.tracker_project", "must name the wandb project")
+
+
+def _validate_eval(e: EvalCfg) -> None:
+    """The metric list and its arguments, checked against the registry (nothing is built, no model loads)."""
+    from solace.rewards.registry import available_rewards, reward_parameters
+
+    _min(e.batch_size, 1, "eval.batch_size")
+    _min(e.grid_prompts, 0, "eval.grid_prompts", " (0: no grid)")
+    check(
+        e.evaluator != "metrics" or bool(e.metrics),
+        "eval.metrics",
+        "eval.evaluator=metrics needs at least one metric, e.g. eval.metrics=[clip_score,pickscore]",
+    )
+    check(len(set(e.metrics)) == len(e.metrics), "eval.metrics", f"names a metric twice: {e.metrics}")
+    known = available_rewards()
+    for name in e.metrics:
+        check(name in known, "eval.metrics", f"unknown metric {name!r}; available: {', '.join(known)}")
+        params = reward_parameters(name)
+        bad = sorted(set(e.metric_args.get(name, {})) - set(params))
+        check(
+            not bad or "**" in params,
+            f"eval.metric_args.{name}",
+            f"{name} takes no argument {', '.join(map(repr, bad))}; it takes {', '.join(params) or 'none'}",
+        )
+    for name in e.metric_args:
+        check(
+            name in e.metrics,
+            "eval.metric_args",
+            f"has arguments for {name!r}, which is not in eval.metrics ({', '.join(e.metrics) or 'empty'}); "
+            f"add it to eval.metrics or remove its arguments",
+        )
+
+
+def _validate_evaluator(cfg: SolaceConfig) -> None:
+    """Something can evaluate ``data.eval_prompts`` when evaluations are asked for (``train.eval_every``),
+    and a forced evaluator fits the model and the prompts."""
+    from solace.evaluation.evaluators import evaluator_kind
+
+    kind = evaluator_kind(cfg)
+    if cfg.train.eval_every and kind == "none" and cfg.eval.evaluator != "none":
+        raise ConfigError(
+            "train.eval_every",
+            f"nothing evaluates {cfg.data.eval_prompts!r} on {cfg.model.name!r}: name the metrics to "
+            "evaluate with, e.g. eval.metrics=[clip_score,pickscore] (the toy world's exact evaluator needs "
+            "a toy model and GenEval metadata), or set train.eval_every=0",
+        )
 
 
 def _validate_size(m: ModelCfg) -> None:

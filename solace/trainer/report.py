@@ -1,4 +1,5 @@
-"""End-of-run report: Markdown with plots (reward, KL, monitor, accuracy) and base-vs-trained image grids."""
+"""End-of-run report: Markdown with plots (reward, KL, monitor, evaluations) and base-vs-trained image grids;
+the evaluations' table and curve come from the run's evaluator (:mod:`solace.evaluation.evaluators`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 
-def _plot(history: list[dict[str, float]], evals: list[dict[str, Any]], png: Path) -> None:
+def _plot(history: list[dict[str, float]], evals: list[dict[str, Any]], png: Path, evaluator: Any) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -27,16 +28,15 @@ def _plot(history: list[dict[str, float]], evals: list[dict[str, Any]], png: Pat
         ax.set_title(title)
         ax.set_xlabel("iteration")
     ax = axes[4]
-    if evals:
-        ax.plot([e["iteration"] for e in evals], [e["strict"] for e in evals], "o-", label="strict")
-        ax.plot([e["iteration"] for e in evals], [e["lenient"] for e in evals], "s-", label="lenient")
-        ax.legend()
+    if evaluator is not None:  # the evaluator draws its records (accuracy, or metrics against the base)
+        evaluator.plot(ax, evals)
+    else:
+        ax.set_title("evaluation (none configured)")
+        ax.set_xlabel("iteration")
     tr = [h.get("train/strict_acc") for h in history]
     if any(t is not None for t in tr):
         ax.plot(it, [t if t is not None else float("nan") for t in tr], alpha=0.4, label="train batch strict")
         ax.legend()
-    ax.set_title("held-out accuracy")
-    ax.set_xlabel("iteration")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
@@ -91,27 +91,12 @@ def _signal_table(history: list[dict[str, float]], window: int) -> list[str]:
     return lines
 
 
-def _accuracy_table(evals: list[dict[str, Any]]) -> list[str]:
-    first, last = evals[0], evals[-1]
-    lines = [
-        "## Held-out accuracy (toy world, exact evaluator)",
-        "",
-        f"| | iteration {first['iteration']} (base) | iteration {last['iteration']} (trained) |",
-        "|---|---|---|",
-        f"| overall strict | {first['strict']:.3f} | {last['strict']:.3f} |",
-        f"| overall lenient | {first['lenient']:.3f} | {last['lenient']:.3f} |",
-    ]
-    for c in last["categories"]:
-        a = first["categories"].get(c, {}).get("strict", float("nan"))
-        lines.append(f"| {c} strict | {a:.3f} | {last['categories'][c]['strict']:.3f} |")
-    return [*lines, ""]
-
-
 def write_report(trainer: Any) -> Path:
     out: Path = trainer.out
     cfg = trainer.cfg
     png = out / "report_curves.png"
-    _plot(trainer.history, trainer.evals, png)
+    evaluator = getattr(trainer, "evaluator", None)
+    _plot(trainer.history, trainer.evals, png, evaluator)
     lines = [
         f"# solace run report: {out.name}",
         "",
@@ -132,8 +117,8 @@ def write_report(trainer: Any) -> Path:
         lines += (
             ["Monitor warnings (first 10):", ""] + [f"- {w}" for w in trainer.monitor.warnings[:10]] + [""]
         )
-    if trainer.evals:
-        lines += _accuracy_table(trainer.evals)
+    if trainer.evals and evaluator is not None:
+        lines += evaluator.report_lines(trainer.evals)
     if trainer.history:
         lines += _signal_table(trainer.history, trainer.cfg.monitor.window)
         t = {

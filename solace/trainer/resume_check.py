@@ -4,17 +4,18 @@ checkpoint recorded, and its ``log.csv`` is cut back to the checkpoint.
 Which changes are safe (:data:`SAFE`): those that change neither the training trajectory nor what the run
 has recorded so far. How long to train (``train.iterations``, ``train.max_minutes``), how often to evaluate,
 draw grids and checkpoint, whether to report, the thread count, the device (a run moved to another machine)
-and the output folder (a moved folder), the grid prompts, the collapse monitor's thresholds, the base
-evaluation cache's file and the informational ``preset`` name, and where prompt embeddings are kept
-(``model.embedding_cache``, ``model.embedding_lru_size``, ``model.offload_text_encoders``: each prompt is
-encoded alone either way, the same values).
+and the output folder (a moved folder), the grid prompts and rows, the experiment trackers, the collapse
+monitor's thresholds, the base evaluation cache's file and the informational ``preset`` name, and where
+prompt embeddings are kept (``model.embedding_cache``, ``model.embedding_lru_size``,
+``model.offload_text_encoders``: each prompt is encoded alone either way, the same values).
 
 Evaluation settings (:data:`EVAL_FIELDS`: ``data.eval_prompts``, ``data.eval_prompts_limit``,
-``train.eval_samples_per_prompt``, ``sampling.eval_num_steps``, ``sampling.eval_cfg_scale``) are *not*
-safe, a deliberate choice: they leave the training trajectory alone, but the evaluations already recorded
-(restored from the checkpoint, starting with the baseline at iteration 0 that the report, ``evals.json`` and
-the collapse monitor compare against) were measured the old way, so the run's eval curve would silently mix
-two measurements. Changing them needs ``allow_changes``, which says so in the log line.
+``train.eval_samples_per_prompt``, ``sampling.eval_num_steps``, ``sampling.eval_cfg_scale``, ``eval.*``
+but the grid's rows) are *not* safe, a deliberate choice: they leave the training trajectory alone, but the
+evaluations already recorded (restored from the checkpoint, starting with the baseline at iteration 0 that
+the report, ``evals.json`` and the collapse monitor compare against) were measured the old way, so the run's
+eval curve would silently mix two measurements. Changing them needs ``allow_changes``, which says so in the
+log line.
 
 Everything else (model, LoRA, data, sampling, reward, GRPO, optimiser, seed, batch sizes, which change the
 samples, the gradients or merely their rounding) is unsafe: a resumed run would no longer be the run that
@@ -46,6 +47,9 @@ SAFE: tuple[str, ...] = (
     "train.base_eval_cache",
     "train.output_dir",
     "train.device",
+    "train.log_with",
+    "train.tracker_project",
+    "eval.grid_prompts",
     "monitor.*",
     "preset",
     "model.embedding_cache",
@@ -59,6 +63,7 @@ EVAL_FIELDS: tuple[str, ...] = (
     "train.eval_samples_per_prompt",
     "sampling.eval_num_steps",
     "sampling.eval_cfg_scale",
+    "eval.*",  # the evaluator, its metrics and their arguments, its batching (eval.grid_prompts is safe)
 )
 #: How the command line spells ``allow_changes`` (used in the error message's fix).
 ALLOW_FLAG = "--allow-changes"

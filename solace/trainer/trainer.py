@@ -15,8 +15,10 @@ One iteration (paper Alg. 1):
    log-probs plus ``beta`` KL to the LoRA-off reference; gradients accumulate over (micro-batch x window
    step) micro-steps, each scaled by 1 / (the number of micro-steps actually trained), then one optimizer
    step per update.
-4. Logging (progress bar, tensorboard, CSV), collapse monitor, periodic evaluation, image grids, atomic
-   checkpoints; at the end the LoRA is exported and a report written.
+4. Logging (progress bar, the experiment trackers of ``train.log_with``, CSV), collapse monitor, periodic
+   evaluation (an :class:`~solace.evaluation.evaluators.Evaluator` chosen from the config: the toy world's
+   exact evaluator or registry metrics), image grids, atomic checkpoints; at the end the LoRA is exported and
+   a report written.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from solace.errors import ConfigError
+from solace.evaluation.evaluators import make_evaluator
 from solace.grpo.window import parse_steps, train_window
 from solace.models.base import Conditioning
 from solace.models.lora import add_lora, load_lora, lora_config, lora_parameters, lora_state_dict, save_lora
@@ -63,6 +66,7 @@ from solace.trainer.monitor import CollapseMonitor, latent_texture
 from solace.trainer.resume_check import check_resume, truncate_log
 from solace.trainer.runlock import RunLock
 from solace.trainer.signals import RunInterrupted, StopRequest
+from solace.trainer.tracking import Trackers, log_with
 from solace.trainer.updates import make_update
 from solace.utils.files import append_csv_row
 from solace.utils.seeding import Stream, TrainStreams
@@ -79,9 +83,11 @@ class Trainer:
         if cfg.train.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("train.device", "cuda asked for, but torch sees no GPU; use auto or cpu")
         cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
-        self.acc = accelerator or Accelerator(cpu=cpu)
-        check_backend(self.acc.distributed_type)  # FSDP / DeepSpeed: refused with the reason
         self.out = Path(cfg.train.output_dir)
+        # a given accelerator brings its own trackers (its log_with)
+        self.acc = accelerator or Accelerator(cpu=cpu, log_with=log_with(cfg.train.log_with, self.out))
+        check_backend(self.acc.distributed_type)  # FSDP / DeepSpeed: refused with the reason
+        self.trackers = Trackers(self.acc, cfg.train.tracker_project, self.out, dataclasses.asdict(cfg))
         self.is_main = self.acc.is_main_process
         self.rank = self.acc.process_index
         self.layout = self._layout()
@@ -115,7 +121,10 @@ class Trainer:
         self.stopped_at = cfg.train.iterations
         self.history: list[dict[str, float]] = []
         self.evals: list[dict[str, Any]] = []
-        self.writer = None
+        # the main process evaluates (metric models load here, before training); None: nothing to evaluate
+        self.evaluator = (
+            make_evaluator(cfg, self.adapter, self.out, self.eval_cfg_scale) if self.is_main else None
+        )
 
     def _layout(self) -> GroupLayout:
         s, world = self.cfg.sampling, self.acc.num_processes
@@ -174,15 +183,8 @@ class Trainer:
             tqdm.write(f"WARNING {message}")
 
     def _log(self, scalars: dict[str, float], step: int) -> None:
-        if not self.is_main:
-            return
-        if self.writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.out / "tb"))
-        for k, v in scalars.items():
-            if v is not None and math.isfinite(float(v)):
-                self.writer.add_scalar(k, float(v), step)
+        """The finite scalars to every tracker of ``train.log_with`` (main process)."""
+        self.trackers.log(scalars, step)
 
     def _batches(self, n: int) -> list[slice]:
         """Slices of ``sampling.batch_size`` samples: the forwards of sampling and decoding."""
@@ -331,81 +333,19 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, iteration: int) -> dict[str, Any] | None:
-        """Held-out accuracy with the toy world's exact evaluator (main process; None elsewhere or where
-        nothing can be scored exactly); logged, kept in ``evals``, compared with the base by the monitor."""
-        if not self.is_main or not self.is_toy:
+        """Evaluate with the configured evaluator (main process; None elsewhere or where nothing evaluates);
+        logged, kept in ``evals``, its image statistics compared with the base's by the monitor."""
+        if not self.is_main or self.evaluator is None:
             return None
-        from solace.evaluation.toy_eval import eval_records
-
-        recs = eval_records(self.cfg.data.eval_prompts, self.cfg.data.eval_prompts_limit)
-        if recs is None:
-            return None
-        summ = self._evaluate_records(recs, iteration)["summary"]
-        out = {
-            "iteration": iteration,
-            "strict": summ["overall"]["strict"],
-            "lenient": summ["overall"]["lenient"],
-            "categories": summ["categories"],
-            "images": summ.get("images", {}),  # a cached evaluation from an older version lacks them
-        }
-        self._log(
-            {
-                "eval/strict": out["strict"],
-                "eval/lenient": out["lenient"],
-                **{f"eval/{k}": v for k, v in out["images"].items()},
-                **{f"eval/{c}_strict": v["strict"] for c, v in summ["categories"].items()},
-            },
-            iteration,
-        )
+        out = self.evaluator.evaluate(iteration)
+        self._log(self.evaluator.scalars(out), iteration)
+        if out.get("grid"):
+            self.trackers.log_image("eval/grid", self.out / out["grid"], iteration)
         if self.evals and self.cfg.monitor.enabled:
             for w in self.monitor.update_eval(iteration, self.evals[0].get("images", {}), out["images"]):
                 tqdm.write(f"WARNING collapse monitor: {w}")
         self.evals.append(out)
         return out
-
-    def _evaluate_records(self, recs: list, iteration: int) -> dict[str, Any]:
-        """Score ``recs`` on fixed noise; the evaluation before training is cached when configured."""
-        from solace.evaluation.toy_eval import BaseEvalCache, evaluate_records
-
-        c = self.cfg
-        cached = iteration == 0 and c.train.base_eval_cache
-        cache = BaseEvalCache(c.train.base_eval_cache, self._base_eval_key()) if cached else None
-        res = cache.get() if cache else None
-        if res is None:
-            res = evaluate_records(
-                self.adapter, recs, c.train.eval_samples_per_prompt, c.sampling.eval_num_steps,
-                self.eval_cfg_scale, seed=c.train.seed + 999, progress=False,
-                negative_prompt=c.sampling.negative_prompt,
-            )  # fmt: skip
-            if cache:
-                cache.put(res)
-        return res
-
-    def _base_eval_key(self) -> dict[str, Any]:
-        """Everything the evaluation before training depends on."""
-        import hashlib
-
-        from solace.models.toy import default_weights_path
-
-        c = self.cfg
-        weights = default_weights_path() if c.model.name == "toy" else Path(c.model.name)
-        return {
-            "model": c.model.name,
-            # the weights themselves, so a changed base (a new shipped toy model) is evaluated anew
-            "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else "",
-            "lora_init": c.model.lora.init_from,
-            "merge_init": c.model.lora.merge_init,
-            "dtype": c.model.dtype,
-            "eval_prompts": c.data.eval_prompts,
-            "limit": c.data.eval_prompts_limit,
-            "samples": c.train.eval_samples_per_prompt,
-            "steps": c.sampling.eval_num_steps,
-            "cfg": self.eval_cfg_scale,
-            "seed": c.train.seed,
-            # only when set, so that the caches of runs before these settings existed stay valid
-            **({"negative_prompt": c.sampling.negative_prompt} if c.sampling.negative_prompt else {}),
-            **({"size": [c.model.height, c.model.width]} if c.model.height or c.model.width else {}),
-        }
 
     def save_images(self, iteration: int) -> Path | None:
         """Image grid of fixed prompts and seeds (``train.image_prompts``; on the toy world one held-out
@@ -423,13 +363,15 @@ class Trainer:
             seed=self.cfg.train.seed + 4242, progress=False,
             negative_prompt=self.cfg.sampling.negative_prompt,
         )  # fmt: skip
-        return save_grid(
+        path = save_grid(
             self.out / "images" / f"iter_{iteration:06d}.png",
             list(imgs),
             4,
             row_labels=[p.removeprefix("a photo of ") for p in prompts],
             scale=3 if imgs.shape[-1] <= 64 else 1,
         )
+        self.trackers.log_image("images/samples", path, iteration)
+        return path
 
     # ------------------------------------------------------------------ checkpoints
     def _lora_meta(self) -> dict[str, str]:
@@ -514,7 +456,10 @@ class Trainer:
         """Run (or resume) the iterations, then export the LoRA, evaluate and report. One run per output
         folder (a lock); Ctrl-C / SIGTERM finish the iteration, checkpoint and stop."""
         with self._run_lock(), StopRequest() as stop:
-            return self._train(resume, stop)
+            try:
+                return self._train(resume, stop)
+            finally:
+                self.trackers.finish()  # also when stopped by a signal or an error: every event on disk
 
     def _train(self, resume: bool, stop: StopRequest) -> dict[str, Any]:
         cfg = self.cfg
@@ -633,10 +578,8 @@ class Trainer:
         t = self.cfg.train
         if t.eval_every and done % t.eval_every == 0 and done < t.iterations:
             ev = self.evaluate(done)
-            if ev and self.is_main:
-                tqdm.write(
-                    f"iteration {done}: held-out strict {ev['strict']:.3f} lenient {ev['lenient']:.3f}"
-                )
+            if ev and self.evaluator is not None:
+                tqdm.write(f"iteration {done}: {self.evaluator.progress_line(ev)}")
         if t.image_every and done % t.image_every == 0:
             self.save_images(done)
 
@@ -651,17 +594,18 @@ class Trainer:
             if self.cfg.train.report:
                 if not self.evals or self.evals[-1]["iteration"] != last:
                     self.evaluate(last)
-                if self.cfg.train.image_every:
+                every = self.cfg.train.image_every
+                if every and (last % every or last == self.start_iteration):  # else written by _periodic
                     self.save_images(last)
                 from solace.trainer.report import write_report
 
                 result["report"] = str(write_report(self))
-            if self.writer is not None:
-                self.writer.close()  # every event on disk: a distributed run ends with os._exit
-                self.writer = None
+            self.trackers.finish()  # every event on disk: a distributed run ends with os._exit
             self._write_monitor()
             # every held-out evaluation of this run, machine-readable
             (self.out / "evals.json").write_text(json.dumps(self.evals, indent=1))
+        if self.evaluator is not None and self.evals:
+            result["eval_summary"] = self.evaluator.summary(self.evals)
         result.update(monitor=self.monitor.verdict, evals=self.evals, iterations=last)
         self.acc.wait_for_everyone()
         return result
