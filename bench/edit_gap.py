@@ -60,22 +60,20 @@ def pair_outcomes(r_c: np.ndarray, r_e: np.ndarray) -> tuple[np.ndarray, np.ndar
 def ground_truth_scores(ad: ToyAdapter, rec: PromptRecord, edits: list[str], renders: int, K: int, seed: int):
     """R (n,) under the prompt and (n, E) under each edit of its exact ground-truth renders that the
     evaluator reads correct (seeds 0..renders-1), with one set of probes for the prompt's renders."""
+    z0 = gt_latents(ad, rec, renders)
+    if z0 is None:
+        return None
+    r = r_under(ad, z0, [rec.prompt, *edits], K, seed)
+    return r[:, 0], r[:, 1:]
+
+
+def gt_latents(ad: ToyAdapter, rec: PromptRecord, renders: int) -> torch.Tensor | None:
+    """Latents of the ground-truth renders (seeds 0..renders-1) the evaluator reads correct; None if none."""
     imgs = [render_prompt(rec, s) for s in range(renders)]
     imgs = [a for a in imgs if score_detections(detect(a), rec)["strict"]]
     if not imgs:
         return None
-    x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 255.0
-    z0 = ad.encode_images(x)
-    ts = ad.sigmas(10)[:-1]
-    n = z0.shape[0]
-    one = torch.zeros(n, dtype=torch.long)
-    sc = SelfConfidenceScorer(SelfConfidenceCfg(num_probes=K))
-    conds = ad.encode_prompts([rec.prompt, *edits])
-    r = [
-        aggregate(sc.scores(ad, z0, conds.index([j] * n), None, ts, one, [seed]), ts)
-        for j in range(len(conds))
-    ]
-    return r[0].numpy(), torch.stack(r[1:], 1).numpy()
+    return ad.encode_images(torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 255.0)
 
 
 @torch.no_grad()
@@ -123,14 +121,12 @@ def extra_pass(
         extras = [e for e in kinds if e not in g["edits"]]
         if not extras:
             continue
-        imgs = [render_prompt(rec, s) for s in range(renders)]
-        imgs = [a for a in imgs if score_detections(detect(a), rec)["strict"]]
+        z_gt = gt_latents(ad, rec, renders)
         m = raw["group"] == gi
         strict = raw["strict"][m].astype(bool)
         sets = []
-        if imgs:
-            x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 255.0
-            sets.append(("gt", ad.encode_images(x), 1_000_003 + gi, None))
+        if z_gt is not None:
+            sets.append(("gt", z_gt, 1_000_003 + gi, None))
         if strict.any():
             z0 = own_samples(ad, rec.prompt, len(strict), sig_seed * 100_003 + gi)[torch.from_numpy(strict)]
             r_c = aggregate(torch.from_numpy(raw["S_c"][m][strict]), ts).numpy()
