@@ -10,6 +10,11 @@ all 67 held-out prompts x 8 with the same noise (paired). A run folder that fini
 proof resumes. Writes ``OUT/summary.json``, ``OUT/summary.md`` (per seed: the change over the base of both
 runs on both sets and their difference) and ``OUT/curves.png`` (train-batch strict accuracy and both
 evaluations, both runs, one panel a seed).
+
+Another reward beside the same controls: ``--config toy_nft --label solace_paper [overrides]`` writes
+``OUT/solace_paper/seedN`` and ``summary_solace_paper.md``, and reuses ``OUT/control/seedN`` when it is there
+(the control's reward is ``random`` whatever the preset's, so it is the same run when every other setting
+is: pass the same overrides). ``--only reward|control`` runs one of the two, for two processes side by side.
 """
 
 from __future__ import annotations
@@ -66,10 +71,10 @@ def one_run(a: argparse.Namespace, cond: str, seed: int) -> dict:
     return rec
 
 
-def summarize(recs: dict[tuple[str, int], dict], seeds: list[int], out: Path) -> dict:
+def summarize(recs: dict[tuple[str, int], dict], seeds: list[int], out: Path, label: str = "reward") -> dict:
     rows = []
     for s in seeds:
-        r, c = recs[("reward", s)], recs[("control", s)]
+        r, c = recs[(label, s)], recs[("control", s)]
 
         def d_train(x: dict) -> float:
             return x["evals"][-1]["strict"] - x["evals"][0]["strict"]
@@ -115,21 +120,22 @@ def summarize(recs: dict[tuple[str, int], dict], seeds: list[int], out: Path) ->
             f"{x['heldout_reward'] - x['heldout_control']:+.3f} | "
             f"{x['wall_s_reward'] / 60:.1f} / {x['wall_s_control'] / 60:.1f} |"
         )
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
-    doc = {"rows": rows}
-    (out / "summary.json").write_text(json.dumps(doc, indent=1))
-    plot(recs, seeds, out / "curves.png")
+    tag = "" if label == "reward" else f"_{label}"
+    (out / f"summary{tag}.md").write_text("\n".join(lines) + "\n")
+    doc = {"label": label, "rows": rows}
+    (out / f"summary{tag}.json").write_text(json.dumps(doc, indent=1))
+    plot(recs, seeds, out / f"curves{tag}.png", label)
     print("\n".join(lines))
     return doc
 
 
-def plot(recs: dict[tuple[str, int], dict], seeds: list[int], png: Path) -> None:
+def plot(recs: dict[tuple[str, int], dict], seeds: list[int], png: Path, label: str = "reward") -> None:
     from solace.evaluation.analysis import pyplot, save_figure
 
     plt = pyplot()
     fig, axes = plt.subplots(1, len(seeds), figsize=(5.5 * len(seeds), 4), squeeze=False)
     for ax, s in zip(axes[0], seeds, strict=True):
-        for cond, color in (("reward", "tab:blue"), ("control", "tab:gray")):
+        for cond, color in ((label, "tab:blue"), ("control", "tab:gray")):
             r = recs[(cond, s)]
             ts = r["train_strict"]
             k = 10
@@ -166,6 +172,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="held-out sampling steps (ODE)")
     ap.add_argument("--cfg", type=float, default=3.0, help="held-out CFG")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--label", default="reward",
+        help="folder name of the reward run (another preset beside the same controls: e.g. --config toy_nft "
+        "--label solace_paper; summary_LABEL.md and curves_LABEL.png)",
+    )  # fmt: skip
+    ap.add_argument("--only", choices=("reward", "control"), help="run one of the two (another process runs "
+                    "the other); the summary is written when both are there")  # fmt: skip
     ap.add_argument("overrides", nargs="*", help="key=value for every run")
     a = ap.parse_args()
     import torch
@@ -173,8 +186,12 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     seeds = [int(x) for x in a.seeds.split(",")]
     a.out.mkdir(parents=True, exist_ok=True)
-    recs = {(c, s): one_run(a, c, s) for s in seeds for c in ("reward", "control")}
-    summarize(recs, seeds, a.out)
+    conds = {"reward": a.label, "control": "control"}
+    todo = [conds[a.only]] if a.only else list(conds.values())
+    recs = {(c, s): one_run(a, c, s) for s in seeds for c in todo}
+    if all((a.out / c / f"seed{s}" / "proof.json").exists() for s in seeds for c in conds.values()):
+        recs = {(c, s): one_run(a, c, s) for s in seeds for c in conds.values()}  # read back, nothing reruns
+        summarize(recs, seeds, a.out, a.label)
 
 
 if __name__ == "__main__":
