@@ -88,3 +88,18 @@ def test_tracker_errors_name_the_field(weights, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # wandb cannot be imported
     with pytest.raises(ConfigError, match=r"^train\.log_with: wandb is asked for but not installed: pip"):
         Trainer(cfg)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("wandb", ["wandb"]), ("tensorboard,wandb", ["tensorboard", "wandb"]), ("[wandb]", ["wandb"]), ("[]", [])],
+)
+def test_log_with_takes_a_bare_name_or_a_comma_list_on_the_command_line(value, expected):
+    """`train.log_with=wandb` is the list [wandb] (it used to fail with OmegaConf's "AnyNode is not a
+    ListConfig"); a bracketed list is unchanged."""
+    assert load_config("toy", [f"train.log_with={value}"], check_paths=False).train.log_with == expected
+
+
+def test_an_unknown_bare_tracker_name_is_still_refused_by_name():
+    with pytest.raises(ConfigError, match="train.log_with: unknown tracker 'foo'"):
+        load_config("toy", ["train.log_with=foo"], check_paths=False)

@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from omegaconf import OmegaConf
+from omegaconf import ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from solace.errors import ConfigError, check
@@ -285,6 +285,7 @@ def load_config(
         layers.append(_load_yaml_chain(p))
     for o in overrides or []:
         check("=" in o, "overrides", f"{o!r} is not of the form key=value (e.g. grpo.rho=1.0)")
+    overrides = [_bracket_list(schema, o) for o in overrides or []]
     try:
         if overrides:
             layers.append(expand_resolution(OmegaConf.from_dotlist(list(overrides)), "the overrides"))
@@ -303,6 +304,20 @@ def load_config(
         cfg.preset = cfg.preset or str(path)
     validate(cfg, check_paths)
     return cfg
+
+
+def _bracket_list(schema: Any, override: str) -> str:
+    """``key=a`` or ``key=a,b`` for a list field (e.g. ``train.log_with=wandb``) means ``key=[a,b]``; other
+    overrides are returned as they are."""
+    key, _, value = override.partition("=")
+    try:
+        node = OmegaConf.select(schema, key.strip(), throw_on_missing=False)
+    except OmegaConfBaseException:
+        return override
+    v = value.strip()
+    if isinstance(node, ListConfig) and v and not v.startswith("[") and v.lower() not in ("null", "~"):
+        return f"{key}=[{v}]"
+    return override
 
 
 def expand_resolution(layer: Any, where: str) -> Any:
