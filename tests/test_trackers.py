@@ -92,7 +92,12 @@ def test_tracker_errors_name_the_field(weights, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [("wandb", ["wandb"]), ("tensorboard,wandb", ["tensorboard", "wandb"]), ("[wandb]", ["wandb"]), ("[]", [])],
+    [
+        ("wandb", ["wandb"]),
+        ("tensorboard,wandb", ["tensorboard", "wandb"]),
+        ("[wandb]", ["wandb"]),
+        ("[]", []),
+    ],
 )
 def test_log_with_takes_a_bare_name_or_a_comma_list_on_the_command_line(value, expected):
     """`train.log_with=wandb` is the list [wandb] (it used to fail with OmegaConf's "AnyNode is not a
