@@ -108,3 +108,26 @@ def test_log_with_takes_a_bare_name_or_a_comma_list_on_the_command_line(value, e
 def test_an_unknown_bare_tracker_name_is_still_refused_by_name():
     with pytest.raises(ConfigError, match="train.log_with: unknown tracker 'foo'"):
         load_config("toy", ["train.log_with=foo"], check_paths=False)
+
+
+def test_a_resumed_run_logs_into_the_same_wandb_run(weights, tmp_path, monkeypatch):
+    """`--resume` continues the output folder's wandb run (its id is kept in the folder) instead of
+    starting a new one."""
+    wandb_dir = tmp_path / "wandb_home"
+    wandb_dir.mkdir()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(wandb_dir))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    import wandb
+
+    wandb.teardown()  # wandb keeps the settings (WANDB_DIR) of an earlier test's runs in this process
+    out = tmp_path / "run"
+    extra = {"train.log_with": "[wandb]", "train.report": False, "train.checkpoint_every": 1}
+    Trainer(load_config("toy", tiny_overrides(weights, out, **{**extra, "train.iterations": 1}))).train()
+    run_id = (out / "wandb_run_id.txt").read_text().strip()
+    assert len(run_id) == 8
+    Trainer(load_config("toy", tiny_overrides(weights, out, **{**extra, "train.iterations": 2}))).train(
+        resume=True
+    )
+    runs = sorted((wandb_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs), runs

@@ -57,10 +57,34 @@ def flat_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def init_kwargs(out: Path) -> dict[str, dict[str, Any]]:
-    """Per-tracker keywords of ``init_trackers``: wandb's run is named after the output folder and keeps
-    its files there unless ``WANDB_DIR`` says otherwise."""
-    wandb: dict[str, Any] = {"name": out.name}
+WANDB_ID_FILE = "wandb_run_id.txt"
+"""The output folder's wandb run id: a resumed run (``--resume``) logs on into the same wandb run."""
+
+
+def wandb_run_id(out: Path) -> str:
+    """The wandb run id of the output folder: read from :data:`WANDB_ID_FILE`, or made and written there
+    on the first start (8 random lowercase letters and digits, wandb's own form)."""
+    import secrets
+    import string
+
+    path = out / WANDB_ID_FILE
+    if path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    out.mkdir(parents=True, exist_ok=True)
+    alphabet = string.ascii_lowercase + string.digits
+    run_id = "".join(secrets.choice(alphabet) for _ in range(8))
+    path.write_text(run_id + "\n")
+    return run_id
+
+
+def init_kwargs(out: Path, names: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Per-tracker keywords of ``init_trackers``: wandb's run is named after the output folder, keeps its
+    files there unless ``WANDB_DIR`` says otherwise, and has the folder's run id (:func:`wandb_run_id`,
+    ``resume="allow"``), so ``--resume`` continues the same wandb run; steps already logged past the
+    checkpoint are not logged again by wandb (it keeps a run's steps increasing)."""
+    if names is not None and "wandb" not in names:
+        return {}
+    wandb: dict[str, Any] = {"name": out.name, "id": wandb_run_id(out), "resume": "allow"}
     if not os.environ.get("WANDB_DIR"):
         out.mkdir(parents=True, exist_ok=True)
         wandb["dir"] = str(out)
@@ -87,7 +111,8 @@ class Trackers:
         if self.started or self.closed or not self.acc.is_main_process:
             return
         self.started = True
-        config, kwargs = flat_config(self.config), init_kwargs(self.out)
+        names = [str(getattr(t, "value", None) or getattr(t, "name", t)) for t in self.acc.log_with]
+        config, kwargs = flat_config(self.config), init_kwargs(self.out, names)
         self.acc.init_trackers(self.project, config=config, init_kwargs=kwargs)
 
     def log(self, values: dict[str, Any], step: int) -> None:
