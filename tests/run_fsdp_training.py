@@ -1,0 +1,103 @@
+"""Subprocess entry (``torchrun --nproc_per_node 2 run_fsdp_training.py WEIGHTS OUT BACKEND``): the tiny toy
+training of the trainer tests, under DDP (``BACKEND=ddp``: accelerate's own choice on CPU) or under
+accelerate's FSDP (``BACKEND=fsdp``), for each algorithm of :data:`PLAN`: ``OUT/<algorithm>/full`` trains
+2 iterations with an evaluation and an image grid after each; under FSDP ``OUT/<algorithm>/resumed`` also
+trains 1 iteration (a checkpoint), then a new Trainer continues it to 2 with ``--resume``. Each run folder
+gets ``fsdp_rank{r}.json`` (the FSDP units, the local and whole sizes of the LoRA parameters). One launch,
+one process group, several Trainers in turn (as ``solace ablate`` runs them), to keep the test short.
+
+accelerate picks FSDP only from a GPU-like distributed type (``state.py``: never from MULTI_CPU), so for
+``fsdp`` the Accelerator is built on CPU with an FSDP plugin and its state is then set to what
+``accelerate launch --config_file configs/accelerate/fsdp_sd3.yaml`` gives on GPUs: distributed type FSDP,
+the plugin, and the device ``cpu`` (accelerate's ``cpu:0`` is refused by torch's FSDP as a ``device_id``
+differing from the compute device ``cpu``). The plugin takes the shipped config's settings (version 1,
+FULL_SHARD, use_orig_params, FULL_STATE_DICT), the toy model's block class (``JointAttention``, which holds
+its LoRA layers) in place of the diffusers blocks, and no ``sync_module_states`` (accelerate's plugin needs
+a GPU-like device for it; every process loads the same weights and seeds the same LoRA here).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from trainer_helpers import tiny_overrides  # noqa: E402
+
+from solace.trainer.config import load_config  # noqa: E402
+from solace.trainer.distributed import finish  # noqa: E402
+from solace.trainer.trainer import Trainer  # noqa: E402
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "fsdp_sd3.yaml"
+
+
+def fsdp_accelerator():
+    from accelerate import Accelerator, FullyShardedDataParallelPlugin
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    f = yaml.safe_load(CONFIG.read_text())["fsdp_config"]
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=f["fsdp_version"],
+        reshard_after_forward=f["fsdp_sharding_strategy"],
+        auto_wrap_policy=f["fsdp_auto_wrap_policy"].lower(),
+        transformer_cls_names_to_wrap=["JointAttention"],
+        use_orig_params=f["fsdp_use_orig_params"],
+        state_dict_type=f["fsdp_state_dict_type"],
+        sync_module_states=False,
+    )
+    acc = Accelerator(cpu=True, fsdp_plugin=plugin)
+    patch = {"distributed_type": DistributedType.FSDP, "device": torch.device("cpu")}
+    PartialState._shared_state.update(patch)  # AcceleratorState copies PartialState's when re-created
+    acc.state.__dict__.update(patch)
+    acc.state.fsdp_plugin = plugin
+    return acc
+
+
+def describe(tr: Trainer) -> dict:
+    """What the wrapping did on this process: FSDP units, local vs whole LoRA sizes."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    local = [p.numel() for p in tr.params]
+    doc = {"world": tr.acc.num_processes, "fsdp": tr.sharded is not None, "local_numel": sum(local)}
+    if tr.sharded is not None:
+        doc["units"] = sum(isinstance(m, FSDP) for m in tr.wrapped.modules())
+        with tr.sharded.summoned():
+            doc["whole_numel"] = sum(p.numel() for p in tr.params)
+        doc["empty_pieces"] = sum(n == 0 for n in local)
+    return doc
+
+
+NFT = ["train.algorithm=nft", "sampling.noise_level=0", "nft.ema_decay=0.5", "nft.micro_batch_size=4"]
+# flow_grpo with the report on: the evaluation before training and the final one run too
+PLAN = {"flow_grpo": ["train.report=true"], "nft": NFT}
+EVERY = ["train.eval_every=1", "train.image_every=1", "data.eval_prompts_limit=8"]
+
+
+def run(acc, weights: str, out: Path, overrides: list[str], resume: bool = False) -> None:
+    cfg = load_config("toy", tiny_overrides(weights, out) + EVERY + overrides)
+    tr = Trainer(cfg, accelerator=acc)
+    doc = describe(tr)
+    tr.train(resume=resume)
+    (out / f"fsdp_rank{tr.rank}.json").write_text(json.dumps(doc))
+
+
+def main() -> None:
+    weights, out, backend = sys.argv[1:]
+    acc = fsdp_accelerator() if backend == "fsdp" else None
+    for algorithm, extra in PLAN.items():
+        run(acc, weights, Path(out) / algorithm / "full", extra)
+        if backend == "fsdp":
+            resumed = Path(out) / algorithm / "resumed"
+            run(acc, weights, resumed, [*extra, "train.iterations=1"])
+            run(acc, weights, resumed, extra, resume=True)
+    finish()
+
+
+if __name__ == "__main__":
+    main()

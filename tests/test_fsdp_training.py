@@ -1,0 +1,127 @@
+"""The trainer under accelerate's FSDP on 2 CPU processes (gloo), against the same 2-process DDP run.
+
+One DDP launch and one FSDP launch of ``tests/run_fsdp_training.py`` (about 30 s and 60 s on 2 busy cores)
+train the tiny toy model with flow_grpo and with nft (EMA decay 0.5, so the old policy is state of its
+own), evaluating and drawing an image grid after every iteration (every process samples them under FSDP:
+a grid or an evaluation on the main process alone would hang the others). Under FSDP the toy model's five
+attention blocks, which hold all its LoRA layers, are FSDP units and their LoRA parameters real shards.
+
+Tolerance of FSDP vs DDP: every forward, backward and AdamW step computes the same numbers elementwise, and
+both average the two processes' gradients (FSDP divides each by 2 before its reduce-scatter, DDP the sum
+after: exact in binary). Only the gradient norm is summed in another order (shard by shard), which moves
+the weights only when clipping is active, by a rounding of the clip factor (~1e-7 relative) per step;
+1e-5 on weights of size ~1 leaves room for that. Measured: bitwise equal (the norms stay below
+``optim.max_grad_norm`` here). A resumed run must equal the uninterrupted one bitwise, as under DDP.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+from trainer_helpers import make_tiny_toy_weights  # noqa: E402
+
+SCRIPT = HERE / "run_fsdp_training.py"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+LORA = Path("lora") / "pytorch_lora_weights.safetensors"
+TOL = 1e-5
+ALGORITHMS = ["flow_grpo", "nft"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp")
+    weights = make_tiny_toy_weights(root / "tiny_toy.safetensors")
+    for backend, port in (("ddp", "29541"), ("fsdp", "29542")):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+        cmd += [str(SCRIPT), str(weights), str(root / backend), backend]
+        subprocess.run(cmd, check=True, env=ENV, timeout=600, cwd=root)
+    return root
+
+
+def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tol: float) -> float:
+    assert a.keys() == b.keys() and len(a) > 0
+    assert all(a[k].shape == b[k].shape for k in a)
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert diff <= tol, diff
+    return diff
+
+
+def _ranks(folder: Path) -> list[dict]:
+    return [json.loads((folder / f"fsdp_rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def _grad_norms(folder: Path) -> list[float]:
+    with open(folder / "log.csv") as fh:
+        return [float(row["train/grad_norm"]) for row in csv.DictReader(fh)]
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_fsdp_shards_the_lora_and_trains_the_ddp_lora(runs, algorithm):
+    ddp, fsdp = runs / "ddp" / algorithm / "full", runs / "fsdp" / algorithm / "full"
+    assert not any(d["fsdp"] for d in _ranks(ddp))
+    r0, r1 = _ranks(fsdp)
+    assert r0["fsdp"] and r1["fsdp"] and r0["units"] == r1["units"] == 6  # the root + 5 attention blocks
+    whole = r0["whole_numel"]
+    assert r0["local_numel"] + r1["local_numel"] == whole and 0 < r0["local_numel"] < whole  # real shards
+    a, b = load_file(str(ddp / LORA)), load_file(str(fsdp / LORA))
+    _close(a, b, TOL)
+    assert sum(v.numel() for v in b.values()) == whole  # the export holds whole tensors
+    assert all(v.ndim == 2 and min(v.shape) == 4 for v in b.values())  # (rank, in) / (out, rank)
+    assert max(v.abs().max().item() for k, v in b.items() if "lora_B" in k) > 0  # it trained
+    ck = Path("checkpoints") / "iter_000002"
+    names = ["lora.safetensors", "optimizer.safetensors"] + ["update.safetensors"] * (algorithm == "nft")
+    for name in names:
+        _close(load_file(str(ddp / ck / name)), load_file(str(fsdp / ck / name)), TOL)
+    assert _grad_norms(fsdp) == pytest.approx(_grad_norms(ddp), rel=TOL)
+    # the evaluations and grids every process sampled (flow_grpo: report on, so also before and after)
+    evals = json.loads((fsdp / "evals.json").read_text())
+    assert [e["iteration"] for e in evals] == ([0, 1, 2] if algorithm == "flow_grpo" else [1])
+    assert evals == json.loads((ddp / "evals.json").read_text())
+    grids = sorted(p.name for p in (fsdp / "images").iterdir())
+    assert grids == sorted(p.name for p in (ddp / "images").iterdir()) and "iter_000002.png" in grids
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_fsdp_checkpoint_resumes_to_the_uninterrupted_lora(runs, algorithm):
+    """1 iteration (its checkpoint written under FSDP), then ``--resume`` to 2 in a new Trainer: bitwise the
+    uninterrupted FSDP run, the optimizer moments and NFT's old policy included."""
+    full, resumed = runs / "fsdp" / algorithm / "full", runs / "fsdp" / algorithm / "resumed"
+    first = resumed / "checkpoints" / "iter_000001"
+    assert json.loads((first / "state.json").read_text())["iteration"] == 1
+    _close(load_file(str(full / LORA)), load_file(str(resumed / LORA)), 0.0)
+    ck = Path("checkpoints") / "iter_000002"
+    for name in ["optimizer.safetensors"] + (["update.safetensors"] * (algorithm == "nft")):
+        _close(load_file(str(full / ck / name)), load_file(str(resumed / ck / name)), 0.0)
+    if algorithm == "nft":  # whole tensors, and an old policy apart from the trained LoRA
+        old = load_file(str(full / ck / "update.safetensors"))
+        lora = load_file(str(full / ck / "lora.safetensors"))
+        assert sorted(v.numel() for v in old.values()) == sorted(v.numel() for v in lora.values())
+        b = [v for k, v in lora.items() if "lora_B" in k]
+        assert not any(torch.equal(o, v) for o in old.values() for v in b if o.shape == v.shape)
+
+
+def test_fsdp_plugin_errors_name_the_field_and_the_fix():
+    from types import SimpleNamespace
+
+    from solace.errors import ConfigError
+    from solace.trainer.fsdp import prepare_plugin
+
+    with pytest.raises(ConfigError, match=r"fsdp_version: is 2; .*set fsdp_version: 1"):
+        prepare_plugin(SimpleNamespace(fsdp_version=2, use_orig_params=True, ignored_modules=None), [])
+    with pytest.raises(ConfigError, match=r"fsdp_use_orig_params: is false; set it to true"):
+        prepare_plugin(SimpleNamespace(fsdp_version=1, use_orig_params=False, ignored_modules=None), [])
+    text = torch.nn.Linear(2, 2)
+    plugin = SimpleNamespace(fsdp_version=1, use_orig_params=True, ignored_modules=[torch.nn.Linear(1, 1)])
+    prepare_plugin(plugin, [text])
+    assert plugin.ignored_modules == [text]  # an earlier run's list is replaced (solace ablate)
