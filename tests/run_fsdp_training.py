@@ -74,8 +74,9 @@ def describe(tr: Trainer) -> dict:
 
 
 NFT = ["train.algorithm=nft", "sampling.noise_level=0", "nft.ema_decay=0.5", "nft.micro_batch_size=4"]
-# flow_grpo with the report on: the evaluation before training and the final one run too
-PLAN = {"flow_grpo": ["train.report=true"], "nft": NFT}
+# flow_grpo with the report on: the evaluation before training and the final one run too; nft with a
+# gradient norm limit below its norms, so that every step is clipped (by the norm over the shards)
+PLAN = {"flow_grpo": ["train.report=true"], "nft": [*NFT, "optim.max_grad_norm=0.001"]}
 EVERY = ["train.eval_every=1", "train.image_every=1", "data.eval_prompts_limit=8"]
 
 
@@ -87,6 +88,22 @@ def run(acc, weights: str, out: Path, overrides: list[str], resume: bool = False
     (out / f"fsdp_rank{tr.rank}.json").write_text(json.dumps(doc))
 
 
+def root_unit_error(acc, weights: str, out: Path) -> str:
+    """The trainer's error when the wrapped blocks (here the toy's ResBlock) leave the LoRA in the root unit.
+    (accelerate turns the plugin's wrap policy into a callable on its first use: it is set afresh.)"""
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    from solace.errors import ConfigError
+
+    plugin = acc.state.fsdp_plugin
+    plugin.auto_wrap_policy, plugin.transformer_cls_names_to_wrap = transformer_auto_wrap_policy, ["ResBlock"]
+    try:
+        Trainer(load_config("toy", tiny_overrides(weights, out)), accelerator=acc)
+    except ConfigError as e:
+        return str(e)
+    return ""
+
+
 def main() -> None:
     weights, out, backend = sys.argv[1:]
     acc = fsdp_accelerator() if backend == "fsdp" else None
@@ -96,6 +113,9 @@ def main() -> None:
             resumed = Path(out) / algorithm / "resumed"
             run(acc, weights, resumed, [*extra, "train.iterations=1"])
             run(acc, weights, resumed, extra, resume=True)
+    if backend == "fsdp":
+        error = root_unit_error(acc, weights, Path(out) / "root_unit")
+        (Path(out) / f"root_unit_error_rank{acc.process_index}.txt").write_text(error)
     finish()
 
 

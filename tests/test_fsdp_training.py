@@ -2,16 +2,19 @@
 
 One DDP launch and one FSDP launch of ``tests/run_fsdp_training.py`` (about 30 s and 60 s on 2 busy cores)
 train the tiny toy model with flow_grpo and with nft (EMA decay 0.5, so the old policy is state of its
-own), evaluating and drawing an image grid after every iteration (every process samples them under FSDP:
-a grid or an evaluation on the main process alone would hang the others). Under FSDP the toy model's five
+own; a gradient norm limit below its norms, so every step is clipped), evaluating and drawing an image grid
+after every iteration (every process samples them under FSDP: a grid or an evaluation on the main process
+alone would hang the others). Under FSDP the toy model's five
 attention blocks, which hold all its LoRA layers, are FSDP units and their LoRA parameters real shards.
 
 Tolerance of FSDP vs DDP: every forward, backward and AdamW step computes the same numbers elementwise, and
 both average the two processes' gradients (FSDP divides each by 2 before its reduce-scatter, DDP the sum
 after: exact in binary). Only the gradient norm is summed in another order (shard by shard), which moves
 the weights only when clipping is active, by a rounding of the clip factor (~1e-7 relative) per step;
-1e-5 on weights of size ~1 leaves room for that. Measured: bitwise equal (the norms stay below
-``optim.max_grad_norm`` here). A resumed run must equal the uninterrupted one bitwise, as under DDP.
+1e-5 on weights of size ~1 leaves room for that. Measured: weights, moments and old policy bitwise equal;
+the clipped nft run's gradient norms differ by 6e-8 relative (0.0075489399 vs 0.0075489404). A clip by a
+local norm (one process's shards) logs norms 5x off and fails here. A resumed run must equal the
+uninterrupted one bitwise, as under DDP.
 """
 
 from __future__ import annotations
@@ -109,6 +112,15 @@ def test_fsdp_checkpoint_resumes_to_the_uninterrupted_lora(runs, algorithm):
         assert sorted(v.numel() for v in old.values()) == sorted(v.numel() for v in lora.values())
         b = [v for k, v in lora.items() if "lora_B" in k]
         assert not any(torch.equal(o, v) for o in old.values() for v in b if o.shape == v.shape)
+
+
+def test_lora_left_in_the_root_fsdp_unit_is_refused_naming_the_field(runs):
+    """Wrapping the toy's ResBlocks leaves its LoRA (in the attention blocks) in the root unit, whose gathered
+    weights FSDP keeps between forwards (the EMA swap and AdamW write the shards): refused, every process."""
+    for r in (0, 1):
+        msg = (runs / "fsdp" / f"root_unit_error_rank{r}.txt").read_text()
+        assert msg.startswith("accelerate config fsdp_config.fsdp_transformer_layer_cls_to_wrap: 60 LoRA")
+        assert "name the block classes that hold the LoRA layers" in msg
 
 
 def test_fsdp_plugin_errors_name_the_field_and_the_fix():

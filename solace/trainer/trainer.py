@@ -177,7 +177,9 @@ class Trainer:
         self.sharded: ShardedParams | None = None
         if self.acc.num_processes == 1:
             return params, opt, den
-        fsdp = str(self.acc.distributed_type).upper().endswith("FSDP")
+        from accelerate.utils import DistributedType
+
+        fsdp = self.acc.distributed_type == DistributedType.FSDP
         if fsdp:
             prepare_plugin(self.acc.state.fsdp_plugin, getattr(self.adapter, "fsdp_ignored_modules", []))
         wrapped, opt = self.acc.prepare(den, opt)
