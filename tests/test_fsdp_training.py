@@ -123,7 +123,9 @@ def test_lora_left_in_the_root_fsdp_unit_is_refused_naming_the_field(runs):
         assert "name the block classes that hold the LoRA layers" in msg
 
 
-def test_fsdp_plugin_errors_name_the_field_and_the_fix():
+def test_fsdp_setup_errors_name_the_field_and_the_fix():
+    """The plugin's version and use_orig_params; a bf16 base beside float32 LoRA (FSDP version 1 flattens
+    a unit into one dtype: torch's ``_validate_tensors_to_flatten`` would fail inside prepare)."""
     from types import SimpleNamespace
 
     from solace.errors import ConfigError
@@ -133,6 +135,16 @@ def test_fsdp_plugin_errors_name_the_field_and_the_fix():
         prepare_plugin(SimpleNamespace(fsdp_version=2, use_orig_params=True, ignored_modules=None), [])
     with pytest.raises(ConfigError, match=r"fsdp_use_orig_params: is false; set it to true"):
         prepare_plugin(SimpleNamespace(fsdp_version=1, use_orig_params=False, ignored_modules=None), [])
+    from solace.models.lora import add_lora
+    from solace.trainer.fsdp import check_uniform_dtype
+
+    base = torch.nn.Sequential(torch.nn.Linear(4, 4)).to(torch.bfloat16)
+    base.requires_grad_(False)
+    add_lora(base, 2, 2, ["0"])  # float32 LoRA beside the bf16 base, as model.dtype=bf16 gives
+    mixed = r"model.dtype: the denoiser holds bfloat16, float32 .*set model.dtype=fp32"
+    with pytest.raises(ConfigError, match=mixed):
+        check_uniform_dtype(base, [])
+    check_uniform_dtype(base.float(), [])
     text = torch.nn.Linear(2, 2)
     plugin = SimpleNamespace(fsdp_version=1, use_orig_params=True, ignored_modules=[torch.nn.Linear(1, 1)])
     prepare_plugin(plugin, [text])

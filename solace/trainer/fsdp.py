@@ -62,6 +62,22 @@ def prepare_plugin(plugin: Any, ignored: Sequence[torch.nn.Module]) -> None:
         plugin.ignored_modules = list(ignored) or None
 
 
+def check_uniform_dtype(denoiser: torch.nn.Module, ignored: Sequence[torch.nn.Module]) -> None:
+    """FSDP version 1 flattens each unit's parameters into one tensor of one dtype, so a base cast to bf16 /
+    fp16 (``model.dtype``) beside float32 LoRA weights in the same block cannot be wrapped: refuse it before
+    wrapping, with the fix, rather than let torch fail inside ``accelerator.prepare``."""
+    skip = {id(p) for m in ignored for p in m.parameters()}
+    dtypes = {p.dtype for p in denoiser.parameters() if id(p) not in skip}
+    if len(dtypes) > 1:
+        names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+        raise ConfigError(
+            "model.dtype",
+            f"the denoiser holds {names} parameters (the base cast to model.dtype, the LoRA in float32), "
+            "which FSDP version 1 cannot put in one unit; under FSDP set model.dtype=fp32 (the base is "
+            "sharded over the processes), or launch with DDP (--multi_gpu)",
+        )
+
+
 def check_lora_units(wrapped: torch.nn.Module, params: Sequence[torch.nn.Parameter]) -> None:
     """Refuse a wrapping that leaves LoRA parameters in the root FSDP unit (see the module docstring)."""
     handle = getattr(wrapped, "_handle", None)

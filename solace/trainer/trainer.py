@@ -65,6 +65,7 @@ from solace.trainer.distributed import check_backend
 from solace.trainer.fsdp import (
     ShardedParams,
     check_lora_units,
+    check_uniform_dtype,
     full_optimizer_state,
     local_optimizer_state,
     prepare_plugin,
@@ -181,7 +182,9 @@ class Trainer:
 
         fsdp = self.acc.distributed_type == DistributedType.FSDP
         if fsdp:
-            prepare_plugin(self.acc.state.fsdp_plugin, getattr(self.adapter, "fsdp_ignored_modules", []))
+            ignored = getattr(self.adapter, "fsdp_ignored_modules", [])
+            prepare_plugin(self.acc.state.fsdp_plugin, ignored)
+            check_uniform_dtype(den, ignored)
         wrapped, opt = self.acc.prepare(den, opt)
         if fsdp:
             check_lora_units(wrapped, params)
