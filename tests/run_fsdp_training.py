@@ -1,18 +1,21 @@
-"""Subprocess entry (``torchrun --nproc_per_node 2 run_fsdp_training.py WEIGHTS OUT BACKEND``): the tiny toy
-training of the trainer tests, under DDP (``BACKEND=ddp``: accelerate's own choice on CPU) or under
-accelerate's FSDP (``BACKEND=fsdp``), for each algorithm of :data:`PLAN`: ``OUT/<algorithm>/full`` trains
-2 iterations with an evaluation and an image grid after each; under FSDP ``OUT/<algorithm>/resumed`` also
-trains 1 iteration (a checkpoint), then a new Trainer continues it to 2 with ``--resume``. Each run folder
-gets ``fsdp_rank{r}.json`` (the FSDP units, the local and whole sizes of the LoRA parameters). One launch,
-one process group, several Trainers in turn (as ``solace ablate`` runs them), to keep the test short.
+"""Subprocess entry: ``torchrun --nproc_per_node 2 run_fsdp_training.py WEIGHTS OUT BACKEND PIPE PROMPTS
+CLIP``. The tiny toy training of the trainer tests, under DDP (``BACKEND=ddp``: accelerate's own choice on
+CPU) or under accelerate's FSDP (``BACKEND=fsdp``), for each algorithm of :data:`PLAN`:
+``OUT/<algorithm>/full`` trains 2 iterations with an evaluation and an image grid after each; under FSDP
+``OUT/<algorithm>/resumed`` also trains 1 iteration (a checkpoint), then a new Trainer continues it to 2 with
+``--resume``. Then ``OUT/sd3`` trains the tiny SD3 pipeline saved in ``PIPE`` on ``PROMPTS`` (its
+transformer blocks wrapped as ``configs/accelerate/fsdp_sd3.yaml`` says; CLIPScore evaluations with the tiny
+CLIP in ``CLIP``). Each run folder gets ``fsdp_rank{r}.json`` (the FSDP units, the local and whole sizes of
+the LoRA parameters). One launch, one process group, several Trainers in turn (as ``solace ablate`` runs
+them), to keep the test short.
 
 accelerate picks FSDP only from a GPU-like distributed type (``state.py``: never from MULTI_CPU), so for
 ``fsdp`` the Accelerator is built on CPU with an FSDP plugin and its state is then set to what
 ``accelerate launch --config_file configs/accelerate/fsdp_sd3.yaml`` gives on GPUs: distributed type FSDP,
 the plugin, and the device ``cpu`` (accelerate's ``cpu:0`` is refused by torch's FSDP as a ``device_id``
 differing from the compute device ``cpu``). The plugin takes the shipped config's settings (version 1,
-FULL_SHARD, use_orig_params, FULL_STATE_DICT), the toy model's block class (``JointAttention``, which holds
-its LoRA layers) in place of the diffusers blocks, and no ``sync_module_states`` (accelerate's plugin needs
+FULL_SHARD, use_orig_params, FULL_STATE_DICT; for SD3 its block classes, for the toy model its own block
+class, ``JointAttention``, which holds its LoRA layers), and no ``sync_module_states`` (accelerate's plugin needs
 a GPU-like device for it; every process loads the same weights and seeds the same LoRA here).
 """
 
@@ -81,22 +84,50 @@ EVERY = ["train.eval_every=1", "train.image_every=1", "data.eval_prompts_limit=8
 
 
 def run(acc, weights: str, out: Path, overrides: list[str], resume: bool = False) -> None:
-    cfg = load_config("toy", tiny_overrides(weights, out) + EVERY + overrides)
+    train(acc, load_config("toy", tiny_overrides(weights, out) + EVERY + overrides), out, resume)
+
+
+def train(acc, cfg, out: Path, resume: bool = False) -> None:
     tr = Trainer(cfg, accelerator=acc)
     doc = describe(tr)
     tr.train(resume=resume)
     (out / f"fsdp_rank{tr.rank}.json").write_text(json.dumps(doc))
 
 
-def root_unit_error(acc, weights: str, out: Path) -> str:
-    """The trainer's error when the wrapped blocks (here the toy's ResBlock) leave the LoRA in the root unit.
-    (accelerate turns the plugin's wrap policy into a callable on its first use: it is set afresh.)"""
-    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+def wrap_classes(acc, names: list[str]) -> None:
+    """Wrap these block classes from now on (accelerate turns the plugin's policy into a callable bound to
+    the first model's classes on its first use: it is set afresh)."""
+    if acc is not None:
+        from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
+        plugin = acc.state.fsdp_plugin
+        plugin.auto_wrap_policy, plugin.transformer_cls_names_to_wrap = transformer_auto_wrap_policy, names
+
+
+def run_sd3(acc, pipe: str, prompts: str, clip: str, out: Path) -> None:
+    """The tiny SD3 pipeline (no T5) with the block classes of configs/accelerate/fsdp_sd3.yaml, evaluated
+    with CLIPScore from the tiny CLIP saved in ``clip``."""
+    from tiny_pipelines import train_overrides
+
+    f = yaml.safe_load(CONFIG.read_text())["fsdp_config"]
+    wrap_classes(acc, f["fsdp_transformer_layer_cls_to_wrap"].split(","))
+    every = {
+        "train.eval_every": 1,
+        "train.image_every": 1,
+        "model.text_encoder_3": False,
+        "train.eval_samples_per_prompt": 1,
+        "eval.metrics": "[clip_score]",
+        "eval.metric_args": f"{{clip_score: {{model: '{clip}', device: cpu, clamp: false}}}}",
+        "eval.grid_prompts": 2,
+    }
+    train(acc, load_config(None, train_overrides(Path(pipe), out, Path(prompts), **every)), out)
+
+
+def root_unit_error(acc, weights: str, out: Path) -> str:
+    """The trainer's error when the wrapped blocks (the toy's ResBlocks) leave the LoRA in the root unit."""
     from solace.errors import ConfigError
 
-    plugin = acc.state.fsdp_plugin
-    plugin.auto_wrap_policy, plugin.transformer_cls_names_to_wrap = transformer_auto_wrap_policy, ["ResBlock"]
+    wrap_classes(acc, ["ResBlock"])
     try:
         Trainer(load_config("toy", tiny_overrides(weights, out)), accelerator=acc)
     except ConfigError as e:
@@ -105,7 +136,7 @@ def root_unit_error(acc, weights: str, out: Path) -> str:
 
 
 def main() -> None:
-    weights, out, backend = sys.argv[1:]
+    weights, out, backend, pipe, prompts, clip = sys.argv[1:]
     acc = fsdp_accelerator() if backend == "fsdp" else None
     for algorithm, extra in PLAN.items():
         run(acc, weights, Path(out) / algorithm / "full", extra)
@@ -113,6 +144,7 @@ def main() -> None:
             resumed = Path(out) / algorithm / "resumed"
             run(acc, weights, resumed, [*extra, "train.iterations=1"])
             run(acc, weights, resumed, extra, resume=True)
+    run_sd3(acc, pipe, prompts, clip, Path(out) / "sd3")
     if backend == "fsdp":
         error = root_unit_error(acc, weights, Path(out) / "root_unit")
         (Path(out) / f"root_unit_error_rank{acc.process_index}.txt").write_text(error)
