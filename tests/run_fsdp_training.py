@@ -15,8 +15,8 @@ accelerate picks FSDP only from a GPU-like distributed type (``state.py``: never
 the plugin, and the device ``cpu`` (accelerate's ``cpu:0`` is refused by torch's FSDP as a ``device_id``
 differing from the compute device ``cpu``). The plugin takes the shipped config's settings (version 1,
 FULL_SHARD, use_orig_params, FULL_STATE_DICT; for SD3 its block classes, for the toy model its own block
-class, ``JointAttention``, which holds its LoRA layers), and no ``sync_module_states`` (accelerate's plugin needs
-a GPU-like device for it; every process loads the same weights and seeds the same LoRA here).
+class, ``JointAttention``, which holds its LoRA layers), and no ``sync_module_states`` (accelerate's plugin
+needs a GPU-like device for it; every process loads the same weights and seeds the same LoRA here).
 """
 
 from __future__ import annotations
