@@ -83,14 +83,15 @@ def test_fsdp_config_wrapping_gives_the_one_process_lora_gradients_on_two_cpu_pr
             assert res["max_err"] <= 1e-6 * max(res["max_ref"], 1e-3)  # measured 3.7e-9 (sd3), 5.8e-10 (flux)
 
 
-@pytest.mark.parametrize("backend", ["FSDP", "DEEPSPEED"])
-def test_trainer_refuses_the_backends_it_does_not_drive(backend):
+def test_trainer_refuses_deepspeed_and_drives_fsdp():
+    """FSDP runs through solace/trainer/fsdp.py (tests/test_fsdp_training.py); DeepSpeed is refused."""
     from accelerate.utils import DistributedType
 
     from solace.errors import ConfigError
     from solace.trainer.distributed import check_backend
 
-    with pytest.raises(ConfigError, match=rf"accelerate config: distributed_type {backend} .*--multi_gpu"):
-        check_backend(DistributedType[backend])
-    for ok in ("NO", "MULTI_CPU", "MULTI_GPU"):
+    refused = r"accelerate config: distributed_type DEEPSPEED .*--multi_gpu.*FSDP"
+    with pytest.raises(ConfigError, match=refused):
+        check_backend(DistributedType.DEEPSPEED)
+    for ok in ("NO", "MULTI_CPU", "MULTI_GPU", "FSDP"):
         check_backend(DistributedType[ok])

@@ -105,10 +105,12 @@ def evaluator_kind(cfg: SolaceConfig) -> str:
 
 
 def make_evaluator(
-    cfg: SolaceConfig, adapter: Any, out_dir: str | Path, cfg_scale: float
+    cfg: SolaceConfig, adapter: Any, out_dir: str | Path, cfg_scale: float, writes: bool = True
 ) -> Evaluator | None:
     """The evaluator the config asks for (:func:`evaluator_kind`), or None; ``cfg_scale`` is the evaluation
-    CFG (``sampling.eval_cfg_scale`` or the sampling scale). Metric models load here, before training."""
+    CFG (``sampling.eval_cfg_scale`` or the sampling scale). Metric models load here, before training.
+    ``writes=False``: the same evaluations, but no file written (no grid, the base-evaluation cache only
+    read): another process than the main one, when every process must sample (FSDP)."""
     kind = evaluator_kind(cfg)
     if kind == "none":
         return None
@@ -125,7 +127,7 @@ def make_evaluator(
         from solace.evaluation.toy_eval import BaseEvalCache, ToyEvaluator, eval_records
 
         recs = eval_records(c.data.eval_prompts, c.data.eval_prompts_limit)
-        cache = BaseEvalCache(cache_path, base_eval_key(cfg, cfg_scale)) if cache_path else None
+        cache = BaseEvalCache(cache_path, base_eval_key(cfg, cfg_scale), writes) if cache_path else None
         return ToyEvaluator(adapter, recs, c.data.eval_prompts, cache=cache, **common)
     from solace.evaluation.metrics_eval import build_metrics, check_suite_metadata
     from solace.evaluation.toy_eval import BaseEvalCache
@@ -135,9 +137,10 @@ def make_evaluator(
     metrics = build_metrics(c.eval.metrics, {m: dict(c.eval.metric_args.get(m, {})) for m in c.eval.metrics})
     key = {**base_eval_key(cfg, cfg_scale), **metrics_key_extra(cfg)}
     lora = c.model.lora
+    cache = BaseEvalCache(cache_path, key, writes) if cache_path else None
     return MetricsEvaluator(
-        adapter, suite, metrics, batch_size=c.eval.batch_size, out_dir=Path(out_dir),
-        grid_prompts=c.eval.grid_prompts, cache=BaseEvalCache(cache_path, key) if cache_path else None,
+        adapter, suite, metrics, batch_size=c.eval.batch_size, out_dir=Path(out_dir) if writes else None,
+        grid_prompts=c.eval.grid_prompts, cache=cache,
         starts_at_base=not (lora.init_from and not lora.merge_init), **common,
     )  # fmt: skip
 

@@ -251,9 +251,10 @@ class BaseEvalCache:
     """A JSON file of evaluations keyed by every setting they depend on (model, prompts, samples, steps,
     CFG, seed). Runs sharing a base model and a seed, such as an ablation grid, evaluate the base once."""
 
-    def __init__(self, path: str | Path, key: dict):
+    def __init__(self, path: str | Path, key: dict, writes: bool = True):
         self.path = Path(path) if path else None
         self.key = json.loads(json.dumps(key, sort_keys=True))
+        self.writes = writes  # False: read only (a process other than the main one)
 
     def _entries(self) -> list[dict]:
         if self.path is None or not self.path.exists():
@@ -270,7 +271,7 @@ class BaseEvalCache:
         return None
 
     def put(self, result: dict) -> None:
-        if self.path is None:
+        if self.path is None or not self.writes:
             return
         from solace.utils.files import write_json_atomic
 

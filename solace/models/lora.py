@@ -42,6 +42,7 @@ METADATA_KEY = "lora_adapter_metadata"
 PEFT_WEIGHT_NAME = "adapter_model.safetensors"
 PEFT_CONFIG_NAME = "adapter_config.json"
 PREFIX = "transformer"
+FSDP_PREFIX = "_fsdp_wrapped_module."  # what torch's FSDP (version 1) adds to a wrapped block's names
 
 __all__ = [
     "add_lora",
@@ -52,6 +53,7 @@ __all__ = [
     "merge_lora",
     "read_lora",
     "save_lora",
+    "set_lora_state_dict",
 ]
 
 
@@ -421,14 +423,51 @@ def lora_config(denoiser: nn.Module | Any, adapter_name: str = "default") -> Any
     return configs[adapter_name]
 
 
+def _fsdp_named_state(den: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The parameters of a denoiser whose blocks FSDP wrapped (their names as ``named_modules`` gives them,
+    which PEFT matches its layers by), sharing storage; None when nothing in it is FSDP-wrapped."""
+    named = dict(den.named_parameters())
+    if not any(FSDP_PREFIX in n for n in named):
+        return None
+    lora = [p for n, p in named.items() if "lora_" in n and n.endswith("weight")]
+    if any(p.ndim < 2 for p in lora):
+        raise ConfigError(
+            "LoRA",
+            "the LoRA weights are FSDP shards here; gather them first "
+            "(solace.trainer.fsdp.ShardedParams.summoned(), on every process)",
+        )
+    return {n: p.detach() for n, p in named.items()}
+
+
 def lora_state_dict(denoiser: nn.Module | Any, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """One adapter's LoRA weights with PEFT keys (``<module>.lora_A.weight``), detached."""
+    """One adapter's LoRA weights with PEFT keys (``<module>.lora_A.weight``), detached. Inside FSDP (blocks
+    wrapped, use_orig_params) the same keys, from the gathered weights (an error on shards)."""
     from peft import get_peft_model_state_dict
 
     den = _denoiser_of(denoiser)
     lora_config(den, adapter_name)
-    sd = get_peft_model_state_dict(den, adapter_name=adapter_name)
-    return {k: v.detach() for k, v in sd.items()}
+    sd = get_peft_model_state_dict(den, state_dict=_fsdp_named_state(den), adapter_name=adapter_name)
+    return {k.replace(FSDP_PREFIX, ""): v.detach() for k, v in sd.items()}
+
+
+@torch.no_grad()
+def set_lora_state_dict(
+    denoiser: nn.Module | Any, state: dict[str, torch.Tensor], adapter_name: str = "default"
+) -> list[str]:
+    """Load LoRA weights keyed as :func:`lora_state_dict` writes them into ``denoiser`` in place; returns
+    the keys that fit no LoRA weight. Inside FSDP: call it on the gathered weights (with writeback)."""
+    from peft import set_peft_model_state_dict
+
+    den = _denoiser_of(denoiser)
+    if _fsdp_named_state(den) is None:
+        return list(getattr(set_peft_model_state_dict(den, state, adapter_name), "unexpected_keys", []))
+    target = lora_state_dict(den, adapter_name)  # views of the (gathered) weights
+    for k in state.keys() & target.keys():
+        target[k].copy_(state[k])
+    now = lora_state_dict(den, adapter_name)
+    check(all(torch.equal(now[k], state[k].to(now[k])) for k in state.keys() & now.keys()), "LoRA",
+          "did not load into the FSDP-wrapped denoiser; gather with writeback first")  # fmt: skip
+    return sorted(state.keys() - target.keys())
 
 
 def _write_diffusers_lora(

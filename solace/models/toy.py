@@ -101,6 +101,12 @@ class ToyAdapter:
     def latent_shape(self) -> tuple[int, ...]:
         return (3, 32, 32)
 
+    @property
+    def fsdp_ignored_modules(self) -> list[torch.nn.Module]:
+        """What FSDP must leave whole: the text encoder, which :meth:`encode_prompts` calls outside the
+        denoiser's forward (FSDP gathers a unit's weights only inside its forward)."""
+        return [self._net().text]
+
     def _net(self) -> ToyFlowNet:
         m = self.denoiser
         while hasattr(m, "module") and isinstance(m.module, torch.nn.Module):

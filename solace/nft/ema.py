@@ -30,6 +30,8 @@ import torch
 from solace.errors import ConfigError, check
 
 DECAY_KINDS = ("constant", "ramp")
+#: whole tensors from sharded parameters' pieces or back (FSDP, :class:`solace.trainer.fsdp.ShardedParams`)
+Reshard = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 
 
 def ema_decay(
@@ -133,13 +135,20 @@ class EMAPolicy:
         finally:
             self.swap_out()
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The old weights as ``{"old.<i>": tensor}``: contiguous copies, ready for ``safetensors``."""
-        return {f"old.{i}": t.detach().clone().contiguous() for i, t in enumerate(self.old)}
+    def state_dict(self, to_full: Reshard | None = None) -> dict[str, torch.Tensor]:
+        """The old weights as ``{"old.<i>": tensor}``: contiguous copies, ready for ``safetensors``.
+        ``to_full`` makes whole tensors of sharded parameters' pieces (FSDP; a collective)."""
+        old = to_full(self.old) if to_full is not None else self.old
+        return {f"old.{i}": t.detach().clone().contiguous() for i, t in enumerate(old)}
 
     @torch.no_grad()
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load old weights saved by :meth:`state_dict` (same keys, shapes; cast to the stored dtype)."""
+    def load_state_dict(
+        self,
+        state: dict[str, torch.Tensor],
+        to_local: Reshard | None = None,
+    ) -> None:
+        """Load old weights saved by :meth:`state_dict` (same keys, shapes; cast to the stored dtype).
+        ``to_local`` takes this process's pieces of the whole tensors saved (FSDP; a collective)."""
         expected = [f"old.{i}" for i in range(len(self.old))]
         if sorted(state) != sorted(expected):
             raise ConfigError(
@@ -147,6 +156,8 @@ class EMAPolicy:
                 f"keys {sorted(state)[:4]}... do not match the {len(expected)} tensors old.0..old."
                 f"{len(expected) - 1}; was it saved for the same LoRA parameters?",
             )
+        if to_local is not None:
+            state = dict(zip(expected, to_local([state[k] for k in expected]), strict=True))
         for key, old in zip(expected, self.old, strict=True):
             check(
                 tuple(state[key].shape) == tuple(old.shape),

@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,10 @@ from solace.utils.files import safetensors_problem
 UPDATE_FILE = "update.safetensors"
 
 
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    sd = opt.state_dict()
+def _optimizer_tensors(
+    opt: torch.optim.Optimizer | dict[str, Any],
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = opt if isinstance(opt, dict) else opt.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, Any] = {"param_groups": sd["param_groups"], "state": {}}
     for idx, st in sd["state"].items():
@@ -49,7 +52,10 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
 
 
 def _load_optimizer(
-    opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], scalars: dict[str, Any]
+    opt: torch.optim.Optimizer,
+    tensors: dict[str, torch.Tensor],
+    scalars: dict[str, Any],
+    to_local: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> None:
     state: dict[int, dict[str, Any]] = {}
     for idx, st in scalars["state"].items():
@@ -57,7 +63,8 @@ def _load_optimizer(
     for key, v in tensors.items():
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": scalars["param_groups"]})
+    sd = {"state": state, "param_groups": scalars["param_groups"]}
+    opt.load_state_dict(to_local(sd) if to_local is not None else sd)
 
 
 def save_checkpoint(
@@ -65,7 +72,7 @@ def save_checkpoint(
     iteration: int,
     lora: dict[str, torch.Tensor],
     lora_meta: dict[str, str],
-    opt: torch.optim.Optimizer,
+    opt: torch.optim.Optimizer | dict[str, Any],
     extra: dict[str, Any],
     config: dict[str, Any] | None = None,
     update_tensors: dict[str, torch.Tensor] | None = None,
@@ -73,7 +80,8 @@ def save_checkpoint(
     """Write checkpoint ``iter_{iteration:06d}`` under ``folder`` atomically; returns its path.
 
     ``config``: the run's resolved configuration as a plain JSON dict, stored as ``state.json``'s
-    ``config`` entry (then :func:`load_checkpoint` / :func:`read_state` return it unchanged).
+    ``config`` entry (then :func:`load_checkpoint` / :func:`read_state` return it unchanged). ``opt``: the
+    optimizer, or its state dict with whole tensors (what FSDP's shards gather to).
     """
     if config is not None:
         if not isinstance(config, dict):
@@ -283,8 +291,13 @@ def load_update_tensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(f)) if f.exists() else {}
 
 
-def load_checkpoint(path: Path, opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Restore the optimizer in place; return (lora state dict, state.json content)."""
+def load_checkpoint(
+    path: Path,
+    opt: torch.optim.Optimizer,
+    to_local: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Restore the optimizer in place; return (lora state dict, state.json content). ``to_local`` maps the
+    saved state dict (whole tensors) to the optimizer's own (FSDP: this process's shards)."""
     state = read_state(path)
-    _load_optimizer(opt, load_file(str(path / "optimizer.safetensors")), state["optimizer"])
+    _load_optimizer(opt, load_file(str(path / "optimizer.safetensors")), state["optimizer"], to_local)
     return load_file(str(path / "lora.safetensors")), state

@@ -38,7 +38,15 @@ from solace.errors import ConfigError
 from solace.evaluation.evaluators import make_evaluator
 from solace.grpo.window import parse_steps, train_window
 from solace.models.base import Conditioning
-from solace.models.lora import add_lora, load_lora, lora_config, lora_parameters, lora_state_dict, save_lora
+from solace.models.lora import (
+    add_lora,
+    load_lora,
+    lora_config,
+    lora_parameters,
+    lora_state_dict,
+    save_lora,
+    set_lora_state_dict,
+)
 from solace.models.text_cache import ConditioningLRU
 from solace.prompts import Prompt, PromptSource
 from solace.rewards.mixture import SELF_CONFIDENCE, RewardMixture
@@ -54,6 +62,14 @@ from solace.trainer.checkpoint import (
 )
 from solace.trainer.config import SolaceConfig, to_yaml
 from solace.trainer.distributed import check_backend
+from solace.trainer.fsdp import (
+    ShardedParams,
+    check_lora_units,
+    check_uniform_dtype,
+    full_optimizer_state,
+    local_optimizer_state,
+    prepare_plugin,
+)
 from solace.trainer.guard import (
     NonFiniteError,
     NonFiniteGuard,
@@ -86,7 +102,7 @@ class Trainer:
         self.out = Path(cfg.train.output_dir)
         # a given accelerator brings its own trackers (its log_with)
         self.acc = accelerator or Accelerator(cpu=cpu, log_with=log_with(cfg.train.log_with, self.out))
-        check_backend(self.acc.distributed_type)  # FSDP / DeepSpeed: refused with the reason
+        check_backend(self.acc.distributed_type)  # DeepSpeed: refused with the reason
         self.trackers = Trackers(self.acc, cfg.train.tracker_project, self.out, dataclasses.asdict(cfg))
         self.is_main = self.acc.is_main_process
         self.rank = self.acc.process_index
@@ -121,9 +137,12 @@ class Trainer:
         self.stopped_at = cfg.train.iterations
         self.history: list[dict[str, float]] = []
         self.evals: list[dict[str, Any]] = []
-        # the main process evaluates (metric models load here, before training); None: nothing to evaluate
+        # the main process evaluates (metric models load here, before training); under FSDP every process
+        # samples with it (each forward is a collective) and the main one writes; None: nothing to evaluate
         self.evaluator = (
-            make_evaluator(cfg, self.adapter, self.out, self.eval_cfg_scale) if self.is_main else None
+            make_evaluator(cfg, self.adapter, self.out, self.eval_cfg_scale, writes=self.is_main)
+            if self.samples_images
+            else None
         )
 
     def _layout(self) -> GroupLayout:
@@ -141,7 +160,7 @@ class Trainer:
 
     def _trainable(self) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer, torch.nn.Module]:
         """LoRA on the denoiser (its A matrices drawn from ``train.seed``), AdamW, and the module that runs
-        forwards (DDP-wrapped on several processes)."""
+        forwards (DDP- or FSDP-wrapped on several processes; under FSDP ``self.sharded`` gathers the LoRA)."""
         m, o = self.cfg.model, self.cfg.optim
         den = self.adapter.denoiser
         den.requires_grad_(False)
@@ -156,11 +175,27 @@ class Trainer:
         opt = torch.optim.AdamW(
             params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay
         )
+        self.sharded: ShardedParams | None = None
         if self.acc.num_processes == 1:
             return params, opt, den
+        from accelerate.utils import DistributedType
+
+        fsdp = self.acc.distributed_type == DistributedType.FSDP
+        if fsdp:
+            ignored = getattr(self.adapter, "fsdp_ignored_modules", [])
+            prepare_plugin(self.acc.state.fsdp_plugin, ignored)
+            check_uniform_dtype(den, ignored)
         wrapped, opt = self.acc.prepare(den, opt)
+        if fsdp:
+            check_lora_units(wrapped, params)
+            self.sharded = ShardedParams(wrapped, params)
         self.adapter.forward_module = wrapped
         return params, opt, wrapped
+
+    @property
+    def samples_images(self) -> bool:
+        """Whether this process runs evaluations and image grids: the main one, and under FSDP every one."""
+        return self.is_main or self.sharded is not None
 
     @property
     def eval_cfg_scale(self) -> float:
@@ -333,24 +368,25 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, iteration: int) -> dict[str, Any] | None:
-        """Evaluate with the configured evaluator (main process; None elsewhere or where nothing evaluates);
-        logged, kept in ``evals``, its image statistics compared with the base's by the monitor."""
-        if not self.is_main or self.evaluator is None:
+        """Evaluate with the configured evaluator (main process, and under FSDP every process; None elsewhere
+        or where nothing evaluates); logged, kept in ``evals``, its image statistics compared with the base's
+        by the monitor."""
+        if not self.samples_images or self.evaluator is None:
             return None
         out = self.evaluator.evaluate(iteration)
         self._log(self.evaluator.scalars(out), iteration)
-        if out.get("grid"):
+        if out.get("grid") and self.is_main:
             self.trackers.log_image("eval/grid", self.out / out["grid"], iteration)
         if self.evals and self.cfg.monitor.enabled:
             for w in self.monitor.update_eval(iteration, self.evals[0].get("images", {}), out["images"]):
-                tqdm.write(f"WARNING collapse monitor: {w}")
+                self._warn(f"collapse monitor: {w}")
         self.evals.append(out)
         return out
 
     def save_images(self, iteration: int) -> Path | None:
         """Image grid of fixed prompts and seeds (``train.image_prompts``; on the toy world one held-out
-        prompt per category), 4 samples a row."""
-        if not self.is_main:
+        prompt per category), 4 samples a row. Under FSDP every process samples it, the main one writes."""
+        if not self.samples_images:
             return None
         from solace.evaluation.toy_eval import default_image_prompts, generate
         from solace.utils.images import save_grid
@@ -363,6 +399,8 @@ class Trainer:
             seed=self.cfg.train.seed + 4242, progress=False,
             negative_prompt=self.cfg.sampling.negative_prompt,
         )  # fmt: skip
+        if not self.is_main:
+            return None
         path = save_grid(
             self.out / "images" / f"iter_{iteration:06d}.png",
             list(imgs),
@@ -383,9 +421,23 @@ class Trainer:
             )
         }
 
+    def _checkpoint_tensors(self) -> tuple[dict[str, torch.Tensor], Any, dict[str, torch.Tensor]] | None:
+        """The LoRA, the optimizer (or its state dict) and the update's tensors, whole: on the main process,
+        or under FSDP gathered by every process (None on the others)."""
+        sp = self.sharded
+        if sp is None:
+            if not self.is_main:
+                return None
+            return lora_state_dict(self.adapter.denoiser), self.opt, self.updater.state_tensors()
+        with sp.summoned():
+            lora = {k: v.clone() for k, v in lora_state_dict(self.adapter.denoiser).items()}
+        return lora, full_optimizer_state(self.opt, sp), self.updater.state_tensors()
+
     def checkpoint(self, iteration: int) -> None:
         self.acc.wait_for_everyone()
-        if self.is_main:
+        tensors = self._checkpoint_tensors()
+        if self.is_main and tensors is not None:
+            lora, opt, update_tensors = tensors
             state = {
                 "history": self.history,
                 "evals": self.evals,
@@ -396,9 +448,8 @@ class Trainer:
                 "nonfinite": self.guard.state_dict(),
             }
             save_checkpoint(
-                self.out / "checkpoints", iteration, lora_state_dict(self.adapter.denoiser),
-                self._lora_meta(), self.opt, state, config=dataclasses.asdict(self.cfg),
-                update_tensors=self.updater.state_tensors(),
+                self.out / "checkpoints", iteration, lora, self._lora_meta(), opt, state,
+                config=dataclasses.asdict(self.cfg), update_tensors=update_tensors,
             )  # fmt: skip
         self.acc.wait_for_everyone()
 
@@ -414,11 +465,11 @@ class Trainer:
             self._warn(f"--resume: no checkpoint in {root}; starting a new run")
             return False
         self._check_config_against(read_state(ck).get("config"), ck)
-        from peft import set_peft_model_state_dict
-
-        lora, state = load_checkpoint(ck, self.opt)
-        res = set_peft_model_state_dict(self.adapter.denoiser, lora)
-        unexpected = getattr(res, "unexpected_keys", [])
+        sp = self.sharded  # FSDP: whole tensors saved, shards loaded
+        to_local = (lambda sd: local_optimizer_state(sd, sp)) if sp else None
+        lora, state = load_checkpoint(ck, self.opt, to_local)
+        with sp.summoned(writeback=True) if sp else contextlib.nullcontext():
+            unexpected = set_lora_state_dict(self.adapter.denoiser, lora)
         if unexpected:
             raise ConfigError("resume", f"{ck}: LoRA keys do not fit this model ({unexpected[:3]} ...)")
         self.start_iteration = int(state["iteration"])
@@ -568,35 +619,50 @@ class Trainer:
             (self.out / "config.yaml").write_text(to_yaml(self.cfg))
         if not resumed and self.is_main:
             (self.out / "log.csv").unlink(missing_ok=True)
-            if self.cfg.train.report:
-                self.evaluate(0)
-                if self.cfg.train.image_every:
-                    self.save_images(0)
+        if not resumed and self.samples_images and self.cfg.train.report:  # FSDP: on every process
+            self.evaluate(0)
+            if self.cfg.train.image_every:
+                self.save_images(0)
 
     def _periodic(self, done: int) -> None:
         """Evaluations every ``train.eval_every`` and image grids every ``train.image_every`` iterations."""
         t = self.cfg.train
         if t.eval_every and done % t.eval_every == 0 and done < t.iterations:
             ev = self.evaluate(done)
-            if ev and self.evaluator is not None:
+            if ev and self.evaluator is not None and self.is_main:
                 tqdm.write(f"iteration {done}: {self.evaluator.progress_line(ev)}")
         if t.image_every and done % t.image_every == 0:
             self.save_images(done)
 
+    def _export_lora(self) -> Path:
+        """``OUT/lora``: the LoRA in diffusers' format, written by the main process (under FSDP gathered by
+        every process first)."""
+        final = self.out / "lora"
+        pipe_cls = type(self.adapter.pipeline) if hasattr(self.adapter, "pipeline") else None
+        with self.sharded.summoned() if self.sharded is not None else contextlib.nullcontext():
+            if self.is_main:
+                save_lora(self.adapter, final, pipeline_class=pipe_cls)
+        return final
+
+    def _final_samples(self, last: int) -> None:
+        """The last evaluation and image grid, where ``_periodic`` did not make them (main process; under
+        FSDP every process)."""
+        if not (self.samples_images and self.cfg.train.report):
+            return
+        if not self.evals or self.evals[-1]["iteration"] != last:
+            self.evaluate(last)
+        every = self.cfg.train.image_every
+        if every and (last % every or last == self.start_iteration):  # else written by _periodic
+            self.save_images(last)
+
     def _finish(self, last: int) -> dict[str, Any]:
         """Export the LoRA, evaluate and report (main process), write monitor.json and evals.json."""
         result: dict[str, Any] = {"output_dir": str(self.out)}
+        final = self._export_lora()
+        self._final_samples(last)
         if self.is_main:
-            final = self.out / "lora"
-            pipe_cls = type(self.adapter.pipeline) if hasattr(self.adapter, "pipeline") else None
-            save_lora(self.adapter, final, pipeline_class=pipe_cls)
             result["lora"] = str(final)
             if self.cfg.train.report:
-                if not self.evals or self.evals[-1]["iteration"] != last:
-                    self.evaluate(last)
-                every = self.cfg.train.image_every
-                if every and (last % every or last == self.start_iteration):  # else written by _periodic
-                    self.save_images(last)
                 from solace.trainer.report import write_report
 
                 result["report"] = str(write_report(self))

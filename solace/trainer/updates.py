@@ -131,7 +131,10 @@ class PolicyUpdate:
                 agg["loss"].append(float(loss.detach()))
                 for name, v in parts.items():
                     agg[name].append(float(v))
-        gn = torch.nn.utils.clip_grad_norm_(tr.params, tr.cfg.optim.max_grad_norm)
+        if tr.sharded is None:
+            gn = torch.nn.utils.clip_grad_norm_(tr.params, tr.cfg.optim.max_grad_norm)
+        else:  # FSDP: the norm over every process's gradient shards
+            gn = tr.sharded.clip_grad_norm_(tr.cfg.optim.max_grad_norm)
         if torch.isfinite(gn):  # the norm is all-reduced: every process takes the same decision
             agg["grad_norm"].append(float(gn))
             tr.opt.step()
@@ -262,11 +265,14 @@ class NFTUpdate(PolicyUpdate):
         return {"train/ema_decay": self.ema.update(self.steps)}
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return self.ema.state_dict()
+        """The old policy, whole tensors (under FSDP gathered from every process: call it on all)."""
+        sp = self.tr.sharded
+        return self.ema.state_dict(sp.full if sp is not None else None)
 
     def load(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         super().load(state, tensors)
-        self.ema.load_state_dict(tensors)
+        sp = self.tr.sharded
+        self.ema.load_state_dict(tensors, sp.local if sp is not None else None)
 
 
 def make_update(trainer: Trainer) -> PolicyUpdate:
