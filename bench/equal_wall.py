@@ -1,23 +1,25 @@
 """Flow-GRPO and DiffusionNFT side by side at equal wall clock, the same reward (issue 15).
 
-    python bench/equal_wall.py --nft runs/nft_v2 --seeds 0,1,2 --out runs/equal_wall
+    python bench/equal_wall.py --update nft --seed 0 --minutes 22 --out runs/equal_wall &
+    python bench/equal_wall.py --update flow_grpo --seed 0 --minutes 22 --out runs/equal_wall
+    python bench/equal_wall.py --summarize --seed 0 --out runs/equal_wall
 
-For each seed, the NFT reward run of ``bench/nft_proof.py`` (``--nft``: its output folder) fixes the budget:
-its training wall time (evaluations during training included). A Flow-GRPO run (``--config``, default
-``toy_verifiable``: the same verifiable reward, Flow-GRPO's sampler and update) trains with
-``train.max_minutes`` set to that time, under the same conditions the NFT run had (``--threads``; run it
-beside one other single-thread job when the NFT runs ran two side by side), evaluating on the same
-training-distribution set with the same noise (``toy_train_eval``, 8 samples, 20-step ODE, CFG 3) every
-``--eval-every`` iterations, then on all 67 held-out prompts x 8 like the NFT run.
+The two updates train at the same time, one thread each, so both see the same load, for the same
+``train.max_minutes``: NFT with ``toy_nft_verifiable``, Flow-GRPO with ``toy_verifiable`` (the same
+verifiable reward; Flow-GRPO's SDE sampler at CFG 7, its update), both evaluated every ``--eval-every``
+iterations (inside the budget; the two take about the same time an iteration on this machine) on the same
+training-distribution set with the same noise (``toy_train_eval``, 8 samples, 20-step ODE, CFG 3), then on
+all 67 held-out prompts x 8 (``bench/nft_proof.py``'s evaluation; ``--base-from`` copies the cached base
+evaluations of a proof folder). No image grids in either run.
 
-Per run the table gives: the change in strict accuracy on both evaluation sets, training samples per second,
+The table per update: the change in strict accuracy on both evaluation sets, training samples per second,
 the drift from the base as the mean squared velocity difference E||v_lora - v_base||^2 on the same inputs
 for both updates (x_t = (1 - t) x0 + t eps, x0 the base's own samples for the training-distribution
 prompts, t on the 10-step grid, conditional velocity; Flow-GRPO's logged SDE KL has no NFT counterpart with
 an ODE sampler), and the time to +5 points on the training-distribution set (the first evaluation at or above
 base + 0.05; its time is the training wall time at that iteration, read from the logged per-iteration
 times and scaled to the run's wall time, so evaluations are charged pro rata).
-Writes ``OUT/summary.json``, ``OUT/summary.md``.
+Writes ``OUT/summary_seedN.json``, ``OUT/summary_seedN.md``.
 """
 
 from __future__ import annotations
@@ -107,42 +109,31 @@ def row(name: str, rec: dict, run: Path, seed: int) -> dict:
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--nft", type=Path, required=True, help="bench/nft_proof.py output folder")
-    ap.add_argument("--config", default="toy_verifiable", help="the Flow-GRPO preset")
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--out", type=Path, default=Path("runs/equal_wall"))
-    ap.add_argument("--eval-every", type=int, default=25)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--summarize-only", action="store_true", help="only tabulate finished runs")
-    ap.add_argument("overrides", nargs="*", help="key=value for every Flow-GRPO run")
-    a = ap.parse_args()
-    torch.set_num_threads(a.threads)
-    a.out.mkdir(parents=True, exist_ok=True)
-    seeds = [int(x) for x in a.seeds.split(",")]
+PRESETS = {"nft": ("toy_nft_verifiable", 64), "flow_grpo": ("toy_verifiable", 32)}
+
+
+def train_one(a: argparse.Namespace) -> None:
+    """Train and evaluate one update for ``--minutes`` (nft_proof's run record, ``proof.json``)."""
+    for name in ("base_eval_cache.json", f"heldout_base_seed{a.seed}.json"):
+        src, dst = a.base_from / name, a.out / name
+        if src.exists() and not dst.exists():  # the same base evaluations (same noise): copy, don't recompute
+            dst.write_text(src.read_text())
+    config = PRESETS[a.update][0]
+    ns = argparse.Namespace(
+        config=config, out=a.out, threads=a.threads, samples=8, steps=20, cfg=3.0,
+        overrides=[*EVAL, f"train.max_minutes={a.minutes}", "train.iterations=1000", "train.image_every=0",
+                   f"train.eval_every={a.eval_every}", "train.checkpoint_every=20", *a.overrides],
+    )  # fmt: skip
+    one_run(ns, a.update, a.seed)
+
+
+def summarize(a: argparse.Namespace) -> None:
     rows = []
-    for s in seeds:
-        nft = json.loads((a.nft / "reward" / f"seed{s}" / "proof.json").read_text())
-        nft["samples_per_iteration"] = 64
-        cache = a.nft / "base_eval_cache.json"
-        held = a.nft / f"heldout_base_seed{s}.json"
-        for src in (cache, held):  # the same base evaluations (same noise): copy, don't recompute
-            dst = a.out / src.name
-            if src.exists() and not dst.exists():
-                dst.write_text(src.read_text())
-        ns = argparse.Namespace(
-            config=a.config, out=a.out, threads=a.threads, samples=8, steps=20, cfg=3.0,
-            overrides=[*EVAL, f"train.max_minutes={nft['train_wall_s'] / 60:.3f}", "train.iterations=1000",
-                       f"train.eval_every={a.eval_every}", "train.checkpoint_every=25", *a.overrides],
-        )  # fmt: skip
-        run = a.out / "reward" / f"seed{s}"
-        if a.summarize_only and not (run / "proof.json").exists():
-            continue
-        grpo = one_run(ns, "reward", s)
-        grpo["samples_per_iteration"] = 32
-        rows.append(row("nft", nft, a.nft / "reward" / f"seed{s}", s))
-        rows.append(row("flow_grpo", grpo, run, s))
+    for update, (_, per_it) in PRESETS.items():
+        run = a.out / update / f"seed{a.seed}"
+        rec = json.loads((run / "proof.json").read_text())
+        rec["samples_per_iteration"] = per_it
+        rows.append(row(update, rec, run, a.seed))
     lines = [
         "| seed | update | iterations | train min | samples/s | train-dist base -> final (Δ) "
         "| held-out base -> final (Δ) | velocity drift E‖Δv‖² | min to +5 (train-dist) |",
@@ -158,9 +149,29 @@ def main() -> None:
             f"{r['heldout_final']:.3f} ({r['heldout_final'] - r['heldout_base']:+.3f}) | "
             f"{r['velocity_drift']:.2e} | {t5} |"
         )
-    (a.out / "summary.md").write_text("\n".join(lines) + "\n")
-    (a.out / "summary.json").write_text(json.dumps(rows, indent=1))
+    (a.out / f"summary_seed{a.seed}.md").write_text("\n".join(lines) + "\n")
+    (a.out / f"summary_seed{a.seed}.json").write_text(json.dumps(rows, indent=1))
     print("\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--update", choices=tuple(PRESETS), help="train this update (one process each)")
+    ap.add_argument("--summarize", action="store_true", help="tabulate the seed's two finished runs")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--minutes", type=float, default=22.0, help="train.max_minutes of both runs")
+    ap.add_argument("--out", type=Path, default=Path("runs/equal_wall"))
+    ap.add_argument("--base-from", type=Path, default=Path("runs/nft_v2"), help="cached base evaluations")
+    ap.add_argument("--eval-every", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("overrides", nargs="*", help="key=value for the run")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    a.out.mkdir(parents=True, exist_ok=True)
+    if a.update:
+        train_one(a)
+    if a.summarize:
+        summarize(a)
 
 
 if __name__ == "__main__":
