@@ -54,7 +54,9 @@ def one_run(a: argparse.Namespace, cond: str, seed: int) -> dict:
     extra = [*a.overrides, *([CONTROL] if cond == "control" else [])]
     t0 = time.time()
     wall = train(a.config, seed, run, a.out, a.threads, extra)
-    base_path = a.out / f"heldout_base_seed{seed}.json"
+    # the base's held-out evaluation, shared by a seed's runs; other evaluation settings, another file
+    tag = "" if (a.samples, a.steps, a.cfg) == (8, 20, 3.0) else f"_n{a.samples}_s{a.steps}_c{a.cfg:g}"
+    base_path = a.out / f"heldout_base_seed{seed}{tag}.json"
     if not base_path.exists():
         base_path.write_text(json.dumps(evaluate(None, a.samples, a.steps, a.cfg, seed + 999)))
     rec = {
