@@ -107,32 +107,38 @@ class ShardedParams:
         with FSDP.summon_full_params(self.wrapped, writeback=writeback):
             yield
 
+    @contextlib.contextmanager
+    def _restored(self) -> Iterator[None]:
+        """The parameters' pieces as they were before the block (:meth:`full` and :meth:`local` borrow
+        them to carry other tensors through FSDP's gather)."""
+        kept = [p.detach().clone() for p in self.params]
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, k in zip(self.params, kept, strict=True):
+                    p.copy_(k)
+
     @torch.no_grad()
     def full(self, pieces: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Whole tensors from per-parameter pieces shaped like the parameters' shards."""
-        kept = [p.detach().clone() for p in self.params]
-        for p, x in zip(self.params, pieces, strict=True):
-            p.copy_(x)
-        with self.summoned():
-            out = [p.detach().clone() for p in self.params]
-        for p, k in zip(self.params, kept, strict=True):
-            p.copy_(k)
-        return out
+        with self._restored():
+            for p, x in zip(self.params, pieces, strict=True):
+                p.copy_(x)
+            with self.summoned():
+                return [p.detach().clone() for p in self.params]
 
     @torch.no_grad()
     def local(self, whole: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """This process's pieces of whole tensors shaped like the parameters (inverse of :meth:`full`)."""
-        kept = [p.detach().clone() for p in self.params]
-        with self.summoned(writeback=True):
-            for i, (p, x) in enumerate(zip(self.params, whole, strict=True)):
-                if tuple(x.shape) != tuple(p.shape):
-                    raise ConfigError("resume", f"tensor {i} has shape {tuple(x.shape)}, the LoRA "
-                                      f"parameter {tuple(p.shape)}: saved for another LoRA?")  # fmt: skip
-                p.copy_(x)
-        out = [p.detach().clone() for p in self.params]
-        for p, k in zip(self.params, kept, strict=True):
-            p.copy_(k)
-        return out
+        with self._restored():
+            with self.summoned(writeback=True):
+                for i, (p, x) in enumerate(zip(self.params, whole, strict=True)):
+                    if tuple(x.shape) != tuple(p.shape):
+                        raise ConfigError("resume", f"tensor {i} has shape {tuple(x.shape)}, the LoRA "
+                                          f"parameter {tuple(p.shape)}: saved for another LoRA?")  # fmt: skip
+                    p.copy_(x)
+            return [p.detach().clone() for p in self.params]
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip by the norm over every process's gradient shards; returns that norm."""

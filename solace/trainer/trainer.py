@@ -192,6 +192,11 @@ class Trainer:
         self.adapter.forward_module = wrapped
         return params, opt, wrapped
 
+    def _whole_lora(self, writeback: bool = False) -> contextlib.AbstractContextManager:
+        """Inside, the LoRA parameters are whole tensors: under FSDP gathered on every process (a collective;
+        ``writeback`` returns changes to the shards), otherwise they already are."""
+        return self.sharded.summoned(writeback) if self.sharded is not None else contextlib.nullcontext()
+
     @property
     def samples_images(self) -> bool:
         """Whether this process runs evaluations and image grids: the main one, and under FSDP every one."""
@@ -468,7 +473,7 @@ class Trainer:
         sp = self.sharded  # FSDP: whole tensors saved, shards loaded
         to_local = (lambda sd: local_optimizer_state(sd, sp)) if sp else None
         lora, state = load_checkpoint(ck, self.opt, to_local)
-        with sp.summoned(writeback=True) if sp else contextlib.nullcontext():
+        with self._whole_lora(writeback=True):
             unexpected = set_lora_state_dict(self.adapter.denoiser, lora)
         if unexpected:
             raise ConfigError("resume", f"{ck}: LoRA keys do not fit this model ({unexpected[:3]} ...)")
@@ -639,7 +644,7 @@ class Trainer:
         every process first)."""
         final = self.out / "lora"
         pipe_cls = type(self.adapter.pipeline) if hasattr(self.adapter, "pipeline") else None
-        with self.sharded.summoned() if self.sharded is not None else contextlib.nullcontext():
+        with self._whole_lora():
             if self.is_main:
                 save_lora(self.adapter, final, pipeline_class=pipe_cls)
         return final
