@@ -26,8 +26,13 @@ import argparse
 import csv
 import json
 import shutil
+import sys
 from pathlib import Path
 from statistics import mean
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from nft_proof import plot_evals  # noqa: E402
 
 CATS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
@@ -180,17 +185,7 @@ def plot(labels: list[str], recs: dict[str, dict[int, dict]], seeds: list[int], 
             r = recs[lab].get(s)
             if r is None:
                 continue
-            ev = r["evals"]
-            ax.plot(
-                [e["iteration"] for e in ev],
-                [e["strict"] for e in ev],
-                "o-",
-                color=col,
-                label=f"{lab}: train-dist",
-            )
-            n = ev[-1]["iteration"]
-            ax.plot([0, n], [r["heldout_base"]["strict"], r["heldout_final"]["strict"]], "s--", color=col,
-                    alpha=0.6, label=f"{lab}: held-out")  # fmt: skip
+            plot_evals(ax, r, col, lab, alpha=0.6)
         ax.set_title(f"seed {s}")
         ax.set_xlabel("iteration")
         ax.set_ylabel("strict accuracy")

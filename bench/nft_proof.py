@@ -152,17 +152,22 @@ def plot(recs: dict[tuple[str, int], dict], seeds: list[int], png: Path, label: 
                 alpha=0.5,
                 label=f"{cond}: train batch (10-it mean)",
             )
-            ev = r["evals"]
-            ax.plot([e["iteration"] for e in ev], [e["strict"] for e in ev], "o-", color=color,
-                    label=f"{cond}: train-distribution eval")  # fmt: skip
-            n = ev[-1]["iteration"]
-            ax.plot([0, n], [r["heldout_base"]["strict"], r["heldout_final"]["strict"]], "s--", color=color,
-                    label=f"{cond}: held-out eval")  # fmt: skip
+            plot_evals(ax, r, color, cond)
         ax.set_title(f"seed {s}")
         ax.set_xlabel("iteration")
         ax.set_ylabel("strict accuracy")
     axes[0][0].legend(fontsize=7)
     save_figure(plt, fig, png)
+
+
+def plot_evals(ax, rec: dict, color: str, name: str, alpha: float = 1.0) -> None:
+    """One run's evaluations on an axis: the training-distribution set over training, held-out base -> end."""
+    ev = rec["evals"]
+    ax.plot([e["iteration"] for e in ev], [e["strict"] for e in ev], "o-", color=color,
+            label=f"{name}: train-distribution eval")  # fmt: skip
+    n = ev[-1]["iteration"]
+    ax.plot([0, n], [rec["heldout_base"]["strict"], rec["heldout_final"]["strict"]], "s--", color=color,
+            alpha=alpha, label=f"{name}: held-out eval")  # fmt: skip
 
 
 def main() -> None:
