@@ -66,11 +66,8 @@ def sets(rec: dict) -> dict[str, tuple[dict, dict]]:
     }
 
 
-def metric(x: dict, key: str) -> float:
-    """``strict``, ``lenient``, ``strict:CAT`` or ``lenient:CAT`` of one evaluation."""
-    kind, _, cat = key.partition(":")
-    if not cat:
-        return x[kind]
+def metric(x: dict, kind: str, cat: str) -> float:
+    """One category's ``strict`` or ``lenient`` accuracy of one evaluation."""
     return x["categories" if kind == "strict" else "categories_lenient"][cat]
 
 
@@ -130,8 +127,7 @@ def category_table(label: str, runs: dict[int, dict], ref: dict[int, dict], ref_
         for name in ("train-dist", "held-out"):
             for kind in ("strict", "lenient"):
                 d = [
-                    metric(sets(runs[s])[name][1], f"{kind}:{cat}")
-                    - metric(sets(ref[s])[name][1], f"{kind}:{cat}")
+                    metric(sets(runs[s])[name][1], kind, cat) - metric(sets(ref[s])[name][1], kind, cat)
                     for s in seeds
                 ]
                 cells.append(f"{fmt(mean(d))} [{', '.join(fmt(v) for v in d)}]")
