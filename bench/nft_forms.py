@@ -13,6 +13,7 @@ and for the seeds where both runs finished:
   seeds, and each seed);
 - the image statistics that show a collapse: foreground fraction, objects found, pixel std (train-distribution
   set; the held-out records have foreground and objects);
+- the training-distribution evaluations during training, run against the control at each iteration;
 - ``--vs A:B``: label A against label B directly (e.g. verifiable + self-confidence against verifiable alone);
 - ``curves.png``: train-distribution evaluations over training (top) and the training batches' foreground
   fraction (bottom), every label and the control, a column a seed.
@@ -161,6 +162,32 @@ def image_table(labels: list[str], recs: dict[str, dict[int, dict]]) -> list[str
     return lines
 
 
+def trajectory_table(labels: list[str], recs: dict[str, dict[int, dict]]) -> list[str]:
+    """The training-distribution evaluations during training (every evaluated iteration): strict accuracy of
+    the run and of the control at the same iteration, and the run's foreground; a collapse midway shows here
+    even when the end of the run is noise."""
+    ctrl = recs["control"]
+    lines = [
+        "### Train-dist strict over training: run / control at each evaluation (run's foreground)",
+        "",
+        "| run | seed | evaluations |",
+        "|---|---|---|",
+    ]
+    for lab in labels:
+        for s, r in sorted(recs[lab].items()):
+            if s not in ctrl:
+                continue
+            c_at = {e["iteration"]: e["strict"] for e in ctrl[s]["evals"]}
+            cells = [
+                f"{e['iteration']}: {e['strict']:.3f} / {c_at[e['iteration']]:.3f} "
+                f"({e.get('images', {}).get('foreground', float('nan')):.2f})"
+                for e in r["evals"]
+                if e["iteration"] in c_at
+            ]
+            lines.append(f"| {lab} | {s} | " + "; ".join(cells) + " |")
+    return lines
+
+
 def plot(labels: list[str], recs: dict[str, dict[int, dict]], seeds: list[int], out: Path, png: Path) -> None:
     from solace.evaluation.analysis import pyplot, save_figure
 
@@ -232,7 +259,7 @@ def main() -> None:
                 )
             lines.append("")
     done = [lab for lab in labels if recs[lab]]
-    lines += image_table(done, recs)
+    lines += [*image_table(done, recs), "", *trajectory_table([x for x in done if x != "control"], recs)]
     text = "\n".join(lines) + "\n"
     print(text)
     if a.record:
