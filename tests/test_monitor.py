@@ -63,3 +63,22 @@ def test_report_signal_table_compares_window_means():
     assert "| | iterations 1-3 | iterations 8-10 |" in table
     assert "| reward/mean | 1.0000 | 8.0000 |" in table
     assert _signal_table(hist[:3], 5)[4] == "| | iterations 1-1 | iterations 3-3 |"  # window > half the run
+
+
+def test_standardised_reward_rounding_is_no_spike():
+    """A reward standardised across the batch has a mean of 0 up to rounding (~1e-7), and such a wobble was
+    once reported as a jump of 6 running stds (released-code form, seed 1). The floor (a thousandth of the
+    batch's reward std) keeps rounding quiet and still sees a real jump."""
+    means = [3.9e-7, 1.3e-7, -2.0e-7, 0.5e-7, -1.1e-7]
+    m = CollapseMonitor(reward_spike_z=6.0)
+    for i, r in enumerate(means):
+        assert m.update(i, {"reward_mean": r, "reward_std": 1.0}) == []
+    assert m.update(5, {"reward_mean": 1.5e-6, "reward_std": 1.0}) == []
+    # the same history without the batch spread is judged by the running std alone: a "jump"
+    bare = CollapseMonitor(reward_spike_z=6.0)
+    for i, r in enumerate(means):
+        bare.update(i, {"reward_mean": r})
+    assert len(bare.update(5, {"reward_mean": 1.5e-6})) == 1
+    # a real jump of the mean (here 0.5 of the batch spread) still trips with the floor in place
+    (w,) = m.update(6, {"reward_mean": 0.5, "reward_std": 1.0})
+    assert "jumped" in w

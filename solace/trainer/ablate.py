@@ -171,7 +171,12 @@ def replay_monitor(res: dict[str, Any]) -> CollapseMonitor:
     a table judges every run by the same, current rule."""
     mc = MonitorCfg()
     m = CollapseMonitor(mc.std_drop, mc.foreground_drop, mc.reward_spike_z, mc.window)
-    keys = {"texture": "monitor/texture", "foreground": "monitor/foreground", "reward_mean": "reward/mean"}
+    keys = {
+        "texture": "monitor/texture",
+        "foreground": "monitor/foreground",
+        "reward_mean": "reward/mean",
+        "reward_std": "reward/std",
+    }
     for h in res.get("history") or []:
         m.update(int(h.get("iteration", 0)), {k: float(h[v]) for k, v in keys.items() if v in h})
     evals = res.get("evals") or []

@@ -607,8 +607,9 @@ class Trainer:
                 "texture": stats["monitor/texture"],
                 "foreground": stats.get("monitor/foreground", float("nan")),
                 "reward_mean": stats["reward/mean"],
+                "reward_std": stats.get("reward/std", float("nan")),
             }
-            for w in self.monitor.update(it, watched):
+            for w in self.monitor.update(it + 1, watched):  # 1-based, as log.csv and the evaluations
                 if self.is_main:
                     tqdm.write(f"WARNING collapse monitor: {w}")
         stats["iteration"] = it + 1
