@@ -61,7 +61,7 @@ class CollapseMonitor:
             h = np.array(self.history[-20:])
             # a mean that moves by less than a thousandth of the batch's own reward spread is no spike: a
             # reward standardised across the batch (the released-code form) has a mean of 0 up to rounding,
-            # whose running std is ~1e-8
+            # a wobble of ~1e-7
             spread = stats.get("reward_std", math.nan)
             floor = SPIKE_FLOOR * spread if math.isfinite(spread) else 0.0
             sd = max(float(h.std()), floor) or 1e-8
