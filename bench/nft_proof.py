@@ -6,10 +6,11 @@ For each seed, two ``solace train`` runs with identical settings, prompts and no
 and the uninformative ``random`` reward (the control: what the budget moves by itself). Each run evaluates
 64 fresh prompts of the training distribution (``toy_train_eval``, 8 samples each, the preset's evaluation
 steps and CFG) before, during and after training; afterwards the final LoRA and the base are evaluated on
-all 67 held-out prompts x 8 with the same noise (paired). A run folder that finished is kept, so a killed
-proof resumes. Writes ``OUT/summary.json``, ``OUT/summary.md`` (per seed: the change over the base of both
-runs on both sets and their difference) and ``OUT/curves.png`` (train-batch strict accuracy and both
-evaluations, both runs, one panel a seed).
+all 67 held-out prompts x 8 with the same noise (paired). A run folder that finished is kept and one
+killed part-way continues from its checkpoint (``--resume``; its record then says ``resumed`` and times
+only the continuation), so a killed proof resumes. Writes ``OUT/summary.json``, ``OUT/summary.md``
+(per seed: the change over the base of both runs on both sets and their difference) and
+``OUT/curves.png`` (train-batch strict accuracy and both evaluations, both runs, one panel a seed).
 
 Another reward beside the same controls: ``--config toy_nft --label solace_paper [overrides]`` writes
 ``OUT/solace_paper/seedN`` and ``summary_solace_paper.md``, and reuses ``OUT/control/seedN`` when it is there
@@ -36,10 +37,12 @@ CONTROL = "reward.components=[{name: random, weight: 1.0}]"
 
 
 def train(cfg: str, seed: int, run: Path, out: Path, threads: int, extra: list[str]) -> float:
+    """One ``solace train`` run; a run killed part-way (its checkpoint there) continues with ``--resume``."""
+    resume = ["--resume"] if (run / "checkpoints" / "latest").exists() else []
     cmd = [
         sys.executable, "-m", "solace", "train", "--config", cfg, f"train.seed={seed}",
         f"train.output_dir={run}", f"train.base_eval_cache={out / 'base_eval_cache.json'}",
-        f"train.threads={threads}", *extra,
+        f"train.threads={threads}", *resume, *extra,
     ]  # fmt: skip
     t0 = time.time()
     subprocess.run(cmd, check=True)
@@ -52,6 +55,7 @@ def one_run(a: argparse.Namespace, cond: str, seed: int) -> dict:
     if rec_path.exists():
         return json.loads(rec_path.read_text())
     extra = [*a.overrides, *([CONTROL] if cond == "control" else [])]
+    resumed = (run / "checkpoints" / "latest").exists()  # then the wall times count this invocation only
     t0 = time.time()
     wall = train(a.config, seed, run, a.out, a.threads, extra)
     # the base's held-out evaluation, shared by a seed's runs; other evaluation settings, another file
@@ -62,6 +66,7 @@ def one_run(a: argparse.Namespace, cond: str, seed: int) -> dict:
     rec = {
         "condition": cond,
         "seed": seed,
+        "resumed": resumed,
         "train_wall_s": wall,
         "evals": json.loads((run / "evals.json").read_text()),
         "heldout_base": json.loads(base_path.read_text()),
