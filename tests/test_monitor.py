@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from solace.trainer.monitor import CollapseMonitor, latent_texture
+from solace.trainer.monitor import CollapseMonitor, eval_stats, latent_texture
 
 
 def test_batch_statistics_compare_window_means():
@@ -82,3 +82,22 @@ def test_standardised_reward_rounding_is_no_spike():
     # a real jump of the mean (here 0.5 of the batch spread) still trips with the floor in place
     (w,) = m.update(6, {"reward_mean": 0.5, "reward_std": 1.0})
     assert "jumped" in w
+
+
+def test_evaluation_accuracy_against_the_base():
+    """The prompt-contrastive form with NFT grew the foreground while strict accuracy fell from 0.59 to 0.13:
+    the image rules stay quiet, the accuracy rule (below 0.75 of the base's) speaks."""
+    m = CollapseMonitor(accuracy_drop=0.75)
+    base = eval_stats({"strict": 0.589, "images": {"foreground": 0.15, "pixel_std": 0.14}})
+    assert base == {"foreground": 0.15, "pixel_std": 0.14, "strict": 0.589}
+    assert (
+        m.update_eval(30, base, eval_stats({"strict": 0.480, "images": {"foreground": 0.15}})) == []
+    )  # 81 %
+    (w,) = m.update_eval(
+        60, base, eval_stats({"strict": 0.131, "images": {"foreground": 0.24, "pixel_std": 0.1}})
+    )
+    assert "eval_strict fell to 0.1310 (22% of the base model's 0.5890" in w and "prompts drawn worse" in w
+    assert m.verdict == "TRIPPED (1 warnings: eval_strict)"
+    assert (
+        eval_stats({"strict": None, "images": {}}) == {}
+    )  # an evaluator without accuracy: nothing to compare

@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 
 from solace.errors import ConfigError, check
 from solace.trainer.config import MonitorCfg, SolaceConfig, load_config, presets_dir, resolve_preset
-from solace.trainer.monitor import CollapseMonitor
+from solace.trainer.monitor import CollapseMonitor, eval_stats
 from solace.utils.files import write_json_atomic, write_text_atomic
 
 TABLE2 = ["k4", "k8", "k16", "cfg_in_reward", "offline"]
@@ -170,7 +170,7 @@ def replay_monitor(res: dict[str, Any]) -> CollapseMonitor:
     """The collapse monitor (default thresholds) fed a finished run's logged statistics and evaluations, so
     a table judges every run by the same, current rule."""
     mc = MonitorCfg()
-    m = CollapseMonitor(mc.std_drop, mc.foreground_drop, mc.reward_spike_z, mc.window)
+    m = CollapseMonitor(mc.std_drop, mc.foreground_drop, mc.reward_spike_z, mc.window, mc.accuracy_drop)
     keys = {
         "texture": "monitor/texture",
         "foreground": "monitor/foreground",
@@ -181,7 +181,7 @@ def replay_monitor(res: dict[str, Any]) -> CollapseMonitor:
         m.update(int(h.get("iteration", 0)), {k: float(h[v]) for k, v in keys.items() if v in h})
     evals = res.get("evals") or []
     for ev in evals[1:]:
-        m.update_eval(ev["iteration"], evals[0].get("images", {}), ev.get("images", {}))
+        m.update_eval(ev["iteration"], eval_stats(evals[0]), eval_stats(ev))
     return m
 
 

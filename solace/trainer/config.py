@@ -153,6 +153,7 @@ class MonitorCfg:
     foreground_drop: float = 0.5  # toy world: warn when foreground fraction falls below this fraction
     reward_spike_z: float = 6.0  # warn when the reward mean jumps by this many running stds
     window: int = 5  # batch statistics: mean of the last N iterations against the mean of the first N
+    accuracy_drop: float = 0.75  # warn when an evaluation's strict accuracy falls below this fraction of base
 
 
 @dataclass

@@ -7,7 +7,9 @@ first few iterations' mean, or when the reward mean jumps by many running standa
 the running std is floored at a thousandth of the batch's reward spread, so rounding is never a spike).
 At each toy-world evaluation it also compares the evaluation images (fixed prompts and noise) with the
 base model's: foreground fraction and pixel std, which unlike batch statistics do not swing with the
-prompts drawn.
+prompts drawn, and the evaluator's strict accuracy where there is one: a reward can wreck the prompts
+without emptying the images (the prompt-contrastive form with NFT grew the foreground while strict
+accuracy fell from 0.59 to 0.13).
 """
 
 from __future__ import annotations
@@ -21,6 +23,15 @@ import torch
 SPIKE_FLOOR = 1e-3  # a reward-mean jump is measured in at least this fraction of the batch's reward std
 
 
+def eval_stats(ev: dict) -> dict[str, float]:
+    """What :meth:`CollapseMonitor.update_eval` compares from one evaluation record: its image statistics
+    and, where the evaluator scores accuracy, ``strict``."""
+    out = dict(ev.get("images") or {})
+    if isinstance(ev.get("strict"), (int, float)):
+        out["strict"] = float(ev["strict"])
+    return out
+
+
 def latent_texture(z0: torch.Tensor) -> torch.Tensor:
     """Per-sample spatial std of the clean latent, averaged over channels: (B,)."""
     return z0.float().flatten(2).std(-1).mean(-1) if z0.ndim >= 3 else z0.float().std(-1)
@@ -32,6 +43,7 @@ class CollapseMonitor:
     foreground_drop: float = 0.5
     reward_spike_z: float = 6.0
     window: int = 5  # batch statistics are compared as means over this many iterations
+    accuracy_drop: float = 0.75  # an evaluation's strict accuracy below this fraction of the base's
     series: dict[str, list[float]] = field(default_factory=dict)  # per-iteration batch statistics
     history: list[float] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -78,16 +90,24 @@ class CollapseMonitor:
     def update_eval(self, iteration: int, base: dict[str, float], now: dict[str, float]) -> list[str]:
         """Compare an evaluation's image statistics (fixed prompts, fixed noise) with the base model's:
         warn when the foreground fraction or the pixel std fell below its threshold fraction. Unlike the
-        per-batch statistics, these do not move with the prompts drawn, so a drop is the policy's doing."""
+        per-batch statistics, these do not move with the prompts drawn, so a drop is the policy's doing.
+        ``strict`` (the evaluator's accuracy, see :func:`eval_stats`) is compared the same way against
+        ``accuracy_drop``: a random-reward run's drifts to 90-97 % of the base's on the toy world's
+        64 x 8 evaluation."""
         out = []
-        for key, frac in (("foreground", self.foreground_drop), ("pixel_std", self.std_drop)):
+        for key, frac in (
+            ("foreground", self.foreground_drop),
+            ("pixel_std", self.std_drop),
+            ("strict", self.accuracy_drop),
+        ):
             b, x = base.get(key), now.get(key)
             if b is None or x is None or not (math.isfinite(b) and math.isfinite(x)) or b <= 0:
                 continue
             if x < frac * b:
+                what = "the prompts drawn worse" if key == "strict" else "possible collapse"
                 out.append(
                     f"iteration {iteration}: eval_{key} fell to {x:.4f} ({x / b:.0%} of the base "
-                    f"model's {b:.4f} on the same prompts and noise): possible collapse"
+                    f"model's {b:.4f} on the same prompts and noise): {what}"
                 )
         self.warnings.extend(out)
         return out

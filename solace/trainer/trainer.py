@@ -78,7 +78,7 @@ from solace.trainer.guard import (
     group_advantages_masked,
 )
 from solace.trainer.model_setup import load_model, offload_text_encoders
-from solace.trainer.monitor import CollapseMonitor, latent_texture
+from solace.trainer.monitor import CollapseMonitor, eval_stats, latent_texture
 from solace.trainer.resume_check import check_resume, truncate_log
 from solace.trainer.runlock import RunLock
 from solace.trainer.signals import RunInterrupted, StopRequest
@@ -130,7 +130,9 @@ class Trainer:
         self.null = self.adapter.encode_prompts([s.negative_prompt])  # CFG's null (default: empty prompt)
         offload_text_encoders(self)  # model.offload_text_encoders: the run's prompts encoded, then offloaded
         mc = cfg.monitor
-        self.monitor = CollapseMonitor(mc.std_drop, mc.foreground_drop, mc.reward_spike_z, mc.window)
+        self.monitor = CollapseMonitor(
+            mc.std_drop, mc.foreground_drop, mc.reward_spike_z, mc.window, mc.accuracy_drop
+        )
         self.guard = NonFiniteGuard(cfg.train.max_nonfinite)
         self.is_toy = self.adapter.name == "toy"
         self.start_iteration = 0
@@ -383,7 +385,7 @@ class Trainer:
         if out.get("grid") and self.is_main:
             self.trackers.log_image("eval/grid", self.out / out["grid"], iteration)
         if self.evals and self.cfg.monitor.enabled:
-            for w in self.monitor.update_eval(iteration, self.evals[0].get("images", {}), out["images"]):
+            for w in self.monitor.update_eval(iteration, eval_stats(self.evals[0]), eval_stats(out)):
                 self._warn(f"collapse monitor: {w}")
         self.evals.append(out)
         return out
