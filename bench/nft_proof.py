@@ -36,13 +36,12 @@ from toy_training import evaluate  # noqa: E402
 CONTROL = "reward.components=[{name: random, weight: 1.0}]"
 
 
-def train(cfg: str, seed: int, run: Path, out: Path, threads: int, extra: list[str]) -> float:
-    """One ``solace train`` run; a run killed part-way (its checkpoint there) continues with ``--resume``."""
-    resume = ["--resume"] if (run / "checkpoints" / "latest").exists() else []
+def train(cfg: str, seed: int, run: Path, out: Path, threads: int, extra: list[str], resume: bool) -> float:
+    """One ``solace train`` run; ``resume``: continue a run killed part-way from its checkpoint."""
     cmd = [
         sys.executable, "-m", "solace", "train", "--config", cfg, f"train.seed={seed}",
         f"train.output_dir={run}", f"train.base_eval_cache={out / 'base_eval_cache.json'}",
-        f"train.threads={threads}", *resume, *extra,
+        f"train.threads={threads}", *(["--resume"] if resume else []), *extra,
     ]  # fmt: skip
     t0 = time.time()
     subprocess.run(cmd, check=True)
@@ -57,7 +56,7 @@ def one_run(a: argparse.Namespace, cond: str, seed: int) -> dict:
     extra = [*a.overrides, *([CONTROL] if cond == "control" else [])]
     resumed = (run / "checkpoints" / "latest").exists()  # then the wall times count this invocation only
     t0 = time.time()
-    wall = train(a.config, seed, run, a.out, a.threads, extra)
+    wall = train(a.config, seed, run, a.out, a.threads, extra, resumed)
     # the base's held-out evaluation, shared by a seed's runs; other evaluation settings, another file
     tag = "" if (a.samples, a.steps, a.cfg) == (8, 20, 3.0) else f"_n{a.samples}_s{a.steps}_c{a.cfg:g}"
     base_path = a.out / f"heldout_base_seed{seed}{tag}.json"
