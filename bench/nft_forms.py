@@ -14,6 +14,8 @@ and for the seeds where both runs finished:
 - the image statistics that show a collapse: foreground fraction, objects found, pixel std (train-distribution
   set; the held-out records have foreground and objects);
 - the training-distribution evaluations during training, run against the control at each iteration;
+- the training batches (``log.csv``): reward and foreground over the first and last ten iterations, and the
+  first iteration whose batch foreground is below ``--blank`` (0.02: blank images);
 - ``--vs A:B``: label A against label B directly (e.g. verifiable + self-confidence against verifiable alone);
 - ``curves.png``: train-distribution evaluations over training (top) and the training batches' foreground
   fraction (bottom), every label and the control, a column a seed.
@@ -188,6 +190,39 @@ def trajectory_table(labels: list[str], recs: dict[str, dict[int, dict]]) -> lis
     return lines
 
 
+def first_below(values: list[float], threshold: float) -> int | None:
+    """The first iteration (1-based) whose value is below ``threshold``, None if none is."""
+    return next((i for i, v in enumerate(values, 1) if v < threshold), None)
+
+
+def batch_table(labels: list[str], out: Path, seeds: list[int], blank: float) -> list[str]:
+    """The training batches from each run's ``log.csv``: batch reward and foreground, mean of the first and of
+    the last ten iterations, and the first blank batch (foreground below ``blank``)."""
+    lines = [
+        "### Training batches: reward and foreground, iterations 1-10 -> last 10; "
+        f"first batch with foreground < {blank}",
+        "",
+        "| run | seed | iterations | reward mean | batch foreground | first blank batch |",
+        "|---|---|---|---|---|---|",
+    ]
+    for lab in [*labels, "control"]:
+        for s in seeds:
+            log = out / lab / f"seed{s}" / "log.csv"
+            if not log.exists():
+                continue
+            rows = list(csv.DictReader(open(log)))
+            if not rows:
+                continue
+            rew = [float(r["reward/mean"]) for r in rows]
+            fg = [float(r["monitor/foreground"]) for r in rows]
+            first = first_below(fg, blank)
+            lines.append(
+                f"| {lab} | {s} | {len(rows)} | {mean(rew[:10]):.3f} -> {mean(rew[-10:]):.3f} | "
+                f"{mean(fg[:10]):.3f} -> {mean(fg[-10:]):.3f} | {first if first is not None else 'none'} |"
+            )
+    return lines
+
+
 def plot(labels: list[str], recs: dict[str, dict[int, dict]], seeds: list[int], out: Path, png: Path) -> None:
     from solace.evaluation.analysis import pyplot, save_figure
 
@@ -223,6 +258,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--vs", default="", help="A:B[,C:D]: label A against label B directly, per category")
     ap.add_argument("--record", type=Path, help="copy the records and write the report here")
+    ap.add_argument("--blank", type=float, default=0.02, help="batch foreground below this: a blank batch")
     a = ap.parse_args()
     seeds = [int(x) for x in a.seeds.split(",")]
     labels = [x for x in a.labels.split(",") if x]
@@ -260,6 +296,7 @@ def main() -> None:
             lines.append("")
     done = [lab for lab in labels if recs[lab]]
     lines += [*image_table(done, recs), "", *trajectory_table([x for x in done if x != "control"], recs)]
+    lines += ["", *batch_table([x for x in done if x != "control"], a.out, seeds, a.blank)]
     text = "\n".join(lines) + "\n"
     print(text)
     if a.record:
