@@ -190,14 +190,23 @@ def trajectory_table(labels: list[str], recs: dict[str, dict[int, dict]]) -> lis
     return lines
 
 
+def batch_log(out: Path, label: str, seed: int) -> list[dict]:
+    """The run's training batches, one row an iteration (``log.csv``); empty when the run has none yet."""
+    log = out / label / f"seed{seed}" / "log.csv"
+    if not log.exists():
+        return []
+    with open(log) as f:
+        return list(csv.DictReader(f))
+
+
 def first_below(values: list[float], threshold: float) -> int | None:
     """The first iteration (1-based) whose value is below ``threshold``, None if none is."""
     return next((i for i, v in enumerate(values, 1) if v < threshold), None)
 
 
-def batch_table(labels: list[str], out: Path, seeds: list[int], blank: float) -> list[str]:
-    """The training batches from each run's ``log.csv``: batch reward and foreground, mean of the first and of
-    the last ten iterations, and the first blank batch (foreground below ``blank``)."""
+def batch_table(labels: list[str], recs: dict[str, dict[int, dict]], out: Path, blank: float) -> list[str]:
+    """The training batches from each finished run's ``log.csv``: batch reward and foreground, mean of the
+    first and of the last ten iterations, and the first blank batch (foreground below ``blank``)."""
     lines = [
         "### Training batches: reward and foreground, iterations 1-10 -> last 10; "
         f"first batch with foreground < {blank}",
@@ -206,11 +215,8 @@ def batch_table(labels: list[str], out: Path, seeds: list[int], blank: float) ->
         "|---|---|---|---|---|---|",
     ]
     for lab in [*labels, "control"]:
-        for s in seeds:
-            log = out / lab / f"seed{s}" / "log.csv"
-            if not log.exists():
-                continue
-            rows = list(csv.DictReader(open(log)))
+        for s in sorted(recs[lab]):
+            rows = batch_log(out, lab, s)
             if not rows:
                 continue
             rew = [float(r["reward/mean"]) for r in rows]
@@ -231,9 +237,8 @@ def plot(labels: list[str], recs: dict[str, dict[int, dict]], seeds: list[int], 
     colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink"]
     for ax, s in zip(axes[1], seeds, strict=True):  # the training batches' foreground: a collapse shows here
         for lab, col in zip([*labels, "control"], [*colors[: len(labels)], "tab:gray"], strict=True):
-            log = out / lab / f"seed{s}" / "log.csv"
-            if log.exists():
-                fg = [float(r["monitor/foreground"]) for r in csv.DictReader(open(log))]
+            fg = [float(r["monitor/foreground"]) for r in batch_log(out, lab, s)]
+            if fg:
                 ax.plot(range(1, len(fg) + 1), fg, color=col, label=f"{lab}: batch foreground")
         ax.set_xlabel("iteration")
         ax.set_ylabel("foreground fraction (training batch)")
@@ -296,7 +301,7 @@ def main() -> None:
             lines.append("")
     done = [lab for lab in labels if recs[lab]]
     lines += [*image_table(done, recs), "", *trajectory_table([x for x in done if x != "control"], recs)]
-    lines += ["", *batch_table([x for x in done if x != "control"], a.out, seeds, a.blank)]
+    lines += ["", *batch_table([x for x in done if x != "control"], recs, a.out, a.blank)]
     text = "\n".join(lines) + "\n"
     print(text)
     if a.record:
