@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -44,7 +45,20 @@ def train(cfg: str, seed: int, run: Path, out: Path, threads: int, extra: list[s
         f"train.threads={threads}", *(["--resume"] if resume else []), *extra,
     ]  # fmt: skip
     t0 = time.time()
-    subprocess.run(cmd, check=True)
+    child = subprocess.Popen(cmd)
+    # SIGTERM to this script reaches the trainer, which stops after its iteration with a checkpoint; Ctrl-C
+    # reaches it from the terminal already (same process group), so here it only keeps this script waiting.
+    previous = {
+        signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum)),
+        signal.SIGINT: signal.signal(signal.SIGINT, lambda signum, frame: None),
+    }
+    try:
+        rc = child.wait()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if rc:
+        sys.exit(f"solace train exited with code {rc} ({run}); the same command continues from its checkpoint")
     return time.time() - t0
 
 
