@@ -58,7 +58,7 @@ def train(cfg: str, seed: int, run: Path, out: Path, threads: int, extra: list[s
         for s, h in previous.items():
             signal.signal(s, h)
     if rc:
-        sys.exit(f"solace train exited with code {rc} ({run}); the same command continues from its checkpoint")
+        sys.exit(f"solace train exited with code {rc} ({run}); rerun the same command to continue it")
     return time.time() - t0
 
 
