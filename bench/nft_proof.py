@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,7 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
-from toy_training import evaluate  # noqa: E402
+from toy_training import evaluate, run_trainer  # noqa: E402
 
 CONTROL = "reward.components=[{name: random, weight: 1.0}]"
 
@@ -45,20 +43,7 @@ def train(cfg: str, seed: int, run: Path, out: Path, threads: int, extra: list[s
         f"train.threads={threads}", *(["--resume"] if resume else []), *extra,
     ]  # fmt: skip
     t0 = time.time()
-    child = subprocess.Popen(cmd)
-    # SIGTERM to this script reaches the trainer, which stops after its iteration with a checkpoint; Ctrl-C
-    # reaches it from the terminal already (same process group), so here it only keeps this script waiting.
-    previous = {
-        signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum)),
-        signal.SIGINT: signal.signal(signal.SIGINT, lambda signum, frame: None),
-    }
-    try:
-        rc = child.wait()
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-    if rc:
-        sys.exit(f"solace train exited with code {rc} ({run}); rerun the same command to continue it")
+    run_trainer(cmd, run)
     return time.time() - t0
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -30,6 +31,24 @@ from solace.models.toy import ToyAdapter
 from solace.toy.world import CATEGORIES, load_heldout
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def run_trainer(cmd: list[str], run: Path, **popen: object) -> None:
+    """Run ``solace train`` (``cmd``) into ``run`` and wait. SIGTERM to this script reaches the trainer, which
+    stops after its iteration with a checkpoint; Ctrl-C reaches it from the terminal already (same process
+    group), so here it only keeps this script waiting. A trainer that fails or stops ends the script."""
+    child = subprocess.Popen(cmd, **popen)
+    previous = {
+        signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum)),
+        signal.SIGINT: signal.signal(signal.SIGINT, lambda signum, frame: None),
+    }
+    try:
+        rc = child.wait()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if rc:
+        sys.exit(f"solace train exited with code {rc} ({run}); rerun the same command to continue it")
 
 
 def evaluate(lora: str | None, samples: int, steps: int, cfg: float, seed: int) -> dict:
@@ -88,7 +107,7 @@ def main() -> None:
             print(" ".join(cmd), flush=True)
             t0 = time.perf_counter()
             env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
-            subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+            run_trainer(cmd, out, env=env, stdout=subprocess.DEVNULL)
             wall = time.perf_counter() - t0
         ev = evaluate(str(out / "lora"), a.samples, a.steps, a.cfg, a.eval_seed)
         log = (out / "log.csv").read_text().splitlines()
