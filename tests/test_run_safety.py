@@ -112,6 +112,44 @@ def test_resume_with_a_changed_lr_stops_and_names_the_field(weights, tmp_path):
     assert [int(r["iteration"]) for r in _rows(out)] == [1, 2, 3]
 
 
+@pytest.mark.parametrize("algorithm", ["flow_grpo", "nft"])
+def test_a_finished_run_continued_to_more_iterations_is_the_longer_run(weights, tmp_path, algorithm):
+    """More ``train.iterations`` on ``--resume`` (a safe change) continues a finished run into the run that
+    had been asked for the longer length from the start: its end at iteration 2 (end evaluation, end
+    checkpoint, LoRA export) leaves the trajectory alone, so the LoRA, the NFT old policy and the logged
+    rewards after 3 iterations are bitwise those of an uninterrupted 3-iteration run."""
+    nft = {
+        "train.algorithm": "nft",
+        "sampling.noise_level": 0,
+        "nft.ema_decay": 0.5,
+        "nft.micro_batch_size": 4,
+    }
+    kw = {
+        **(nft if algorithm == "nft" else {}),
+        "train.eval_every": 2,
+        "data.eval_prompts_limit": 2,
+        "train.report": True,
+    }
+    full, cont = tmp_path / "full", tmp_path / "cont"
+    Trainer(_cfg(weights, full, **kw, **{"train.iterations": 3})).train()
+    Trainer(_cfg(weights, cont, **kw, **{"train.iterations": 2})).train()
+    assert (cont / "lora").exists()  # it finished
+    Trainer(_cfg(weights, cont, **kw, **{"train.iterations": 3})).train(resume=True)
+    a, b = _lora(full), _lora(cont)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)  # it trained
+    assert [r["reward/mean"] for r in _rows(full)] == [r["reward/mean"] for r in _rows(cont)]
+    evals = [
+        [(e["iteration"], e["strict"]) for e in json.loads((d / "evals.json").read_text())]
+        for d in (full, cont)
+    ]
+    assert [i for i, _ in evals[0]] == [0, 2, 3] and evals[0] == evals[1]
+    if algorithm == "nft":
+        ea = load_file(str(full / "checkpoints" / "iter_000003" / "update.safetensors"))
+        eb = load_file(str(cont / "checkpoints" / "iter_000003" / "update.safetensors"))
+        assert ea.keys() == eb.keys() and all(torch.equal(ea[k], eb[k]) for k in ea)
+
+
 def test_a_broken_newest_checkpoint_falls_back_and_the_log_is_truncated_not_deleted(
     weights, tmp_path, capsys
 ):

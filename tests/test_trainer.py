@@ -101,8 +101,8 @@ def test_max_minutes_stops_early_then_evaluates_reports_and_resumes(weights, tmp
     res2 = Trainer(load_config("toy", [*over, "train.max_minutes=0"])).train(resume=True)
     assert res2["iterations"] == 3 and res2["evals"][-1]["iteration"] == 3
     saved = json.loads((tmp_path / "t" / "evals.json").read_text())
-    # the stop's checkpoint precedes its evaluation, so the resumed run's record starts again from it
-    assert [e["iteration"] for e in saved] == [0, 3] and saved[-1]["strict"] == res2["evals"][-1]["strict"]
+    # the stop's evaluation precedes its checkpoint, so the resumed run's record keeps it
+    assert [e["iteration"] for e in saved] == [0, 1, 3] and saved[-1]["strict"] == res2["evals"][-1]["strict"]
     assert len((tmp_path / "t" / "log.csv").read_text().splitlines()) == 4
 
 

@@ -139,6 +139,7 @@ class Trainer:
         self.stopped_at = cfg.train.iterations
         self.history: list[dict[str, float]] = []
         self.evals: list[dict[str, Any]] = []
+        self._final_samples_at = -1  # the iteration whose end evaluation and grid are made
         # the main process evaluates (metric models load here, before training); under FSDP every process
         # samples with it (each forward is a collective) and the main one writes; None: nothing to evaluate
         self.evaluator = (
@@ -541,12 +542,12 @@ class Trainer:
                 bool(cfg.train.max_minutes) and time.perf_counter() - started >= 60.0 * cfg.train.max_minutes
             )
             signalled = self._rank0_decides(stop.signum is not None)
-            if (
-                done % cfg.train.checkpoint_every == 0
-                or done == cfg.train.iterations
-                or out_of_time
-                or signalled
-            ):
+            ending = done == cfg.train.iterations or out_of_time
+            if ending and not signalled:
+                # the end's evaluation and grid before the end checkpoint: a finished run continued to more
+                # iterations (``--resume``) keeps them in its record
+                self._final_samples(done)
+            if done % cfg.train.checkpoint_every == 0 or ending or signalled:
                 self.checkpoint(done)
             if signalled:
                 bar.close()
@@ -655,8 +656,9 @@ class Trainer:
     def _final_samples(self, last: int) -> None:
         """The last evaluation and image grid, where ``_periodic`` did not make them (main process; under
         FSDP every process)."""
-        if not (self.samples_images and self.cfg.train.report):
+        if not (self.samples_images and self.cfg.train.report) or self._final_samples_at == last:
             return
+        self._final_samples_at = last
         if not self.evals or self.evals[-1]["iteration"] != last:
             self.evaluate(last)
         every = self.cfg.train.image_every
