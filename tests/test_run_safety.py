@@ -24,7 +24,7 @@ from solace.trainer.trainer import Trainer
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from trainer_helpers import make_tiny_toy_weights, tiny_overrides  # noqa: E402
+from trainer_helpers import TINY_NFT, make_tiny_toy_weights, tiny_overrides  # noqa: E402
 
 SCRIPT = HERE / "run_tiny_training.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -118,14 +118,8 @@ def test_a_finished_run_continued_to_more_iterations_is_the_longer_run(weights, 
     had been asked for the longer length from the start: its end at iteration 2 (end evaluation, end
     checkpoint, LoRA export) leaves the trajectory alone, so the LoRA, the NFT old policy and the logged
     rewards after 3 iterations are bitwise those of an uninterrupted 3-iteration run."""
-    nft = {
-        "train.algorithm": "nft",
-        "sampling.noise_level": 0,
-        "nft.ema_decay": 0.5,
-        "nft.micro_batch_size": 4,
-    }
     kw = {
-        **(nft if algorithm == "nft" else {}),
+        **(TINY_NFT if algorithm == "nft" else {}),
         "train.eval_every": 2,
         "data.eval_prompts_limit": 2,
         "train.report": True,

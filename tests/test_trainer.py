@@ -20,7 +20,7 @@ from solace.trainer.trainer import Trainer
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from trainer_helpers import make_tiny_toy_weights, tiny_overrides  # noqa: E402
+from trainer_helpers import TINY_NFT, make_tiny_toy_weights, tiny_overrides  # noqa: E402
 
 SCRIPT = HERE / "run_tiny_training.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -283,7 +283,7 @@ def test_finish_is_a_no_op_in_one_process_and_ends_a_gloo_group(tmp_path):
     assert out.stdout.strip() == "left"
 
 
-NFT_TINY = ["train.algorithm=nft", "sampling.noise_level=0", "nft.ema_decay=0.5", "nft.micro_batch_size=4"]
+NFT_TINY = [f"{k}={v}" for k, v in TINY_NFT.items()]
 
 
 @pytest.mark.parametrize("algorithm", ["flow_grpo", "nft"])

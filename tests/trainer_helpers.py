@@ -43,6 +43,15 @@ TINY_RUN = {
     "train.device": "cpu",
 }
 
+# The tiny run with the NFT update instead: ODE sampling, and an EMA old policy (decay 0.5) that is part of
+# the run's state, so resume tests cover it.
+TINY_NFT = {
+    "train.algorithm": "nft",
+    "sampling.noise_level": 0,
+    "nft.ema_decay": 0.5,
+    "nft.micro_batch_size": 4,
+}
+
 
 def tiny_overrides(weights: str | Path, out: str | Path, **extra: object) -> list[str]:
     base = {

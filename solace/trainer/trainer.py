@@ -139,7 +139,6 @@ class Trainer:
         self.stopped_at = cfg.train.iterations
         self.history: list[dict[str, float]] = []
         self.evals: list[dict[str, Any]] = []
-        self._final_samples_at = -1  # the iteration whose end evaluation and grid are made
         # the main process evaluates (metric models load here, before training); under FSDP every process
         # samples with it (each forward is a collective) and the main one writes; None: nothing to evaluate
         self.evaluator = (
@@ -565,6 +564,10 @@ class Trainer:
                     )
                 break
         bar.close()
+        if (
+            last <= self.start_iteration
+        ):  # nothing left to train (a finished run resumed): its end samples here
+            self._final_samples(last)
         self.stopped_at = last
         return self._finish(last)
 
@@ -656,9 +659,8 @@ class Trainer:
     def _final_samples(self, last: int) -> None:
         """The last evaluation and image grid, where ``_periodic`` did not make them (main process; under
         FSDP every process)."""
-        if not (self.samples_images and self.cfg.train.report) or self._final_samples_at == last:
+        if not (self.samples_images and self.cfg.train.report):
             return
-        self._final_samples_at = last
         if not self.evals or self.evals[-1]["iteration"] != last:
             self.evaluate(last)
         every = self.cfg.train.image_every
@@ -666,10 +668,9 @@ class Trainer:
             self.save_images(last)
 
     def _finish(self, last: int) -> dict[str, Any]:
-        """Export the LoRA, evaluate and report (main process), write monitor.json and evals.json."""
+        """Export the LoRA and report (main process), write monitor.json and evals.json."""
         result: dict[str, Any] = {"output_dir": str(self.out)}
         final = self._export_lora()
-        self._final_samples(last)
         if self.is_main:
             result["lora"] = str(final)
             if self.cfg.train.report:
