@@ -59,7 +59,9 @@ class Rollout:
 
     latents: (n, T+1, *latent) the states at ``sigmas[0..T]`` (``z0 = latents[:, -1]`` is the clean sample).
     log_probs: (n, T) each step's log-prob under the sampling policy (None for updates that need none).
-    advantages: (n,) set once the gathered rewards are known.
+    advantages: (n,) set once the gathered rewards are known, with ``rewards`` (n,), the mixed reward they
+        were computed from, and ``confidence`` (n, T'), the per-timestep self-confidence S_t where the
+        reward uses it (both this process's rows of the gathered batch; kept for inspection and tests).
     keep: set when samples were dropped (a non-finite reward): the update leaves the others out.
     """
 
@@ -70,6 +72,8 @@ class Rollout:
     latents: torch.Tensor
     log_probs: torch.Tensor | None
     advantages: torch.Tensor | None = None
+    rewards: torch.Tensor | None = None
+    confidence: torch.Tensor | None = None
     keep: torch.Tensor | None = (
         None  # (P * G,) bool over the whole batch: samples the update may use (None: all)
     )

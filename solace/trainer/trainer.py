@@ -327,7 +327,9 @@ class Trainer:
         adv = group_advantages_masked(
             total, groups, keep, global_std=g.global_std, eps=g.adv_eps, clip=g.adv_clip
         )
-        ro.advantages = ro.layout.local(adv)
+        ro.advantages, ro.rewards = ro.layout.local(adv), ro.layout.local(total)
+        if scores is not None:
+            ro.confidence = ro.layout.local(scores)
         if dropped:
             ro.keep = keep
             self._warn(
