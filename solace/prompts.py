@@ -43,8 +43,12 @@ def read_prompt_file(path: str | Path, field_name: str = "prompts") -> list[Prom
         text = p.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise ConfigError(field_name, f"{p} is not UTF-8 text ({e.reason}); save it as UTF-8") from None
+    suffix = p.suffix.lower()
+    if suffix not in (".txt", ".jsonl"):
+        hint = " (a .json file is one JSON document: write one object a line as .jsonl)" * (suffix == ".json")
+        raise ConfigError(field_name, f"{p}: prompt files are .txt (one a line) or .jsonl (GenEval){hint}")
     items: list[Prompt] = []
-    if p.suffix.lower() == ".jsonl":
+    if suffix == ".jsonl":
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
@@ -60,20 +64,37 @@ def read_prompt_file(path: str | Path, field_name: str = "prompts") -> list[Prom
                 raise ConfigError(
                     field_name, f"{p}:{n}: each JSON line needs a non-empty string 'prompt' field"
                 )
-            inc = rec.get("include", [])
-            if not isinstance(inc, list) or not all(
-                isinstance(x, dict) and isinstance(x.get("class"), str) for x in inc
-            ):
-                raise ConfigError(
-                    field_name,
-                    f"{p}:{n}: 'include' must be a list of objects with a 'class' (GenEval metadata)",
-                )
+            problem = _geneval_problem(rec)
+            if problem:
+                raise ConfigError(field_name, f"{p}:{n}: {problem} (GenEval metadata)")
             items.append(Prompt(rec["prompt"].strip(), rec))
     else:
         items = [Prompt(line.strip()) for line in text.splitlines() if line.strip()]
+        first = items[0].text if items else ""
+        if first.startswith("{") and first.endswith("}"):
+            raise ConfigError(field_name, f"{p}:1: a JSON object in a .txt file; name a GenEval file .jsonl")
     if not items:
         raise ConfigError(field_name, f"{p} holds no prompts")
     return items
+
+
+def _geneval_problem(rec: dict) -> str:
+    """What is wrong with a JSON line's ``include`` / ``exclude`` entries (empty: nothing): each a list of
+    objects with a non-empty string ``class`` and, where given, a whole ``count`` >= 1 (include) or >= 0
+    (exclude) and a string ``color``."""
+    for key, least in (("include", 1), ("exclude", 0)):
+        entries = rec.get(key, [])
+        if not isinstance(entries, list):
+            return f"'{key}' must be a list of objects with a 'class'"
+        for x in entries:
+            if not isinstance(x, dict) or not isinstance(x.get("class"), str) or not x["class"].strip():
+                return f"'{key}' must be a list of objects with a 'class'"
+            count = x.get("count", least)
+            if isinstance(count, bool) or not isinstance(count, int) or count < least:
+                return f"'{key}' count {count!r} of {x['class']!r} must be a whole number >= {least}"
+            if "color" in x and not isinstance(x["color"], str):
+                return f"'{key}' color {x['color']!r} of {x['class']!r} must be a string"
+    return ""
 
 
 class PromptSource:

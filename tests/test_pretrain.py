@@ -77,3 +77,15 @@ def test_init_errors_name_the_field(tmp_path):
                 init=str(tmp_path / "a" / "checkpoint.safetensors"),
             )
         )
+
+
+def test_a_folder_holding_a_pretraining_run_is_never_silently_replaced(tmp_path, capsys):
+    first = pretrain(_cfg(tmp_path / "a", steps=2, checkpoint_every=2))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir() if p.is_file()}
+    with pytest.raises(ConfigError, match="--resume.*--overwrite") as e:
+        pretrain(_cfg(tmp_path / "a", steps=1, seed=1))
+    assert e.value.field == "--out" and "toy_base.safetensors" in str(e.value)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir() if p.is_file()} == before
+    again = pretrain(_cfg(tmp_path / "a", steps=1, seed=1), overwrite=True)
+    assert again == first and "--overwrite: removed the earlier run's" in capsys.readouterr().err
+    assert json.loads((tmp_path / "a" / "checkpoint_state.json").read_text())["step"] == 1

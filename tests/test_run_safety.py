@@ -250,6 +250,14 @@ CASES = [
         ["train", "--config", "toy", "data.eval_prompts={d}/include.jsonl", "train.output_dir={d}/r4"],
         "include",
     ),
+    # misread inputs: a .json document, a JSON line in a .txt file, a class or count nothing can score
+    (["config", "check", "toy", "--paths", "data.train_prompts={d}/prompts.json"], ".jsonl"),
+    (["train", "--config", "toy", "data.train_prompts={d}/json_in.txt", "train.output_dir={d}/r6"], ".jsonl"),
+    (
+        ["train", "--config", "toy", "data.eval_prompts={d}/negative_count.jsonl", "train.output_dir={d}/r7"],
+        "count -3",
+    ),
+    (["train", "--config", "toy", "data.eval_prompts={d}/dog.jsonl", "train.output_dir={d}/r5"], "'dog'"),
 ]
 
 
@@ -266,3 +274,149 @@ def test_bad_input_is_one_line_and_exit_code_2(bad_inputs, args, needle):
     lines = [ln for ln in res.output.splitlines() if ln.strip()]
     assert res.exit_code == 2, res.output[-1500:]
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], res.output[-1500:]
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_folder_holding_a_run_is_never_silently_replaced(weights, tmp_path):
+    """A second `train` into a run's folder without --resume stops in one line and changes nothing;
+    --overwrite replaces the earlier run, saying what it removed; --resume with --overwrite is refused."""
+    from typer.testing import CliRunner
+
+    from solace.cli.main import app
+
+    out = tmp_path / "run"
+    cli = CliRunner()
+    first = cli.invoke(
+        app, ["train", "--config", "toy", *tiny_overrides(weights, out, **{"train.iterations": 3})]
+    )
+    assert first.exit_code == 0, first.output[-1500:]
+    before = _snapshot(out)
+    assert "checkpoints/iter_000003/lora.safetensors" in before and "log.csv" in before
+    again = cli.invoke(app, ["train", "--config", "toy", *tiny_overrides(weights, out)])
+    lines = [ln for ln in again.output.splitlines() if ln.strip()]
+    assert again.exit_code == 2 and len(lines) == 1, again.output[-1500:]
+    assert "train.output_dir" in lines[0] and "--resume" in lines[0] and "--overwrite" in lines[0]
+    assert _snapshot(out) == before  # nothing written, nothing removed
+    both = cli.invoke(
+        app, ["train", "--config", "toy", "--resume", "--overwrite", *tiny_overrides(weights, out)]
+    )
+    assert both.exit_code == 2 and "--overwrite" in both.output and _snapshot(out) == before
+    # --overwrite: a new 2-iteration run, none of the earlier run's files left beside it
+    new = cli.invoke(app, ["train", "--config", "toy", "--overwrite", *tiny_overrides(weights, out)])
+    assert new.exit_code == 0, new.output[-1500:]
+    assert "--overwrite: removed the earlier run's" in new.output and "checkpoints" in new.output
+    assert not (out / "checkpoints" / "iter_000003").exists() and len(_rows(out)) == 2
+    # a folder without a run (only an unrelated file of the user's) is used as it is, the file kept
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    ok = cli.invoke(app, ["train", "--config", "toy", *tiny_overrides(weights, other)])
+    assert ok.exit_code == 0 and (other / "notes.txt").read_text() == "mine", ok.output[-1500:]
+
+
+def test_a_checkpoints_lora_carries_its_alpha_and_samples_as_the_export(weights, tmp_path):
+    """A checkpoint's LoRA file holds the adapter's config (alpha = 2 x rank here), so it loads at full
+    strength: `sample --lora` of the last checkpoint draws exactly what the exported LoRA draws."""
+    from typer.testing import CliRunner
+
+    from solace.cli.main import app
+    from solace.models.lora import read_lora
+
+    out = tmp_path / "run"
+    cli = CliRunner()
+    res = cli.invoke(
+        app, ["train", "--config", "toy", *tiny_overrides(weights, out, **{"train.iterations": 1})]
+    )
+    assert res.exit_code == 0, res.output[-1500:]
+    ck = out / "checkpoints" / "iter_000001" / "lora.safetensors"
+    state, meta = read_lora(ck)
+    exported, exported_meta = read_lora(out / "lora")
+    assert meta is not None and meta["r"] == 4 and meta["lora_alpha"] == 8 and meta == exported_meta
+    assert state.keys() == exported.keys() and all(torch.equal(state[k], exported[k]) for k in state)
+    grids = {}
+    for name, lora in (("ck", ck), ("export", out / "lora")):
+        args = [
+            "sample",
+            "-p",
+            "a photo of a circle",
+            "--seeds",
+            "0,1",
+            "--steps",
+            "3",
+            "--model",
+            str(weights),
+        ]
+        got = cli.invoke(app, [*args, "--lora", str(lora), "--out", str(tmp_path / f"{name}.png")])
+        assert got.exit_code == 0 and "no LoRA metadata" not in got.output, got.output[-1500:]
+        grids[name] = (tmp_path / f"{name}.png").read_bytes()
+    assert grids["ck"] == grids["export"]
+
+
+def test_non_finite_weights_stop_the_run_and_never_reach_a_checkpoint(weights, tmp_path):
+    """An optimizer step that makes NaN weights from finite gradients (as AdamW with eps 0 did) stops the
+    run at once: the last checkpoint stays the newest, finite, and named in the message; nothing exported."""
+    from solace.trainer.guard import NonFiniteError
+
+    out = tmp_path / "r"
+    tr = Trainer(_cfg(weights, out, **{"train.iterations": 3}))
+    step = tr.opt.step
+
+    def poisoned(*args, **kwargs):
+        res = step(*args, **kwargs)
+        if tr.history:  # from the second iteration on
+            with torch.no_grad():
+                tr.params[0].view(-1)[0] = float("nan")
+        return res
+
+    tr.opt.step = poisoned
+    with pytest.raises(NonFiniteError, match="iteration 2") as e:
+        tr.train()
+    ck = out / "checkpoints"
+    assert sorted(p.name for p in ck.glob("iter_*")) == ["iter_000001"]
+    assert str(ck / "iter_000001") in str(e.value) and "--resume" in str(e.value)
+    assert all(
+        torch.isfinite(v).all() for v in load_file(str(ck / "iter_000001" / "lora.safetensors")).values()
+    )
+    assert not (out / "lora").exists()
+    assert (
+        "non-finite in iteration 2" in json.loads((out / "monitor.json").read_text())["nonfinite"]["stopped"]
+    )
+
+
+def test_a_non_finite_lora_is_refused_in_one_line(weights, tmp_path):
+    from typer.testing import CliRunner
+
+    from solace.cli.main import app
+    from solace.models.lora import add_lora, save_lora
+    from solace.models.toy import ToyAdapter
+
+    tiny = ToyAdapter(weights=weights)
+    add_lora(tiny.denoiser, 4, 8, ToyAdapter.lora_target_modules)
+    with torch.no_grad():
+        next(p for n, p in tiny.denoiser.named_parameters() if "lora_B" in n).fill_(float("inf"))
+    save_lora(tiny, tmp_path / "bad_lora")
+    res = CliRunner().invoke(
+        app, ["sample", "-p", "a photo of a circle", "--seeds", "0", "--steps", "2", "--model", str(weights),
+              "--lora", str(tmp_path / "bad_lora"), "--out", str(tmp_path / "x.png")],
+    )  # fmt: skip
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert res.exit_code == 2 and len(lines) == 1 and "non-finite" in lines[0], res.output[-1500:]
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_save_checkpoint_never_writes_non_finite_weights(tmp_path):
+    from solace.trainer.checkpoint import save_checkpoint
+    from solace.trainer.guard import NonFiniteError
+
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.AdamW([p])
+    save_checkpoint(tmp_path, 1, {"a.lora_B.weight": torch.ones(2)}, {}, opt, {})  # finite: written
+    with pytest.raises(NonFiniteError, match="a.lora_B.weight"):
+        save_checkpoint(tmp_path, 2, {"a.lora_B.weight": torch.tensor([1.0, float("nan")])}, {}, opt, {})
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
+        "iter_000001",
+        "latest",
+    ]

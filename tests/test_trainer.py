@@ -342,6 +342,12 @@ def test_sigkill_mid_training_then_resume_equals_uninterrupted(weights, tmp_path
         ("grpo.train_steps=10", "grpo.train_steps"),
         ("grpo.train_steps=a,b", "grpo.train_steps"),
         ("train.max_minutes=-1", "train.max_minutes"),
+        # AdamW's bounds: eps 0 divides by zero, betas outside [0, 1), a negative decay grows weights
+        ("optim.eps=0", "optim.eps"),
+        ("optim.beta1=1.5", "optim.beta1"),
+        ("optim.beta2=1", "optim.beta2"),
+        ("optim.beta1=-0.1", "optim.beta1"),
+        ("optim.weight_decay=-1", "optim.weight_decay"),
     ],
 )
 def test_config_errors_name_the_field(override, field):

@@ -85,6 +85,11 @@ def make_bad_inputs(d: Path, weights: str | Path) -> Path:
     (d / "number.jsonl").write_text('{"prompt": 42}\n')
     (d / "bad.jsonl").write_text('{"prompt": "a"}\n{not json\n')
     (d / "empty.txt").write_text("\n \n")
+    (d / "prompts.json").write_text('[{"prompt": "a photo of a circle"}]\n')
+    (d / "json_in.txt").write_text('{"prompt": "a photo of a circle", "tag": "single_object"}\n')
+    rec = '{"prompt": "a photo of %s", "tag": "single_object", "include": [{"class": "%s", "count": %d}]}\n'
+    (d / "dog.jsonl").write_text(rec % ("a dog", "dog", 1))
+    (d / "negative_count.jsonl").write_text(rec % ("minus three circles", "circle", -3))
     (d / "a_file").write_text("x")
     (d / "folder").mkdir(exist_ok=True)
     return d

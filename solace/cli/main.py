@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from solace.errors import SolaceError
+from solace.errors import ConfigError, SolaceError
 
 if TYPE_CHECKING:
     from solace.models.base import FlowModelAdapter
@@ -75,6 +75,9 @@ def toy_pretrain(
     threads: int = typer.Option(2, help="torch CPU threads (and render workers)."),
     eval_every: int = typer.Option(500, help="Quick held-out evaluation every N steps."),
     resume: bool = typer.Option(False, help="Continue from the run folder's last checkpoint."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Start anew in a folder that holds an earlier run, removing its files."
+    ),
     init: str = typer.Option(
         "", help="Start from another run's checkpoint.safetensors (weights, EMA, Adam moments), new schedule."
     ),
@@ -94,7 +97,9 @@ def toy_pretrain(
         init=init,
     )
     try:
-        path = pretrain(cfg, resume=resume)
+        if resume and overwrite:
+            raise ConfigError("--overwrite", "contradicts --resume: give one (continue or replace)")
+        path = pretrain(cfg, resume=resume, overwrite=overwrite)
     except SolaceError as e:
         _fail(e)
     typer.echo(json.dumps({"weights": str(path), "learning_curve": str(out / "learning_curve.png")}))
@@ -117,6 +122,11 @@ def train(
     allow_changes: bool = typer.Option(
         False, "--allow-changes", help="With --resume: continue although the config changed (listed)."
     ),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Start a new run in a folder that holds an earlier one, removing that run's files (listed).",
+    ),
 ) -> None:
     """Post-train a model with SOLACE / Flow-GRPO. Extra arguments are overrides: key=value (grpo.rho=1.0)."""
     from solace.trainer.config import load_config
@@ -125,8 +135,10 @@ def train(
     from solace.trainer.trainer import run_training
 
     try:
+        if resume and overwrite:
+            raise ConfigError("--overwrite", "contradicts --resume: give one (continue or replace)")
         cfg = load_config(config, list(ctx.args))
-        res = run_training(cfg, resume=resume, allow_changes=allow_changes)
+        res = run_training(cfg, resume=resume, allow_changes=allow_changes, overwrite=overwrite)
     except RunInterrupted as e:
         typer.secho(f"stopped: {e}", fg=typer.colors.YELLOW, err=True)
         finish()
@@ -219,7 +231,6 @@ def embed_cmd(
 ) -> None:
     """Precompute prompt embeddings into model.embedding_cache (one safetensors file a prompt), so that
     training reads them from disk. Extra arguments are overrides (model.embedding_cache=DIR)."""
-    from solace.errors import ConfigError
     from solace.trainer.config import load_config
     from solace.trainer.model_setup import embed_prompts
 
@@ -296,7 +307,6 @@ def sample_cmd(
 
 def _check_image_path(out: Path) -> None:
     """``--out`` names an image file to write (not a folder; its folder writable)."""
-    from solace.errors import ConfigError
 
     if out.is_dir():
         raise ConfigError(
@@ -349,7 +359,6 @@ def eval_cmd(
     device: DeviceOpt = "auto",
 ) -> None:
     """Evaluate a model (and optionally a LoRA) on a prompt suite; prints a table, writes JSON + Markdown."""
-    from solace.errors import ConfigError
 
     try:
         if samples is not None and samples < 1:
@@ -491,7 +500,6 @@ _PROMPTS_HELP = (
 
 def _int_list(text: str, option: str, minimum: int) -> list[int]:
     """Comma-separated integers >= ``minimum``, or a one-line ConfigError naming ``option``."""
-    from solace.errors import ConfigError
 
     try:
         vals = [int(x) for x in text.split(",") if x.strip()]
@@ -506,7 +514,6 @@ def _int_list(text: str, option: str, minimum: int) -> list[int]:
 
 
 def _check_sampling(steps: int, probes: int, cfg: float, sampler: str, threads: int, limit: int = 0) -> None:
-    from solace.errors import ConfigError
     from solace.rewards.self_confidence import check_num_probes
 
     if steps < 1:
@@ -546,7 +553,6 @@ def _size_kwargs(resolution: int, height: int, width: int) -> dict[str, int]:
     """``--resolution`` (shorthand for ``--height`` = ``--width``) and ``--height``/``--width`` as the
     adapter's ``height``/``width`` keywords (0: not given, the model's own); negative or conflicting values
     are a ConfigError naming the option."""
-    from solace.errors import ConfigError
 
     for opt, v in (("--resolution", resolution), ("--height", height), ("--width", width)):
         if v < 0:
@@ -567,8 +573,6 @@ def _model_kwargs(
 ) -> dict[str, Any]:
     """The adapter's ``dtype`` (auto: bf16 on CUDA, fp32 on CPU) and image size, checked."""
     import torch
-
-    from solace.errors import ConfigError
 
     if dtype not in ("auto", "bf16", "fp16", "fp32"):
         raise ConfigError("--dtype", f"use auto, bf16, fp16 or fp32, not {dtype!r}")
@@ -602,8 +606,6 @@ def _read_images(paths: list[str], size: tuple[int, int]) -> Any:
     import numpy as np
     import torch
     from PIL import Image
-
-    from solace.errors import ConfigError
 
     out = []
     for p in paths:
@@ -649,7 +651,6 @@ def score_cmd(
     device: DeviceOpt = "auto",
 ) -> None:
     """Self-confidence R (and S_t per timestep) of given images or of generated samples; no training."""
-    from solace.errors import ConfigError
     from solace.evaluation.confidence import run_score
 
     try:
@@ -722,7 +723,6 @@ def rerank_cmd(
 
     On toy-world prompts: strict accuracy of best-of-N vs a random pick vs the oracle, over seeds
     (rerank.json, rerank.md, rerank.png). Otherwise: the selected images and their scores."""
-    from solace.errors import ConfigError
     from solace.evaluation.confidence import run_rerank
 
     try:
@@ -782,7 +782,6 @@ def rationale_cmd(
 ) -> None:
     """Self-confidence under three inference regimes (rationale.png, rationale.json); on toy-world prompts
     also its within-group AUC against exact correctness per category and timestep (rationale.md)."""
-    from solace.errors import ConfigError
     from solace.evaluation.confidence import run_rationale
 
     try:

@@ -50,6 +50,7 @@ __all__ = [
     "lora_parameters",
     "lora_state_dict",
     "lora_config",
+    "lora_header",
     "merge_lora",
     "read_lora",
     "save_lora",
@@ -298,6 +299,13 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
             f"{file}: ignoring {len(ignored)} non-transformer LoRA weights (e.g. {ignored[0]})", stacklevel=2
         )
     check(len(state) > 0, "lora_path", f"{file} holds no transformer LoRA weights")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    check(
+        not bad,
+        "lora",
+        f"{file} holds non-finite weights ({len(bad)} tensors, e.g. {bad[:1]}): it would draw black or noise "
+        "images; use an earlier checkpoint of its run",
+    )
     return state, meta
 
 
@@ -470,15 +478,25 @@ def set_lora_state_dict(
     return sorted(state.keys() - target.keys())
 
 
+def _header(meta: dict[str, Any]) -> dict[str, str]:
+    packed = {f"{PREFIX}.{k}": v for k, v in meta.items()}
+    return {"format": "pt", METADATA_KEY: json.dumps(packed, indent=2, sort_keys=True)}
+
+
+def lora_header(denoiser: nn.Module | Any, adapter_name: str = "default") -> dict[str, str]:
+    """The safetensors header that carries an adapter's ``LoraConfig`` as diffusers writes it, so that every
+    LoRA file the project writes (exports and checkpoints) loads with its own rank and alpha."""
+    return _header(_jsonable(lora_config(_denoiser_of(denoiser), adapter_name).to_dict()))
+
+
 def _write_diffusers_lora(
     folder: Path, weight_name: str, state: dict[str, torch.Tensor], meta: dict[str, Any]
 ) -> None:
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    packed = {f"{PREFIX}.{k}": v for k, v in meta.items()}
-    header = {"format": "pt", METADATA_KEY: json.dumps(packed, indent=2, sort_keys=True)}
-    save_file({f"{PREFIX}.{k}": v for k, v in state.items()}, str(folder / weight_name), metadata=header)
+    state = {f"{PREFIX}.{k}": v for k, v in state.items()}
+    save_file(state, str(folder / weight_name), metadata=_header(meta))
 
 
 def save_lora(

@@ -32,6 +32,7 @@ from solace.sampling.schedule import shift_sigmas
 from solace.toy.net import ToyFlowNet
 from solace.toy.render import render_prompt
 from solace.toy.world import CATEGORIES, balanced_subset, load_heldout, sample_train_prompt, vocabulary
+from solace.utils.files import earlier_run, remove_earlier_run
 
 
 @dataclass
@@ -183,9 +184,30 @@ def _init_provenance(init: str, steps: int, seconds: float) -> dict[str, str]:
     return out
 
 
-def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
+# What a pretraining run writes into its folder (``dataset/`` is a cache of the seed's scenes, reused).
+RUN_FILES = (
+    "config.json",
+    "log.csv",
+    "checkpoint.safetensors",
+    "checkpoint_state.json",
+    "toy_base.safetensors",
+    "learning_curve.png",
+)
+
+
+def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False) -> Path:
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
+    found = earlier_run(out, RUN_FILES)
+    if found and overwrite:
+        removed = remove_earlier_run(out, RUN_FILES)
+        print(f"--overwrite: removed the earlier run's {', '.join(removed)} from {out}", file=sys.stderr)
+    elif found and not resume:
+        raise ConfigError(
+            "--out",
+            f"{out} holds an earlier pretraining run ({', '.join(found)}); `--resume` continues it, "
+            "`--overwrite` replaces it, or choose another --out",
+        )
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     images, prompts = build_dataset(cfg.dataset_size, cfg.seed, out / "dataset", workers=cfg.threads)

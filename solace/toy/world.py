@@ -28,6 +28,8 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
+from solace.errors import ConfigError
+
 SHAPES = ("circle", "square", "triangle")
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles"}
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -73,6 +75,17 @@ class PromptRecord:
 
     @staticmethod
     def from_json(d: dict) -> PromptRecord:
+        """A record from its GenEval JSON; classes and colours outside the toy world's vocabulary are a
+        ``ConfigError`` (its evaluator would score them 0 without a word)."""
+        for item in [*d.get("include", ()), *d.get("exclude", ())]:
+            unknown = [item.get("class")] if item.get("class") not in SHAPES else []
+            unknown += [item["color"]] if "color" in item and item["color"] not in COLORS else []
+            if unknown:
+                raise ConfigError(
+                    "prompts",
+                    f"{d.get('prompt')!r}: {unknown[0]!r} is not in the toy world (shapes "
+                    f"{', '.join(SHAPES)}; colours {', '.join(COLORS)}); its evaluator cannot score it",
+                )
         meta = {k: v for k, v in d.items() if k not in ("tag", "include", "exclude", "prompt")}
         return PromptRecord(d["tag"], d["prompt"], tuple(d["include"]), tuple(d.get("exclude", ())), meta)
 

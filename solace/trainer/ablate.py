@@ -409,7 +409,8 @@ def _train_one(cfg: Any, c: Any, seed: int, tag: str, echo: Any) -> dict[str, An
     resume = (run_dir / "checkpoints" / "latest").exists()
     echo(f"{tag} {c.name} seed {seed}: {'resuming' if resume else 'training'} in {run_dir}")
     t0 = time.time()
-    res = run_training(cfg, resume=resume)
+    # the grid's own folder: a run killed before its first checkpoint starts again
+    res = run_training(cfg, resume=resume, overwrite=not resume)
     mon = run_dir / "monitor.json"
     rec = {
         "condition": c.name,

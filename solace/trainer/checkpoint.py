@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from solace.errors import ConfigError
+from solace.trainer.guard import NonFiniteError
 from solace.utils.files import safetensors_problem
 
 UPDATE_FILE = "update.safetensors"
@@ -67,6 +68,14 @@ def _load_optimizer(
     opt.load_state_dict(to_local(sd) if to_local is not None else sd)
 
 
+def _check_finite(tensors: dict[str, torch.Tensor]) -> None:
+    """A checkpoint is always one to resume from: non-finite weights are never written (the trainer stops
+    before they would be)."""
+    bad = [k for k, v in tensors.items() if not bool(torch.isfinite(v.detach()).all())]
+    if bad:
+        raise NonFiniteError(f"not checkpointed: non-finite weights {bad[:3]}; resume an earlier checkpoint")
+
+
 def save_checkpoint(
     folder: Path,
     iteration: int,
@@ -83,6 +92,7 @@ def save_checkpoint(
     ``config`` entry (then :func:`load_checkpoint` / :func:`read_state` return it unchanged). ``opt``: the
     optimizer, or its state dict with whole tensors (what FSDP's shards gather to).
     """
+    _check_finite({**lora, **(update_tensors or {})})
     if config is not None:
         if not isinstance(config, dict):
             raise ConfigError("config", f"must be a plain dict, got {type(config).__name__}")

@@ -400,8 +400,7 @@ def validate(cfg: SolaceConfig, check_paths: bool = True) -> None:
     _validate_grpo(cfg.grpo, s.num_steps)
     o, t, lora = cfg.optim, cfg.train, cfg.model.lora
     _min(cfg.monitor.window, 1, "monitor.window")
-    check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
-    check(o.max_grad_norm > 0, "optim.max_grad_norm", f"must be > 0, got {o.max_grad_norm}")
+    _validate_optim(o)
     _validate_memory(cfg.model)
     _min(lora.rank, 1, "model.lora.rank")
     check(lora.alpha > 0, "model.lora.alpha", f"must be > 0, got {lora.alpha}")
@@ -417,6 +416,17 @@ def validate(cfg: SolaceConfig, check_paths: bool = True) -> None:
     if check_paths:
         _validate_prompt_files(cfg)
         _validate_evaluator(cfg)
+
+
+def _validate_optim(o: OptimCfg) -> None:
+    """AdamW's bounds: a step divides by ``sqrt(v) + eps`` (eps 0 divides by zero where a gradient is 0),
+    its moments average with weights ``beta`` in [0, 1), weight decay shrinks (never grows) the weights."""
+    check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+    check(o.max_grad_norm > 0, "optim.max_grad_norm", f"must be > 0, got {o.max_grad_norm}")
+    check(o.eps > 0, "optim.eps", f"must be > 0 (AdamW divides by sqrt(v) + eps; 1e-8 is usual), got {o.eps}")
+    for name, beta in (("optim.beta1", o.beta1), ("optim.beta2", o.beta2)):
+        check(0 <= beta < 1, name, f"must be in [0, 1) (0.9 / 0.999 are usual), got {beta}")
+    check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0 (0 turns it off), got {o.weight_decay}")
 
 
 def _validate_trackers(t: TrainCfg) -> None:

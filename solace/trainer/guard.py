@@ -29,6 +29,25 @@ class NonFiniteError(SolaceError, RuntimeError):
     """Training produced non-finite values for too many consecutive iterations."""
 
 
+def weights_finite(params: list[torch.Tensor]) -> bool:
+    """Whether every trained weight is finite (an optimizer step can make NaN from finite gradients, e.g.
+    AdamW dividing by ``sqrt(v) + eps`` near 0)."""
+    return all(bool(torch.isfinite(p.detach()).all()) for p in params)
+
+
+def nonfinite_weights_message(iteration: int, last_checkpoint: Any) -> str:
+    """What to do when the weights became non-finite in ``iteration`` (nothing of it is checkpointed)."""
+    where = (
+        f"the last checkpoint, {last_checkpoint}, is finite: `--resume` continues from it"
+        if last_checkpoint is not None
+        else "no checkpoint was written before it: start the run again"
+    )
+    return (
+        f"the LoRA weights became non-finite in iteration {iteration} (an optimizer step overflowed or "
+        f"divided by ~0) and were not checkpointed; {where}, with a lower optim.lr (or a larger optim.eps)"
+    )
+
+
 def _rows_finite(t: torch.Tensor, n: int) -> torch.Tensor:
     check(
         t.ndim >= 1 and t.shape[0] == n,

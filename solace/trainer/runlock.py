@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from solace.errors import ConfigError
+from solace.utils.files import remove_earlier_run
 
 LOCK_NAME = ".solace.lock"
 _BREAK_SUFFIX = ".break"
@@ -89,6 +90,35 @@ def read_lock(folder: str | Path) -> dict[str, Any] | None:
     except ValueError:
         return {}
     return info if isinstance(info, dict) else {}
+
+
+# What a run writes into its folder once it has started (``config.yaml`` first), and what a new run would
+# mix with or replace: a folder holding any of these holds a run. ``tb/`` is not among them: the tracker
+# opens it before the run starts (:func:`clear_earlier_run` removes only the earlier run's event files).
+RUN_FILES = (
+    "config.yaml",
+    "log.csv",
+    "checkpoints",
+    "lora",
+    "evals.json",
+    "monitor.json",
+    "report.md",
+    "report_curves.png",
+    "images",
+)
+
+
+def clear_earlier_run(folder: str | Path, started: float) -> list[str]:
+    """Remove an earlier run's files from ``folder`` (``--overwrite``): ``RUN_FILES`` and the TensorBoard
+    event files under ``tb/`` older than ``started`` (this run's own are newer). Returns what was removed."""
+    folder = Path(folder)
+    removed = remove_earlier_run(folder, RUN_FILES)
+    old_events = [f for f in (folder / "tb").rglob("events.out.tfevents.*") if f.stat().st_mtime < started]
+    for f in old_events:
+        f.unlink()
+    if old_events:
+        removed.append(f"tb/ ({len(old_events)} event file{'s' * (len(old_events) > 1)})")
+    return removed
 
 
 def _describe(info: dict[str, Any]) -> str:

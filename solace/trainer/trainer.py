@@ -41,7 +41,7 @@ from solace.models.base import Conditioning
 from solace.models.lora import (
     add_lora,
     load_lora,
-    lora_config,
+    lora_header,
     lora_parameters,
     lora_state_dict,
     save_lora,
@@ -76,15 +76,17 @@ from solace.trainer.guard import (
     all_zero,
     drop_nonfinite,
     group_advantages_masked,
+    nonfinite_weights_message,
+    weights_finite,
 )
 from solace.trainer.model_setup import load_model, offload_text_encoders
 from solace.trainer.monitor import CollapseMonitor, eval_stats, latent_texture
 from solace.trainer.resume_check import check_resume, truncate_log
-from solace.trainer.runlock import RunLock
+from solace.trainer.runlock import RUN_FILES, RunLock, clear_earlier_run
 from solace.trainer.signals import RunInterrupted, StopRequest
 from solace.trainer.tracking import Trackers, log_with
 from solace.trainer.updates import make_update
-from solace.utils.files import append_csv_row
+from solace.utils.files import append_csv_row, earlier_run
 from solace.utils.seeding import Stream, TrainStreams
 
 
@@ -92,6 +94,7 @@ class Trainer:
     def __init__(self, cfg: SolaceConfig, accelerator: Any | None = None, allow_changes: bool = False):
         from accelerate import Accelerator
 
+        self.created = time.time()  # before the trackers open their files (--overwrite keeps those)
         self.cfg = cfg
         self.allow_changes = allow_changes  # --resume with a changed config: proceed (listed) or stop
         if cfg.train.threads:
@@ -421,15 +424,6 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------ checkpoints
-    def _lora_meta(self) -> dict[str, str]:
-        cfgd = lora_config(self.adapter.denoiser).to_dict()
-        keep = (str, int, float, bool, list, set, type(None))
-        return {
-            "lora_config": json.dumps(
-                {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfgd.items() if isinstance(v, keep)}
-            )
-        }
-
     def _checkpoint_tensors(self) -> tuple[dict[str, torch.Tensor], Any, dict[str, torch.Tensor]] | None:
         """The LoRA, the optimizer (or its state dict) and the update's tensors, whole: on the main process,
         or under FSDP gathered by every process (None on the others)."""
@@ -457,7 +451,7 @@ class Trainer:
                 "nonfinite": self.guard.state_dict(),
             }
             save_checkpoint(
-                self.out / "checkpoints", iteration, lora, self._lora_meta(), opt, state,
+                self.out / "checkpoints", iteration, lora, lora_header(self.adapter.denoiser), opt, state,
                 config=dataclasses.asdict(self.cfg), update_tensors=update_tensors,
             )  # fmt: skip
         self.acc.wait_for_everyone()
@@ -512,18 +506,19 @@ class Trainer:
             self._warn(f"--resume: {line}")
 
     # ------------------------------------------------------------------ main loop
-    def train(self, resume: bool = False) -> dict[str, Any]:
+    def train(self, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
         """Run (or resume) the iterations, then export the LoRA, evaluate and report. One run per output
-        folder (a lock); Ctrl-C / SIGTERM finish the iteration, checkpoint and stop."""
+        folder (a lock; ``overwrite``: a new run may replace an earlier one's files); Ctrl-C / SIGTERM finish
+        the iteration, checkpoint and stop."""
         with self._run_lock(), StopRequest() as stop:
             try:
-                return self._train(resume, stop)
+                return self._train(resume, overwrite, stop)
             finally:
                 self.trackers.finish()  # also when stopped by a signal or an error: every event on disk
 
-    def _train(self, resume: bool, stop: StopRequest) -> dict[str, Any]:
+    def _train(self, resume: bool, overwrite: bool, stop: StopRequest) -> dict[str, Any]:
         cfg = self.cfg
-        self._start(resume)
+        self._start(resume, overwrite)
         bar = tqdm(
             range(self.start_iteration, cfg.train.iterations),
             initial=self.start_iteration,
@@ -610,6 +605,10 @@ class Trainer:
         if self.guard.record(stats["guard/dropped"] > 0 or stats.get("train/skipped_steps", 0) > 0):
             self._write_monitor(stopped=self.guard.message())
             raise NonFiniteError(self.guard.message())
+        if self._any_rank(not weights_finite(self.params)):  # never checkpointed, never exported
+            message = nonfinite_weights_message(it + 1, latest_checkpoint(self.out / "checkpoints"))
+            self._write_monitor(stopped=message)
+            raise NonFiniteError(message)
         if self.cfg.monitor.enabled:
             watched = {
                 "texture": stats["monitor/texture"],
@@ -626,9 +625,30 @@ class Trainer:
         self._write_csv(stats)
         return stats
 
-    def _start(self, resume: bool) -> None:
+    def _claim_folder(self, asked_resume: bool, overwrite: bool) -> None:
+        """A new run's folder holds no earlier run: stop (naming ``--resume`` and ``--overwrite``), or with
+        ``overwrite`` remove the earlier run's files, saying which. ``--resume`` with nothing to resume
+        starts anew over a run that never checkpointed (its log is cut), as before."""
+        error, found = None, []
+        if self.is_main:
+            found = earlier_run(self.out, RUN_FILES)
+            if found and overwrite:
+                removed = clear_earlier_run(self.out, self.created)
+                self._warn(f"--overwrite: removed the earlier run's {', '.join(removed)} from {self.out}")
+            elif found and not asked_resume:
+                error = ConfigError(
+                    "train.output_dir",
+                    f"{self.out} holds an earlier run ({', '.join(found)}); `--resume` continues it, "
+                    "`--overwrite` replaces it, or choose another train.output_dir",
+                )
+        if self._rank0_decides(error is not None):
+            raise error or ConfigError("train.output_dir", f"{self.out} holds an earlier run (see rank 0)")
+
+    def _start(self, resume: bool, overwrite: bool) -> None:
         """Write the config, resume or evaluate the base."""
         resumed = self.resume() if resume else False
+        if not resumed:
+            self._claim_folder(resume, overwrite)
         if self.is_main:  # written once every check passed
             (self.out / "config.yaml").write_text(to_yaml(self.cfg))
         if not resumed and self.is_main:
@@ -701,6 +721,13 @@ class Trainer:
         }
         (self.out / "monitor.json").write_text(json.dumps(doc, indent=1))
 
+    def _any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any process (every process gets the same answer)."""
+        if self.acc.num_processes == 1:
+            return flag
+        t = torch.tensor([float(flag)], device=self.acc.device)
+        return bool(self.acc.reduce(t, reduction="sum").item() > 0)
+
     def _rank0_decides(self, flag: bool) -> bool:
         """Rank 0's ``flag`` on every process (a time budget, a signal, a lock): all take the same branch."""
         if self.acc.num_processes == 1:
@@ -715,7 +742,9 @@ class Trainer:
             append_csv_row(self.out / "log.csv", stats)
 
 
-def run_training(cfg: SolaceConfig, resume: bool = False, allow_changes: bool = False) -> dict[str, Any]:
+def run_training(
+    cfg: SolaceConfig, resume: bool = False, allow_changes: bool = False, overwrite: bool = False
+) -> dict[str, Any]:
     """Train one run. The process group stays up (``solace ablate`` trains several runs in one process);
     the command that started it ends with :func:`solace.trainer.distributed.finish`."""
-    return Trainer(cfg, allow_changes=allow_changes).train(resume=resume)
+    return Trainer(cfg, allow_changes=allow_changes).train(resume=resume, overwrite=overwrite)

@@ -1,5 +1,6 @@
-"""Small file helpers: atomic writes, so a killed process never leaves half a file behind, and a check of a
-safetensors file that reads its header only (nothing is loaded or unpickled)."""
+"""Small file helpers: atomic writes, so a killed process never leaves half a file behind, a check of a
+safetensors file that reads its header only (nothing is loaded or unpickled), and the earlier run a folder
+holds (what a new run there would mix with or replace)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import struct
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,21 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 
 def write_json_atomic(path: str | Path, obj: Any) -> Path:
     return write_text_atomic(path, json.dumps(obj, indent=1))
+
+
+def earlier_run(folder: str | Path, names: tuple[str, ...]) -> list[str]:
+    """Which of a run's ``names`` (files or folders) ``folder`` holds: empty where no run has started."""
+    folder = Path(folder)
+    return [name for name in names if (folder / name).exists()]
+
+
+def remove_earlier_run(folder: str | Path, names: tuple[str, ...]) -> list[str]:
+    """Remove the run's ``names`` that ``folder`` holds (an explicit overwrite); returns what was removed."""
+    removed = earlier_run(folder, names)
+    for name in removed:
+        path = Path(folder) / name
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    return removed
 
 
 def append_csv_row(path: str | Path, row: dict[str, Any]) -> None:
