@@ -468,6 +468,25 @@ def test_new_fields_are_checked_naming_the_field(override, field):
     assert str(e.value).startswith(f"{field}: ") and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        (["reward.self_confidence.standardize_batch=5"], "reward.self_confidence.standardize_batch"),
+        (["sampling.prompts_per_step=3"], "reward.self_confidence.standardize_shuffle_groups"),
+        (["sampling.num_steps=1"], "reward.self_confidence.timesteps"),
+        (["train.algorithm=nft", "sampling.noise_level=0"], "grpo.drop_zero_advantages"),
+    ],
+)
+def test_released_preset_rejects_what_does_not_fit(overrides, field):
+    with pytest.raises(ConfigError) as e:
+        load_config("toy_released_code", overrides, check_paths=False)
+    assert str(e.value).startswith(f"{field}: ")
+    load_config(
+        "toy_released_code",
+        ["reward.self_confidence.num_probes=3", "reward.self_confidence.antithetic=false"],
+    )
+
+
 def test_the_cli_exits_2_with_one_line(tmp_path):
     from typer.testing import CliRunner
 
@@ -476,6 +495,59 @@ def test_the_cli_exits_2_with_one_line(tmp_path):
     res = CliRunner().invoke(app, ["config", "check", "toy", "reward.self_confidence.standardize_batch=-1"])
     assert res.exit_code == 2
     assert "reward.self_confidence.standardize_batch" in res.output
+
+
+def test_released_presets_carry_the_released_settings():
+    paper = load_config("toy", check_paths=False)
+    toy = load_config("toy_released_code", check_paths=False)
+    sd = load_config("sd35m_released_code", check_paths=False)
+    flux = load_config("flux_released_code", check_paths=False)
+    assert (paper.grpo.global_std, paper.lora_ema.enabled, paper.grpo.train_steps) == (False, False, "")
+    assert paper.reward.self_confidence.standardize_batch == 0 and paper.reward.self_confidence.antithetic
+    for cfg, steps in ((toy, "released_sd3"), (sd, "released_sd3"), (flux, "released_flux")):
+        sc = cfg.reward.self_confidence
+        assert (sc.timesteps, cfg.grpo.train_steps) == (steps, steps)
+        assert sc.standardize and sc.weighting == "t(1-t)" and sc.probe_mode == "per_sample_timestep"
+        assert sc.delta == 1e-6 and cfg.grpo.global_std and not cfg.grpo.detach_uncond
+        assert (cfg.lora_ema.enabled, cfg.lora_ema.max_decay, cfg.lora_ema.every) == (True, 0.9, 8)
+        assert cfg.grpo.updates_per_iteration == 1
+    # one process's sampling batch, dealt from a shuffled round of prompts (8 GPUs x batch / 16 prompts)
+    assert (
+        toy.reward.self_confidence.standardize_batch,
+        toy.reward.self_confidence.standardize_shuffle_groups,
+    ) == (8, 2)
+    sds = sd.reward.self_confidence
+    assert (sds.standardize_batch, sds.standardize_shuffle_groups, sds.num_probes, sds.antithetic) == (
+        8,
+        4,
+        8,
+        True,
+    )
+    assert (sd.sampling.prompts_per_step, sd.sampling.group_size, sd.sampling.batch_size) == (16, 16, 8)
+    assert sd.model.max_sequence_length == 128 and "attn.to_q" in sd.model.lora.target_modules
+    assert (
+        toy.grpo.drop_zero_advantages and sd.grpo.drop_zero_advantages and not flux.grpo.drop_zero_advantages
+    )
+    fs = flux.reward.self_confidence
+    assert (
+        fs.num_probes,
+        fs.antithetic,
+        fs.probe_guidance,
+        fs.standardize_batch,
+        fs.standardize_shuffle_groups,
+    ) == (
+        4,
+        False,
+        1.0,
+        4,
+        2,
+    )
+    assert (flux.sampling.num_steps, flux.sampling.eval_num_steps, flux.sampling.cfg_scale) == (6, 28, 1.0)
+    assert (flux.model.lora.rank, flux.model.lora.alpha) == (
+        64,
+        128,
+    ) and "ff.net.2" in flux.model.lora.target_modules
+    assert probe_steps(fs.timesteps, flux.sampling.num_steps) == [3, 4]
 
 
 # ----------------------------------------------------------- 4, in the trainer: batches, 1 and 2 processes
