@@ -55,7 +55,22 @@ TRAIN_CASES: dict[str, tuple[str, dict[str, object]]] = {
     "paper": ("toy", {}),
     # delta pinned to 1e-3: the reference was recorded when the preset still used our default delta (the
     # preset now has the released code's 1e-6); the case checks the same code path bitwise
-    "released": ("toy_released_code", {"grpo.rho": 0.5, "reward.self_confidence.delta": 1e-3}),
+    # pinned to the preset's form when recorded (before it followed the released scripts step for step: steps
+    # 4..8, global std, per-batch standardisation, zero advantages dropped, the LoRA EMA)
+    "released": (
+        "toy_released_code",
+        {
+            "grpo.rho": 0.5,
+            "reward.self_confidence.delta": 1e-3,
+            "reward.self_confidence.timesteps": "later_half",
+            "grpo.train_steps": "''",
+            "grpo.global_std": False,
+            "reward.self_confidence.standardize_batch": 0,
+            "reward.self_confidence.standardize_shuffle_groups": 0,
+            "grpo.drop_zero_advantages": False,
+            "lora_ema.enabled": False,
+        },
+    ),
     "offline_contrastive": (
         "toy",
         # one group: before the refactor an offline reward over two groups crashed (a reused context)

@@ -395,8 +395,8 @@ def test_presets_validate_and_inherit():
         True,
         "t(1-t)",
         "per_sample_timestep",
-        "later_half",
+        "released_sd3",
     )
-    assert cfgs["toy_released_code"].grpo.rho == 0.5
+    assert cfgs["toy_released_code"].grpo.train_steps == "released_sd3"  # steps 4..8 of 10, as released
     assert cfgs["flux"].sampling.cfg_scale == 1.0 and cfgs["flux"].sampling.group_size == 16
     assert cfgs["toy_verifiable"].reward.components[0].name == "toy_geneval"

@@ -73,3 +73,32 @@ def group_advantages(
     if clip is not None:
         adv = adv.clamp(-clip, clip)
     return adv.to(rewards.dtype)
+
+
+def drop_zero_advantages(
+    adv: torch.Tensor, keep: torch.Tensor | None, num_processes: int = 1, min_per_process: int = 1
+) -> tuple[torch.Tensor | None, int]:
+    """Flow-GRPO's filter: samples whose advantage is exactly 0 take no part in the update, the policy loss
+    and the KL term alike (yifan123/flow_grpo ``scripts/train_sd3.py`` and wookiekim/SOLACE
+    ``scripts/train_sd3_self.py``: the samples whose advantages are all zero are masked out before
+    training).
+
+    ``adv`` (N,) are the gathered advantages, ``keep`` (N,) bool the samples kept so far (None: all), laid
+    out as ``num_processes`` equal contiguous shares. Returns ``(keep', n)``: the samples still trained and
+    how many zero-advantage samples left. When some process would keep fewer than ``min_per_process``
+    samples (every process must take the same optimizer steps), nothing is dropped: ``(keep, 0)``. (The
+    released code instead puts random zero-advantage samples back until its batches divide evenly, and
+    has no rule for a batch left empty.)
+    """
+    check(adv.ndim == 1, "adv", f"must be 1-D (N,), got shape {tuple(adv.shape)}")
+    check(
+        adv.numel() % num_processes == 0,
+        "num_processes",
+        f"{adv.numel()} samples do not split evenly over {num_processes} processes",
+    )
+    base = torch.ones_like(adv, dtype=torch.bool) if keep is None else keep.to(adv.device)
+    trained = base & adv.ne(0)
+    n = int((base & ~trained).sum())
+    if n == 0 or int(trained.view(num_processes, -1).sum(1).min()) < min_per_process:
+        return keep, 0
+    return trained, n

@@ -16,8 +16,12 @@ of the next iteration (plain on-policy); ``d`` close to 1 makes it a slow averag
 
 The old policy is kept there as a second LoRA adapter of the same model; here it is a list of tensors that
 :meth:`EMAPolicy.swap_in` copies into the trained parameters to evaluate the model with the old weights.
-(The released code also keeps a separate EMA of the trained weights, decay ``min((1+s)/(10+s), 0.9)``, for
-evaluation and checkpoints only; that one is not this.)
+
+The same class keeps the trainer's EMA of the LoRA for evaluation and export (``lora_ema``, any update),
+with the ``warmup`` schedule ``d = min((1 + s) / (10 + s), max_decay)`` moved every ``every`` steps: the
+released SOLACE code's ``train.ema`` (wookiekim/SOLACE ``solace/ema.py``, ``EMAModuleWrapper`` built with
+``decay=0.9, update_step_interval=8`` in ``scripts/train_sd3_self.py``), the EMA DiffusionNFT's released
+code also keeps for evaluation and checkpoints.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import torch
 
 from solace.errors import ConfigError, check
 
-DECAY_KINDS = ("constant", "ramp")
+DECAY_KINDS = ("constant", "ramp", "warmup")
 #: whole tensors from sharded parameters' pieces or back (FSDP, :class:`solace.trainer.fsdp.ShardedParams`)
 Reshard = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 
@@ -41,16 +45,27 @@ def ema_decay(
     rate: float = 0.001,
     max_decay: float = 0.5,
     delay: int = 0,
+    every: int = 1,
 ) -> float:
-    """Decay of the old-policy update after ``step`` optimizer steps.
+    """Decay of the EMA update after ``step`` optimizer steps.
 
     * ``kind="constant"``: ``decay`` at every step (0 = on-policy copy).
     * ``kind="ramp"``: ``0`` while ``step < delay``, then ``min(rate * (step - delay), max_decay)``. The
       defaults are the released code's ``decay_type=1``; ``rate=0.0075, max_decay=0.999, delay=75`` is its
       ``decay_type=2`` (OCR).
+    * ``kind="warmup"``: ``min((1 + step) / (10 + step), max_decay)`` (the released SOLACE code's evaluation
+      EMA, ``EMAModuleWrapper.get_current_decay`` with ``max_decay`` 0.9).
+    * ``every``: the average moves only after the steps with ``(step + 1) % every == 0`` (the released
+      EMA's ``update_step_interval``, 8); after the others the decay is 1, no move.
     """
     check(kind in DECAY_KINDS, "kind", f"must be one of {DECAY_KINDS}, got {kind!r}")
     check(isinstance(step, int) and step >= 0, "step", f"must be an integer >= 0, got {step!r}")
+    check(isinstance(every, int) and every >= 1, "every", f"must be an integer >= 1, got {every!r}")
+    if (step + 1) % every:
+        return 1.0
+    if kind == "warmup":
+        check(0.0 <= max_decay <= 1.0, "max_decay", f"must lie in [0, 1], got {max_decay}")
+        return float(min((1 + step) / (10 + step), max_decay))
     if kind == "constant":
         check(0.0 <= decay <= 1.0, "decay", f"must lie in [0, 1], got {decay}")
         return float(decay)
@@ -95,18 +110,29 @@ class EMAPolicy:
     def update(self, step: int) -> float:
         """``old <- d * old + (1 - d) * params`` with ``d = decay_schedule(step)``; returns ``d``.
 
-        ``d = 0`` copies ``params`` exactly (the policy at the start of the next iteration).
+        ``d = 0`` copies ``params`` exactly (the policy at the start of the next iteration); ``d = 1``
+        leaves the copy as it is.
         """
         if self.is_swapped:
             raise RuntimeError("EMAPolicy.update while the old weights are swapped in; call swap_out() first")
         d = float(self.decay_schedule(step))
         check(0.0 <= d <= 1.0, "decay_schedule", f"returned {d} at step {step}; a decay must lie in [0, 1]")
+        if d == 1.0:
+            return d
         for old, p in zip(self.old, self.params, strict=True):
             if d == 0.0:
                 old.copy_(p)
             else:
                 old.mul_(d).add_(p.detach().to(old.dtype), alpha=1.0 - d)
         return d
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Make the copy equal to ``params`` now (as when it was built)."""
+        if self.is_swapped:
+            raise RuntimeError("EMAPolicy.reset while the old weights are swapped in; call swap_out() first")
+        for old, p in zip(self.old, self.params, strict=True):
+            old.copy_(p)
 
     @torch.no_grad()
     def swap_in(self) -> None:

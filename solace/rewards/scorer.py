@@ -9,19 +9,23 @@ code's switches, the variants) and checks them (:meth:`SelfConfidenceCfg.check`)
 * the velocity is the **conditional** one (paper), the CFG one (``cfg_in_reward``), and ``contrastive``
   scores ``S_t(c) - S_t(empty)`` with the same probes for both terms;
 * probes are drawn per prompt group from one seed each (``probe_mode="group"``, shared by the group, Eq. 9)
-  or fresh per sample and timestep (``per_sample_timestep``, released code).
+  or fresh per sample and timestep (``per_sample_timestep``, released code); antithetic (Eq. 9) or
+  independent (``antithetic=False``, the released FLUX script);
+* ``probe_guidance`` runs the probes of a guidance-distilled model (FLUX) with another guidance-embedding
+  value than sampling (the released FLUX script probes with 1.0).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from solace.errors import ConfigError, check
+from solace.grpo.window import RELEASED_RULES, released_steps
 from solace.models.base import Conditioning, FlowModelAdapter, adapters_disabled
 from solace.rewards.self_confidence import (
     VelocityFn,
@@ -44,10 +48,22 @@ class SelfConfidenceCfg:
 
     num_probes: int = 8  # K, even (antithetic pairs)
     delta: float = 1e-3  # S_t = -log(MSE_t + delta)
-    timesteps: str = "all"  # all | later_half (released code) | a comma list of step indices
+    # all | later_half (steps T/2..T-1) | released_sd3 / released_flux (the released scripts' steps: 4..8 /
+    # 5..8 of 10) | a comma list of step indices
+    timesteps: str = "all"
     weighting: Weighting = "uniform"  # w(t): uniform (paper) | t(1-t) (released code)
-    standardize: bool = False  # per-timestep standardisation across the batch (released code)
+    standardize: bool = False  # per-timestep standardisation of S_t (released code)
+    # the standardisation's scope: 0 = the whole gathered iteration; b = each batch of b samples (the
+    # released code: one process's sampling batch, sample.train_batch_size)
+    standardize_batch: int = 0
+    # 0: a batch is b consecutive samples; m: the samples of each m prompt groups (at most the iteration's)
+    # are shuffled before being cut into batches, so batches mix prompts (the released sampler: processes x
+    # batch / G groups a round)
+    standardize_shuffle_groups: int = 0
     probe_mode: ProbeMode = "group"  # group (paper) | per_sample_timestep (released code)
+    antithetic: bool = True  # probes in pairs eps[m + K/2] = -eps[m] (Eq. 9); False: K independent draws
+    # guidance-embedding value of the probes (FLUX only); 0: the model's own (model.guidance_scale)
+    probe_guidance: float = 0.0
     online: bool = True  # score with the policy being trained; False: the frozen base (offline)
     cfg_in_reward: bool = False  # variant: score with the CFG velocity instead of the conditional one
     contrastive: bool = False  # variant: S_t(c) - S_t(empty prompt)
@@ -61,7 +77,7 @@ class SelfConfidenceCfg:
 
     def check(self, num_steps: int, prefix: str = "reward.self_confidence") -> None:
         """Ranges and the probed timesteps (the choice fields are checked by their types)."""
-        check_num_probes(self.num_probes, f"{prefix}.num_probes")
+        check_num_probes(self.num_probes, f"{prefix}.num_probes", self.antithetic)
         check(self.delta > 0, f"{prefix}.delta", f"must be > 0 (it keeps -log finite), got {self.delta}")
         check(self.max_batch >= 1, f"{prefix}.max_batch", f"must be >= 1, got {self.max_batch}")
         check(self.max_edits >= 1, f"{prefix}.max_edits", f"must be >= 1, got {self.max_edits}")
@@ -76,20 +92,53 @@ class SelfConfidenceCfg:
             "contrasts with the prompt's edits; it does not combine with contrastive (the empty prompt)",
         )
         probe_steps(self.timesteps, num_steps, f"{prefix}.timesteps")
+        check(
+            self.standardize_batch >= 0,
+            f"{prefix}.standardize_batch",
+            f"must be >= 0 (0: the whole iteration), got {self.standardize_batch}",
+        )
+        check(
+            self.standardize or self.standardize_batch == 0,
+            f"{prefix}.standardize_batch",
+            f"is the scope of the standardisation; set {prefix}.standardize=true or standardize_batch=0",
+        )
+        check(
+            self.standardize_shuffle_groups >= 0,
+            f"{prefix}.standardize_shuffle_groups",
+            f"must be >= 0 (0: no shuffle), got {self.standardize_shuffle_groups}",
+        )
+        check(
+            self.standardize_batch > 0 or self.standardize_shuffle_groups == 0,
+            f"{prefix}.standardize_shuffle_groups",
+            f"shuffles samples into standardisation batches; set {prefix}.standardize_batch too, or 0",
+        )
+        check(
+            self.probe_guidance >= 0,
+            f"{prefix}.probe_guidance",
+            f"must be >= 0 (0: the model's own guidance), got {self.probe_guidance}",
+        )
 
 
 def probe_steps(spec: str, num_steps: int, field: str = "reward.self_confidence.timesteps") -> list[int]:
-    """Which sampler timesteps the reward probes: ``all``, ``later_half`` (the authors' released code: the
-    half nearest the data) or a comma list of step indices."""
+    """Which sampler timesteps the reward probes: ``all``, ``later_half`` (the half nearest the data,
+    ``num_steps // 2 .. num_steps - 1``), ``released_sd3`` / ``released_flux`` (exactly the steps the
+    authors' released SD3 / FLUX script probes, :func:`solace.grpo.window.released_steps`: 4..8 / 5..8 of
+    10) or a comma list of step indices."""
     if spec == "all":
         return list(range(num_steps))
     if spec == "later_half":
         return list(range(num_steps // 2, num_steps))
+    if spec in RELEASED_RULES:
+        idx = released_steps(num_steps, RELEASED_RULES[spec])
+        check(len(idx) > 0, field, f"{spec} probes no step at sampling.num_steps = {num_steps} (needs >= 2)")
+        return idx
     try:
         idx = [int(x) for x in str(spec).split(",") if x.strip()]
     except ValueError:
         raise ConfigError(
-            field, f"must be 'all', 'later_half' or a comma list of step indices, got {spec!r}"
+            field,
+            f"must be 'all', 'later_half', 'released_sd3', 'released_flux' or a comma list of step indices, "
+            f"got {spec!r}",
         ) from None
     check(
         len(idx) > 0 and all(0 <= i < num_steps for i in idx),
@@ -126,9 +175,25 @@ class SelfConfidenceScorer:
 
         return vel
 
-    def _model(self, adapter: FlowModelAdapter) -> contextlib.AbstractContextManager:
-        """The model that scores: the policy (online) or the LoRA-off base (offline)."""
-        return contextlib.nullcontext() if self.cfg.online else adapters_disabled(adapter.denoiser)
+    @contextlib.contextmanager
+    def _model(self, adapter: FlowModelAdapter) -> Iterator[None]:
+        """The model that scores: the policy (online) or the LoRA-off base (offline), with the probes'
+        guidance-embedding value where ``probe_guidance`` sets one (restored on exit)."""
+        g = self.cfg.probe_guidance
+        check(
+            not g or hasattr(adapter, "guidance_scale"),
+            "reward.self_confidence.probe_guidance",
+            f"the {getattr(adapter, 'name', 'model')} model has no guidance embedding; set it to 0",
+        )
+        before = getattr(adapter, "guidance_scale", None)
+        with contextlib.nullcontext() if self.cfg.online else adapters_disabled(adapter.denoiser):
+            try:
+                if g:
+                    adapter.guidance_scale = float(g)  # type: ignore[attr-defined]
+                yield
+            finally:
+                if g:
+                    adapter.guidance_scale = before  # type: ignore[attr-defined]
 
     @torch.no_grad()
     def scores(
@@ -163,15 +228,24 @@ class SelfConfidenceScorer:
         for g in torch.unique(group_index).tolist():
             rows = (group_index == g).nonzero().flatten()
             gen = torch.Generator().manual_seed(int(probe_seeds[g]))
-            probes = draw_probes(sc.num_probes, lat, rows.numel(), probe_t.numel(), sc.probe_mode, gen)
+            probes = draw_probes(
+                sc.num_probes,
+                lat,
+                rows.numel(),
+                probe_t.numel(),
+                sc.probe_mode,
+                gen,
+                antithetic=sc.antithetic,
+            )
             probes = probes.to(z0.device, torch.float32)
             c_rows = cond.index(rows.cpu())
             n_rows = null.index(rows.cpu()) if null is not None else None
             z_rows = z0[rows].float()
             with self._model(adapter):
                 mse = probe_mse(
-                    self._velocity(adapter, c_rows, n_rows), z_rows, probe_t, probes, sc.max_batch
-                )
+                    self._velocity(adapter, c_rows, n_rows), z_rows, probe_t, probes, sc.max_batch,
+                    sc.antithetic,
+                )  # fmt: skip
                 s = confidence_scores(mse, sc.delta)
                 if sc.edits != "off":
                     s = edit_contrast(
@@ -182,8 +256,9 @@ class SelfConfidenceScorer:
                     )
                 if sc.contrastive:
                     mse_u = probe_mse(
-                        self._velocity(adapter, n_rows, n_rows), z_rows, probe_t, probes, sc.max_batch
-                    )
+                        self._velocity(adapter, n_rows, n_rows), z_rows, probe_t, probes, sc.max_batch,
+                        sc.antithetic,
+                    )  # fmt: skip
                     s = s - confidence_scores(mse_u, sc.delta)
             out[rows] = s
         return out
@@ -205,12 +280,19 @@ class SelfConfidenceScorer:
         null_rep = null.index([b for _ in range(E) for b in range(B)]) if null is not None else None
         z_rep = z.repeat(E, *([1] * (z.ndim - 1)))
         p_rep = probes if probes.ndim == z.ndim else probes.repeat(E, *([1] * (probes.ndim - 1)))
-        mse = probe_mse(self._velocity(adapter, cond, null_rep), z_rep, probe_t, p_rep, self.cfg.max_batch)
+        mse = probe_mse(
+            self._velocity(adapter, cond, null_rep), z_rep, probe_t, p_rep, self.cfg.max_batch,
+            self.cfg.antithetic,
+        )  # fmt: skip
         return confidence_scores(mse, self.cfg.delta).reshape(E, B, -1).transpose(0, 1)
 
-    def aggregate(self, scores: torch.Tensor, probe_t: torch.Tensor) -> torch.Tensor:
-        """R from S_t (Eqs. 13-14); ``scores`` holds the whole (gathered) batch when standardising."""
-        return aggregate(scores, probe_t, self.cfg.weighting, self.cfg.standardize)
+    def aggregate(
+        self, scores: torch.Tensor, probe_t: torch.Tensor, batch_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """R from S_t (Eqs. 13-14); ``scores`` holds the whole (gathered) batch when standardising, over all
+        of it or over each batch of ``batch_ids`` (:func:`~solace.rewards.self_confidence.
+        standardization_batches`)."""
+        return aggregate(scores, probe_t, self.cfg.weighting, self.cfg.standardize, batch_ids)
 
     @torch.no_grad()
     def score_group(

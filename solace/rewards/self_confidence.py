@@ -13,8 +13,10 @@ Probes are antithetic (``eps[m + K/2] = -eps[m]``, Eq. 9) and shared by every sa
 that within-group differences come from the samples, not from the probes.
 
 The authors' released code departs from the paper in places; each is a switch here, off by default:
-``standardize`` (S_t standardised per timestep across the batch) and ``weighting="t(1-t)"``. Probes per
-sample and per timestep are supported by passing probes of shape (B, T, K, ...) (:func:`draw_probes`).
+``standardize`` (S_t standardised per timestep across the batch, or across each batch of ``batch_ids``:
+:func:`standardization_batches`) and ``weighting="t(1-t)"``. Probes per sample and per timestep are
+supported by passing probes of shape (B, T, K, ...) (:func:`draw_probes`), and independent (not antithetic)
+probes, as the released FLUX script draws them, by ``antithetic=False``.
 
 These are the pure functions; :class:`solace.rewards.scorer.SelfConfidenceScorer` binds them to a model.
 """
@@ -34,9 +36,13 @@ which of the B samples (and so which prompt conditioning) each row belongs to.""
 WEIGHTINGS = ("uniform", "t(1-t)")
 
 
-def check_num_probes(num_probes: int, field: str = "num_probes") -> None:
-    """K must be an even integer >= 2: the probes come in antithetic pairs (Eq. 9). The one check of K."""
+def check_num_probes(num_probes: int, field: str = "num_probes", antithetic: bool = True) -> None:
+    """K must be an even integer >= 2: the probes come in antithetic pairs (Eq. 9); independent probes
+    (``antithetic=False``) need only K >= 1. The one check of K."""
     check(isinstance(num_probes, int), field, f"must be an integer, got {num_probes!r}")
+    if not antithetic:
+        check(num_probes >= 1, field, f"must be >= 1, got {num_probes}")
+        return
     check(
         num_probes >= 2 and num_probes % 2 == 0,
         field,
@@ -69,6 +75,28 @@ def antithetic_probes(
     return torch.cat([half, -half], dim=len(batch_shape))
 
 
+def independent_probes(
+    num_probes: int,
+    shape: Sequence[int],
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    batch_shape: Sequence[int] = (),
+) -> torch.Tensor:
+    """K independent Gaussian probes, shape ``(*batch_shape, K, *shape)``: no antithetic pairing, any
+    K >= 1. The released FLUX script (wookiekim/SOLACE ``scripts/train_flux_self_accelerate.py``,
+    ``sds_self_confidence_scalar_flux``) draws its K = 4 probes this way; its SD3 script pairs them
+    (Eq. 9)."""
+    check_num_probes(num_probes, antithetic=False)
+    out = torch.randn(
+        (*batch_shape, num_probes, *shape),
+        generator=generator,
+        dtype=dtype,
+        device="cpu" if generator is not None and generator.device.type == "cpu" else device,
+    )
+    return out.to(device) if device is not None else out
+
+
 def draw_probes(
     num_probes: int,
     latent_shape: Sequence[int],
@@ -78,20 +106,23 @@ def draw_probes(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
+    antithetic: bool = True,
 ) -> torch.Tensor:
     """Probes for one prompt group of ``num_samples``.
 
     ``mode="group"`` (paper): one set of K probes, shape (K, *latent), shared by every sample and timestep.
     ``mode="per_sample_timestep"`` (released code): fresh probes per sample and timestep, (B, T, K, *latent).
+    ``antithetic`` (paper, Eq. 9, and the released SD3 script): pairs ``eps[m + K/2] = -eps[m]``; False:
+    K independent draws (the released FLUX script).
     """
     check(
         mode in ("group", "per_sample_timestep"),
         "probe_mode",
         f"must be 'group' or 'per_sample_timestep', got {mode!r}",
     )
-    if mode == "group":
-        return antithetic_probes(num_probes, latent_shape, generator, device, dtype)
-    return antithetic_probes(num_probes, latent_shape, generator, device, dtype, (num_samples, num_timesteps))
+    draw = antithetic_probes if antithetic else independent_probes
+    batch = () if mode == "group" else (num_samples, num_timesteps)
+    return draw(num_probes, latent_shape, generator, device, dtype, batch)
 
 
 def renoise(z0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -107,11 +138,13 @@ def probe_mse(
     timesteps: torch.Tensor | Sequence[float],
     probes: torch.Tensor,
     max_batch: int = 256,
+    antithetic: bool = True,
 ) -> torch.Tensor:
     """Per-sample, per-timestep denoising error MSE_t (Eq. 11), shape (B, T).
 
     All B*T*K forwards are flattened and sent to ``velocity_fn`` in chunks of at most ``max_batch`` rows.
-    ``probes`` is (K, *latent) (shared) or (B, T, K, *latent) (per sample and timestep).
+    ``probes`` is (K, *latent) (shared) or (B, T, K, *latent) (per sample and timestep); K must be even
+    unless ``antithetic`` is False (independent probes).
     """
     B, lat = z0.shape[0], tuple(z0.shape[1:])
     ts = torch.as_tensor(timesteps, dtype=torch.float32, device=z0.device).reshape(-1)
@@ -134,7 +167,7 @@ def probe_mse(
         )
         K = probes.shape[2]
         eps = probes.to(z0.device, z0.dtype)
-    check_num_probes(K)
+    check_num_probes(K, antithetic=antithetic)
     check(
         isinstance(max_batch, int) and max_batch >= 1,
         "max_batch",
@@ -193,20 +226,96 @@ def timestep_weights(timesteps: torch.Tensor, weighting: str = "uniform") -> tor
     return torch.ones_like(ts) if weighting == "uniform" else ts * (1 - ts)
 
 
-def standardize_per_timestep(scores: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Released-code variant: standardise each S_t column across the batch, (S - mean_b) / (std_b + eps)."""
+def standardize_per_timestep(
+    scores: torch.Tensor, eps: float = 1e-6, batch_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Released-code variant: standardise each S_t column across the batch, (S - mean_b) / (std_b + eps).
+
+    ``batch_ids`` (B,): standardise the rows of each batch id on their own (the released code standardises
+    over each sampling batch of one process: wookiekim/SOLACE ``scripts/train_sd3_self.py``,
+    ``sds_self_confidence_scalar`` is called once per batch of ``sample.train_batch_size`` images). A batch of
+    one row has nothing to standardise against and gets zeros. The released code divides by the sample
+    std (ddof 1) clamped at 1e-6, this by the population std + 1e-6: with batches of one size n the two
+    differ by the constant factor sqrt(n / (n - 1)), which the group-relative advantages cancel.
+    """
+    if batch_ids is not None:
+        check(
+            batch_ids.shape == scores.shape[:1],
+            "batch_ids",
+            f"must hold one id per row ({scores.shape[0]}), got shape {tuple(batch_ids.shape)}",
+        )
+        out = torch.empty_like(scores)
+        for b in torch.unique(batch_ids).tolist():
+            rows = (batch_ids == b).nonzero().flatten()
+            out[rows] = standardize_per_timestep(scores[rows], eps)
+        return out
     if scores.shape[0] < 2:
         return torch.zeros_like(scores)
     return (scores - scores.mean(0, keepdim=True)) / (scores.std(0, unbiased=False, keepdim=True) + eps)
 
 
-def aggregate(
-    scores: torch.Tensor, timesteps: torch.Tensor, weighting: str = "uniform", standardize: bool = False
+def standardization_batches(
+    num_samples: int,
+    batch_size: int,
+    group_size: int = 1,
+    shuffle_groups: int = 0,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """R = sum_t w(t) S_t / sum_t w(t) (Eqs. 13-14) over a (B, T) score matrix; returns (B,)."""
+    """The standardisation batch of each of an iteration's ``num_samples`` samples (global index order,
+    prompt group after prompt group), (N,) batch ids.
+
+    * ``shuffle_groups = 0``: batches of ``batch_size`` consecutive samples (sample ``i`` in batch
+      ``i // batch_size``): each process's own sampling batches when ``batch_size`` divides its share.
+    * ``shuffle_groups = m > 0``: as the released code deals its images (wookiekim/SOLACE
+      ``DistributedKRepeatSampler`` in ``scripts/train_sd3_self.py``: each sampling round repeats
+      ``processes * batch / G`` prompts G times, shuffles them and gives each process ``batch`` of them):
+      the samples of each run of ``m`` whole prompt groups (``m * group_size`` samples; the whole
+      iteration when it holds fewer groups, as a sampling round larger than the iteration) are permuted by
+      ``generator`` and cut into batches of ``batch_size``, so a batch mixes prompts.
+
+    Membership depends on the global sample index only, never on the number of processes: 1 and N
+    processes standardise the same batches.
+    """
+    check(batch_size >= 1, "standardize_batch", f"must be >= 1, got {batch_size}")
+    check(
+        num_samples % batch_size == 0,
+        "standardize_batch",
+        f"{num_samples} samples do not split into batches of {batch_size}",
+    )
+    if shuffle_groups == 0:
+        return torch.arange(num_samples) // batch_size
+    run = min(shuffle_groups * group_size, num_samples)
+    check(
+        num_samples % run == 0 and run % batch_size == 0,
+        "standardize_shuffle_groups",
+        f"runs of {shuffle_groups} groups x {group_size} = {run} samples must split the {num_samples} "
+        f"samples and split into batches of {batch_size}",
+    )
+    ids = torch.empty(num_samples, dtype=torch.long)
+    per_run = run // batch_size
+    for r in range(num_samples // run):
+        perm = torch.randperm(run, generator=generator)
+        ids[r * run + perm] = r * per_run + torch.arange(run) // batch_size
+    return ids
+
+
+def aggregate(
+    scores: torch.Tensor,
+    timesteps: torch.Tensor,
+    weighting: str = "uniform",
+    standardize: bool = False,
+    batch_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """R = sum_t w(t) S_t / sum_t w(t) (Eqs. 13-14) over a (B, T) score matrix; returns (B,). With
+    ``standardize``, S_t is first standardised per timestep over the whole matrix, or over each batch of
+    ``batch_ids`` (:func:`standardize_per_timestep`).
+
+    The released code averages ``w(t) z_t`` over all ``T'`` columns of its score matrix, the unprobed ones
+    (zero) included, instead of dividing by ``sum_t w(t)``: a constant factor the advantages cancel.
+    """
     w = timestep_weights(timesteps, weighting).to(scores.device, scores.dtype)
     check(bool(w.sum() > 0), "weighting", "all timestep weights are zero (t(1-t) vanishes at t=0 and t=1)")
-    s = standardize_per_timestep(scores) if standardize else scores
+    s = standardize_per_timestep(scores, batch_ids=batch_ids) if standardize else scores
     return (s * w).sum(-1) / w.sum()
 
 
@@ -219,10 +328,11 @@ def self_confidence(
     weighting: str = "uniform",
     standardize: bool = False,
     max_batch: int = 256,
+    antithetic: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The SOLACE reward (Eqs. 9-14). Returns ``(R, S)``: rewards (B,) and per-timestep scores (B, T)."""
     check(delta > 0, "delta", f"must be > 0 (it keeps -log finite), got {delta}")
-    mse = probe_mse(velocity_fn, z0, timesteps, probes, max_batch=max_batch)
+    mse = probe_mse(velocity_fn, z0, timesteps, probes, max_batch=max_batch, antithetic=antithetic)
     s = confidence_scores(mse, delta)
     ts = torch.as_tensor(timesteps, dtype=torch.float32).reshape(-1)
     return aggregate(s, ts, weighting, standardize), s

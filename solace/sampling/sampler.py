@@ -39,10 +39,16 @@ def cfg_velocity(
     cond: Conditioning,
     null_cond: Conditioning | None,
     cfg_scale: float,
+    detach_uncond: bool = False,
 ) -> torch.Tensor:
     """Classifier-free guidance ``v = v(z, t, null) + s (v(z, t, c) - v(z, t, null))`` in one batched
     forward (two forwards for an adapter whose ``cfg_in_two_passes`` is set, as its pipeline computes it);
     ``cfg_scale == 1`` (or no ``null_cond``) is the plain conditional velocity.
+
+    ``detach_uncond``: the unconditional branch enters as a constant, so a gradient flows through the
+    conditional one only, ``s dv(c)`` instead of ``(1 - s) dv(null) + s dv(c)``; the value is the same
+    (Flow-GRPO's training forward, yifan123/flow_grpo ``scripts/train_sd3.py`` ``compute_log_prob``; the
+    released SOLACE code and the paper keep the gradient).
 
     The model runs in ``adapter.dtype`` (e.g. bf16); the returned velocity is float32, like ``z``, so that the
     SDE step and its log-prob are computed in float32 (bf16 log-probs are far too coarse for PPO ratios).
@@ -53,10 +59,12 @@ def cfg_velocity(
     if getattr(adapter, "cfg_in_two_passes", False):  # as the adapter's pipeline does (FLUX's true CFG)
         v_c = adapter.velocity(zin, t, cond).float()
         v_u = adapter.velocity(zin, t, null_cond).float()
-        return v_u + cfg_scale * (v_c - v_u)
-    zz = torch.cat([zin, zin])
-    tt = torch.cat([t, t])
-    v_u, v_c = adapter.velocity(zz, tt, Conditioning.cat([null_cond, cond])).float().chunk(2)
+    else:
+        zz = torch.cat([zin, zin])
+        tt = torch.cat([t, t])
+        v_u, v_c = adapter.velocity(zz, tt, Conditioning.cat([null_cond, cond])).float().chunk(2)
+    if detach_uncond:
+        v_u = v_u.detach()
     return v_u + cfg_scale * (v_c - v_u)
 
 
@@ -70,13 +78,15 @@ def step_policy(
     null_cond: Conditioning | None,
     cfg_scale: float,
     noise_level: float,
+    detach_uncond: bool = False,
 ) -> SDEStep:
     """Re-evaluate one stored SDE step under the current policy: returns its log-prob, mean and std.
 
-    Used by the training pass (with gradients) and for the LoRA-off reference (under no_grad)."""
+    Used by the training pass (with gradients) and for the LoRA-off reference (under no_grad).
+    ``detach_uncond``: no gradient through CFG's unconditional branch (:func:`cfg_velocity`)."""
     B = z.shape[0]
     t = sigmas[step].expand(B).to(z.device)
-    v = cfg_velocity(adapter, z, t, cond, null_cond, cfg_scale)
+    v = cfg_velocity(adapter, z, t, cond, null_cond, cfg_scale, detach_uncond)
     return sde_step(
         z,
         v,

@@ -99,17 +99,23 @@ class RewardCfg:
 @dataclass
 class GRPOCfg:
     rho: float = 0.6  # train on the last ceil(rho * |T|) reverse steps
-    # explicit step indices to train instead of the rho suffix, e.g. "1,2" (Flow-GRPO-Fast-style early window)
+    # explicit step indices to train instead of the rho suffix, e.g. "1,2" (Flow-GRPO-Fast-style early
+    # window), or a released script's window: released_sd3 (4..8 of 10 steps) | released_flux (5..8 of 10)
     train_steps: str = ""
     beta: float = 0.04  # KL weight
     kl_form: Literal["flow_grpo", "exact"] = "flow_grpo"  # flow_grpo: no dt (Flow-GRPO's code)
     clip_range: float = 1e-4
     adv_clip: float = 5.0
     adv_eps: float = 1e-4
-    global_std: bool = False
+    global_std: bool = False  # divide by the std of the whole batch (Flow-GRPO's sample.global_std)
     inner_epochs: int = 1
     micro_batch_size: int = 8  # samples per training forward (per process)
     updates_per_iteration: int = 1  # optimizer steps per inner epoch (the samples split into this many)
+    # the CFG training forward with the unconditional branch detached (Flow-GRPO's compute_log_prob); the
+    # paper and the released SOLACE code keep its gradient
+    detach_uncond: bool = False
+    # samples whose advantage is exactly 0 take no part in the update, KL included (Flow-GRPO's mask)
+    drop_zero_advantages: bool = False
 
 
 @dataclass
@@ -175,6 +181,19 @@ class EvalCfg:
     grid_prompts: int = 8  # metrics: prompts (rows) of each evaluation's base | current image grid; 0: none
 
 
+@dataclass
+class LoraEMACfg:
+    """An EMA of the trained LoRA that evaluations, image grids and the exported ``OUT/lora`` use (the trained
+    weights go on training and are exported beside it, ``OUT/lora_trained``); kept in checkpoints. After
+    optimizer step s it moves ``ema <- d ema + (1 - d) lora``, ``d = min((1 + s) / (10 + s), max_decay)``,
+    when ``(s + 1) % every == 0``: the released SOLACE code's ``train.ema`` (``EMAModuleWrapper(decay=0.9,
+    update_step_interval=8)``, :mod:`solace.nft.ema`)."""
+
+    enabled: bool = False
+    max_decay: float = 0.9
+    every: int = 8
+
+
 TRACKERS = ("tensorboard", "wandb")
 """Experiment trackers ``train.log_with`` may name (through accelerate's tracker API)."""
 
@@ -225,6 +244,7 @@ class SolaceConfig:
     monitor: MonitorCfg = field(default_factory=MonitorCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
+    lora_ema: LoraEMACfg = field(default_factory=LoraEMACfg)
     preset: str = ""  # informational: the preset this config came from
 
 
@@ -398,6 +418,7 @@ def validate(cfg: SolaceConfig, check_paths: bool = True) -> None:
         "every weight is 0: the reward would be constant and nothing trained; give a component a weight",
     )
     _validate_grpo(cfg.grpo, s.num_steps)
+    _validate_released_switches(cfg)
     o, t, lora = cfg.optim, cfg.train, cfg.model.lora
     _min(cfg.monitor.window, 1, "monitor.window")
     _validate_optim(o)
@@ -590,6 +611,48 @@ def _validate_nft(n: NFTCfg, num_steps: int) -> None:
     _min(n.micro_batch_size, 1, "nft.micro_batch_size")
     _min(n.inner_epochs, 1, "nft.inner_epochs")
     _min(n.updates_per_iteration, 1, "nft.updates_per_iteration")
+
+
+def _validate_released_switches(cfg: SolaceConfig) -> None:
+    """The released-code switches that depend on other fields: the standardisation batches split the
+    iteration, the probes' guidance is FLUX's, the zero-advantage filter is Flow-GRPO's, the EMA's ranges."""
+    sc, s, prefix = cfg.reward.self_confidence, cfg.sampling, "reward.self_confidence"
+    total = s.prompts_per_step * s.group_size
+    if sc.standardize_batch:
+        check(
+            total % sc.standardize_batch == 0,
+            f"{prefix}.standardize_batch",
+            f"batches of {sc.standardize_batch} must split the iteration's {s.prompts_per_step} x "
+            f"{s.group_size} = {total} samples",
+        )
+    m = min(sc.standardize_shuffle_groups, s.prompts_per_step)  # at most the iteration's groups
+    if m:
+        check(
+            s.prompts_per_step % m == 0 and (m * s.group_size) % sc.standardize_batch == 0,
+            f"{prefix}.standardize_shuffle_groups",
+            f"runs of {m} groups must split sampling.prompts_per_step = {s.prompts_per_step}, and their "
+            f"{m} x {s.group_size} samples split into batches of {sc.standardize_batch}",
+        )
+    if sc.probe_guidance:
+        from solace.models import model_family
+
+        try:
+            family = model_family(cfg.model.name)
+        except ConfigError:  # an unknown model name fails when the model loads
+            family = "flux"
+        check(
+            family == "flux",
+            f"{prefix}.probe_guidance",
+            "sets FLUX's guidance embedding for the probes; other models have none, set it to 0",
+        )
+    check(
+        not cfg.grpo.drop_zero_advantages or cfg.train.algorithm == "flow_grpo",
+        "grpo.drop_zero_advantages",
+        "is Flow-GRPO's filter; under nft a zero advantage still trains (optimality 1/2): set it false",
+    )
+    e = cfg.lora_ema
+    check(0 <= e.max_decay <= 1, "lora_ema.max_decay", f"must lie in [0, 1], got {e.max_decay}")
+    _min(e.every, 1, "lora_ema.every")
 
 
 def _validate_grpo(g: GRPOCfg, num_steps: int) -> None:

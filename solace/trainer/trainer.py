@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -36,6 +37,7 @@ from tqdm.auto import tqdm
 
 from solace.errors import ConfigError
 from solace.evaluation.evaluators import make_evaluator
+from solace.grpo.advantages import drop_zero_advantages
 from solace.grpo.window import parse_steps, train_window
 from solace.models.base import Conditioning
 from solace.models.lora import (
@@ -48,8 +50,10 @@ from solace.models.lora import (
     set_lora_state_dict,
 )
 from solace.models.text_cache import ConditioningLRU
+from solace.nft.ema import EMAPolicy, ema_decay
 from solace.prompts import Prompt, PromptSource
 from solace.rewards.mixture import SELF_CONFIDENCE, RewardMixture
+from solace.rewards.self_confidence import standardization_batches
 from solace.sampling.rollout import GroupLayout, Rollout
 from solace.sampling.sampler import sample
 from solace.trainer.checkpoint import (
@@ -88,6 +92,8 @@ from solace.trainer.tracking import Trackers, log_with
 from solace.trainer.updates import make_update
 from solace.utils.files import append_csv_row, earlier_run
 from solace.utils.seeding import Stream, TrainStreams
+
+EMA_PREFIX = "lora_ema."  # the LoRA EMA's tensors in a checkpoint's update.safetensors
 
 
 class Trainer:
@@ -129,6 +135,7 @@ class Trainer:
 
             self.negatives = load_negatives(cfg.reward.self_confidence.negatives)
         self.updater = make_update(self)
+        self.lora_ema = self._lora_ema()  # lora_ema: what evaluations and the export use, or None
         self._cond_cache = ConditioningLRU(cfg.model.embedding_lru_size)
         self.null = self.adapter.encode_prompts([s.negative_prompt])  # CFG's null (default: empty prompt)
         offload_text_encoders(self)  # model.offload_text_encoders: the run's prompts encoded, then offloaded
@@ -196,6 +203,22 @@ class Trainer:
             self.sharded = ShardedParams(wrapped, params)
         self.adapter.forward_module = wrapped
         return params, opt, wrapped
+
+    def _lora_ema(self) -> EMAPolicy | None:
+        """The EMA of the LoRA (``lora_ema``), moved after each optimizer step by the update; None: off."""
+        e = self.cfg.lora_ema
+        if not e.enabled:
+            return None
+        ema = EMAPolicy(
+            self.params, functools.partial(ema_decay, kind="warmup", max_decay=e.max_decay, every=e.every)
+        )
+        self.updater.after_step = ema.update
+        return ema
+
+    def _evaluated_weights(self) -> contextlib.AbstractContextManager:
+        """Inside, the LoRA holds the weights that are evaluated and exported: its EMA with ``lora_ema``
+        (the trained weights come back on exit, bit for bit), else the trained weights themselves."""
+        return self.lora_ema.swapped() if self.lora_ema is not None else contextlib.nullcontext()
 
     def _whole_lora(self, writeback: bool = False) -> contextlib.AbstractContextManager:
         """Inside, the LoRA parameters are whole tensors: under FSDP gathered on every process (a collective;
@@ -316,7 +339,8 @@ class Trainer:
         scores = None
         if self.rewards.uses_self_confidence:
             scores = self._gather(self._confidence_scores(ro, iteration))
-            comps[SELF_CONFIDENCE] = self.rewards.confidence.aggregate(scores, self.probe_t)
+            batches = self._standardization_batches(iteration)
+            comps[SELF_CONFIDENCE] = self.rewards.confidence.aggregate(scores, self.probe_t, batches)
         images = None
         if self.rewards.external or self.is_toy:
             images = torch.cat([self.adapter.decode(ro.z0[sl]).cpu() for sl in self._batches(len(ro))])
@@ -325,19 +349,10 @@ class Trainer:
                 comps[name] = self._gather(r)
         total = self.rewards.combine(comps)
         t_reward = time.perf_counter() - t0
-        g, groups = self.cfg.grpo, ro.layout.all_groups()
-        keep, dropped = drop_nonfinite(total, groups)  # a non-finite reward leaves its group and the update
-        adv = group_advantages_masked(
-            total, groups, keep, global_std=g.global_std, eps=g.adv_eps, clip=g.adv_clip
-        )
-        ro.advantages, ro.rewards = ro.layout.local(adv), ro.layout.local(total)
+        adv, keep, dropped, n_zero = self._advantages(ro, total)
+        ro.rewards = ro.layout.local(total)
         if scores is not None:
             ro.confidence = ro.layout.local(scores)
-        if dropped:
-            ro.keep = keep
-            self._warn(
-                f"{dropped} sample(s) with a non-finite reward dropped from their groups and the update"
-            )
         flat = all_zero(adv)
         if flat:
             self._warn(
@@ -349,6 +364,8 @@ class Trainer:
             "reward/std": float(kept.std()) if len(kept) > 1 else math.nan,
         }
         stats.update({"guard/dropped": float(dropped), "guard/zero_advantages": float(flat)})
+        if self.cfg.grpo.drop_zero_advantages:
+            stats["adv/zero_dropped"] = float(n_zero)
         stats.update({f"reward/{k}_mean": float(v.mean()) for k, v in comps.items()})
         if scores is not None:
             stats.update(
@@ -361,6 +378,41 @@ class Trainer:
         stats.update(self._sample_statistics(ro, images))
         stats["time/reward"] = t_reward
         return stats
+
+    def _standardization_batches(self, iteration: int) -> torch.Tensor | None:
+        """The batch of each of the iteration's samples that S_t is standardised over
+        (``reward.self_confidence.standardize_batch``); None: the whole gathered iteration. A function of
+        the global sample index and the run's streams, the same on every process."""
+        sc = self.cfg.reward.self_confidence
+        if not (sc.standardize and sc.standardize_batch):
+            return None
+        gen = self.streams.generator(Stream.STANDARDIZE_BATCHES, iteration, 0)
+        lay = self.layout
+        return standardization_batches(
+            lay.total, sc.standardize_batch, lay.group_size, sc.standardize_shuffle_groups, gen
+        )
+
+    def _advantages(self, ro: Rollout, total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """Group-relative advantages of the gathered rewards (this process's share set on ``ro``), with the
+        samples the update leaves out (``ro.keep``): non-finite rewards, and with
+        ``grpo.drop_zero_advantages`` zero advantages. Returns ``(adv, keep, dropped, zero_dropped)``."""
+        g, groups = self.cfg.grpo, ro.layout.all_groups()
+        keep, dropped = drop_nonfinite(total, groups)  # a non-finite reward leaves its group and the update
+        adv = group_advantages_masked(
+            total, groups, keep, global_std=g.global_std, eps=g.adv_eps, clip=g.adv_clip
+        )
+        ro.advantages = ro.layout.local(adv)
+        if dropped:
+            ro.keep = keep
+            self._warn(
+                f"{dropped} sample(s) with a non-finite reward dropped from their groups and the update"
+            )
+        n_zero = 0
+        if g.drop_zero_advantages:  # Flow-GRPO's mask: no policy signal, no part in the loss (KL included)
+            ro.keep, n_zero = drop_zero_advantages(
+                adv, ro.keep, self.acc.num_processes, self.updater.updates_per_iteration
+            )
+        return adv, keep, dropped, n_zero
 
     def _sample_statistics(self, ro: Rollout, images: torch.Tensor | None) -> dict[str, float]:
         """Batch means of what the collapse monitor watches (and, on the toy world, strict correctness)."""
@@ -385,7 +437,8 @@ class Trainer:
         by the monitor."""
         if not self.samples_images or self.evaluator is None:
             return None
-        out = self.evaluator.evaluate(iteration)
+        with self._evaluated_weights():
+            out = self.evaluator.evaluate(iteration)
         self._log(self.evaluator.scalars(out), iteration)
         if out.get("grid") and self.is_main:
             self.trackers.log_image("eval/grid", self.out / out["grid"], iteration)
@@ -406,11 +459,12 @@ class Trainer:
         prompts = self.cfg.train.image_prompts or (
             default_image_prompts() if self.is_toy else [p.text for p in self.source.for_iteration(0, 4)]
         )
-        imgs = generate(
-            self.adapter, prompts, 4, self.cfg.sampling.eval_num_steps, self.eval_cfg_scale,
-            seed=self.cfg.train.seed + 4242, progress=False,
-            negative_prompt=self.cfg.sampling.negative_prompt,
-        )  # fmt: skip
+        with self._evaluated_weights():
+            imgs = generate(
+                self.adapter, prompts, 4, self.cfg.sampling.eval_num_steps, self.eval_cfg_scale,
+                seed=self.cfg.train.seed + 4242, progress=False,
+                negative_prompt=self.cfg.sampling.negative_prompt,
+            )  # fmt: skip
         if not self.is_main:
             return None
         path = save_grid(
@@ -431,10 +485,37 @@ class Trainer:
         if sp is None:
             if not self.is_main:
                 return None
-            return lora_state_dict(self.adapter.denoiser), self.opt, self.updater.state_tensors()
+            return lora_state_dict(self.adapter.denoiser), self.opt, self._update_tensors()
         with sp.summoned():
             lora = {k: v.clone() for k, v in lora_state_dict(self.adapter.denoiser).items()}
-        return lora, full_optimizer_state(self.opt, sp), self.updater.state_tensors()
+        return lora, full_optimizer_state(self.opt, sp), self._update_tensors()
+
+    def _update_tensors(self) -> dict[str, torch.Tensor]:
+        """The update's own tensors, and the LoRA EMA's as ``lora_ema.*`` (under FSDP gathered whole: call it
+        on every process)."""
+        tensors = dict(self.updater.state_tensors())
+        if self.lora_ema is not None:
+            sp = self.sharded
+            ema = self.lora_ema.state_dict(sp.full if sp is not None else None)
+            tensors.update({f"{EMA_PREFIX}{k}": v for k, v in ema.items()})
+        return tensors
+
+    def _load_update_tensors(self, ck: Path, state: dict[str, Any]) -> None:
+        """The update's state and the LoRA EMA from checkpoint ``ck``. An EMA turned on since (with
+        ``--allow-changes``) starts from the resumed weights."""
+        tensors = load_update_tensors(ck)
+        ema = {k.removeprefix(EMA_PREFIX): v for k, v in tensors.items() if k.startswith(EMA_PREFIX)}
+        self.updater.load(
+            state.get("update", {}), {k: v for k, v in tensors.items() if not k.startswith(EMA_PREFIX)}
+        )
+        if self.lora_ema is None:
+            return
+        if not ema:
+            self._warn(f"{ck} holds no LoRA EMA (lora_ema was off): it starts from the resumed weights")
+            self.lora_ema.reset()
+            return
+        sp = self.sharded
+        self.lora_ema.load_state_dict(ema, sp.local if sp is not None else None)
 
     def checkpoint(self, iteration: int) -> None:
         self.acc.wait_for_everyone()
@@ -481,7 +562,7 @@ class Trainer:
         self.monitor.warnings = state.get("monitor", [])
         self.monitor.series = state.get("monitor_series", {})
         self.monitor.history = state.get("reward_history", [])
-        self.updater.load(state.get("update", {}), load_update_tensors(ck))
+        self._load_update_tensors(ck, state)
         self.guard.load_state_dict(state.get("nonfinite", {}))
         if self.is_main:  # rows logged after the checkpoint are redone
             truncate_log(self.out / "log.csv", self.start_iteration)
@@ -670,12 +751,17 @@ class Trainer:
 
     def _export_lora(self) -> Path:
         """``OUT/lora``: the LoRA in diffusers' format, written by the main process (under FSDP gathered by
-        every process first)."""
+        every process first); with ``lora_ema`` its EMA (what was evaluated), the trained weights beside it
+        in ``OUT/lora_trained``."""
         final = self.out / "lora"
         pipe_cls = type(self.adapter.pipeline) if hasattr(self.adapter, "pipeline") else None
-        with self._whole_lora():
+        with self._evaluated_weights(), self._whole_lora():
             if self.is_main:
                 save_lora(self.adapter, final, pipeline_class=pipe_cls)
+        if self.lora_ema is not None:
+            with self._whole_lora():
+                if self.is_main:
+                    save_lora(self.adapter, self.out / "lora_trained", pipeline_class=pipe_cls)
         return final
 
     def _final_samples(self, last: int) -> None:

@@ -22,6 +22,7 @@ import contextlib
 import functools
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -54,6 +55,7 @@ class PolicyUpdate:
         self.updates_per_iteration = updates_per_iteration
         self.steps = 0  # optimizer steps taken so far (the EMA schedule's clock)
         self.skipped = 0  # optimizer steps skipped for a non-finite gradient, this iteration
+        self.after_step: Callable[[int], Any] | None = None  # called with ``steps`` after each step
 
     def _too_few_kept(self, keep: torch.Tensor) -> bool:
         """Whether some process keeps fewer samples than this update takes optimizer steps: then every
@@ -103,6 +105,8 @@ class PolicyUpdate:
                 order = order[local_keep[order]]
             for chunk in order.chunk(self.updates_per_iteration):
                 self._optimizer_step(ro, chunk, agg, iteration, epoch)
+                if self.after_step is not None:  # the trainer's LoRA EMA (lora_ema)
+                    self.after_step(self.steps)
         reduce = {"ratio_min": min, "ratio_max": max}
         out = {f"train/{k}": reduce.get(k, lambda v: sum(v) / len(v))(v) for k, v in agg.items()}
         out["train/skipped_steps"] = float(self.skipped)
@@ -171,7 +175,7 @@ class FlowGRPOUpdate(PolicyUpdate):
         s, g, j = tr.cfg.sampling, tr.cfg.grpo, tr.window[term]
         step_j = functools.partial(
             step_policy, tr.adapter, b["z"][:, j], b["z"][:, j + 1], tr.sigmas, j, b["cond"], b["null"],
-            s.cfg_scale, s.noise_level,
+            s.cfg_scale, s.noise_level, g.detach_uncond,
         )  # fmt: skip
         st = step_j()
         pl, pst = ppo_clip_loss(st.log_prob, b["old"][:, j], b["adv"], g.clip_range)

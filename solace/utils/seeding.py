@@ -33,6 +33,7 @@ class Stream(IntEnum):
     MINIBATCH_ORDER = 5  # the shuffle of the samples into optimizer steps, per inner epoch and process
     NFT_TIMESTEPS = 6  # DiffusionNFT: the training timesteps of one sample, per inner epoch
     NFT_NOISE = 7  # DiffusionNFT: the noise that re-noises one sample at them, per inner epoch
+    STANDARDIZE_BATCHES = 8  # the shuffle of an iteration's samples into S_t standardisation batches
 
 
 class TrainStreams:
