@@ -342,6 +342,7 @@ def test_sigkill_mid_training_then_resume_equals_uninterrupted(weights, tmp_path
         ("grpo.train_steps=10", "grpo.train_steps"),
         ("grpo.train_steps=a,b", "grpo.train_steps"),
         ("train.max_minutes=-1", "train.max_minutes"),
+        ("train.process_group_timeout_minutes=0", "train.process_group_timeout_minutes"),
     ],
 )
 def test_config_errors_name_the_field(override, field):

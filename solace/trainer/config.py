@@ -211,6 +211,9 @@ class TrainCfg:
     # 'solace[wandb]'; WANDB_MODE=offline works without an account); []: log.csv only
     log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
     tracker_project: str = "solace"  # the wandb project (the run is named after train.output_dir)
+    # several processes: how long one waits in a collective or barrier before the run fails; the others
+    # wait in one while the main process evaluates, draws grids, writes checkpoints and the report alone
+    process_group_timeout_minutes: float = 60.0
 
 
 @dataclass
@@ -412,6 +415,12 @@ def validate(cfg: SolaceConfig, check_paths: bool = True) -> None:
     _min(t.max_nonfinite, 0, "train.max_nonfinite", " (0: never stop)")
     _min(t.eval_samples_per_prompt, 1, "train.eval_samples_per_prompt")
     _min(t.eval_every, 0, "train.eval_every", " (0: only before and after training)")
+    check(
+        t.process_group_timeout_minutes > 0,
+        "train.process_group_timeout_minutes",
+        f"must be > 0 minutes (longer than the main process's longest evaluation), got "
+        f"{t.process_group_timeout_minutes}",
+    )
     _validate_trackers(t)
     _validate_eval(cfg.eval)
     if check_paths:

@@ -5,9 +5,10 @@ Which changes are safe (:data:`SAFE`): those that change neither the training tr
 has recorded so far. How long to train (``train.iterations``, ``train.max_minutes``), how often to evaluate,
 draw grids and checkpoint, whether to report, the thread count, the device (a run moved to another machine)
 and the output folder (a moved folder), the grid prompts and rows, the experiment trackers, the collapse
-monitor's thresholds, the base evaluation cache's file and the informational ``preset`` name, and where
-prompt embeddings are kept (``model.embedding_cache``, ``model.embedding_lru_size``,
-``model.offload_text_encoders``: each prompt is encoded alone either way, the same values).
+monitor's thresholds, the base evaluation cache's file, the informational ``preset`` name, the process
+group's timeout, and where prompt embeddings are kept (``model.embedding_cache``,
+``model.embedding_lru_size``, ``model.offload_text_encoders``: each prompt is encoded alone either way, the
+same values).
 
 Evaluation settings (:data:`EVAL_FIELDS`: ``data.eval_prompts``, ``data.eval_prompts_limit``,
 ``train.eval_samples_per_prompt``, ``sampling.eval_num_steps``, ``sampling.eval_cfg_scale``, ``eval.*``
@@ -49,6 +50,7 @@ SAFE: tuple[str, ...] = (
     "train.device",
     "train.log_with",
     "train.tracker_project",
+    "train.process_group_timeout_minutes",
     "eval.grid_prompts",
     "monitor.*",
     "preset",

@@ -28,6 +28,7 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,7 @@ from solace.trainer.checkpoint import (
     save_checkpoint,
 )
 from solace.trainer.config import SolaceConfig, to_yaml
-from solace.trainer.distributed import check_backend
+from solace.trainer.distributed import accelerator_kwargs, check_backend
 from solace.trainer.fsdp import (
     ShardedParams,
     check_lora_units,
@@ -100,8 +101,12 @@ class Trainer:
             raise ConfigError("train.device", "cuda asked for, but torch sees no GPU; use auto or cpu")
         cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
         self.out = Path(cfg.train.output_dir)
-        # a given accelerator brings its own trackers (its log_with)
-        self.acc = accelerator or Accelerator(cpu=cpu, log_with=log_with(cfg.train.log_with, self.out))
+        # a given accelerator brings its own trackers (its log_with) and process group settings
+        self.acc = accelerator or Accelerator(
+            cpu=cpu,
+            log_with=log_with(cfg.train.log_with, self.out),
+            kwargs_handlers=accelerator_kwargs(cfg.train.process_group_timeout_minutes),
+        )
         check_backend(self.acc.distributed_type)  # DeepSpeed: refused with the reason
         self.trackers = Trackers(self.acc, cfg.train.tracker_project, self.out, dataclasses.asdict(cfg))
         self.is_main = self.acc.is_main_process
@@ -139,8 +144,9 @@ class Trainer:
         self.stopped_at = cfg.train.iterations
         self.history: list[dict[str, float]] = []
         self.evals: list[dict[str, Any]] = []
-        # the main process evaluates (metric models load here, before training); under FSDP every process
-        # samples with it (each forward is a collective) and the main one writes; None: nothing to evaluate
+        # the main process evaluates (metric models load here, before training) through the bare module, no
+        # collective in it (training_forwards); under FSDP every process samples with it (each forward is a
+        # collective) and the main one writes; None: nothing to evaluate
         self.evaluator = (
             make_evaluator(cfg, self.adapter, self.out, self.eval_cfg_scale, writes=self.is_main)
             if self.samples_images
@@ -162,7 +168,8 @@ class Trainer:
 
     def _trainable(self) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer, torch.nn.Module]:
         """LoRA on the denoiser (its A matrices drawn from ``train.seed``), AdamW, and the module that runs
-        forwards (DDP- or FSDP-wrapped on several processes; under FSDP ``self.sharded`` gathers the LoRA)."""
+        the training forwards (DDP- or FSDP-wrapped on several processes; under FSDP ``self.sharded`` gathers
+        the LoRA and the wrapped module runs every forward, see :meth:`training_forwards`)."""
         m, o = self.cfg.model, self.cfg.optim
         den = self.adapter.denoiser
         den.requires_grad_(False)
@@ -191,8 +198,25 @@ class Trainer:
         if fsdp:
             check_lora_units(wrapped, params)
             self.sharded = ShardedParams(wrapped, params)
-        self.adapter.forward_module = wrapped
+            self.adapter.forward_module = wrapped  # the parameters are shards: every forward gathers them
         return params, opt, wrapped
+
+    @contextlib.contextmanager
+    def training_forwards(self) -> Iterator[None]:
+        """Inside, the adapter's forwards go through the DDP-wrapped module: the policy update's, which every
+        process runs in step (DDP's gradient hooks need them). Outside, under DDP, the bare module runs them
+        (the same parameters): sampling, rewards, evaluations, image grids, so that a forward the main
+        process runs alone can never start a collective (DDP's buffer broadcast, see
+        :func:`~solace.trainer.distributed.accelerator_kwargs`). Under FSDP the wrapped module runs every
+        forward (it gathers the sharded parameters) and every process runs each."""
+        if self.acc.num_processes == 1 or self.sharded is not None:
+            yield
+            return
+        self.adapter.forward_module = self.wrapped
+        try:
+            yield
+        finally:
+            self.adapter.forward_module = None
 
     def _whole_lora(self, writeback: bool = False) -> contextlib.AbstractContextManager:
         """Inside, the LoRA parameters are whole tensors: under FSDP gathered on every process (a collective;
@@ -369,8 +393,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ policy update
     def update(self, ro: Rollout, iteration: int) -> dict[str, float]:
-        """The configured policy update (``train.algorithm``, :mod:`solace.trainer.updates`)."""
-        return self.updater(ro, iteration)
+        """The configured policy update (``train.algorithm``, :mod:`solace.trainer.updates`), its forwards
+        through the wrapped module (:meth:`training_forwards`)."""
+        with self.training_forwards():
+            return self.updater(ro, iteration)
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
