@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from solace.errors import ConfigError, check
 from solace.grpo.window import parse_steps
 from solace.rewards.scorer import SelfConfidenceCfg
+from solace.trainer.precision import check_config as check_precision
 
 
 @dataclass
@@ -214,6 +215,11 @@ class TrainCfg:
     # several processes: how long one waits in a collective or barrier before the run fails; the others
     # wait in one while the main process evaluates, draws grids, writes checkpoints and the report alone
     process_group_timeout_minutes: float = 60.0
+    # bf16: the denoiser's forwards under bf16 autocast (accelerate's mixed_precision), the LoRA and AdamW's
+    # state float32; fp32: no autocast (accelerate's "no"); fp16 is refused (it needs a loss scaler); see
+    # solace/trainer/precision.py
+    mixed_precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    tf32: bool = True  # CUDA: float32 matmuls and convolutions in TensorFloat-32 (CPU: no effect)
 
 
 @dataclass
@@ -421,6 +427,7 @@ def validate(cfg: SolaceConfig, check_paths: bool = True) -> None:
         f"must be > 0 minutes (longer than the main process's longest evaluation), got "
         f"{t.process_group_timeout_minutes}",
     )
+    check_precision(t.mixed_precision)
     _validate_trackers(t)
     _validate_eval(cfg.eval)
     if check_paths:

@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -80,6 +81,14 @@ from solace.trainer.guard import (
 )
 from solace.trainer.model_setup import load_model, offload_text_encoders
 from solace.trainer.monitor import CollapseMonitor, eval_stats, latent_texture
+from solace.trainer.precision import (
+    ACCELERATE_NAME,
+    LAUNCHER,
+    check_accelerate,
+    check_backend_precision,
+    launcher_precision,
+    set_tf32,
+)
 from solace.trainer.resume_check import check_resume, truncate_log
 from solace.trainer.runlock import RunLock
 from solace.trainer.signals import RunInterrupted, StopRequest
@@ -101,13 +110,19 @@ class Trainer:
             raise ConfigError("train.device", "cuda asked for, but torch sees no GPU; use auto or cpu")
         cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
         self.out = Path(cfg.train.output_dir)
+        mixed = cfg.train.mixed_precision  # bf16 autocast through accelerate, fp16 refused (precision.py)
+        if accelerator is None:
+            check_accelerate(mixed, launcher_precision(os.environ), LAUNCHER)
         # a given accelerator brings its own trackers (its log_with) and process group settings
         self.acc = accelerator or Accelerator(
             cpu=cpu,
+            mixed_precision=ACCELERATE_NAME[mixed],
             log_with=log_with(cfg.train.log_with, self.out),
             kwargs_handlers=accelerator_kwargs(cfg.train.process_group_timeout_minutes),
         )
         check_backend(self.acc.distributed_type)  # DeepSpeed: refused with the reason
+        check_accelerate(mixed, self.acc.mixed_precision, "the Accelerator the trainer was given")
+        set_tf32(cfg.train.tf32, self.acc.device.type)
         self.trackers = Trackers(self.acc, cfg.train.tracker_project, self.out, dataclasses.asdict(cfg))
         self.is_main = self.acc.is_main_process
         self.rank = self.acc.process_index
@@ -186,10 +201,13 @@ class Trainer:
         )
         self.sharded: ShardedParams | None = None
         if self.acc.num_processes == 1:
+            if self.acc.mixed_precision != "no":  # accelerate's autocast around the denoiser's forward (the
+                self.acc.prepare_model(den)  # same as prepare() below does under several processes)
             return params, opt, den
         from accelerate.utils import DistributedType
 
         fsdp = self.acc.distributed_type == DistributedType.FSDP
+        check_backend_precision(self.acc.mixed_precision, fsdp)
         if fsdp:
             ignored = getattr(self.adapter, "fsdp_ignored_modules", [])
             prepare_plugin(self.acc.state.fsdp_plugin, ignored)
