@@ -198,6 +198,9 @@ class TrainCfg:
     eval_every: int = 0  # 0: only before and after training
     eval_samples_per_prompt: int = 4
     checkpoint_every: int = 10
+    # keep the newest N intact checkpoints (the one --resume takes always among them), delete older ones;
+    # 0: keep all. The exported LoRA (<output_dir>/lora) is never touched.
+    checkpoints_total_limit: int = 0
     image_every: int = (
         10  # image grid of fixed prompts at the start, every N iterations and at the end; 0: none
     )
@@ -417,6 +420,7 @@ def validate(cfg: SolaceConfig, check_paths: bool = True) -> None:
     _min(t.iterations, 0, "train.iterations")
     _min(t.max_minutes, 0, "train.max_minutes", " (0: no limit)")
     _min(t.checkpoint_every, 1, "train.checkpoint_every")
+    _min(t.checkpoints_total_limit, 0, "train.checkpoints_total_limit", " (0: keep every checkpoint)")
     _min(t.threads, 0, "train.threads", " (0: torch's default)")
     _min(t.max_nonfinite, 0, "train.max_nonfinite", " (0: never stop)")
     _min(t.eval_samples_per_prompt, 1, "train.eval_samples_per_prompt")

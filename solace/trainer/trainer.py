@@ -59,6 +59,7 @@ from solace.trainer.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     load_update_tensors,
+    prune_checkpoints,
     read_state,
     save_checkpoint,
 )
@@ -254,7 +255,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ helpers
     def encode(self, prompts: list[str]) -> Conditioning:
-        """Encode each prompt once and reuse it (an LRU of ``model.embedding_lru_size`` prompts)."""
+        """Encode each prompt once and reuse it (an LRU of ``model.embedding_lru_size`` prompts in CPU
+        memory): the rows on the CPU, for the caller to move to the device."""
         return self._cond_cache(prompts, self.adapter.encode_prompts)
 
     def _gather(self, t: torch.Tensor) -> torch.Tensor:
@@ -502,6 +504,7 @@ class Trainer:
                 self.out / "checkpoints", iteration, lora, self._lora_meta(), opt, state,
                 config=dataclasses.asdict(self.cfg), update_tensors=update_tensors,
             )  # fmt: skip
+            prune_checkpoints(self.out / "checkpoints", self.cfg.train.checkpoints_total_limit)
         self.acc.wait_for_everyone()
 
     def resume(self) -> bool:
