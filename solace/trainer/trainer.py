@@ -101,29 +101,12 @@ from solace.utils.seeding import Stream, TrainStreams
 
 class Trainer:
     def __init__(self, cfg: SolaceConfig, accelerator: Any | None = None, allow_changes: bool = False):
-        from accelerate import Accelerator
-
         self.cfg = cfg
         self.allow_changes = allow_changes  # --resume with a changed config: proceed (listed) or stop
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        if cfg.train.device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("train.device", "cuda asked for, but torch sees no GPU; use auto or cpu")
-        cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
         self.out = Path(cfg.train.output_dir)
-        mixed = cfg.train.mixed_precision  # bf16 autocast through accelerate, fp16 refused (precision.py)
-        if accelerator is None:
-            check_accelerate(mixed, launcher_precision(os.environ), LAUNCHER)
-        # a given accelerator brings its own trackers (its log_with) and process group settings
-        self.acc = accelerator or Accelerator(
-            cpu=cpu,
-            mixed_precision=ACCELERATE_NAME[mixed],
-            log_with=log_with(cfg.train.log_with, self.out),
-            kwargs_handlers=accelerator_kwargs(cfg.train.process_group_timeout_minutes),
-        )
-        check_backend(self.acc.distributed_type)  # DeepSpeed: refused with the reason
-        check_accelerate(mixed, self.acc.mixed_precision, "the Accelerator the trainer was given")
-        set_tf32(cfg.train.tf32, self.acc.device.type)
+        self.acc = self._accelerator(accelerator)
         self.trackers = Trackers(self.acc, cfg.train.tracker_project, self.out, dataclasses.asdict(cfg))
         self.is_main = self.acc.is_main_process
         self.rank = self.acc.process_index
@@ -168,6 +151,29 @@ class Trainer:
             if self.samples_images
             else None
         )
+
+    def _accelerator(self, given: Any | None) -> Any:
+        """accelerate's Accelerator on the configured device, precision (bf16 autocast, fp16 refused:
+        precision.py) and process-group settings (distributed.py), or the ``given`` one (which brings its
+        own trackers and process group), checked against the config; DeepSpeed refused with the reason."""
+        from accelerate import Accelerator
+
+        t = self.cfg.train
+        if t.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("train.device", "cuda asked for, but torch sees no GPU; use auto or cpu")
+        cpu = t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available())
+        if given is None:
+            check_accelerate(t.mixed_precision, launcher_precision(os.environ), LAUNCHER)
+        acc = given or Accelerator(
+            cpu=cpu,
+            mixed_precision=ACCELERATE_NAME[t.mixed_precision],
+            log_with=log_with(t.log_with, self.out),
+            kwargs_handlers=accelerator_kwargs(t.process_group_timeout_minutes),
+        )
+        check_backend(acc.distributed_type)
+        check_accelerate(t.mixed_precision, acc.mixed_precision, "the Accelerator the trainer runs with")
+        set_tf32(t.tf32, acc.device.type)
+        return acc
 
     def _layout(self) -> GroupLayout:
         s, world = self.cfg.sampling, self.acc.num_processes
