@@ -1,7 +1,7 @@
 """Two gloo processes (DDP) against one process: the tiny toy model, the tiny SD3 and FLUX pipelines, each
 with Flow-GRPO (``grpo.beta=0`` and ``0.04``) and NFT (``nft.kl_beta=0``), an evaluation and an image grid
-after every iteration and the report at the end (``tests/run_ddp_matrix.py``; one launch of each, about
-20 s apiece on 2 cores).
+after every iteration and the report at the end (``tests/run_ddp_matrix.py``; one launch of each: 25 s and
+36 s on 2 cores, 77 s together in a full suite run beside other jobs).
 
 What broke before (issue 29): DDP broadcasts rank 0's buffers on the first forward after a synchronised
 backward, and the main process's evaluations and grids ran through the DDP-wrapped module, alone. With
