@@ -205,6 +205,27 @@ def test_lru_is_bounded_and_evicts_the_least_recently_used():
         ConditioningLRU(0)
 
 
+def test_lru_keeps_its_rows_on_its_device_the_cpu_by_default(tmp_path):
+    from trainer_helpers import make_tiny_toy_weights, tiny_overrides
+
+    from solace.trainer.trainer import Trainer
+
+    def encode(ps):
+        return Conditioning({"x": torch.ones(1, 2)}, {"ids": torch.zeros(3)})
+
+    assert ConditioningLRU(2).device == torch.device("cpu")
+    # rows move to the LRU's device whatever the encoder's (no second device here: "meta" stands in)
+    lru = ConditioningLRU(2, device="meta")
+    out = lru(["a", "b"], encode)
+    assert out.tensors["x"].device.type == "meta" and out.shared["ids"].device.type == "meta"
+    assert lru.get("a", encode).tensors["x"].device.type == "meta"
+    w = make_tiny_toy_weights(tmp_path / "w.safetensors")
+    tr = Trainer(load_config("toy", tiny_overrides(w, tmp_path / "run")))
+    assert tr._cond_cache.device == torch.device("cpu")
+    ro = tr.sample_rollout(0)  # the batch on the compute device
+    assert all(v.device == tr.acc.device for v in ro.cond.tensors.values())
+
+
 def test_expand_shares_the_one_row():
     one = Conditioning({"e": torch.randn(1, 7, 5), "p": torch.randn(1, 5)}, {"ids": torch.zeros(7, 3)})
     many = one.expand(64)

@@ -57,3 +57,11 @@ def test_every_prompt_file_a_shipped_preset_names_ships(monkeypatch):
     assert cfg.data.train_prompts.endswith("pickscore_train.txt")
     notes = " ".join((ROOT / "data" / "prompts" / "README.md").read_text().split())
     assert "Flow-GRPO" in notes and "OCR" in notes and "not available" in notes
+
+
+def test_large_model_presets_bound_their_checkpoints():
+    """SD3.5 / FLUX checkpoints are 0.27-0.78 GiB each (README): their presets keep the newest 3; the toy
+    presets keep all (0)."""
+    for name in ("sd35m", "sd35m_nft", "flux"):
+        assert load_config(name, check_paths=False).train.checkpoints_total_limit == 3, name
+    assert load_config("toy", check_paths=False).train.checkpoints_total_limit == 0

@@ -23,10 +23,12 @@ from solace.grpo.advantages import group_advantages
 from solace.trainer import checkpoint as ckm
 from solace.trainer.checkpoint import (
     checkpoint_problem,
+    checkpoints_to_prune,
     clean_partial,
     find_resumable,
     latest_checkpoint,
     load_checkpoint,
+    prune_checkpoints,
     read_state,
     safetensors_problem,
     save_checkpoint,
@@ -380,6 +382,32 @@ def test_clean_partial_removes_interrupted_writes_only(tmp_path):
     assert sorted(p.name for p in removed) == [".latest_123", ".tmp_iter_000020_123"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_000010", "latest"]
     assert clean_partial(tmp_path) == [] and clean_partial(tmp_path / "absent") == []
+
+
+def test_pruning_keeps_the_newest_intact_checkpoints_and_never_the_resumable_one():
+    every = {it: True for it in (1, 2, 3, 4, 5)}
+    assert checkpoints_to_prune(every, 5, 2) == [1, 2, 3]
+    assert checkpoints_to_prune(every, 5, 9) == [] and checkpoints_to_prune(every, 5, 0) == []
+    # the two newest are broken: a resume takes 3, which is kept (keeping the two newest folders would
+    # leave nothing to resume from); the broken ones above it are left for find_resumable to name
+    broken_top = {1: True, 2: True, 3: True, 4: False, 5: False}
+    assert checkpoints_to_prune(broken_top, 3, 2) == [1]
+    assert checkpoints_to_prune(broken_top, 3, 1) == [1, 2]
+    # a broken one between kept ones stays, an older broken one goes; newer than the resumable: untouched
+    mixed = {1: False, 2: True, 3: False, 4: True, 6: True}
+    assert checkpoints_to_prune(mixed, 4, 2) == [1]
+
+
+def test_prune_checkpoints_on_disk(tmp_path):
+    _ckpts(tmp_path, 10, 20, 30, 40)
+    _damage(tmp_path / "iter_000040", "lora_truncated")  # latest names it: a resume takes iter_000030
+    removed = prune_checkpoints(tmp_path, 1)
+    assert sorted(p.name for p in removed) == ["iter_000010", "iter_000020"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_000030", "iter_000040", "latest"]
+    assert find_resumable(tmp_path)[0] == tmp_path / "iter_000030"
+    assert prune_checkpoints(tmp_path, 0) == [] and prune_checkpoints(tmp_path / "absent", 1) == []
+    _damage(tmp_path / "iter_000030", "no_state")  # nothing resumable: nothing removed
+    assert prune_checkpoints(tmp_path, 1) == [] and (tmp_path / "iter_000030").is_dir()
 
 
 # ============================================================================================ resume check

@@ -286,26 +286,52 @@ def test_finish_is_a_no_op_in_one_process_and_ends_a_gloo_group(tmp_path):
 NFT_TINY = [f"{k}={v}" for k, v in TINY_NFT.items()]
 
 
-@pytest.mark.parametrize("algorithm", ["flow_grpo", "nft"])
-def test_sigkill_mid_training_then_resume_equals_uninterrupted(weights, tmp_path, algorithm):
-    """kill -9 inside the run, then ``--resume``: the same LoRA as an uninterrupted run, bitwise (for NFT its
-    EMA old policy too, which a decay of 0.5 makes part of the state)."""
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    extra = ["train.iterations=4", *(NFT_TINY if algorithm == "nft" else [])]
-    subprocess.run(
-        [sys.executable, str(SCRIPT), str(weights), str(full), "train", *extra],
-        check=True,
-        env=ENV,
-        timeout=600,
-    )
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), str(weights), str(killed), "train", *extra], env=ENV
-    )
+def _kill_run(algorithm: str) -> list[str]:
+    return ["train.iterations=4", *(NFT_TINY if algorithm == "nft" else [])]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(weights, tmp_path_factory):
+    """The uninterrupted 4-iteration run of an algorithm that the kill-and-resume tests compare with, made
+    once (a checkpoint every iteration, all kept)."""
+    made: dict[str, Path] = {}
+
+    def run(algorithm: str) -> Path:
+        if algorithm not in made:
+            out = tmp_path_factory.mktemp(f"full_{algorithm}") / "full"
+            cmd = [sys.executable, str(SCRIPT), str(weights), str(out), "train", *_kill_run(algorithm)]
+            subprocess.run(cmd, check=True, env=ENV, timeout=600)
+            made[algorithm] = out
+        return made[algorithm]
+
+    return run
+
+
+def _kill_after(weights: Path, out: Path, extra: list[str], iteration: int) -> None:
+    """Start a run and kill -9 it once the checkpoint of ``iteration`` exists."""
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(weights), str(out), "train", *extra], env=ENV)
     deadline = time.time() + 600
-    while time.time() < deadline and not (killed / "checkpoints" / "iter_000002").exists():
+    while time.time() < deadline and not (out / "checkpoints" / f"iter_{iteration:06d}").exists():
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+def _same_lora(a: Path, b: Path) -> None:
+    x = load_file(str(a / "lora" / "pytorch_lora_weights.safetensors"))
+    y = load_file(str(b / "lora" / "pytorch_lora_weights.safetensors"))
+    assert x.keys() == y.keys()
+    for k in x:
+        assert torch.equal(x[k], y[k]), k
+
+
+@pytest.mark.parametrize("algorithm", ["flow_grpo", "nft"])
+def test_sigkill_mid_training_then_resume_equals_uninterrupted(weights, tmp_path, algorithm, uninterrupted):
+    """kill -9 inside the run, then ``--resume``: the same LoRA as an uninterrupted run, bitwise (for NFT its
+    EMA old policy too, which a decay of 0.5 makes part of the state)."""
+    full, killed = uninterrupted(algorithm), tmp_path / "killed"
+    extra = _kill_run(algorithm)
+    _kill_after(weights, killed, extra, 2)
     assert (killed / "checkpoints" / "iter_000002").exists()
     # the kill landed mid-training: the run had not reached its last iteration
     assert not (killed / "checkpoints" / "iter_000004").exists() and not (killed / "lora").exists()
@@ -315,15 +341,37 @@ def test_sigkill_mid_training_then_resume_equals_uninterrupted(weights, tmp_path
         env=ENV,
         timeout=600,
     )
-    a = load_file(str(full / "lora" / "pytorch_lora_weights.safetensors"))
-    b = load_file(str(killed / "lora" / "pytorch_lora_weights.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    _same_lora(full, killed)
     if algorithm == "nft":
         ea = load_file(str(full / "checkpoints" / "iter_000004" / "update.safetensors"))
         eb = load_file(str(killed / "checkpoints" / "iter_000004" / "update.safetensors"))
         assert ea.keys() == eb.keys() and all(torch.equal(ea[k], eb[k]) for k in ea)
+
+
+def test_checkpoints_total_limit_keeps_the_newest_and_a_killed_run_resumes(weights, tmp_path, uninterrupted):
+    """``train.checkpoints_total_limit=2`` with a checkpoint every iteration, kill -9 once the third is
+    written, ``--resume``: bitwise the uninterrupted run (which kept all four), the newest two left, the
+    exported LoRA beside them."""
+    killed = tmp_path / "killed"
+    extra = [*_kill_run("flow_grpo"), "train.checkpoints_total_limit=2"]
+    _kill_after(weights, killed, extra, 3)
+    assert not (killed / "checkpoints" / "iter_000004").exists() and not (killed / "lora").exists()
+    subprocess.run(
+        [sys.executable, str(SCRIPT), str(weights), str(killed), "train", *extra, "resume=1"],
+        check=True,
+        env=ENV,
+        timeout=600,
+    )
+    full = uninterrupted("flow_grpo")
+    _same_lora(full, killed)
+    assert sorted(p.name for p in (full / "checkpoints").iterdir())[:4] == [
+        f"iter_00000{i}" for i in range(1, 5)
+    ]
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == [
+        "iter_000003",
+        "iter_000004",
+        "latest",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -348,6 +396,9 @@ def test_sigkill_mid_training_then_resume_equals_uninterrupted(weights, tmp_path
         ("optim.beta2=1", "optim.beta2"),
         ("optim.beta1=-0.1", "optim.beta1"),
         ("optim.weight_decay=-1", "optim.weight_decay"),
+        ("train.process_group_timeout_minutes=0", "train.process_group_timeout_minutes"),
+        ("train.checkpoints_total_limit=-1", "train.checkpoints_total_limit"),
+        ("train.mixed_precision=fp16", "train.mixed_precision"),
     ],
 )
 def test_config_errors_name_the_field(override, field):

@@ -2,7 +2,7 @@
 text encoders of an SD3 / FLUX pipeline live (on the compute device, offloaded to the CPU, or freed).
 
 * :class:`ConditioningLRU`: the trainer's per-prompt cache in memory, at most ``max_items`` prompts, the
-  least recently used evicted first.
+  least recently used evicted first, kept in CPU memory (the trainer moves each batch to its device).
 * :class:`EmbeddingStore`: one safetensors file per prompt under ``<folder>/<identity key>/``. The key is a
   hash of everything the embedding depends on (:func:`text_identity`: model family, ``max_sequence_length``,
   each text encoder's class, config and a sample of its weights, each tokenizer's vocabulary), the file name
@@ -65,16 +65,19 @@ def _unique(items: Sequence[str]) -> list[str]:
 class ConditioningLRU:
     """Per-prompt conditioning in memory: at most ``max_items`` prompts, least recently used evicted first.
 
-    ``lru(prompts, encode)`` returns one row per prompt; a miss calls ``encode([prompt])`` (one prompt a
-    call, so a row never depends on which other prompts missed with it)."""
+    ``lru(prompts, encode)`` returns one row per prompt, on ``device``; a miss calls ``encode([prompt])``
+    (one prompt a call, so a row never depends on which other prompts missed with it) and keeps the row on
+    ``device``. The CPU by default: 4096 SD3.5 prompts are about 11 GB (README), which belongs in host
+    memory, not beside the model on the GPU; the caller moves each batch to the compute device."""
 
-    def __init__(self, max_items: int) -> None:
+    def __init__(self, max_items: int, device: torch.device | str = "cpu") -> None:
         check(
             isinstance(max_items, int) and max_items >= 1,
             "model.embedding_lru_size",
             f"must be >= 1, got {max_items!r}",
         )
         self.max_items = max_items
+        self.device = torch.device(device)
         self._rows: OrderedDict[str, Conditioning] = OrderedDict()
 
     def __len__(self) -> int:
@@ -88,7 +91,7 @@ class ConditioningLRU:
         if prompt in self._rows:
             self._rows.move_to_end(prompt)
             return self._rows[prompt]
-        row = encode([prompt])
+        row = encode([prompt]).to(self.device)
         self._rows[prompt] = row
         if len(self._rows) > self.max_items:
             self._rows.popitem(last=False)

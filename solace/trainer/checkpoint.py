@@ -10,7 +10,9 @@ killed at any moment leaves the previous checkpoint intact.
 Resuming trusts nothing it has not checked: :func:`find_resumable` takes the checkpoint ``latest`` names when
 it is intact (every file parses: ``state.json`` as JSON naming its iteration, each safetensors file's header
 and size; nothing is unpickled or loaded into tensors), else the newest intact older one, and names every
-checkpoint it passes over. :func:`clean_partial` removes what interrupted writes left behind. A checkpoint
+checkpoint it passes over. :func:`clean_partial` removes what interrupted writes left behind.
+:func:`prune_checkpoints` keeps the newest intact checkpoints (``train.checkpoints_total_limit``), the one
+a resume takes always among them. A checkpoint
 may record the run's resolved configuration (``save_checkpoint(..., config=...)``, a plain JSON dict), read
 back by :func:`read_state` / :func:`load_checkpoint` as ``state["config"]``.
 """
@@ -266,6 +268,40 @@ def latest_checkpoint(folder: Path) -> Path | None:
             f"{folder}; to keep it, train into another train.output_dir.",
         )
     return path
+
+
+def checkpoints_to_prune(intact: dict[int, bool], resumable: int, keep: int) -> list[int]:
+    """The checkpoint iterations to remove, given which are intact: every one older than the ``keep``-th
+    newest intact checkpoint at or below ``resumable`` (the one a resume takes, intact, so always kept).
+    Newer ones (not used by a resume) and broken ones between kept ones stay; ``keep`` < 1 keeps all."""
+    if keep < 1:
+        return []
+    kept = [it for it in sorted(intact, reverse=True) if it <= resumable and intact[it]][:keep]
+    return sorted(it for it in intact if it < kept[-1]) if kept else []
+
+
+def prune_checkpoints(root: Path, keep: int) -> list[Path]:
+    """``train.checkpoints_total_limit``: remove what :func:`checkpoints_to_prune` names under ``root`` (the
+    resumable checkpoint from :func:`find_resumable`; nothing when there is none). Each folder is renamed to
+    a ``.tmp_iter_*`` name first (atomic), then deleted, so a kill mid-delete leaves what
+    :func:`clean_partial` removes, never a half checkpoint. Call it only while holding the run's lock, after
+    a checkpoint was written. Returns the removed folders."""
+    if keep < 1:
+        return []
+    root = Path(root)
+    resumable, _ = find_resumable(root)
+    if resumable is None:
+        return []
+    folders = _iteration_folders(root)
+    newest = int(_ITER_RE.fullmatch(resumable.name)[1])
+    intact = {it: it > newest or checkpoint_problem(p) is None for it, p in folders.items()}
+    removed = []
+    for it in checkpoints_to_prune(intact, newest, keep):
+        doomed = root / f".tmp_iter_{it:06d}_pruned_{os.getpid()}"
+        os.replace(folders[it], doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+        removed.append(folders[it])
+    return removed
 
 
 def clean_partial(root: Path) -> list[Path]:

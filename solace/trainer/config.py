@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from solace.errors import ConfigError, check
 from solace.grpo.window import parse_steps
 from solace.rewards.scorer import SelfConfidenceCfg
+from solace.trainer.precision import check_config as check_precision
 
 
 @dataclass
@@ -216,6 +217,9 @@ class TrainCfg:
     eval_every: int = 0  # 0: only before and after training
     eval_samples_per_prompt: int = 4
     checkpoint_every: int = 10
+    # keep the newest N intact checkpoints (the one --resume takes always among them), delete older ones;
+    # 0: keep all. The exported LoRA (<output_dir>/lora) is never touched.
+    checkpoints_total_limit: int = 0
     image_every: int = (
         10  # image grid of fixed prompts at the start, every N iterations and at the end; 0: none
     )
@@ -230,6 +234,14 @@ class TrainCfg:
     # 'solace[wandb]'; WANDB_MODE=offline works without an account); []: log.csv only
     log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
     tracker_project: str = "solace"  # the wandb project (the run is named after train.output_dir)
+    # several processes: how long one waits in a collective or barrier before the run fails; the others
+    # wait in one while the main process evaluates, draws grids, writes checkpoints and the report alone
+    process_group_timeout_minutes: float = 60.0
+    # bf16: the denoiser's forwards under bf16 autocast (accelerate's mixed_precision), the LoRA and AdamW's
+    # state float32; fp32: no autocast (accelerate's "no"); fp16 is refused (it needs a loss scaler); see
+    # solace/trainer/precision.py
+    mixed_precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    tf32: bool = True  # CUDA: float32 matmuls and convolutions in TensorFloat-32 (CPU: no effect)
 
 
 @dataclass
@@ -428,10 +440,18 @@ def validate(cfg: SolaceConfig, check_paths: bool = True) -> None:
     _min(t.iterations, 0, "train.iterations")
     _min(t.max_minutes, 0, "train.max_minutes", " (0: no limit)")
     _min(t.checkpoint_every, 1, "train.checkpoint_every")
+    _min(t.checkpoints_total_limit, 0, "train.checkpoints_total_limit", " (0: keep every checkpoint)")
     _min(t.threads, 0, "train.threads", " (0: torch's default)")
     _min(t.max_nonfinite, 0, "train.max_nonfinite", " (0: never stop)")
     _min(t.eval_samples_per_prompt, 1, "train.eval_samples_per_prompt")
     _min(t.eval_every, 0, "train.eval_every", " (0: only before and after training)")
+    check(
+        t.process_group_timeout_minutes > 0,
+        "train.process_group_timeout_minutes",
+        f"must be > 0 minutes (longer than the main process's longest evaluation), got "
+        f"{t.process_group_timeout_minutes}",
+    )
+    check_precision(t.mixed_precision)
     _validate_trackers(t)
     _validate_eval(cfg.eval)
     if check_paths:

@@ -1,6 +1,7 @@
-"""How a multi-process run (``accelerate launch`` / ``torchrun``) ends, and which accelerate backends it may
-use (:func:`check_backend`: DDP and FSDP, the latter through :mod:`solace.trainer.fsdp`; DeepSpeed is
-refused with the reason).
+"""How a multi-process run (``accelerate launch`` / ``torchrun``) starts (:func:`accelerator_kwargs`: the
+process group's timeout, DDP without buffer broadcasts), ends (:func:`finish`), and which accelerate
+backends it may use (:func:`check_backend`: DDP and FSDP, the latter through :mod:`solace.trainer.fsdp`;
+DeepSpeed is refused with the reason).
 
 Measured here (torch 2.13 CPU, gloo, 2 processes on 2 cores kept busy by other jobs): after every
 output was written, the barrier passed and the process group destroyed, one exit in about 45 still died
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+from datetime import timedelta
 from typing import Any
 
 from solace.errors import ConfigError
@@ -24,6 +26,31 @@ UNSUPPORTED_BACKENDS = {
     "optimizer.step() is a no-op under it) while the trainer steps the optimizer itself, so the run would "
     "not train; its optimizer state is also partitioned, which the checkpoints do not gather",
 }
+
+
+def accelerator_kwargs(timeout_minutes: float) -> list[Any]:
+    """accelerate's kwargs handlers for the trainer's Accelerator.
+
+    * ``InitProcessGroupKwargs(timeout)``: how long a process waits in a collective or barrier before the
+      run fails (``train.process_group_timeout_minutes``). The other processes wait in one while the main
+      process alone evaluates, draws the image grids, writes a checkpoint or the report, so it must exceed
+      the longest of those. It applies where the process group is created: the first Accelerator of the
+      process (``solace ablate`` trains several runs in one group).
+    * ``DistributedDataParallelKwargs(broadcast_buffers=False)``: with torch's default DDP broadcasts rank 0's
+      buffers at the start of the first forward after a synchronised backward, which makes that forward a
+      collective; run on one process alone (the main process's evaluation or grid) it waits for a broadcast
+      the others never join (a hang, or gloo's "collective mismatch" against the next collective they do
+      run). The denoisers' buffers are constants (SD3's ``pos_embed``; FLUX and the toy model have none),
+      computed alike on every process, so there is nothing to broadcast. The trainer also runs every
+      forward outside the policy update through the bare module (:meth:`Trainer.training_forwards`), so a
+      forward one process runs alone never reaches DDP, whatever the Accelerator it was given.
+    """
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    return [
+        InitProcessGroupKwargs(timeout=timedelta(minutes=timeout_minutes)),
+        DistributedDataParallelKwargs(broadcast_buffers=False),
+    ]
 
 
 def world_size() -> int:

@@ -3,11 +3,12 @@ checkpoint recorded, and its ``log.csv`` is cut back to the checkpoint.
 
 Which changes are safe (:data:`SAFE`): those that change neither the training trajectory nor what the run
 has recorded so far. How long to train (``train.iterations``, ``train.max_minutes``), how often to evaluate,
-draw grids and checkpoint, whether to report, the thread count, the device (a run moved to another machine)
-and the output folder (a moved folder), the grid prompts and rows, the experiment trackers, the collapse
-monitor's thresholds, the base evaluation cache's file and the informational ``preset`` name, and where
-prompt embeddings are kept (``model.embedding_cache``, ``model.embedding_lru_size``,
-``model.offload_text_encoders``: each prompt is encoded alone either way, the same values).
+draw grids and checkpoint, how many checkpoints to keep, whether to report, the thread count, the device (a
+run moved to another machine) and the output folder (a moved folder), the grid prompts and rows, the
+experiment trackers, the collapse monitor's thresholds, the base evaluation cache's file, the informational
+``preset`` name, the process group's timeout, and where prompt embeddings are kept
+(``model.embedding_cache``, ``model.embedding_lru_size``, ``model.offload_text_encoders``: each prompt is
+encoded alone either way, the same values).
 
 Evaluation settings (:data:`EVAL_FIELDS`: ``data.eval_prompts``, ``data.eval_prompts_limit``,
 ``train.eval_samples_per_prompt``, ``sampling.eval_num_steps``, ``sampling.eval_cfg_scale``, ``eval.*``
@@ -41,6 +42,7 @@ SAFE: tuple[str, ...] = (
     "train.eval_every",
     "train.image_every",
     "train.checkpoint_every",
+    "train.checkpoints_total_limit",
     "train.report",
     "train.threads",
     "train.image_prompts",
@@ -49,6 +51,7 @@ SAFE: tuple[str, ...] = (
     "train.device",
     "train.log_with",
     "train.tracker_project",
+    "train.process_group_timeout_minutes",
     "eval.grid_prompts",
     "monitor.*",
     "preset",

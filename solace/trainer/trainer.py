@@ -28,7 +28,9 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,11 +63,12 @@ from solace.trainer.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     load_update_tensors,
+    prune_checkpoints,
     read_state,
     save_checkpoint,
 )
 from solace.trainer.config import SolaceConfig, to_yaml
-from solace.trainer.distributed import check_backend
+from solace.trainer.distributed import accelerator_kwargs, check_backend
 from solace.trainer.fsdp import (
     ShardedParams,
     check_lora_units,
@@ -85,6 +88,14 @@ from solace.trainer.guard import (
 )
 from solace.trainer.model_setup import load_model, offload_text_encoders
 from solace.trainer.monitor import CollapseMonitor, eval_stats, latent_texture
+from solace.trainer.precision import (
+    ACCELERATE_NAME,
+    LAUNCHER,
+    check_accelerate,
+    check_backend_precision,
+    launcher_precision,
+    set_tf32,
+)
 from solace.trainer.resume_check import check_resume, truncate_log
 from solace.trainer.runlock import RUN_FILES, RunLock, clear_earlier_run
 from solace.trainer.signals import RunInterrupted, StopRequest
@@ -98,20 +109,13 @@ EMA_PREFIX = "lora_ema."  # the LoRA EMA's tensors in a checkpoint's update.safe
 
 class Trainer:
     def __init__(self, cfg: SolaceConfig, accelerator: Any | None = None, allow_changes: bool = False):
-        from accelerate import Accelerator
-
         self.created = time.time()  # before the trackers open their files (--overwrite keeps those)
         self.cfg = cfg
         self.allow_changes = allow_changes  # --resume with a changed config: proceed (listed) or stop
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        if cfg.train.device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("train.device", "cuda asked for, but torch sees no GPU; use auto or cpu")
-        cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
         self.out = Path(cfg.train.output_dir)
-        # a given accelerator brings its own trackers (its log_with)
-        self.acc = accelerator or Accelerator(cpu=cpu, log_with=log_with(cfg.train.log_with, self.out))
-        check_backend(self.acc.distributed_type)  # DeepSpeed: refused with the reason
+        self.acc = self._accelerator(accelerator)
         self.trackers = Trackers(self.acc, cfg.train.tracker_project, self.out, dataclasses.asdict(cfg))
         self.is_main = self.acc.is_main_process
         self.rank = self.acc.process_index
@@ -149,13 +153,37 @@ class Trainer:
         self.stopped_at = cfg.train.iterations
         self.history: list[dict[str, float]] = []
         self.evals: list[dict[str, Any]] = []
-        # the main process evaluates (metric models load here, before training); under FSDP every process
-        # samples with it (each forward is a collective) and the main one writes; None: nothing to evaluate
+        # the main process evaluates (metric models load here, before training) through the bare module, no
+        # collective in it (training_forwards); under FSDP every process samples with it (each forward is a
+        # collective) and the main one writes; None: nothing to evaluate
         self.evaluator = (
             make_evaluator(cfg, self.adapter, self.out, self.eval_cfg_scale, writes=self.is_main)
             if self.samples_images
             else None
         )
+
+    def _accelerator(self, given: Any | None) -> Any:
+        """accelerate's Accelerator on the configured device, precision (bf16 autocast, fp16 refused:
+        precision.py) and process-group settings (distributed.py), or the ``given`` one (which brings its
+        own trackers and process group), checked against the config; DeepSpeed refused with the reason."""
+        from accelerate import Accelerator
+
+        t = self.cfg.train
+        if t.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("train.device", "cuda asked for, but torch sees no GPU; use auto or cpu")
+        cpu = t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available())
+        if given is None:
+            check_accelerate(t.mixed_precision, launcher_precision(os.environ), LAUNCHER)
+        acc = given or Accelerator(
+            cpu=cpu,
+            mixed_precision=ACCELERATE_NAME[t.mixed_precision],
+            log_with=log_with(t.log_with, self.out),
+            kwargs_handlers=accelerator_kwargs(t.process_group_timeout_minutes),
+        )
+        check_backend(acc.distributed_type)
+        check_accelerate(t.mixed_precision, acc.mixed_precision, "the Accelerator the trainer runs with")
+        set_tf32(t.tf32, acc.device.type)
+        return acc
 
     def _layout(self) -> GroupLayout:
         s, world = self.cfg.sampling, self.acc.num_processes
@@ -172,7 +200,8 @@ class Trainer:
 
     def _trainable(self) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer, torch.nn.Module]:
         """LoRA on the denoiser (its A matrices drawn from ``train.seed``), AdamW, and the module that runs
-        forwards (DDP- or FSDP-wrapped on several processes; under FSDP ``self.sharded`` gathers the LoRA)."""
+        the training forwards (DDP- or FSDP-wrapped on several processes; under FSDP ``self.sharded`` gathers
+        the LoRA and the wrapped module runs every forward, see :meth:`training_forwards`)."""
         m, o = self.cfg.model, self.cfg.optim
         den = self.adapter.denoiser
         den.requires_grad_(False)
@@ -189,10 +218,13 @@ class Trainer:
         )
         self.sharded: ShardedParams | None = None
         if self.acc.num_processes == 1:
+            if self.acc.mixed_precision != "no":  # accelerate's autocast around the denoiser's forward (the
+                self.acc.prepare_model(den)  # same as prepare() below does under several processes)
             return params, opt, den
         from accelerate.utils import DistributedType
 
         fsdp = self.acc.distributed_type == DistributedType.FSDP
+        check_backend_precision(self.acc.mixed_precision, fsdp)
         if fsdp:
             ignored = getattr(self.adapter, "fsdp_ignored_modules", [])
             prepare_plugin(self.acc.state.fsdp_plugin, ignored)
@@ -201,7 +233,7 @@ class Trainer:
         if fsdp:
             check_lora_units(wrapped, params)
             self.sharded = ShardedParams(wrapped, params)
-        self.adapter.forward_module = wrapped
+            self.adapter.forward_module = wrapped  # the parameters are shards: every forward gathers them
         return params, opt, wrapped
 
     def _lora_ema(self) -> EMAPolicy | None:
@@ -219,6 +251,23 @@ class Trainer:
         """Inside, the LoRA holds the weights that are evaluated and exported: its EMA with ``lora_ema``
         (the trained weights come back on exit, bit for bit), else the trained weights themselves."""
         return self.lora_ema.swapped() if self.lora_ema is not None else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def training_forwards(self) -> Iterator[None]:
+        """Inside, the adapter's forwards go through the DDP-wrapped module: the policy update's, which every
+        process runs in step (DDP's gradient hooks need them). Outside, under DDP, the bare module runs them
+        (the same parameters): sampling, rewards, evaluations, image grids, so that a forward the main
+        process runs alone can never start a collective (DDP's buffer broadcast, see
+        :func:`~solace.trainer.distributed.accelerator_kwargs`). Under FSDP the wrapped module runs every
+        forward (it gathers the sharded parameters) and every process runs each."""
+        if self.acc.num_processes == 1 or self.sharded is not None:
+            yield
+            return
+        self.adapter.forward_module = self.wrapped
+        try:
+            yield
+        finally:
+            self.adapter.forward_module = None
 
     def _whole_lora(self, writeback: bool = False) -> contextlib.AbstractContextManager:
         """Inside, the LoRA parameters are whole tensors: under FSDP gathered on every process (a collective;
@@ -238,7 +287,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ helpers
     def encode(self, prompts: list[str]) -> Conditioning:
-        """Encode each prompt once and reuse it (an LRU of ``model.embedding_lru_size`` prompts)."""
+        """Encode each prompt once and reuse it (an LRU of ``model.embedding_lru_size`` prompts in CPU
+        memory): the rows on the CPU, for the caller to move to the device."""
         return self._cond_cache(prompts, self.adapter.encode_prompts)
 
     def _gather(self, t: torch.Tensor) -> torch.Tensor:
@@ -426,8 +476,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ policy update
     def update(self, ro: Rollout, iteration: int) -> dict[str, float]:
-        """The configured policy update (``train.algorithm``, :mod:`solace.trainer.updates`)."""
-        return self.updater(ro, iteration)
+        """The configured policy update (``train.algorithm``, :mod:`solace.trainer.updates`), its forwards
+        through the wrapped module (:meth:`training_forwards`)."""
+        with self.training_forwards():
+            return self.updater(ro, iteration)
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -535,6 +587,7 @@ class Trainer:
                 self.out / "checkpoints", iteration, lora, lora_header(self.adapter.denoiser), opt, state,
                 config=dataclasses.asdict(self.cfg), update_tensors=update_tensors,
             )  # fmt: skip
+            prune_checkpoints(self.out / "checkpoints", self.cfg.train.checkpoints_total_limit)
         self.acc.wait_for_everyone()
 
     def resume(self) -> bool:

@@ -12,8 +12,10 @@ evaluation, monitor and report are the trainer's and shared by both.
   log-probs, any sampler (ODE included). The old policy is an EMA of the trained LoRA
   (:class:`~solace.nft.ema.EMAPolicy`), which also samples the rollouts.
 
-Both accumulate gradients over (micro-batch x term) micro-steps, each scaled by 1 / their number, sync
-gradients across processes on the last one only, clip and take one AdamW step per chunk of samples.
+Both accumulate gradients over (micro-batch x term) micro-steps, each scaled by 1 / their number
+(``accelerator.backward``), sync gradients across processes on the last one only, clip
+(``accelerator.clip_grad_norm_``; under FSDP the norm over every shard) and take one AdamW step per chunk of
+samples.
 """
 
 from __future__ import annotations
@@ -131,13 +133,15 @@ class PolicyUpdate:
                 sync = k == n_micro or tr.acc.num_processes == 1
                 with contextlib.nullcontext() if sync else tr.acc.no_sync(tr.wrapped):
                     loss, parts = self.loss(batch, term)
-                    (loss / n_micro).backward()
+                    tr.acc.backward(loss / n_micro)
                 agg["loss"].append(float(loss.detach()))
                 for name, v in parts.items():
                     agg[name].append(float(v))
-        if tr.sharded is None:
-            gn = torch.nn.utils.clip_grad_norm_(tr.params, tr.cfg.optim.max_grad_norm)
-        else:  # FSDP: the norm over every process's gradient shards
+        if tr.sharded is None:  # DDP's gradients are already averaged: the local norm is the global one
+            gn = tr.acc.clip_grad_norm_(tr.params, tr.cfg.optim.max_grad_norm)
+        else:  # FSDP: the norm over every process's gradient shards, by the root FSDP module's clip (what
+            # accelerate's clip_grad_norm_ calls only when given every parameter of the wrapped model; given
+            # the LoRA alone it would clip by this process's shards)
             gn = tr.sharded.clip_grad_norm_(tr.cfg.optim.max_grad_norm)
         if torch.isfinite(gn):  # the norm is all-reduced: every process takes the same decision
             agg["grad_norm"].append(float(gn))
