@@ -12,6 +12,11 @@ import sys
 from pathlib import Path
 
 MODEL_STAGES = ("sd35m", "sd35m_encoders", "sd35m_offloaded", "flux_memory")
+TRAINER_STAGES = (
+    "sd35m",
+    "sd35m_encoders",
+    "sd35m_offloaded",
+)  # bench/gpu_check.py: the trainer's iterations
 TOY_RUNS = ("toy_nft_verifiable", "toy_main")
 
 
@@ -44,7 +49,7 @@ def toy_run(folder: Path) -> dict:
 
 def collect(out: Path) -> dict:
     res: dict = {"stages": {}}
-    for name in (*MODEL_STAGES, "toy_runs"):
+    for name in ("build", *MODEL_STAGES, "toy_runs"):
         res["stages"][name] = {"status": read_json(out / f"{name}.status.json")}
         if name in MODEL_STAGES:
             res["stages"][name]["result"] = read_json(out / f"{name}.json")
@@ -62,12 +67,14 @@ def main() -> int:
         r = st.get("result") or {}
         if r.get("iterations"):
             last = r["iterations"][-1]
-            peak = max(s["peak_gib"] for s in last["stages"].values())
-            line += f"; iteration {last['seconds']:.1f} s, peak {peak:.1f} GiB"
-            line += f", reward {last['tflops'].get('reward', {}).get('tflops', 0):.0f} TFLOP/s"
-        if "allocated_gib_after_offload" in r:
-            line += f"; encoders {r['text_encoders_gib']:.1f} GiB"
-            line += f", allocated after offload {r['allocated_gib_after_offload']:.1f} GiB"
+            stages = last["stages"]
+            line += f"; iteration {last['seconds']:.1f} s (" + ", ".join(
+                f"{k} {v['seconds']:.1f} s" + (f" MFU {v['mfu']:.1%}" if v.get("mfu") is not None else "")
+                for k, v in stages.items()
+            )
+            line += f"), peak {max(v['peak_gib'] for v in stages.values()):.1f} GiB"
+        if name in TRAINER_STAGES and r.get("allocated_gib_after_setup") is not None:
+            line += f"; allocated after setup {r['allocated_gib_after_setup']:.1f} GiB"
         if "train" in r:
             line += f"; FLUX weights {r['weights_gib']:.1f} GiB, train peak {r['train']['peak_gib']:.1f} GiB"
         print(line)

@@ -16,8 +16,8 @@ from peft import LoraConfig, inject_adapter_in_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from flux_memory import FLUX_DEV  # noqa: E402
-from gpu_check import SD35_MEDIUM  # noqa: E402
 from gpu_text import CLIP_G, CLIP_L, T5_XXL, _clip, _t5  # noqa: E402
+from sd3_pipeline import SD35_MEDIUM  # noqa: E402
 
 from solace.models.flux import FLUX_LORA_TARGETS  # noqa: E402
 from solace.models.sd3 import SD3_LORA_TARGETS  # noqa: E402

@@ -1,10 +1,13 @@
-"""``bench/gpu_check.py --bf16-latents`` does what it says: the sampler carries the trajectory in bfloat16
-(float32 without the flag), on the CPU smoke setup."""
+"""``bench/gpu_check.py`` measures ``solace train``'s own Trainer, not a copy of it: run as a command on
+a tiny pipeline on the CPU, its flags land in the trainer's config and drive the forwards it counts, and a
+change to the trainer's update (a setting it reads, or its loss patched) changes the benchmark's result."""
 
 from __future__ import annotations
 
-import importlib.util
-import re
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,27 +16,80 @@ import torch
 from solace.sampling.sampler import sample
 
 ROOT = Path(__file__).resolve().parents[1]
-ARGS = ["--tiny", "--iters", "1", "--group-size", "2", "--steps", "2", "--probes", "2", "--train-batch", "2"]
+BENCH = ROOT / "bench" / "gpu_check.py"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+# runs the benchmark as a script after replacing FlowGRPOUpdate.loss by ten times itself
+PATCHED_LOSS = """
+import runpy, sys
+import solace.trainer.updates as updates
+_loss = updates.FlowGRPOUpdate.loss
+def loss(self, batch, term):
+    value, parts = _loss(self, batch, term)
+    return 10.0 * value, parts
+updates.FlowGRPOUpdate.loss = loss
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
 
-def _gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("pipeline") / "tiny"
+    cmd = [sys.executable, str(ROOT / "bench" / "sd3_pipeline.py"), str(folder), "--size", "tiny"]
+    subprocess.run(cmd + ["--dtype", "fp32", "--device", "cpu"], env=ENV, check=True, timeout=300)
+    return folder
 
 
-@pytest.mark.parametrize("flag,dtype", [([], "torch.float32"), (["--bf16-latents"], "torch.bfloat16")])
-def test_bf16_latents_flag_sets_the_trajectory_dtype(capsys, flag, dtype):
-    mod = _gpu_check()
-    assert mod.latent_dtype(mod.parse_args(ARGS + flag)) == getattr(torch, dtype.split(".")[1])
-    assert mod.main(ARGS + flag) == 0
-    out = capsys.readouterr().out
-    assert f"latents {dtype}" in out  # the recipe line
-    assert f"trajectory latents {dtype}" in out  # what the sampler actually returned
-    # and it matters: bf16 step log-probs are no longer the training pass's float32 ones (ratio != 1)
-    ratio_dev = float(re.search(r"max\|ratio-1\| (\S+),", out).group(1))
-    assert (ratio_dev > 1e-3) if flag else (ratio_dev == 0.0)
+def run_bench(tmp: Path, pipeline: Path, *args: str, patch: str | None = None) -> dict:
+    """The benchmark's JSON after one tiny iteration (``patch``: a script that runs it after a change)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    out = tmp / "result.json"
+    cmd = [sys.executable]
+    if patch:
+        (tmp / "patched.py").write_text(patch)
+        cmd.append(str(tmp / "patched.py"))
+    cmd += [str(BENCH), "--tiny", "--iters", "1", "--pipeline", str(pipeline), "--out", str(tmp / "run")]
+    cmd += ["--json", str(out), *args]
+    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_flags_reach_the_trainer_and_its_forwards(tmp_path, pipeline):
+    res = run_bench(tmp_path, pipeline, "--no-t5", "--offload-text-encoders", "free", "sampling.group_size=4")
+    m = res["config"]["model"]
+    assert m["text_encoder_3"] is False and m["offload_text_encoders"] == "free"
+    assert m["embedding_cache"] and Path(m["embedding_cache"]).is_dir()  # free needs the disk cache
+    assert res["text_encoders"] == {}  # freed after encoding (and T5 never loaded)
+    it = res["iterations"][0]
+    G, T, K = 4, 2, 2
+    assert it["stages"]["sampling"]["rows"] == G * T * 2  # CFG: [null, cond] in one forward
+    assert it["stages"]["reward"]["rows"] == K * T * G  # the conditional velocity, no CFG
+    assert it["stats"]["reward/mean"] == pytest.approx(it["stats"]["reward/self_confidence_mean"])
+    for stage, timer in (("sampling", "time/sampling"), ("reward", "time/reward"), ("update", "time/update")):
+        assert it["stages"][stage]["trainer_seconds"] == it["stats"][timer]  # the trainer's own timers
+
+
+def test_a_change_to_the_trainers_update_changes_the_benchmarks_result(tmp_path, pipeline):
+    base = run_bench(tmp_path / "base", pipeline)
+    no_kl = run_bench(tmp_path / "beta0", pipeline, "grpo.beta=0")
+    tenfold = run_bench(tmp_path / "patched", pipeline, patch=PATCHED_LOSS)
+    b, z, p = (r["iterations"][0] for r in (base, no_kl, tenfold))
+    # the samples and rewards come before the update: the same in all three
+    assert b["stats"]["reward/mean"] == z["stats"]["reward/mean"] == p["stats"]["reward/mean"]
+    # grpo.beta=0: the update computes no KL and runs no LoRA-off reference forward
+    assert b["stats"]["train/kl"] > 0 and b["stages"]["update"]["rows_nograd"] > 0
+    assert z["stats"]["train/kl"] == 0 and z["stages"]["update"]["rows_nograd"] == 0
+    assert z["stages"]["update"]["rows_grad"] == b["stages"]["update"]["rows_grad"]
+    assert z["stats"]["train/loss"] != b["stats"]["train/loss"]
+    assert z["stages"]["update"]["model_tflop"] < b["stages"]["update"]["model_tflop"]
+    # the loss patched to ten times itself: ten times the gradient norm, the same KL (it is not the loss)
+    assert p["stats"]["train/grad_norm"] == pytest.approx(10 * b["stats"]["train/grad_norm"], rel=1e-3)
+    assert p["stats"]["train/kl"] == pytest.approx(b["stats"]["train/kl"], rel=1e-2)
+    assert p["stats"]["train/policy_loss"] == pytest.approx(
+        b["stats"]["train/policy_loss"], rel=1e-2, abs=1e-6
+    )
 
 
 def test_sampler_carries_latents_in_the_asked_dtype():

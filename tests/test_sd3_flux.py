@@ -507,7 +507,7 @@ def test_save_format_and_pickle_refusal(trained_lora, tmp_path):
 
 
 def test_adapter_without_vae_or_text_encoders_runs_latent_only():
-    """The GPU check builds a VAE-free, text-encoder-free pipeline; decode must then fail clearly."""
+    """A pipeline without VAE or text encoders runs on latents and given conditioning; decode fails."""
     pipe = make_tiny_sd3(seed=0)
     cond = sd3(pipe).encode_prompts(PROMPTS)
     pipe.vae = None
@@ -517,32 +517,6 @@ def test_adapter_without_vae_or_text_encoders_runs_latent_only():
         assert a.velocity(noise_for(a, 2), torch.tensor([0.5, 0.5]), cond).shape == (2, *a.latent_shape())
     with pytest.raises(ConfigError, match="vae"):
         a.decode(noise_for(a, 1))
-
-
-def test_gpu_check_tiny_smoke(capsys):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
-    spec = importlib.util.spec_from_file_location("gpu_check", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    argv = [
-        "--tiny",
-        "--iters",
-        "1",
-        "--group-size",
-        "4",
-        "--steps",
-        "4",
-        "--probes",
-        "2",
-        "--train-batch",
-        "2",
-    ]
-    assert mod.main(argv) == 0
-    out = capsys.readouterr().out
-    assert "reward achieved" in out and "finite True" in out
 
 
 def test_load_adapter_dispatches_local_pipeline_folders(tiny_sd3_folder, tiny_flux_folder):

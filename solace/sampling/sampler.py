@@ -126,8 +126,8 @@ def sample(
             ``generator``; makes each sample's trajectory independent of how samples are batched (the
             trainer draws it per sample, so 1 and N processes produce the same samples).
         latent_dtype: the dtype the latents, velocities and SDE steps are carried in. float32 (default,
-            whatever the model's dtype) everywhere in solace; ``bench/gpu_check.py --bf16-latents`` passes
-            bfloat16 to measure what low-precision trajectories do to the PPO ratio.
+            whatever the model's dtype) everywhere in solace, the trainer included; bfloat16 is there to
+            measure what low-precision trajectories do to the PPO ratio.
     """
     check(sigmas.ndim == 1 and sigmas.numel() >= 2, "sigmas", "must be a 1-D schedule with T+1 >= 2 entries")
     check(noise_level >= 0, "noise_level", f"must be >= 0, got {noise_level}")
