@@ -80,8 +80,8 @@ def read_prompt_file(path: str | Path, field_name: str = "prompts") -> list[Prom
 
 def _geneval_problem(rec: dict) -> str:
     """What is wrong with a JSON line's ``include`` / ``exclude`` entries (empty: nothing): each a list of
-    objects with a non-empty string ``class`` and, where given, a whole ``count`` >= 1 (include) or >= 0
-    (exclude) and a string ``color``."""
+    objects with a non-empty string ``class``, a whole ``count`` >= 1 (include; optional in exclude, >= 0)
+    and, where given, a string ``color``."""
     for key, least in (("include", 1), ("exclude", 0)):
         entries = rec.get(key, [])
         if not isinstance(entries, list):
@@ -89,6 +89,8 @@ def _geneval_problem(rec: dict) -> str:
         for x in entries:
             if not isinstance(x, dict) or not isinstance(x.get("class"), str) or not x["class"].strip():
                 return f"'{key}' must be a list of objects with a 'class'"
+            if key == "include" and "count" not in x:
+                return f"'include' entry {x['class']!r} needs a 'count' (how many to draw)"
             count = x.get("count", least)
             if isinstance(count, bool) or not isinstance(count, int) or count < least:
                 return f"'{key}' count {count!r} of {x['class']!r} must be a whole number >= {least}"

@@ -258,6 +258,22 @@ CASES = [
         "count -3",
     ),
     (["train", "--config", "toy", "data.eval_prompts={d}/dog.jsonl", "train.output_dir={d}/r5"], "'dog'"),
+    # tracebacks before: seeds past 64 bits, bad devices, unwritable outputs, odd YAML, bounds the math needs
+    (["sample", "--seeds", str(2**63), "--out", "{d}/x.png"], "--seeds"),
+    (["train", "--config", "toy", f"train.seed={2**63}", "train.output_dir={d}/r8"], "train.seed"),
+    (["sample", "--device", "foo", "--out", "{d}/x.png"], "--device"),
+    (["sample", "--device", "cuda", "--out", "{d}/x.png"], "--device"),
+    (["sample", "--out", "/proc/no/x.png"], "--out"),
+    (["eval", "--suite", "toy", "--out", "/proc/no/eval", "--limit", "1"], "--out"),
+    (["eval", "--suite", "toy", "--seed", "-1"], "--seed"),
+    (["config", "check", "{d}/list.yaml"], "mapping"),
+    (["config", "check", "toy", "--paths", "data.eval_prompts={d}/no_count.jsonl"], "needs a 'count'"),
+    (["config", "check", "{d}/sub/loop.yaml"], "circular"),
+    (["config", "check", "toy", "data.eval_prompts_limit=-5"], "data.eval_prompts_limit"),
+    (["config", "check", "toy", "grpo.adv_eps=-1"], "grpo.adv_eps"),
+    (["toy", "pretrain", "--out", "{d}/tp", "--eval-every", "0"], "--eval-every"),
+    (["toy", "pretrain", "--out", "{d}/tp", "--dataset-size", "0"], "--dataset-size"),
+    (["toy", "pretrain", "--out", "{d}/tp", "--batch-size", "0"], "--batch-size"),
 ]
 
 
@@ -268,7 +284,7 @@ def test_bad_input_is_one_line_and_exit_code_2(bad_inputs, args, needle):
 
     from solace.cli.main import app
 
-    if "train.device=cuda" in args and _torch.cuda.is_available():
+    if ("train.device=cuda" in args or "cuda" in args) and _torch.cuda.is_available():
         pytest.skip("a GPU is present: cuda is valid here")
     res = CliRunner().invoke(app, [a.replace("{d}", str(bad_inputs)) for a in args])
     lines = [ln for ln in res.output.splitlines() if ln.strip()]

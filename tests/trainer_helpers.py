@@ -90,6 +90,12 @@ def make_bad_inputs(d: Path, weights: str | Path) -> Path:
     rec = '{"prompt": "a photo of %s", "tag": "single_object", "include": [{"class": "%s", "count": %d}]}\n'
     (d / "dog.jsonl").write_text(rec % ("a dog", "dog", 1))
     (d / "negative_count.jsonl").write_text(rec % ("minus three circles", "circle", -3))
+    (d / "no_count.jsonl").write_text('{"prompt": "a photo of a circle", "include": [{"class": "circle"}]}\n')
+    (d / "list.yaml").write_text("- a\n- b\n")
+    (d / "sub").mkdir(exist_ok=True)
+    (d / "sub" / "loop.yaml").write_text(
+        "defaults: [../sub/loop.yaml]\n"
+    )  # includes itself, another spelling
     (d / "a_file").write_text("x")
     (d / "folder").mkdir(exist_ok=True)
     return d

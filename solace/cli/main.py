@@ -182,7 +182,7 @@ def ablate(
     from solace.trainer.distributed import finish
 
     try:
-        seed_list = _int_list(seeds, "--seeds", 0)
+        seed_list = _seed_list(seeds)
         res = run_grid(
             config,
             list(ctx.args),
@@ -287,7 +287,7 @@ def sample_cmd(
 
         prompt = default_image_prompts()
     try:
-        seed_list = _int_list(seeds, "--seeds", 0)
+        seed_list = _seed_list(seeds)
         _check_sampling(steps, 2, cfg, "ode", 1)
         _check_image_path(out)
         adapter = _load(model, lora, device, **_model_kwargs(device, dtype, resolution, height, width))
@@ -314,6 +314,19 @@ def _check_image_path(out: Path) -> None:
         )
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg"):
         raise ConfigError("--out", f"{out}: give a .png or .jpg file name")
+    _check_writable(out.parent, "--out")
+
+
+def _check_writable(folder: Path, option: str) -> None:
+    """The output folder can be created and a file written in it, tried before any work is done."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ConfigError(option, f"{folder} cannot be written ({e.strerror}); choose another") from None
 
 
 @app.command("eval")
@@ -365,6 +378,8 @@ def eval_cmd(
             raise ConfigError("--samples", f"must be >= 1, got {samples}")
         if limit < 0:
             raise ConfigError("--limit", f"must be >= 0 (0: all prompts), got {limit}")
+        check_seed(seed, "--seed")
+        _check_writable(out, "--out")
         _check_sampling(steps, 2, cfg, "ode", 1)
         model_kwargs = _model_kwargs(device, dtype, resolution, height, width)
     except SolaceError as e:
@@ -498,6 +513,21 @@ _PROMPTS_HELP = (
 )
 
 
+def _seed_list(text: str) -> list[int]:
+    """``--seeds``: comma-separated seeds in [0, 2**32 - 1], or a one-line ConfigError."""
+    seeds = _int_list(text, "--seeds", 0)
+    for s in seeds:
+        check_seed(s, "--seeds")
+    return seeds
+
+
+def check_seed(seed: int, option: str) -> None:
+    """A seed option in [0, 2**32 - 1] (:func:`solace.utils.seeding.check_seed`; torch imported lazily)."""
+    from solace.utils.seeding import check_seed as check
+
+    check(seed, option)
+
+
 def _int_list(text: str, option: str, minimum: int) -> list[int]:
     """Comma-separated integers >= ``minimum``, or a one-line ConfigError naming ``option``."""
 
@@ -576,6 +606,10 @@ def _model_kwargs(
 
     if dtype not in ("auto", "bf16", "fp16", "fp32"):
         raise ConfigError("--dtype", f"use auto, bf16, fp16 or fp32, not {dtype!r}")
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError("--device", f"use auto, cpu or cuda, not {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device", "cuda asked for, but torch sees no GPU; use auto or cpu")
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     kwargs: dict[str, Any] = {"dtype": ("bf16" if cuda else "fp32") if dtype == "auto" else dtype}
     return {**kwargs, **_size_kwargs(resolution, height, width)}
@@ -663,6 +697,7 @@ def score_cmd(
             raise ConfigError("--prompt", "give the prompt to score against (repeat --prompt for several)")
         if generate < 0:
             raise ConfigError("--generate", f"must be >= 1, got {generate}")
+        check_seed(seed, "--seed")
         if bool(paths) == (generate > 0):
             raise ConfigError("--images", "give either --images FILE ... or --generate N (N >= 1), not both")
         missing = [p for p in paths if not Path(p).is_file()]
@@ -727,7 +762,7 @@ def rerank_cmd(
 
     try:
         ns = _int_list(n, "--n", 1)
-        seed_list = _int_list(seeds, "--seeds", 0)
+        seed_list = _seed_list(seeds)
         _check_sampling(steps, probes, cfg, sampler, threads, limit)
         if batch_size < 1:
             raise ConfigError("--batch-size", f"must be >= 1, got {batch_size}")
@@ -789,6 +824,7 @@ def rationale_cmd(
             raise ConfigError("--samples", f"must be >= 1, got {samples}")
         if batch_size < 1:
             raise ConfigError("--batch-size", f"must be >= 1, got {batch_size}")
+        check_seed(seed, "--seed")
         _check_sampling(steps, probes, cfg, sampler, threads, limit)
         prompt_list, records = _prompt_source(prompts, limit, model)
         adapter = _load_scoring_model(model, lora, device, dtype, (resolution, height, width), threads)

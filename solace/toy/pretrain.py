@@ -55,6 +55,26 @@ class PretrainConfig:
     init: str = ""  # continue from another run's checkpoint.safetensors with a fresh schedule
 
 
+def check_config(cfg: PretrainConfig) -> None:
+    """Every bound the run needs, checked before anything is rendered or written (fields as CLI options)."""
+    from solace.utils.seeding import check_seed
+
+    for option, value, least in (
+        ("--steps", cfg.steps, 1),
+        ("--batch-size", cfg.batch_size, 1),
+        ("--dataset-size", cfg.dataset_size, 1),
+        ("--eval-every", cfg.eval_every, 1),
+        ("--threads", cfg.threads, 1),
+        ("checkpoint_every", cfg.checkpoint_every, 1),
+        ("warmup", cfg.warmup, 0),
+    ):
+        if value < least:
+            raise ConfigError(option, f"must be >= {least}, got {value}")
+    if not cfg.lr > 0:
+        raise ConfigError("--lr", f"must be > 0, got {cfg.lr}")
+    check_seed(cfg.seed, "--seed")
+
+
 def _render_chunk(args: tuple[int, int]) -> tuple[np.ndarray, list[str]]:
     seed, n = args
     rng = random.Random(seed)
@@ -196,6 +216,7 @@ RUN_FILES = (
 
 
 def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False) -> Path:
+    check_config(cfg)
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     found = earlier_run(out, RUN_FILES)

@@ -14,13 +14,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from omegaconf import ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from solace.errors import ConfigError, check
 from solace.grpo.window import parse_steps
 from solace.rewards.scorer import SelfConfidenceCfg
 from solace.trainer.precision import check_config as check_precision
+from solace.utils.seeding import check_seed
 
 
 @dataclass
@@ -284,12 +285,20 @@ def resolve_preset(path_or_name: str) -> Path:
 
 def _load_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> Any:
     """Load a YAML file; a top-level ``defaults: [other.yaml]`` list is merged underneath it."""
+    path = path.resolve()  # ``a/../a/x.yaml`` is ``a/x.yaml``: a cycle through another spelling is a cycle
     check(path not in seen, "defaults", f"circular preset inheritance through {path}")
     try:
         raw = OmegaConf.load(path)
     except Exception as e:  # yaml errors
         raise ConfigError("config", f"{path}: not valid YAML ({e})") from e
+    if not isinstance(raw, DictConfig):
+        raw_type = "list" if isinstance(raw, ListConfig) else type(raw).__name__
+        raise ConfigError(
+            "config", f"{path}: the top level must be a mapping (section: settings), not a {raw_type}"
+        )
     bases = raw.pop("defaults", []) if "defaults" in raw else []
+    if not isinstance(bases, list | ListConfig) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError("defaults", f"{path}: 'defaults' must be a list of preset names or YAML paths")
     raw = expand_resolution(raw, str(path))
     merged = OmegaConf.create()
     for b in bases:
@@ -437,7 +446,19 @@ def validate(cfg: SolaceConfig, check_paths: bool = True) -> None:
     _validate_memory(cfg.model)
     _min(lora.rank, 1, "model.lora.rank")
     check(lora.alpha > 0, "model.lora.alpha", f"must be > 0, got {lora.alpha}")
+    _min(cfg.data.eval_prompts_limit, 0, "data.eval_prompts_limit", " (0: all)")
+    _validate_train(t)
+    _validate_trackers(t)
+    _validate_eval(cfg.eval)
+    if check_paths:
+        _validate_prompt_files(cfg)
+        _validate_evaluator(cfg)
+
+
+def _validate_train(t: TrainCfg) -> None:
+    """The ``train`` section's bounds (its trackers: :func:`_validate_trackers`)."""
     _min(t.iterations, 0, "train.iterations")
+    check_seed(t.seed, "train.seed")
     _min(t.max_minutes, 0, "train.max_minutes", " (0: no limit)")
     _min(t.checkpoint_every, 1, "train.checkpoint_every")
     _min(t.checkpoints_total_limit, 0, "train.checkpoints_total_limit", " (0: keep every checkpoint)")
@@ -452,11 +473,6 @@ def validate(cfg: SolaceConfig, check_paths: bool = True) -> None:
         f"{t.process_group_timeout_minutes}",
     )
     check_precision(t.mixed_precision)
-    _validate_trackers(t)
-    _validate_eval(cfg.eval)
-    if check_paths:
-        _validate_prompt_files(cfg)
-        _validate_evaluator(cfg)
 
 
 def _validate_optim(o: OptimCfg) -> None:
@@ -686,6 +702,8 @@ def _validate_grpo(g: GRPOCfg, num_steps: int) -> None:
     _min(g.beta, 0, "grpo.beta")
     check(g.clip_range > 0, "grpo.clip_range", f"must be > 0, got {g.clip_range}")
     check(g.adv_clip > 0, "grpo.adv_clip", f"must be > 0, got {g.adv_clip}")
+    # advantages divide by std + adv_eps: 0 divides a flat group by zero, < 0 can flip or blow up the sign
+    check(g.adv_eps > 0, "grpo.adv_eps", f"must be > 0 (1e-4 is the default), got {g.adv_eps}")
     _min(g.inner_epochs, 1, "grpo.inner_epochs")
     _min(g.micro_batch_size, 1, "grpo.micro_batch_size")
     _min(g.updates_per_iteration, 1, "grpo.updates_per_iteration")

@@ -14,6 +14,15 @@ from enum import IntEnum
 
 import torch
 
+from solace.errors import check
+
+SEED_MAX = 2**32 - 1  # seeds are derived by arithmetic (prompt_seed, seed + offsets): keep them in 32 bits
+
+
+def check_seed(seed: int, field: str) -> None:
+    """A seed is a whole number in [0, 2**32 - 1] (what torch, numpy and every derived seed accept)."""
+    check(0 <= int(seed) <= SEED_MAX, field, f"must be a whole number from 0 to {SEED_MAX}, got {seed}")
+
 
 def mix(*parts: int) -> int:
     """A 63-bit seed from integer parts (FNV-1a style); different parts give independent streams."""
