@@ -267,6 +267,8 @@ CASES = [
     (["eval", "--suite", "toy", "--out", "/proc/no/eval", "--limit", "1"], "--out"),
     (["eval", "--suite", "toy", "--seed", "-1"], "--seed"),
     (["config", "check", "{d}/list.yaml"], "mapping"),
+    (["config", "check", "toy", "train.base_eval_cache={d}/folder"], "train.base_eval_cache"),
+    (["ablate", "--out", "{d}/a_file", "--conditions", "k4", "--seeds", "0"], "--out"),
     (["config", "check", "toy", "--paths", "data.eval_prompts={d}/no_count.jsonl"], "needs a 'count'"),
     (["config", "check", "{d}/sub/loop.yaml"], "circular"),
     (["config", "check", "toy", "data.eval_prompts_limit=-5"], "data.eval_prompts_limit"),
@@ -436,3 +438,22 @@ def test_save_checkpoint_never_writes_non_finite_weights(tmp_path):
         "iter_000001",
         "latest",
     ]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"model.lora.rank": 8}, {"train.algorithm": "nft", "sampling.noise_level": 0}],
+    ids=["rank", "algo"],
+)
+def test_resume_refuses_a_structural_change_even_with_allow_changes(weights, tmp_path, change):
+    """A checkpoint's tensors fit one LoRA shape and one update: --allow-changes cannot carry them across a
+    new rank or algorithm (before: a cryptic state_dict error); the message names the field."""
+    out = tmp_path / "r"
+    Trainer(_cfg(weights, out, **{"train.iterations": 1})).train()
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    with pytest.raises(ConfigError, match=next(iter(change))) as e:
+        Trainer(_cfg(weights, out, **{"train.iterations": 2, **change}), allow_changes=True).train(
+            resume=True
+        )
+    assert e.value.field == "--resume" and "\n" not in str(e.value)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before

@@ -365,6 +365,7 @@ def run_grid(
     from solace.trainer.distributed import is_main_process
 
     check(len(seeds) >= 1, "--seeds", "give at least one seed, e.g. 0,1,2")
+    check(not Path(out).is_file(), "--out", f"{out} is a file; name the grid's folder")
     conds = [resolve_condition(c) for c in conditions]
     names = [c.name for c in conds]
     check(len(set(names)) == len(names), "--conditions", f"a condition is named twice: {', '.join(names)}")

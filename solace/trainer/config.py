@@ -473,6 +473,11 @@ def _validate_train(t: TrainCfg) -> None:
         f"{t.process_group_timeout_minutes}",
     )
     check_precision(t.mixed_precision)
+    check(
+        not (t.base_eval_cache and Path(t.base_eval_cache).is_dir()),
+        "train.base_eval_cache",
+        f"{t.base_eval_cache} is a folder; name a .json file (or '' for no cache)",
+    )
 
 
 def _validate_optim(o: OptimCfg) -> None:

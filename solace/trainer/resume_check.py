@@ -149,6 +149,17 @@ def _fmt(key: str, old: Any, new: Any) -> str:
     return f"{key}: {short(old)} -> {short(new)}"
 
 
+# What the checkpoint's tensors are shaped by or belong to: no --allow-changes can resume across these
+# (the LoRA's shape and scale, the update whose state the checkpoint holds).
+STRUCTURAL: tuple[str, ...] = (
+    "model.lora.rank",
+    "model.lora.alpha",
+    "model.lora.target_modules",
+    "train.algorithm",
+    "lora_ema.enabled",
+)
+
+
 def check_resume(old: dict[str, Any], new: dict[str, Any], allow_changes: bool = False) -> list[str]:
     """Compare the configuration a checkpoint recorded (``old``) with the resuming run's (``new``).
 
@@ -158,6 +169,13 @@ def check_resume(old: dict[str, Any], new: dict[str, Any], allow_changes: bool =
     with ``(unsafe, allowed)``).
     """
     safe, unsafe = [], []
+    structural = [_fmt(k, a, b) for k, a, b in config_diff(old, new) if _matches(k, STRUCTURAL)]
+    if structural:
+        raise ConfigError(
+            "--resume",
+            f"the checkpoint cannot continue with {'; '.join(structural)} (its tensors were made for the old "
+            "value, even with --allow-changes); keep the old value or train into another train.output_dir",
+        )
     for key, a, b in config_diff(old, new):
         line = _fmt(key, a, b)
         if _matches(key, SAFE):
