@@ -41,6 +41,7 @@ class Evaluator(ABC):
     """One way of evaluating the model being trained. ``evaluate`` runs on the main process only."""
 
     kind: str = ""
+    progress: bool = False  # a progress bar while sampling (the process that writes shows it)
 
     @abstractmethod
     def evaluate(self, iteration: int) -> dict[str, Any]:
@@ -111,6 +112,15 @@ def make_evaluator(
     CFG (``sampling.eval_cfg_scale`` or the sampling scale). Metric models load here, before training.
     ``writes=False``: the same evaluations, but no file written (no grid, the base-evaluation cache only
     read): another process than the main one, when every process must sample (FSDP)."""
+    ev = _make_evaluator(cfg, adapter, out_dir, cfg_scale, writes)
+    if ev is not None:
+        ev.progress = writes
+    return ev
+
+
+def _make_evaluator(
+    cfg: SolaceConfig, adapter: Any, out_dir: str | Path, cfg_scale: float, writes: bool
+) -> Evaluator | None:
     kind = evaluator_kind(cfg)
     if kind == "none":
         return None
@@ -279,7 +289,7 @@ class MetricsEvaluator(Evaluator):
         res = generate_and_score(
             self.adapter, self.suite, self.metrics, label, None, samples_per_prompt=self.samples,
             num_steps=self.steps, cfg_scale=self.cfg_scale, seed=self.seed, batch_size=self.batch_size,
-            grid_rows=self.grid_prompts, grid_samples=min(2, self.samples), progress=False,
+            grid_rows=self.grid_prompts, grid_samples=min(2, self.samples), progress=self.progress,
             negative_prompt=self.negative_prompt,
         )  # fmt: skip
         summary, per_prompt = summarize_scores(res["scores"])

@@ -312,7 +312,7 @@ class ToyEvaluator(Evaluator):
         if res is None:
             res = evaluate_records(
                 self.adapter, self.records, self.samples, self.steps, self.cfg_scale, seed=self.seed,
-                progress=False, negative_prompt=self.negative_prompt,
+                progress=self.progress, negative_prompt=self.negative_prompt,
             )  # fmt: skip
             if cache:
                 cache.put(res)

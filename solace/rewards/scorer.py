@@ -37,6 +37,7 @@ from solace.rewards.self_confidence import (
     probe_mse,
 )
 from solace.sampling.sampler import cfg_velocity
+from solace.utils import interrupt
 
 Weighting = Literal["uniform", "t(1-t)"]
 ProbeMode = Literal["group", "per_sample_timestep"]
@@ -168,6 +169,7 @@ class SelfConfidenceScorer:
         use_cfg = self.cfg.cfg_in_reward
 
         def vel(z: torch.Tensor, t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            interrupt.check()  # a requested stop ends a stoppable reward pass between forwards
             rows = idx.cpu()
             if use_cfg:
                 return cfg_velocity(adapter, z, t, cond.index(rows), null.index(rows), self.cfg_scale)

@@ -10,6 +10,7 @@ import torch
 from solace.errors import check
 from solace.models.base import Conditioning, FlowModelAdapter
 from solace.sampling.sde import SDEStep, euler_step, sde_step
+from solace.utils import interrupt
 
 
 @dataclass
@@ -145,6 +146,7 @@ def sample(
     log_probs = torch.zeros(B, T, device=z.device)
     sigma_max = float(sigmas[1])
     for i in range(T):
+        interrupt.check()  # a requested stop ends stoppable sampling between steps
         t = sigmas[i].expand(B).to(z.device)
         v = cfg_velocity(adapter, z, t, cond, null_cond, cfg_scale).to(latent_dtype)
         if mask[i]:

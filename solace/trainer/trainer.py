@@ -101,7 +101,9 @@ from solace.trainer.runlock import RUN_FILES, RunLock, clear_earlier_run
 from solace.trainer.signals import RunInterrupted, StopRequest
 from solace.trainer.tracking import Trackers, log_with
 from solace.trainer.updates import make_update
+from solace.utils import interrupt
 from solace.utils.files import append_csv_row, earlier_run
+from solace.utils.interrupt import StopNow
 from solace.utils.seeding import Stream, TrainStreams
 
 EMA_PREFIX = "lora_ema."  # the LoRA EMA's tensors in a checkpoint's update.safetensors
@@ -489,7 +491,7 @@ class Trainer:
         by the monitor."""
         if not self.samples_images or self.evaluator is None:
             return None
-        with self._evaluated_weights():
+        with self._stoppable(), self._evaluated_weights():
             out = self.evaluator.evaluate(iteration)
         self._log(self.evaluator.scalars(out), iteration)
         if out.get("grid") and self.is_main:
@@ -511,7 +513,7 @@ class Trainer:
         prompts = self.cfg.train.image_prompts or (
             default_image_prompts() if self.is_toy else [p.text for p in self.source.for_iteration(0, 4)]
         )
-        with self._evaluated_weights():
+        with self._stoppable(), self._evaluated_weights():
             imgs = generate(
                 self.adapter, prompts, 4, self.cfg.sampling.eval_num_steps, self.eval_cfg_scale,
                 seed=self.cfg.train.seed + 4242, progress=False,
@@ -570,6 +572,7 @@ class Trainer:
         self.lora_ema.load_state_dict(ema, sp.local if sp is not None else None)
 
     def checkpoint(self, iteration: int) -> None:
+        self._checkpointed = iteration
         self.acc.wait_for_everyone()
         tensors = self._checkpoint_tensors()
         if self.is_main and tensors is not None:
@@ -643,10 +646,12 @@ class Trainer:
     def train(self, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
         """Run (or resume) the iterations, then export the LoRA, evaluate and report. One run per output
         folder (a lock; ``overwrite``: a new run may replace an earlier one's files); Ctrl-C / SIGTERM finish
-        the iteration, checkpoint and stop."""
+        the iteration, checkpoint and stop (in one process, sampling and evaluations stop within seconds)."""
         with self._run_lock(), StopRequest() as stop:
             try:
                 return self._train(resume, overwrite, stop)
+            except StopNow as e:  # a signal during sampling, rewards, an evaluation or a grid
+                raise self._stopped_now(stop) from e
             finally:
                 self.trackers.finish()  # also when stopped by a signal or an error: every event on disk
 
@@ -734,7 +739,8 @@ class Trainer:
 
     def iteration(self, it: int) -> dict[str, float]:
         """One iteration: sample, score, update, monitor, log. Returns its statistics."""
-        ro = self.collect(it)
+        with self._stoppable():  # sampling and rewards are redone on resume; the update is not cut
+            ro = self.collect(it)
         stats = {**ro.stats, **self.update(ro, it)}
         if self.guard.record(stats["guard/dropped"] > 0 or stats.get("train/skipped_steps", 0) > 0):
             self._write_monitor(stopped=self.guard.message())
@@ -781,6 +787,7 @@ class Trainer:
     def _start(self, resume: bool, overwrite: bool) -> None:
         """Write the config, resume or evaluate the base."""
         resumed = self.resume() if resume else False
+        self._checkpointed = self.start_iteration
         if not resumed:
             self._claim_folder(resume, overwrite)
         if self.is_main:  # written once every check passed
@@ -791,6 +798,18 @@ class Trainer:
             self.evaluate(0)
             if self.cfg.train.image_every:
                 self.save_images(0)
+        if resumed and self.start_iteration < self.cfg.train.iterations:
+            self._owed_samples(self.start_iteration)
+
+    def _owed_samples(self, done: int) -> None:
+        """A run stopped during the evaluation or grid of iteration ``done`` (checkpointed without them)
+        makes them up on resume, as ``_periodic`` would have."""
+        t = self.cfg.train
+        if t.eval_every and done % t.eval_every == 0 and not any(e["iteration"] == done for e in self.evals):
+            self.evaluate(done)
+        grid = self.out / "images" / f"iter_{done:06d}.png"
+        if t.image_every and done % t.image_every == 0 and not (self.is_main and grid.exists()):
+            self.save_images(done)
 
     def _periodic(self, done: int) -> None:
         """Evaluations every ``train.eval_every`` and image grids every ``train.image_every`` iterations."""
@@ -859,6 +878,26 @@ class Trainer:
             "nonfinite": {**self.guard.state_dict(), "dropped_samples": int(dropped), "stopped": stopped},
         }
         (self.out / "monitor.json").write_text(json.dumps(doc, indent=1))
+
+    def _stoppable(self) -> contextlib.AbstractContextManager:
+        """Work a signal may cut short (it is redone on resume): in one process; with several, a process
+        that stopped alone would leave the others in a collective, so they all stop between iterations."""
+        return interrupt.stoppable(self.acc.num_processes == 1)
+
+    def _stopped_now(self, stop: StopRequest) -> RunInterrupted:
+        """After a signal cut sampling or an evaluation short: the last finished iteration checkpointed
+        (when it was not yet), and the message to exit with."""
+        done = int(self.history[-1]["iteration"]) if self.history else self.start_iteration
+        if done > self._checkpointed:
+            self.checkpoint(done)
+        saved = (
+            f"iteration {done} of {self.cfg.train.iterations} checkpointed" if done else "nothing trained yet"
+        )
+        return RunInterrupted(
+            f"{stop.name or 'a signal'} received: stopped at once (the sampling or evaluation in progress is "
+            f"redone on resume); {saved}; `solace train ... --resume` continues",
+            stop.signum or 15,
+        )
 
     def _any_rank(self, flag: bool) -> bool:
         """Whether ``flag`` holds on any process (every process gets the same answer)."""
