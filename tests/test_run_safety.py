@@ -188,7 +188,8 @@ def test_sigterm_mid_run_checkpoints_and_resumes_to_the_uninterrupted_lora(weigh
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 143, err[-2000:]
-    assert "SIGTERM received: stopped after iteration" in err
+    # after the update in progress, or at once when the signal came during sampling or rewards
+    assert "SIGTERM received: stopped" in err and "--resume` continues" in err
     done = int((stopped / "checkpoints" / "latest").read_text().removeprefix("iter_"))
     assert 1 <= done < 6 and not (stopped / "lora").exists()  # the signal landed mid-training
     subprocess.run(
@@ -533,3 +534,43 @@ def test_ctrl_c_20_s_into_the_toy_presets_base_evaluation_ends_it_within_10_s(tm
     assert rc == 130 and took <= 10, (rc, took, text[-2000:])
     assert "SIGINT received: stopped at once" in text and "nothing trained yet" in text
     assert not (out / "checkpoints").exists() and (out / "config.yaml").exists()
+
+
+def test_base_eval_cache_never_overwrites_a_users_file(weights, tmp_path):
+    """train.base_eval_cache naming a file solace did not write is refused before anything runs; a cache it
+    wrote is read back (and an unmarked one of earlier versions accepted)."""
+    from solace.evaluation.toy_eval import BaseEvalCache
+
+    mine = tmp_path / "notes.json"
+    mine.write_text('{"my": "data"}')
+    with pytest.raises(ConfigError, match="train.base_eval_cache"):
+        Trainer(_cfg(weights, tmp_path / "r", **{"train.base_eval_cache": str(mine)}))
+    assert mine.read_text() == '{"my": "data"}'
+    cache = BaseEvalCache(tmp_path / "cache.json", {"a": 1})
+    cache.put({"summary": {"x": 1}})
+    assert BaseEvalCache(tmp_path / "cache.json", {"a": 1}).get() == {"summary": {"x": 1}}
+    (tmp_path / "old.json").write_text('{"entries": []}')
+    BaseEvalCache(tmp_path / "old.json", {"a": 1}).put({"summary": {}})
+    assert json.loads((tmp_path / "old.json").read_text())["format"] == BaseEvalCache.FORMAT
+
+
+def test_resume_refuses_an_input_file_replaced_under_the_run(weights, tmp_path):
+    """The prompt file a run trained on, edited before --resume: refused in one line naming the field (the
+    report would compare different prompt sets); --allow-changes continues and records the new file."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text((HERE.parent / "bench" / "data" / "heldout_2_per_category.jsonl").read_text())
+    out = tmp_path / "r"
+    extra = {"data.train_prompts": str(prompts)}
+    Trainer(_cfg(weights, out, **{"train.iterations": 1, **extra})).train()
+    recorded = json.loads((out / "inputs.json").read_text())
+    assert set(recorded) == {"data.train_prompts", "model.name"}
+    Trainer(_cfg(weights, out, **{"train.iterations": 2, **extra})).train(resume=True)  # unchanged: fine
+    prompts.write_text(prompts.read_text().replace("circle", "square"))
+    with pytest.raises(ConfigError, match="data.train_prompts") as e:
+        Trainer(_cfg(weights, out, **{"train.iterations": 3, **extra})).train(resume=True)
+    assert e.value.field == "--resume" and str(prompts) in str(e.value) and "\n" not in str(e.value)
+    assert len(_rows(out)) == 2  # nothing trained
+    Trainer(_cfg(weights, out, **{"train.iterations": 3, **extra}), allow_changes=True).train(resume=True)
+    assert (
+        json.loads((out / "inputs.json").read_text())["data.train_prompts"] != recorded["data.train_prompts"]
+    )

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from solace.errors import ConfigError
 from solace.evaluation.evaluators import Evaluator
 from solace.models.base import FlowModelAdapter
 from solace.prompts import read_prompt_file
@@ -251,10 +252,29 @@ class BaseEvalCache:
     """A JSON file of evaluations keyed by every setting they depend on (model, prompts, samples, steps,
     CFG, seed). Runs sharing a base model and a seed, such as an ablation grid, evaluate the base once."""
 
+    FORMAT = "solace base-evaluation cache"
+
     def __init__(self, path: str | Path, key: dict, writes: bool = True):
         self.path = Path(path) if path else None
         self.key = json.loads(json.dumps(key, sort_keys=True))
         self.writes = writes  # False: read only (a process other than the main one)
+        if self.path is not None and self.path.exists() and not self._ours():
+            raise ConfigError(
+                "train.base_eval_cache",
+                f"{self.path} exists and is not a base-evaluation cache solace wrote (it is never "
+                "overwritten): name another file, or '' for no cache",
+            )
+
+    def _ours(self) -> bool:
+        """Whether the file at ``path`` is one this class wrote (its format mark, or the unmarked
+        ``{"entries": [...]}`` of earlier versions), so that a user's file is never overwritten."""
+        try:
+            doc = json.loads(self.path.read_text())  # type: ignore[union-attr]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return False
+        if not isinstance(doc, dict) or not isinstance(doc.get("entries"), list):
+            return False
+        return doc.get("format", self.FORMAT) == self.FORMAT and set(doc) <= {"format", "entries"}
 
     def _entries(self) -> list[dict]:
         if self.path is None or not self.path.exists():
@@ -277,7 +297,8 @@ class BaseEvalCache:
 
         keep = {k: v for k, v in result.items() if k != "images"}
         entries = [e for e in self._entries() if e.get("key") != self.key]
-        write_json_atomic(self.path, {"entries": [*entries, {"key": self.key, "result": keep}]})
+        doc = {"format": self.FORMAT, "entries": [*entries, {"key": self.key, "result": keep}]}
+        write_json_atomic(self.path, doc)
 
 
 class ToyEvaluator(Evaluator):

@@ -97,6 +97,7 @@ def read_lock(folder: str | Path) -> dict[str, Any] | None:
 # opens it before the run starts (:func:`clear_earlier_run` removes only the earlier run's event files).
 RUN_FILES = (
     "config.yaml",
+    "inputs.json",
     "log.csv",
     "checkpoints",
     "lora",

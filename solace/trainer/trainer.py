@@ -86,6 +86,7 @@ from solace.trainer.guard import (
     nonfinite_weights_message,
     weights_finite,
 )
+from solace.trainer.inputs import check_inputs, record_inputs
 from solace.trainer.model_setup import load_model, offload_text_encoders
 from solace.trainer.monitor import CollapseMonitor, eval_stats, latent_texture
 from solace.trainer.precision import (
@@ -605,6 +606,8 @@ class Trainer:
             self._warn(f"--resume: no checkpoint in {root}; starting a new run")
             return False
         self._check_config_against(read_state(ck).get("config"), ck)
+        for name in check_inputs(self.out, self.cfg, self.allow_changes):
+            self._warn(f"--resume: {name} changed since the run started (allowed)")
         sp = self.sharded  # FSDP: whole tensors saved, shards loaded
         to_local = (lambda sd: local_optimizer_state(sd, sp)) if sp else None
         lora, state = load_checkpoint(ck, self.opt, to_local)
@@ -792,6 +795,7 @@ class Trainer:
             self._claim_folder(resume, overwrite)
         if self.is_main:  # written once every check passed
             (self.out / "config.yaml").write_text(to_yaml(self.cfg))
+            record_inputs(self.out, self.cfg)  # what --resume compares the input files with
         if not resumed and self.is_main:
             (self.out / "log.csv").unlink(missing_ok=True)
         if not resumed and self.samples_images and self.cfg.train.report:  # FSDP: on every process
