@@ -41,7 +41,7 @@ def _prompt_files(cfg) -> list[tuple[str, str]]:
 
 
 def test_every_prompt_file_a_shipped_preset_names_ships(monkeypatch):
-    monkeypatch.chdir(ROOT)  # presets name prompt files relative to the repository root
+    monkeypatch.chdir(ROOT)
     named = {}
     for path in _presets():
         cfg = load_config(str(path), check_paths=False)
@@ -50,9 +50,10 @@ def test_every_prompt_file_a_shipped_preset_names_ships(monkeypatch):
             assert (ROOT / value).is_file(), f"{path.name}: {field} = {value} does not ship"
     # the SD3.5-M presets train on the shipped Pick-a-Pic prompts, kept out of the package
     for name in ("sd35m.yaml", "sd35m_nft.yaml"):
-        assert named[(name, "data.train_prompts")] == "data/prompts/pickscore_train.txt"
+        assert named[(name, "data.train_prompts")] == str(ROOT / "data/prompts/pickscore_train.txt")
     assert not list((ROOT / "solace").rglob("*.txt"))  # no prompt file inside the installed package
-    # and they read cleanly through the one prompt reader (the full check `solace train` does)
+    # they read cleanly through the one prompt reader (the check `solace train` does), from any folder
+    monkeypatch.chdir(ROOT / "solace")
     cfg = load_config("sd35m", check_paths=True)
     assert cfg.data.train_prompts.endswith("pickscore_train.txt")
     notes = " ".join((ROOT / "data" / "prompts" / "README.md").read_text().split())

@@ -574,3 +574,19 @@ def test_resume_refuses_an_input_file_replaced_under_the_run(weights, tmp_path):
     assert (
         json.loads((out / "inputs.json").read_text())["data.train_prompts"] != recorded["data.train_prompts"]
     )
+
+
+def test_the_report_names_the_evaluation_set_and_the_update_the_run_used(weights, tmp_path):
+    """An NFT run evaluated on the training distribution: its report says so, and prints NFT's settings,
+    not Flow-GRPO's (rho, window) which the run did not use; a Flow-GRPO run on the held-out set likewise."""
+    over = {"train.iterations": 1, "train.report": True, "train.eval_samples_per_prompt": 1}
+    nft = tmp_path / "nft"
+    ev = {"data.eval_prompts": "toy_train_eval", "data.eval_prompts_limit": 6}
+    Trainer(_cfg(weights, nft, **{**over, **TINY_NFT, **ev})).train()
+    text = (nft / "report.md").read_text()
+    assert "## Training-distribution accuracy" in text and "Held-out" not in text
+    assert "update: DiffusionNFT" in text and "rho=" not in text and "(window [" not in text
+    grpo = tmp_path / "grpo"
+    Trainer(_cfg(weights, grpo, **{**over, "data.eval_prompts_limit": 6})).train()
+    text = (grpo / "report.md").read_text()
+    assert "## Held-out accuracy" in text and "update: Flow-GRPO, rho=" in text and "DiffusionNFT" not in text

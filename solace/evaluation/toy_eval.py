@@ -367,13 +367,20 @@ class ToyEvaluator(Evaluator):
             f"lenient {first['lenient']:.3f} -> {last['lenient']:.3f}"
         )
 
+    @property
+    def title(self) -> str:
+        """What the evaluation set is: the held-out compositions, or fresh prompts of the training
+        distribution (``toy_train_eval``), or a prompt file."""
+        names = {"toy_heldout": "Held-out accuracy", "toy_train_eval": "Training-distribution accuracy"}
+        return names.get(self.label, f"Accuracy on {self.label}")
+
     def report_lines(self, evals: list[dict[str, Any]]) -> list[str]:
         recs = [e for e in evals if "strict" in e]
         if not recs:
             return []
         first, last = recs[0], recs[-1]
         lines = [
-            "## Held-out accuracy (toy world, exact evaluator)",
+            f"## {self.title} (toy world, exact evaluator)",
             "",
             f"| | iteration {first['iteration']} (base) | iteration {last['iteration']} (trained) |",
             "|---|---|---|",

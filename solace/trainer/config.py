@@ -283,6 +283,23 @@ def resolve_preset(path_or_name: str) -> Path:
     )
 
 
+PRESET_PATH_FIELDS = ("train_prompts", "eval_prompts")  # of the data section
+
+
+def _anchor_preset_paths(raw: Any, path: Path) -> None:
+    """A shipped preset names its prompt files relative to the repository (``data/prompts/...``): made
+    absolute here, so the preset works from any folder. Only for presets of this package, and only where
+    the file is there (an installed package without the repository keeps the name, and the check of
+    ``data.*`` says it is missing); a user's YAML and command-line overrides stay relative to the cwd."""
+    root = presets_dir().resolve().parent.parent
+    if presets_dir().resolve() not in path.parents or "data" not in raw:
+        return
+    for key in PRESET_PATH_FIELDS:
+        value = raw.data.get(key)
+        if isinstance(value, str) and not Path(value).is_absolute() and (root / value).is_file():
+            raw.data[key] = str(root / value)
+
+
 def _load_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> Any:
     """Load a YAML file; a top-level ``defaults: [other.yaml]`` list is merged underneath it."""
     path = path.resolve()  # ``a/../a/x.yaml`` is ``a/x.yaml``: a cycle through another spelling is a cycle
@@ -296,6 +313,7 @@ def _load_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> Any:
         raise ConfigError(
             "config", f"{path}: the top level must be a mapping (section: settings), not a {raw_type}"
         )
+    _anchor_preset_paths(raw, path)
     bases = raw.pop("defaults", []) if "defaults" in raw else []
     if not isinstance(bases, list | ListConfig) or not all(isinstance(b, str) for b in bases):
         raise ConfigError("defaults", f"{path}: 'defaults' must be a list of preset names or YAML paths")

@@ -91,6 +91,20 @@ def _signal_table(history: list[dict[str, float]], window: int) -> list[str]:
     return lines
 
 
+def _update_line(cfg: Any, window: list[int]) -> str:
+    """The settings of the update the run used (``train.algorithm``), never the other's."""
+    common = f"lr={cfg.optim.lr}, LoRA r={cfg.model.lora.rank} alpha={cfg.model.lora.alpha}"
+    if cfg.train.algorithm == "nft":
+        n = cfg.nft
+        return (
+            f"- update: DiffusionNFT, beta={n.beta}, A_max={n.adv_max}, timesteps {n.timesteps} "
+            f"({n.timesteps_per_sample} a sample), old policy EMA {n.ema} (decay {n.ema_decay}), "
+            f"KL {n.kl_beta}, {common}"
+        )
+    g = cfg.grpo
+    return f"- update: Flow-GRPO, rho={g.rho} (window {window}), beta={g.beta}, clip {g.clip_range}, {common}"
+
+
 def write_report(trainer: Any) -> Path:
     out: Path = trainer.out
     cfg = trainer.cfg
@@ -106,8 +120,7 @@ def write_report(trainer: Any) -> Path:
         f"- sampling: G={cfg.sampling.group_size}, {cfg.sampling.prompts_per_step} prompts/iteration, "
         f"{cfg.sampling.num_steps} steps (eval {cfg.sampling.eval_num_steps}), "
         f"CFG {cfg.sampling.cfg_scale} (eval {trainer.eval_cfg_scale})",
-        f"- GRPO: rho={cfg.grpo.rho} (window {trainer.window}), beta={cfg.grpo.beta}, "
-        f"lr={cfg.optim.lr}, LoRA r={cfg.model.lora.rank} alpha={cfg.model.lora.alpha}",
+        _update_line(cfg, trainer.window),
         f"- collapse monitor: **{trainer.monitor.verdict}**; non-finite guard: "
         f"{int(sum(h.get('guard/dropped', 0.0) for h in trainer.history))} samples dropped, "
         f"{trainer.guard.total} bad iterations",
