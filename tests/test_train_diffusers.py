@@ -98,6 +98,17 @@ def test_train_end_to_end_and_lora_round_trip(kind, tmp_path):
     theirs = _pipeline_latents(fresh, noise, 3, cfg.sampling.cfg_scale, flux)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-5)
     assert (theirs - base).abs().max() > 1e-6  # training moved the model
+    # the model card beside it says what it is and gives the lines that load it; those lines run as written
+    card = (Path(res["lora"]) / "README.md").read_text()
+    cls = type(pipe).__name__
+    assert card.startswith("---\nbase_model: ") and "library_name: diffusers" in card
+    assert "rank 4, alpha 8" in card
+    code = card.split("```python\n")[1].split("```")[0]
+    assert f"from diffusers import {cls}" in code and f'pipe.load_lora_weights("{res["lora"]}")' in code
+    scope: dict = {}
+    exec(code.replace(f'{cls}.from_pretrained("{folder}")', "FRESH"), {"FRESH": make_tiny_flux(seed=0) if flux
+         else make_tiny_sd3(seed=0, with_t5=kind == "sd3")}, scope)  # fmt: skip
+    assert scope["pipe"].transformer.peft_config["default_0"].lora_alpha == 8
 
     if kind != "sd3":
         return

@@ -87,6 +87,7 @@ from solace.trainer.guard import (
     weights_finite,
 )
 from solace.trainer.inputs import check_inputs, record_inputs
+from solace.trainer.model_card import write_card
 from solace.trainer.model_setup import load_model, offload_text_encoders
 from solace.trainer.monitor import CollapseMonitor, eval_stats, latent_texture
 from solace.trainer.precision import (
@@ -834,6 +835,7 @@ class Trainer:
         with self._evaluated_weights(), self._whole_lora():
             if self.is_main:
                 save_lora(self.adapter, final, pipeline_class=pipe_cls)
+                write_card(self.cfg, final, pipe_cls, self.evals)
         if self.lora_ema is not None:
             with self._whole_lora():
                 if self.is_main:
