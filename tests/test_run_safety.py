@@ -372,6 +372,11 @@ def test_a_checkpoints_lora_carries_its_alpha_and_samples_as_the_export(weights,
         assert got.exit_code == 0 and "no LoRA metadata" not in got.output, got.output[-1500:]
         grids[name] = (tmp_path / f"{name}.png").read_bytes()
     assert grids["ck"] == grids["export"]
+    # each image of the grid is also written alone (what `score --images` reads)
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == [
+        "00_a_photo_of_a_circle_seed0.png",
+        "00_a_photo_of_a_circle_seed1.png",
+    ]
 
 
 def test_non_finite_weights_stop_the_run_and_never_reach_a_checkpoint(weights, tmp_path):

@@ -299,7 +299,8 @@ def sample_cmd(
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
 ) -> None:
-    """Write an image grid (rows = prompts, columns = seeds) with the ODE sampler."""
+    """Write an image grid (rows = prompts, columns = seeds) with the ODE sampler, and each image alone in
+    the folder named like the grid without its extension (samples.png -> samples/)."""
     import torch
 
     from solace.evaluation.toy_eval import generate
@@ -323,9 +324,27 @@ def sample_cmd(
         path = save_grid(
             out, list(imgs), len(seed_list), row_labels=labels, scale=4 if imgs.shape[-1] <= 64 else 1
         )
+        singles = _save_singles(out.with_suffix(""), imgs, prompt, seed_list)
     except SolaceError as e:
         _fail(e)
-    typer.echo(str(path))
+    typer.echo(f"{path} (grid); {len(singles)} images in {out.with_suffix('')}/")
+
+
+def _save_singles(folder: Path, imgs: Any, prompts: list[str], seeds: list[int]) -> list[Path]:
+    """Each image of a prompt-major (prompt, seed) grid as its own PNG (what `solace score --images` reads):
+    ``NN_<prompt words>_seed<S>.png``."""
+    import re
+
+    from solace.utils.images import to_pil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k, img in enumerate(imgs):
+        i, sd = divmod(k, len(seeds))
+        words = re.sub(r"[^a-z0-9]+", "_", prompts[i].lower()).strip("_")[:60]
+        paths.append(folder / f"{i:02d}_{words}_seed{seeds[sd]}.png")
+        to_pil(img).save(paths[-1])
+    return paths
 
 
 def _check_image_path(out: Path) -> None:
