@@ -451,3 +451,10 @@ def test_presets_validate_and_inherit():
     assert cfgs["toy_released_code"].grpo.train_steps == "released_sd3"  # steps 4..8 of 10, as released
     assert cfgs["flux"].sampling.cfg_scale == 1.0 and cfgs["flux"].sampling.group_size == 16
     assert cfgs["toy_verifiable"].reward.components[0].name == "toy_geneval"
+
+
+def test_a_yaml_boolean_word_given_to_a_string_field_is_that_string():
+    """`model.offload_text_encoders=off` on the command line is the choice "off" (YAML alone reads False and
+    the field rejected it); a boolean field still reads booleans."""
+    cfg = load_config("sd35m", ["model.offload_text_encoders=off", "train.report=false"], check_paths=False)
+    assert cfg.model.offload_text_encoders == "off" and cfg.train.report is False

@@ -366,9 +366,13 @@ def load_config(
     return cfg
 
 
+YAML_BOOL_WORDS = ("off", "on", "no", "yes", "y", "n", "true", "false")
+
+
 def _bracket_list(schema: Any, override: str) -> str:
-    """``key=a`` or ``key=a,b`` for a list field (e.g. ``train.log_with=wandb``) means ``key=[a,b]``; other
-    overrides are returned as they are."""
+    """``key=a`` or ``key=a,b`` for a list field (e.g. ``train.log_with=wandb``) means ``key=[a,b]``; a word
+    YAML reads as a boolean given to a string field (``model.offload_text_encoders=off``) is that string;
+    other overrides are returned as they are."""
     key, _, value = override.partition("=")
     try:
         node = OmegaConf.select(schema, key.strip(), throw_on_missing=False)
@@ -377,6 +381,8 @@ def _bracket_list(schema: Any, override: str) -> str:
     v = value.strip()
     if isinstance(node, ListConfig) and v and not v.startswith("[") and v.lower() not in ("null", "~"):
         return f"{key}=[{v}]"
+    if isinstance(node, str) and v.lower() in YAML_BOOL_WORDS:  # a string field: `off` is "off", not False
+        return f"{key}='{v}'"
     return override
 
 
