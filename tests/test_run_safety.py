@@ -372,6 +372,19 @@ def test_a_checkpoints_lora_carries_its_alpha_and_samples_as_the_export(weights,
         assert got.exit_code == 0 and "no LoRA metadata" not in got.output, got.output[-1500:]
         grids[name] = (tmp_path / f"{name}.png").read_bytes()
     assert grids["ck"] == grids["export"]
+    # the same weights without metadata: refused in one line, unless --lora-alpha says the alpha
+    from safetensors.torch import save_file
+
+    bare = tmp_path / "bare.safetensors"
+    save_file(load_file(str(ck)), str(bare))
+    args = ["sample", "-p", "a photo of a circle", "--seeds", "0,1", "--steps", "3", "--model", str(weights)]
+    refused = cli.invoke(app, [*args, "--lora", str(bare), "--out", str(tmp_path / "bare.png")])
+    lines = [ln for ln in refused.output.splitlines() if ln.strip()]
+    assert refused.exit_code == 2 and len(lines) == 1 and "--lora-alpha" in lines[0], refused.output[-1500:]
+    given = cli.invoke(
+        app, [*args, "--lora", str(bare), "--lora-alpha", "8", "--out", str(tmp_path / "b.png")]
+    )
+    assert given.exit_code == 0 and (tmp_path / "b.png").read_bytes() == grids["export"], given.output[-1500:]
     # each image of the grid is also written alone (what `score --images` reads)
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == [
         "00_a_photo_of_a_circle_seed0.png",

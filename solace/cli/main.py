@@ -26,6 +26,10 @@ app.add_typer(toy_app, name="toy")
 _MODEL_HELP = "toy, a toy .safetensors, a diffusers folder or hub id."
 ModelOpt = Annotated[str, typer.Option("--model", help=_MODEL_HELP)]
 LoraOpt = Annotated[str | None, typer.Option("--lora", help="LoRA folder or .safetensors to apply.")]
+LoraAlphaOpt = Annotated[
+    float | None,
+    typer.Option("--lora-alpha", help="The LoRA's alpha, for a file that carries no metadata (solace's do)."),
+]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
 DtypeOpt = Annotated[
     str,
@@ -267,7 +271,9 @@ def embed_cmd(
     typer.echo(json.dumps(res))
 
 
-def _load(model: str, lora: str | None, device: str, **kwargs: Any) -> FlowModelAdapter:
+def _load(
+    model: str, lora: str | None, device: str, lora_alpha: float | None = None, **kwargs: Any
+) -> FlowModelAdapter:
     import torch
 
     from solace.models import load_adapter
@@ -279,7 +285,7 @@ def _load(model: str, lora: str | None, device: str, **kwargs: Any) -> FlowModel
     if lora:
         from solace.models.lora import load_lora
 
-        load_lora(adapter.denoiser, lora, trainable=False)
+        load_lora(adapter.denoiser, lora, trainable=False, alpha=lora_alpha)
     return adapter
 
 
@@ -291,6 +297,7 @@ def sample_cmd(
     cfg: float = typer.Option(7.0, "--cfg", help="Classifier-free guidance scale (1 disables)."),
     model: ModelOpt = "toy",
     lora: LoraOpt = None,
+    lora_alpha: LoraAlphaOpt = None,
     out: Path = typer.Option(Path("samples.png"), help="Output grid PNG."),
     negative_prompt: NegativePromptOpt = "",
     resolution: ResolutionOpt = 0,
@@ -314,7 +321,8 @@ def sample_cmd(
         seed_list = _seed_list(seeds)
         _check_sampling(steps, 2, cfg, "ode", 1)
         _check_image_path(out)
-        adapter = _load(model, lora, device, **_model_kwargs(device, dtype, resolution, height, width))
+        kwargs = _model_kwargs(device, dtype, resolution, height, width)
+        adapter = _load(model, lora, device, lora_alpha, **kwargs)
         rows = [
             generate(adapter, prompt, 1, steps, cfg, seed=sd, progress=False, negative_prompt=negative_prompt)
             for sd in seed_list
@@ -397,6 +405,7 @@ def eval_cmd(
     lora: Annotated[
         str | None, typer.Option("--lora", help="LoRA folder or .safetensors to evaluate against the base.")
     ] = None,
+    lora_alpha: LoraAlphaOpt = None,
     samples: int = typer.Option(None, help="Samples per prompt (default: 16 for toy, 1 otherwise)."),
     steps: int = typer.Option(40, help="Sampling steps."),
     cfg: float = typer.Option(7.0, "--cfg", help="CFG scale."),
@@ -435,6 +444,7 @@ def eval_cmd(
                 metric_args=metric_arg or [],
                 model=model,
                 lora=lora,
+                lora_alpha=lora_alpha,
                 samples=1 if samples is None else samples,
                 steps=steps,
                 cfg=cfg,
@@ -467,7 +477,7 @@ def eval_cmd(
         runs = [("base", None)] + ([("lora", lora)] if lora else [])
         results = {}
         for label, lw in runs:
-            adapter = _load(model, lw, device, **model_kwargs)
+            adapter = _load(model, lw, device, lora_alpha, **model_kwargs)
             res = run_toy_eval(
                 adapter, str(out / label), samples, steps, cfg, seed, recs, label=label,
                 negative_prompt=negative_prompt,
@@ -489,6 +499,7 @@ def _eval_suite(
     metric_args: list[str],
     model: str,
     lora: str | None,
+    lora_alpha: float | None,
     samples: int,
     steps: int,
     cfg: float,
@@ -532,6 +543,7 @@ def _eval_suite(
         fns,
         out,
         lora=lora,
+        lora_alpha=lora_alpha,
         samples_per_prompt=samples,
         num_steps=steps,
         cfg_scale=cfg,
@@ -658,14 +670,20 @@ def _model_kwargs(
 
 
 def _load_scoring_model(
-    model: str, lora: str | None, device: str, dtype: str, size: tuple[int, int, int], threads: int
+    model: str,
+    lora: str | None,
+    device: str,
+    dtype: str,
+    size: tuple[int, int, int],
+    threads: int,
+    lora_alpha: float | None = None,
 ) -> FlowModelAdapter:
     """The adapter of the scoring commands; ``size`` = (--resolution, --height, --width)."""
     import torch
 
     kwargs = _model_kwargs(device, dtype, *size)
     torch.set_num_threads(threads)
-    return _load(model, lora, device, **kwargs)
+    return _load(model, lora, device, lora_alpha, **kwargs)
 
 
 def _image_size(adapter: FlowModelAdapter) -> tuple[int, int]:
@@ -717,6 +735,7 @@ def score_cmd(
     edits: EditsOpt = "off",
     model: ModelOpt = "toy",
     lora: LoraOpt = None,
+    lora_alpha: LoraAlphaOpt = None,
     out: Path = typer.Option(Path("runs/score"), help="Output folder (score.json, generated images)."),
     negative_prompt: NegativePromptOpt = "",
     resolution: ResolutionOpt = 0,
@@ -746,7 +765,8 @@ def score_cmd(
         if missing:
             raise ConfigError("--images", f"{missing[0]} does not exist")
         _check_sampling(steps, probes, cfg, sampler, threads)
-        adapter = _load_scoring_model(model, lora, device, dtype, (resolution, height, width), threads)
+        size = (resolution, height, width)
+        adapter = _load_scoring_model(model, lora, device, dtype, size, threads, lora_alpha)
         imgs = _read_images(paths, _image_size(adapter)) if paths else None
         doc = run_score(
             adapter,
@@ -787,6 +807,7 @@ def rerank_cmd(
     batch_size: int = typer.Option(16, help="Samples per generation batch."),
     model: ModelOpt = "toy",
     lora: LoraOpt = None,
+    lora_alpha: LoraAlphaOpt = None,
     out: Path = typer.Option(Path("runs/rerank"), help="Output folder."),
     negative_prompt: NegativePromptOpt = "",
     resolution: ResolutionOpt = 0,
@@ -809,7 +830,8 @@ def rerank_cmd(
         if batch_size < 1:
             raise ConfigError("--batch-size", f"must be >= 1, got {batch_size}")
         prompt_list, records = _prompt_source(prompts, limit, model)
-        adapter = _load_scoring_model(model, lora, device, dtype, (resolution, height, width), threads)
+        size = (resolution, height, width)
+        adapter = _load_scoring_model(model, lora, device, dtype, size, threads, lora_alpha)
         doc = run_rerank(
             adapter,
             prompt_list,
@@ -848,6 +870,7 @@ def rationale_cmd(
     batch_size: int = typer.Option(16, help="Samples per generation batch."),
     model: ModelOpt = "toy",
     lora: LoraOpt = None,
+    lora_alpha: LoraAlphaOpt = None,
     out: Path = typer.Option(Path("runs/rationale"), help="Output folder."),
     negative_prompt: NegativePromptOpt = "",
     resolution: ResolutionOpt = 0,
@@ -869,7 +892,8 @@ def rationale_cmd(
         check_seed(seed, "--seed")
         _check_sampling(steps, probes, cfg, sampler, threads, limit)
         prompt_list, records = _prompt_source(prompts, limit, model)
-        adapter = _load_scoring_model(model, lora, device, dtype, (resolution, height, width), threads)
+        size = (resolution, height, width)
+        adapter = _load_scoring_model(model, lora, device, dtype, size, threads, lora_alpha)
         doc = run_rationale(
             adapter,
             prompt_list,

@@ -367,6 +367,7 @@ def run_metric_eval(
     metrics: dict[str, Callable[..., torch.Tensor]],
     out_dir: str | Path,
     lora: str | None = None,
+    lora_alpha: float | None = None,
     samples_per_prompt: int = 1,
     num_steps: int = 40,
     cfg_scale: float = 7.0,
@@ -396,7 +397,7 @@ def run_metric_eval(
     if lora:
         from solace.models.lora import load_lora
 
-        load_lora(adapter.denoiser, lora, trainable=False)
+        load_lora(adapter.denoiser, lora, trainable=False, alpha=lora_alpha)
         runs["lora"] = generate_and_score(adapter, suite, metrics, "lora", out, **kw)
 
     names = list(metrics)

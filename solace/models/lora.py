@@ -309,7 +309,11 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     return state, meta
 
 
-def _config_for(state: dict[str, torch.Tensor], meta: dict[str, Any] | None, source: str) -> Any:
+def _config_for(
+    state: dict[str, torch.Tensor], meta: dict[str, Any] | None, source: str, alpha: float | None = None
+) -> Any:
+    """The file's ``LoraConfig``; a file without metadata needs its ``alpha`` given (assuming alpha = rank,
+    as diffusers does, silently rescales a LoRA trained with another alpha)."""
     from peft import LoraConfig
 
     if meta is not None:
@@ -317,12 +321,14 @@ def _config_for(state: dict[str, torch.Tensor], meta: dict[str, Any] | None, sou
     ranks = {int(v.shape[0]) for k, v in state.items() if ".lora_A." in k}
     check(len(ranks) == 1, "lora_path", f"{source} mixes ranks {sorted(ranks)} and has no metadata")
     rank = ranks.pop()
-    warnings.warn(
-        f"{source} has no LoRA metadata: assuming lora_alpha = rank = {rank} (diffusers' default)",
-        stacklevel=3,
+    check(
+        alpha is not None,
+        "lora",
+        f"{source} carries no LoRA metadata (rank {rank}, alpha unknown; assuming alpha = rank could rescale "
+        "it silently): give its alpha (--lora-alpha) or re-save it with its metadata",
     )
     targets = sorted({k.split(".lora_")[0] for k in state})
-    return LoraConfig(r=rank, lora_alpha=rank, target_modules=targets)
+    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets)
 
 
 def _load_weights(
@@ -363,15 +369,17 @@ def load_lora(
     trainable: bool = True,
     merge: bool = False,
     lora_dtype: torch.dtype | None = torch.float32,
+    alpha: float | None = None,
 ) -> Any:
     """Attach an existing LoRA (e.g. a Flow-GRPO checkpoint) with the rank/alpha/targets it was saved with.
 
     ``merge=True`` folds it into the base weights and removes the LoRA layers (see the module docstring).
-    Returns the ``peft.LoraConfig`` read from the file (or inferred, alpha = rank, when it has no metadata).
+    Returns the ``peft.LoraConfig`` read from the file; a file without metadata needs ``alpha`` (its rank and
+    targets are read from the weights), else a ``ConfigError``.
     """
     den = _denoiser_of(denoiser)
     state, meta = read_lora(path)
-    config = _config_for(state, meta, str(path))
+    config = _config_for(state, meta, str(path), alpha)
     _inject(den, config, adapter_name)
     _load_weights(den, state, adapter_name, str(path))
     _finalize(den, adapter_name, lora_dtype if not merge else None, trainable and not merge)

@@ -212,7 +212,7 @@ class Trainer:
         targets = m.lora.target_modules or self.adapter.lora_target_modules
         torch.manual_seed(self.cfg.train.seed)  # same seed, same initial LoRA
         if m.lora.init_from and m.lora.merge_init:
-            load_lora(den, m.lora.init_from, merge=True)
+            load_lora(den, m.lora.init_from, merge=True, alpha=m.lora.alpha)  # alpha: a file without metadata
             add_lora(den, m.lora.rank, m.lora.alpha, targets)
         else:
             add_lora(den, m.lora.rank, m.lora.alpha, targets, init_from=m.lora.init_from)
