@@ -608,3 +608,29 @@ def test_the_report_names_the_evaluation_set_and_the_update_the_run_used(weights
     Trainer(_cfg(weights, grpo, **{**over, "data.eval_prompts_limit": 6})).train()
     text = (grpo / "report.md").read_text()
     assert "## Held-out accuracy" in text and "update: Flow-GRPO, rho=" in text and "DiffusionNFT" not in text
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_last_checkpoint(
+    weights, tmp_path, monkeypatch
+):
+    """The disk fills while iteration 2's checkpoint is written (safetensors raises): one ConfigError naming
+    train.output_dir and the fix; checkpoint 1 intact and still `latest`, no half checkpoint left."""
+    from safetensors import SafetensorError
+
+    import solace.trainer.checkpoint as ck
+
+    real = ck.save_file
+
+    def full(tensors, path, metadata=None):
+        if "iter_000002" in str(path):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(ck, "save_file", full)
+    out = tmp_path / "r"
+    with pytest.raises(ConfigError, match="No space left") as e:
+        Trainer(_cfg(weights, out, **{"train.iterations": 2})).train()
+    assert e.value.field == "train.output_dir" and "--resume" in str(e.value)
+    root = out / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["iter_000001", "latest"]
+    assert (root / "latest").read_text() == "iter_000001"

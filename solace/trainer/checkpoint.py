@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from solace.errors import ConfigError
@@ -78,6 +79,34 @@ def _check_finite(tensors: dict[str, torch.Tensor]) -> None:
         raise NonFiniteError(f"not checkpointed: non-finite weights {bad[:3]}; resume an earlier checkpoint")
 
 
+def _write_files(
+    tmp: Path,
+    iteration: int,
+    lora: dict[str, torch.Tensor],
+    lora_meta: dict[str, str],
+    opt: Any,
+    extra: dict[str, Any],
+    update_tensors: dict[str, torch.Tensor] | None,
+) -> None:
+    """A checkpoint's files into ``tmp``, made durable (fsync) before the caller's rename publishes them."""
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in lora.items()},
+        str(tmp / "lora.safetensors"),
+        metadata=lora_meta,
+    )
+    ot, os_ = _optimizer_tensors(opt)
+    save_file(ot, str(tmp / "optimizer.safetensors"))
+    if update_tensors:  # the policy update's own state (DiffusionNFT's old policy)
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in update_tensors.items()}, str(tmp / UPDATE_FILE)
+        )
+    (tmp / "state.json").write_text(json.dumps({"iteration": iteration, "optimizer": os_, **extra}))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    _fsync_dir(tmp)
+
+
 def save_checkpoint(
     folder: Path,
     iteration: int,
@@ -109,22 +138,15 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file(
-        {k: v.detach().contiguous().cpu() for k, v in lora.items()},
-        str(tmp / "lora.safetensors"),
-        metadata=lora_meta,
-    )
-    ot, os_ = _optimizer_tensors(opt)
-    save_file(ot, str(tmp / "optimizer.safetensors"))
-    if update_tensors:  # the policy update's own state (DiffusionNFT's old policy)
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in update_tensors.items()}, str(tmp / UPDATE_FILE)
-        )
-    (tmp / "state.json").write_text(json.dumps({"iteration": iteration, "optimizer": os_, **extra}))
-    for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    _fsync_dir(tmp)
+    try:
+        _write_files(tmp, iteration, lora, lora_meta, opt, extra, update_tensors)
+    except (OSError, SafetensorError) as e:  # a full or failing disk: the previous checkpoint stays intact
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConfigError(
+            "train.output_dir",
+            f"writing checkpoint {final.name} under {folder} failed ({e}); free space there, then `--resume` "
+            "continues from the last checkpoint, which is intact",
+        ) from None
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
