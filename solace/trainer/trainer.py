@@ -92,7 +92,6 @@ from solace.trainer.precision import (
     ACCELERATE_NAME,
     LAUNCHER,
     check_accelerate,
-    check_backend_precision,
     launcher_precision,
     set_tf32,
 )
@@ -224,10 +223,9 @@ class Trainer:
         from accelerate.utils import DistributedType
 
         fsdp = self.acc.distributed_type == DistributedType.FSDP
-        check_backend_precision(self.acc.mixed_precision, fsdp)
-        if fsdp:
+        if fsdp:  # bf16: FSDP's mixed precision (bf16 compute, float32 shards and gradient reductions)
             ignored = getattr(self.adapter, "fsdp_ignored_modules", [])
-            prepare_plugin(self.acc.state.fsdp_plugin, ignored)
+            prepare_plugin(self.acc.state.fsdp_plugin, ignored, self.acc.mixed_precision)
             check_uniform_dtype(den, ignored)
         wrapped, opt = self.acc.prepare(den, opt)
         if fsdp:
