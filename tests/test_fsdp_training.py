@@ -4,8 +4,8 @@ float32 and in bf16.
 One DDP launch and one FSDP launch of ``tests/run_fsdp_training.py`` (about 25 s and 35 s on 2 busy cores)
 train the tiny toy model with flow_grpo and with nft (EMA decay 0.5, so the old policy is state of its
 own; a gradient norm limit below its norms, so every step is clipped), evaluating and drawing an image grid
-after every iteration (every process samples them under FSDP: a grid or an evaluation on the main process
-alone would hang the others). Under FSDP the toy model's five
+after every iteration (each process samples its block of them, padded under FSDP to as many forwards as
+the others': every forward is a collective). Under FSDP the toy model's five
 attention blocks, which hold all its LoRA layers, are FSDP units and their LoRA parameters real shards.
 
 Tolerance of FSDP vs DDP: every forward, backward and AdamW step computes the same numbers elementwise, and
