@@ -137,6 +137,7 @@ def train(acc, cfg, out: Path, resume: bool = False) -> None:
     probe(tr, out)
     tr.train(resume=resume)
     doc["stored"] = stored_dtypes(tr)
+    doc["sampled"] = dict(tr.shards.sampled)  # this process's samples of the evaluations and grids
     (out / f"fsdp_rank{tr.rank}.json").write_text(json.dumps(doc))
 
 

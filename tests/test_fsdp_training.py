@@ -67,6 +67,7 @@ LORA = Path("lora") / "pytorch_lora_weights.safetensors"
 TOL = 1e-5
 SD3_TOL = 1e-4
 BF16_FACTOR = 2.0
+FLIP_TOL = 3e-3
 ALGORITHMS = ["flow_grpo", "nft"]
 
 
@@ -139,6 +140,11 @@ def test_fsdp_shards_the_lora_and_trains_the_ddp_lora(runs, algorithm):
     assert evals == json.loads((ddp / "evals.json").read_text())
     grids = sorted(p.name for p in (fsdp / "images").iterdir())
     assert grids == sorted(p.name for p in (ddp / "images").iterdir()) and "iter_000002.png" in grids
+    # every process sampled its block of every evaluation and grid, as under DDP (FSDP's padding uncounted)
+    shares = [d["sampled"] for d in (r0, r1)]
+    assert shares == [d["sampled"] for d in _ranks(ddp)] and all(
+        s["eval"] > 0 and s["grid"] > 0 for s in shares
+    )
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
@@ -176,7 +182,9 @@ def test_fsdp_trains_tiny_sd3_with_the_shipped_block_wrapping(runs):
     ev_d, ev_f = (json.loads((d / "evals.json").read_text()) for d in (ddp, fsdp))
     assert [e["iteration"] for e in ev_f] == [0, 1, 2]
     for x, y in zip(ev_d, ev_f, strict=True):
-        assert y["metrics"]["clip_score"] == pytest.approx(x["metrics"]["clip_score"], rel=1e-4)
+        # FSDP pads rank 1's block of the 3 prompts (a batch of 2 where DDP samples 1): its rounding may flip
+        # an 8-bit level (test_ddp_runs.py: FLIP_TOL); equal here
+        assert y["metrics"]["clip_score"] == pytest.approx(x["metrics"]["clip_score"], rel=1e-4, abs=FLIP_TOL)
     grids = sorted(p.name for p in (fsdp / "eval_images").iterdir())  # written by the main process
     assert grids == [f"iter_00000{i}.png" for i in range(3)]
 
