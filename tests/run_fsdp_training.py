@@ -85,17 +85,11 @@ def describe(tr: Trainer) -> dict:
 
 
 def stored_dtypes(tr: Trainer) -> dict:
-    """After training: the dtypes of the LoRA parameters (the shards: master weights), their gradients and
-    AdamW's moments."""
+    """After training: the dtypes of the LoRA parameters (the shards: master weights) and AdamW's moments."""
     moments = {
         str(v.dtype) for s in tr.opt.state.values() for v in s.values() if torch.is_tensor(v) and v.ndim
     }
-    grads = {str(p.grad.dtype) for p in tr.params if p.grad is not None}
-    return {
-        "lora": sorted({str(p.dtype) for p in tr.params}),
-        "moments": sorted(moments),
-        "grads": sorted(grads),
-    }
+    return {"lora": sorted({str(p.dtype) for p in tr.params}), "moments": sorted(moments)}
 
 
 NFT = ["train.algorithm=nft", "sampling.noise_level=0", "nft.ema_decay=0.5", "nft.micro_batch_size=4"]
