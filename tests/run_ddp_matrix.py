@@ -10,7 +10,7 @@ The toy and FLUX runs build their own Accelerator (the trainer's: its process-gr
 plain ``Accelerator(cpu=True)``, whose DDP broadcasts buffers (torch's default): SD3 is the model with a
 buffer (``pos_embed``), so they check that no forward the main process runs alone reaches DDP. Each run
 folder gets ``ddp_rank{r}.json``: the world size, the process group's timeout, whether DDP broadcasts
-buffers.
+buffers, and how many samples of the evaluations and of the image grids this process sampled.
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ def describe(tr: Trainer) -> dict:
     import torch.distributed as dist
 
     doc = {"world": tr.acc.num_processes, "rank": tr.rank, "timeout_s": None, "broadcast_buffers": None}
+    doc["sampled"] = dict(tr.shards.sampled)  # this process's samples of the evaluations and grids
     if dist.is_initialized():
         backend = dist.group.WORLD._get_backend(torch.device("cpu"))
         doc["timeout_s"] = backend.options._timeout.total_seconds()

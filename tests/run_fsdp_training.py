@@ -5,9 +5,13 @@ CPU) or under accelerate's FSDP (``BACKEND=fsdp``), for each algorithm of :data:
 ``OUT/<algorithm>/resumed`` also trains 1 iteration (a checkpoint), then a new Trainer continues it to 2 with
 ``--resume``. Then ``OUT/sd3`` trains the tiny SD3 pipeline saved in ``PIPE`` on ``PROMPTS`` (its
 transformer blocks wrapped as ``configs/accelerate/fsdp_sd3.yaml`` says; CLIPScore evaluations with the tiny
-CLIP in ``CLIP``). Each run folder gets ``fsdp_rank{r}.json`` (the FSDP units, the local and whole sizes of
-the LoRA parameters). One launch, one process group, several Trainers in turn (as ``solace ablate`` runs
-them), to keep the test short.
+CLIP in ``CLIP``). Last, ``OUT/bf16/<precision>/{flow_grpo,sd3}`` (:func:`bf16`): the toy flow_grpo run and
+the SD3 run again with AdamW's eps at 1e-2, under DDP in fp32 and in bf16 (autocast), under FSDP in bf16 (its
+mixed precision, as the shipped configs' ``mixed_precision: bf16`` asks). Each run folder gets
+``fsdp_rank{r}.json`` (the FSDP units, the local and whole sizes of the LoRA parameters, FSDP's mixed
+precision policy, the dtypes of the LoRA and AdamW's moments after training) and ``probe.safetensors``
+(:func:`probe`: the initial LoRA and one velocity forward before training). One launch, one process group,
+several Trainers in turn (as ``solace ablate`` runs them), to keep the test short.
 
 accelerate picks FSDP only from a GPU-like distributed type (``state.py``: never from MULTI_CPU), so for
 ``fsdp`` the Accelerator is built on CPU with an FSDP plugin and its state is then set to what
@@ -34,12 +38,13 @@ from trainer_helpers import tiny_overrides  # noqa: E402
 
 from solace.trainer.config import load_config  # noqa: E402
 from solace.trainer.distributed import finish  # noqa: E402
+from solace.trainer.precision import ACCELERATE_NAME  # noqa: E402
 from solace.trainer.trainer import Trainer  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "fsdp_sd3.yaml"
 
 
-def fsdp_accelerator():
+def fsdp_accelerator(mixed_precision: str = "no"):
     from accelerate import Accelerator, FullyShardedDataParallelPlugin
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType
@@ -54,7 +59,7 @@ def fsdp_accelerator():
         state_dict_type=f["fsdp_state_dict_type"],
         sync_module_states=False,
     )
-    acc = Accelerator(cpu=True, fsdp_plugin=plugin)
+    acc = Accelerator(cpu=True, fsdp_plugin=plugin, mixed_precision=mixed_precision)
     patch = {"distributed_type": DistributedType.FSDP, "device": torch.device("cpu")}
     PartialState._shared_state.update(patch)  # AcceleratorState copies PartialState's when re-created
     acc.state.__dict__.update(patch)
@@ -73,13 +78,25 @@ def describe(tr: Trainer) -> dict:
         with tr.sharded.summoned():
             doc["whole_numel"] = sum(p.numel() for p in tr.params)
         doc["empty_pieces"] = sum(n == 0 for n in local)
+        mp = tr.wrapped.mixed_precision  # FSDP's policy (every unit shares the root's)
+        doc["policy"] = {k: str(getattr(mp, k)) for k in ("param_dtype", "reduce_dtype", "buffer_dtype")}
+        doc["policy"]["cast_root_forward_inputs"] = mp.cast_root_forward_inputs
     return doc
+
+
+def stored_dtypes(tr: Trainer) -> dict:
+    """After training: the dtypes of the LoRA parameters (the shards: master weights) and AdamW's moments."""
+    moments = {
+        str(v.dtype) for s in tr.opt.state.values() for v in s.values() if torch.is_tensor(v) and v.ndim
+    }
+    return {"lora": sorted({str(p.dtype) for p in tr.params}), "moments": sorted(moments)}
 
 
 NFT = ["train.algorithm=nft", "sampling.noise_level=0", "nft.ema_decay=0.5", "nft.micro_batch_size=4"]
 # flow_grpo with the report on: the evaluation before training and the final one run too; nft with a
 # gradient norm limit below its norms, so that every step is clipped (by the norm over the shards)
 PLAN = {"flow_grpo": ["train.report=true"], "nft": [*NFT, "optim.max_grad_norm=0.001"]}
+LINEAR_EPS = 1e-2  # AdamW's eps in the bf16 comparison: its steps are lr * g / (|g| + eps), linear in g
 EVERY = ["train.eval_every=1", "train.image_every=1", "data.eval_prompts_limit=8"]
 
 
@@ -87,10 +104,34 @@ def run(acc, weights: str, out: Path, overrides: list[str], resume: bool = False
     train(acc, load_config("toy", tiny_overrides(weights, out) + EVERY + overrides), out, resume)
 
 
+def probe(tr: Trainer, out: Path) -> None:
+    """Before training: the initial LoRA (whole) and one velocity forward on fixed inputs (every process
+    runs it: under FSDP a collective), written by the main process to ``OUT/probe.safetensors``."""
+    from safetensors.torch import save_file
+
+    from solace.models.lora import lora_state_dict
+
+    g = torch.Generator().manual_seed(7)
+    z = torch.randn((2, *tr.adapter.latent_shape()), generator=g).to(tr.acc.device)
+    cond = tr.encode([p.text for p in tr.source.for_iteration(0, 2)]).to(tr.acc.device)
+    with torch.no_grad():
+        v = tr.adapter.velocity(z, torch.tensor([0.9, 0.4]), cond).float().cpu()
+    with tr._whole_lora():
+        init = {
+            f"init.{k}": t.detach().clone().cpu() for k, t in lora_state_dict(tr.adapter.denoiser).items()
+        }
+    if tr.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({"velocity": v.contiguous(), **init}, str(out / "probe.safetensors"))
+
+
 def train(acc, cfg, out: Path, resume: bool = False) -> None:
     tr = Trainer(cfg, accelerator=acc)
     doc = describe(tr)
+    probe(tr, out)
     tr.train(resume=resume)
+    doc["stored"] = stored_dtypes(tr)
+    doc["sampled"] = dict(tr.shards.sampled)  # this process's samples of the evaluations and grids
     (out / f"fsdp_rank{tr.rank}.json").write_text(json.dumps(doc))
 
 
@@ -104,7 +145,7 @@ def wrap_classes(acc, names: list[str]) -> None:
         plugin.auto_wrap_policy, plugin.transformer_cls_names_to_wrap = transformer_auto_wrap_policy, names
 
 
-def run_sd3(acc, pipe: str, prompts: str, clip: str, out: Path) -> None:
+def run_sd3(acc, pipe: str, prompts: str, clip: str, out: Path, **extra) -> None:
     """The tiny SD3 pipeline (no T5) with the block classes of configs/accelerate/fsdp_sd3.yaml, evaluated
     with CLIPScore from the tiny CLIP saved in ``clip``."""
     from tiny_pipelines import train_overrides
@@ -119,6 +160,7 @@ def run_sd3(acc, pipe: str, prompts: str, clip: str, out: Path) -> None:
         "eval.metrics": "[clip_score]",
         "eval.metric_args": f"{{clip_score: {{model: '{clip}', device: cpu, clamp: false}}}}",
         "eval.grid_prompts": 2,
+        **extra,
     }
     train(acc, load_config(None, train_overrides(Path(pipe), out, Path(prompts), **every)), out)
 
@@ -148,7 +190,26 @@ def main() -> None:
     if backend == "fsdp":
         error = root_unit_error(acc, weights, Path(out) / "root_unit")
         (Path(out) / f"root_unit_error_rank{acc.process_index}.txt").write_text(error)
+    bf16(backend, weights, Path(out) / "bf16", pipe, prompts, clip)
     finish()
+
+
+def bf16(backend: str, weights: str, out: Path, pipe: str, prompts: str, clip: str) -> None:
+    """``OUT/bf16/<precision>/{flow_grpo,sd3}``: the toy flow_grpo run and the SD3 run with AdamW's eps at
+    1e-2 (see tests/test_fsdp_training.py), each with a probe (:func:`probe`): under DDP in fp32 and bf16
+    (autocast), under FSDP in bf16 (its mixed precision). accelerate sets its precision once a process: its
+    state is reset before the bf16 runs (the process group stays)."""
+    from accelerate.state import AcceleratorState
+
+    for precision in ["fp32", "bf16"] if backend == "ddp" else ["bf16"]:
+        if precision == "bf16":
+            AcceleratorState._reset_state(reset_partial_state=False)
+        acc = fsdp_accelerator(ACCELERATE_NAME[precision]) if backend == "fsdp" else None
+        extra = {"train.mixed_precision": precision, "optim.eps": LINEAR_EPS}
+        wrap_classes(acc, ["JointAttention"])
+        over = [*PLAN["flow_grpo"], *(f"{k}={v}" for k, v in extra.items())]
+        run(acc, weights, out / precision / "flow_grpo", over)
+        run_sd3(acc, pipe, prompts, clip, out / precision / "sd3", **extra)
 
 
 if __name__ == "__main__":

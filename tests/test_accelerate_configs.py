@@ -44,6 +44,7 @@ def test_fsdp_configs_wrap_the_diffusers_blocks_lora_aware(name, pipe, blocks):
 
     cfg, raw = _accelerate_config(name)
     assert str(cfg.distributed_type) in ("DistributedType.FSDP", "FSDP")
+    assert cfg.mixed_precision == "bf16"  # FSDP's bf16 mixed precision (solace/trainer/fsdp.py)
     f = cfg.fsdp_config
     assert f["fsdp_use_orig_params"] is True and f["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
     assert f["fsdp_transformer_layer_cls_to_wrap"].split(",") == blocks

@@ -122,14 +122,3 @@ def test_bf16_autocast_keeps_the_first_update_on_policy_and_the_weights_float32(
     # must fail: log-probs sampled without the autocast the update runs under
     off = trainer("bf16", "c").update(ro32, 0)
     assert max(abs(off["train/ratio_min"] - 1), abs(off["train/ratio_max"] - 1)) > RATIO_TOL
-
-
-def test_bf16_under_fsdp_is_refused_naming_the_field():
-    from solace.trainer.precision import check_backend_precision
-
-    check_backend_precision("no", True)
-    check_backend_precision("bf16", False)  # DDP or one process
-    with pytest.raises(
-        ConfigError, match=r"^train.mixed_precision: bf16 under FSDP .*train.mixed_precision=fp32"
-    ):
-        check_backend_precision("bf16", True)

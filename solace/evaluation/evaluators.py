@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from solace.errors import ConfigError
+from solace.evaluation.sharding import Shards
 
 if TYPE_CHECKING:  # the trainer's config; not imported at run time (the trainer imports evaluation)
     from solace.trainer.config import SolaceConfig
@@ -38,7 +39,9 @@ EVAL_SEED_OFFSET = 999
 
 
 class Evaluator(ABC):
-    """One way of evaluating the model being trained. ``evaluate`` runs on the main process only."""
+    """One way of evaluating the model being trained. ``evaluate`` runs on every process of a run at the same
+    points: each samples its block of the evaluation and all return the same record
+    (:mod:`solace.evaluation.sharding`); the main process writes its files."""
 
     kind: str = ""
     progress: bool = False  # a progress bar while sampling (the process that writes shows it)
@@ -106,20 +109,26 @@ def evaluator_kind(cfg: SolaceConfig) -> str:
 
 
 def make_evaluator(
-    cfg: SolaceConfig, adapter: Any, out_dir: str | Path, cfg_scale: float, writes: bool = True
+    cfg: SolaceConfig,
+    adapter: Any,
+    out_dir: str | Path,
+    cfg_scale: float,
+    writes: bool = True,
+    shards: Shards | None = None,
 ) -> Evaluator | None:
     """The evaluator the config asks for (:func:`evaluator_kind`), or None; ``cfg_scale`` is the evaluation
-    CFG (``sampling.eval_cfg_scale`` or the sampling scale). Metric models load here, before training.
-    ``writes=False``: the same evaluations, but no file written (no grid, the base-evaluation cache only
-    read): another process than the main one, when every process must sample (FSDP)."""
-    ev = _make_evaluator(cfg, adapter, out_dir, cfg_scale, writes)
+    CFG (``sampling.eval_cfg_scale`` or the sampling scale). Metric models load here, before training, on
+    every process. ``shards``: this process's part in each evaluation (None: one process).
+    ``writes=False``: the same evaluations, but no file written (no grid, no base-evaluation cache): the
+    processes other than the main one (which also show no progress bar)."""
+    ev = _make_evaluator(cfg, adapter, out_dir, cfg_scale, writes, shards)
     if ev is not None:
         ev.progress = writes
     return ev
 
 
 def _make_evaluator(
-    cfg: SolaceConfig, adapter: Any, out_dir: str | Path, cfg_scale: float, writes: bool
+    cfg: SolaceConfig, adapter: Any, out_dir: str | Path, cfg_scale: float, writes: bool, shards: Any
 ) -> Evaluator | None:
     kind = evaluator_kind(cfg)
     if kind == "none":
@@ -138,7 +147,7 @@ def _make_evaluator(
 
         recs = eval_records(c.data.eval_prompts, c.data.eval_prompts_limit)
         cache = BaseEvalCache(cache_path, base_eval_key(cfg, cfg_scale), writes) if cache_path else None
-        return ToyEvaluator(adapter, recs, c.data.eval_prompts, cache=cache, **common)
+        return ToyEvaluator(adapter, recs, c.data.eval_prompts, cache=cache, shards=shards, **common)
     from solace.evaluation.metrics_eval import build_metrics, check_suite_metadata
     from solace.evaluation.toy_eval import BaseEvalCache
 
@@ -149,8 +158,8 @@ def _make_evaluator(
     lora = c.model.lora
     cache = BaseEvalCache(cache_path, key, writes) if cache_path else None
     return MetricsEvaluator(
-        adapter, suite, metrics, batch_size=c.eval.batch_size, out_dir=Path(out_dir) if writes else None,
-        grid_prompts=c.eval.grid_prompts, cache=cache,
+        adapter, suite, metrics, batch_size=c.eval.batch_size, out_dir=Path(out_dir), writes=writes,
+        grid_prompts=c.eval.grid_prompts, cache=cache, shards=shards,
         starts_at_base=not (lora.init_from and not lora.merge_init), **common,
     )  # fmt: skip
 
@@ -243,6 +252,10 @@ class MetricsEvaluator(Evaluator):
 
     ``starts_at_base``: the LoRA starts as the identity (no ``model.lora.init_from`` kept apart from the
     base), so the model before training *is* the base and its evaluation is not sampled twice.
+
+    ``shards``: each process samples and scores its block of the prompts x samples, all get every score
+    (the cached base's too: the main process reads the cache); ``writes``: this process writes the grid
+    (``out_dir``) and the cache.
     """
 
     kind = "metrics"
@@ -263,12 +276,15 @@ class MetricsEvaluator(Evaluator):
         cache: Any = None,
         starts_at_base: bool = True,
         negative_prompt: str = "",
+        shards: Shards | None = None,
+        writes: bool = True,
     ):
         self.adapter, self.suite, self.metrics = adapter, suite, metrics
         self.negative_prompt = negative_prompt
         self.samples, self.steps, self.cfg_scale, self.seed = samples, steps, cfg_scale, seed
         self.batch_size, self.out_dir, self.grid_prompts = batch_size, out_dir, grid_prompts
         self.cache, self.starts_at_base = cache, starts_at_base
+        self.shards, self.writes = shards or Shards(), writes
         self._base: dict[str, Any] | None = None
         self.base_passes = 0  # how often the base was sampled (once a run, none on a cache hit)
         self.settings = {
@@ -290,7 +306,7 @@ class MetricsEvaluator(Evaluator):
             self.adapter, self.suite, self.metrics, label, None, samples_per_prompt=self.samples,
             num_steps=self.steps, cfg_scale=self.cfg_scale, seed=self.seed, batch_size=self.batch_size,
             grid_rows=self.grid_prompts, grid_samples=min(2, self.samples), progress=self.progress,
-            negative_prompt=self.negative_prompt,
+            negative_prompt=self.negative_prompt, shards=self.shards,
         )  # fmt: skip
         summary, per_prompt = summarize_scores(res["scores"])
         stats = {"pixel_std": float(res["pixel_std"].mean())}
@@ -299,7 +315,8 @@ class MetricsEvaluator(Evaluator):
     def base(self) -> dict[str, Any]:
         """The LoRA-off base's evaluation: sampled once (or read from the cache) and kept."""
         if self._base is None:
-            res = self.cache.get() if self.cache else None
+            sh = self.shards
+            res = sh.from_main(self.cache.get() if sh.is_main else None) if self.cache else None
             if res is None:
                 from solace.models.base import adapters_disabled
 
@@ -331,7 +348,8 @@ class MetricsEvaluator(Evaluator):
 
     def _grid(self, iteration: int, base: dict[str, Any], now: dict[str, Any]) -> str | None:
         """``eval_images/iter_<n>.png``: the first ``grid_prompts`` prompts, base | now (the base's column
-        is missing when it came from the cache); the path relative to the output folder."""
+        is missing when it came from the cache); the path relative to the output folder (written by the
+        process that ``writes``)."""
         if self.out_dir is None or not now.get("thumbs"):
             return None
         from solace.evaluation.metrics_eval import write_grid
@@ -339,7 +357,8 @@ class MetricsEvaluator(Evaluator):
         cols = {"base": base["thumbs"]} if base.get("thumbs") else {}
         cols[f"iteration {iteration}"] = now["thumbs"]
         rel = f"eval_images/iter_{iteration:06d}.png"
-        write_grid(self.out_dir / rel, self.suite, cols)
+        if self.writes:
+            write_grid(self.out_dir / rel, self.suite, cols)
         return rel
 
     def scalars(self, record: dict[str, Any]) -> dict[str, float]:

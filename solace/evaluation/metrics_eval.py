@@ -28,6 +28,7 @@ import torch.nn.functional as F
 import yaml
 
 from solace.errors import ConfigError
+from solace.evaluation.sharding import Shards
 from solace.evaluation.suites import PromptSuite
 
 PAPER_NAMES = {
@@ -202,9 +203,13 @@ def generate_and_score(
     thumb_size: int = 256,
     progress: bool = True,
     negative_prompt: str = "",
+    shards: Shards | None = None,
 ) -> dict[str, Any]:
     """Sample every prompt ``samples_per_prompt`` times (CFG's null: ``negative_prompt``), score with every
     metric, save the PNGs under ``out_dir`` (none saved when it is None: the evaluations during training).
+    With ``shards`` every process samples and scores its block of the samples (prompt-major) and all
+    receive every sample's results (:mod:`solace.evaluation.sharding`); the result is the same on every
+    process.
 
     Returns ``scores`` ({metric: (P, S) tensor}), ``pixel_std`` ((P, S): each 8-bit image's pixel standard
     deviation, what a collapse toward flat images lowers), ``files`` (P lists of S relative paths),
@@ -213,51 +218,95 @@ def generate_and_score(
     """
     from tqdm.auto import tqdm
 
-    from solace.evaluation.toy_eval import generate
-    from solace.rewards.mixture import reward_scores
-    from solace.utils.images import to_pil
+    from solace.evaluation.toy_eval import generate_jobs
 
+    shards = shards or Shards()
     P, S = len(suite), samples_per_prompt
-    per_chunk = max(1, batch_size // S)
-    scores = {m: torch.full((P, S), float("nan")) for m in metrics}
-    pixel_std = torch.full((P, S), float("nan"))
-    files: list[list[str]] = [[] for _ in range(P)]
-    thumbs: dict[int, torch.Tensor] = {}
-    size: list[int] = []
+    texts = [item.text for item in suite.items]
+    jobs = [(i, j) for i in range(P) for j in range(S)]
+    mine, real = shards.share(len(jobs), "eval")
+    step = max(1, batch_size // S) * S  # whole prompts a batch, as far as the block allows
     if out_dir is not None:
         (out_dir / "images" / label).mkdir(parents=True, exist_ok=True)
     bar = tqdm(
-        total=P * S,
+        total=len(mine),
         desc=f"{ROW_LABELS.get(label, label)}: sampling",
         disable=not progress,
         dynamic_ncols=True,
     )
-    for start in range(0, P, per_chunk):
-        idx = list(range(start, min(P, start + per_chunk)))
-        prompts = [suite.items[i].text for i in idx]
-        images = generate(
-            adapter, prompts, S, num_steps, cfg_scale, seed=seed, batch_size=len(idx) * S, progress=False,
-            first_index=start, negative_prompt=negative_prompt,
+    pairs: list[tuple[int, dict[str, Any]]] = []
+    for start in range(0, len(mine), step):
+        block = mine[start : start + step]
+        batch = [jobs[k] for k in block]
+        images = generate_jobs(
+            adapter, texts, batch, num_steps, cfg_scale, seed=seed, batch_size=len(batch), progress=False,
+            negative_prompt=negative_prompt,
         )  # fmt: skip
-        images = _quantize(images)
-        size = list(images.shape[-2:])
-        rep_prompts = [p for p in prompts for _ in range(S)]
-        rep_meta = [suite.items[i].meta for i in idx for _ in range(S)]
-        for m, fn in metrics.items():
-            with torch.no_grad():
-                sc = reward_scores(m, fn(images, rep_prompts, rep_meta), len(rep_prompts))
-            scores[m][idx] = sc.reshape(len(idx), S)
-        pixel_std[idx] = images.float().flatten(1).std(-1).cpu().reshape(len(idx), S)
-        for k, i in enumerate(idx):
-            for j in range(S if out_dir is not None else 0):
-                rel = f"images/{label}/{i:04d}_{j}.png"
-                to_pil(images[k * S + j]).save(out_dir / rel)
-                files[i].append(rel)
-            if i < grid_rows:
-                thumbs[i] = _thumb(images[k * S : k * S + min(S, grid_samples)], thumb_size)
-        bar.update(len(idx) * S)
+        n = max(0, min(len(block), real - start))  # the block's own samples (the rest pad FSDP's forwards)
+        pairs += _score_batch(images[:n], block[:n], batch[:n], suite, metrics, label, out_dir,
+                              grid_rows, grid_samples, thumb_size)  # fmt: skip
+        bar.update(len(block))
     bar.close()
+    results = shards.gather(pairs, len(jobs))
+    scores = {
+        m: torch.tensor([r["scores"][m] for r in results], dtype=torch.float32).reshape(P, S) for m in metrics
+    }
+    pixel_std = torch.tensor([r["pixel_std"] for r in results], dtype=torch.float32).reshape(P, S)
+    files = [[results[i * S + j]["file"] for j in range(S) if results[i * S + j]["file"]] for i in range(P)]
+    thumbs = {
+        i: torch.stack([torch.from_numpy(results[i * S + j]["thumb"]) for j in range(min(S, grid_samples))])
+        for i in range(min(P, grid_rows))
+    }
+    size = list(results[0]["size"]) if results else []
     return {"scores": scores, "pixel_std": pixel_std, "files": files, "thumbs": thumbs, "image_size": size}
+
+
+def _score_batch(
+    images: torch.Tensor,
+    block: list[int],
+    batch: list[tuple[int, int]],
+    suite: PromptSuite,
+    metrics: dict[str, Callable[..., torch.Tensor]],
+    label: str,
+    out_dir: Path | None,
+    grid_rows: int,
+    grid_samples: int,
+    thumb_size: int,
+) -> list[tuple[int, dict[str, Any]]]:
+    """One batch of samples (``block``: their indices, ``batch``: their (prompt, sample)), quantised to 8 bits
+    and scored: ``(index, result)`` pairs of plain numbers and uint8 arrays, what :meth:`Shards.gather`
+    sends between processes."""
+    from solace.rewards.mixture import reward_scores
+    from solace.utils.images import to_pil
+
+    if not block:
+        return []
+    images = _quantize(images)
+    prompts = [suite.items[i].text for i, _ in batch]
+    metas = [suite.items[i].meta for i, _ in batch]
+    scores = {}
+    for m, fn in metrics.items():
+        with torch.no_grad():
+            scores[m] = reward_scores(m, fn(images, prompts, metas), len(prompts)).float().cpu()
+    pixel_std = images.float().flatten(1).std(-1).cpu()
+    out = []
+    for k, (idx, (i, j)) in enumerate(zip(block, batch, strict=True)):
+        rel = ""
+        if out_dir is not None:
+            rel = f"images/{label}/{i:04d}_{j}.png"
+            to_pil(images[k]).save(out_dir / rel)
+        thumb = None
+        if i < grid_rows and j < grid_samples:
+            thumb = _thumb(images[k : k + 1], thumb_size)[0].numpy()
+        result = {
+            "scores": {m: float(v[k]) for m, v in scores.items()},
+            "pixel_std": float(pixel_std[k]),
+            "file": rel,
+            "thumb": thumb,
+            "size": list(images.shape[-2:]),
+        }
+        out.append((idx, result))
+    return out
 
 
 def summarize_scores(

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from solace.errors import ConfigError
 from solace.evaluation.evaluators import Evaluator
+from solace.evaluation.sharding import Shards
 from solace.models.base import FlowModelAdapter
 from solace.prompts import read_prompt_file
 from solace.sampling.sampler import sample
@@ -43,12 +44,36 @@ def generate(
     The initial noise of sample ``j`` of prompt ``i`` depends only on ``(seed, first_index + i, j)``, not on
     batching: generating a long list in slices (``first_index`` = the slice's start) gives the same noise.
     """
+    jobs = [(i, j) for i in range(len(prompts)) for j in range(samples_per_prompt)]
+    return generate_jobs(
+        adapter, prompts, jobs, num_steps, cfg_scale, seed, batch_size, noise_level, progress, first_index,
+        negative_prompt,
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def generate_jobs(
+    adapter: FlowModelAdapter,
+    prompts: Sequence[str],
+    jobs: Sequence[tuple[int, int]],
+    num_steps: int,
+    cfg_scale: float,
+    seed: int = 0,
+    batch_size: int = 64,
+    noise_level: float = 0.0,
+    progress: bool = True,
+    first_index: int = 0,
+    negative_prompt: str = "",
+) -> torch.Tensor:
+    """Images (len(jobs), 3, H, W) of the samples ``jobs``: ``(i, j)`` is sample ``j`` of ``prompts[i]``, its
+    initial noise from ``(seed, first_index + i, j)`` alone (what :func:`generate` samples for it, whichever
+    other samples share its batch; a process's block of an evaluation, :mod:`solace.evaluation.sharding`).
+    Only the prompts the jobs use are encoded."""
     sigmas = adapter.sigmas(num_steps)
     null = adapter.encode_prompts([negative_prompt])
-    uniq = list(dict.fromkeys(prompts))
+    uniq = list(dict.fromkeys(prompts[i] for i, _ in jobs))
     enc = adapter.encode_prompts(uniq)
     where = {p: k for k, p in enumerate(uniq)}
-    jobs = [(i, j) for i in range(len(prompts)) for j in range(samples_per_prompt)]
     out = []
     bar = tqdm(total=len(jobs), desc="sampling", disable=not progress, dynamic_ncols=True)
     for s in range(0, len(jobs), batch_size):
@@ -80,6 +105,33 @@ def generate(
         bar.update(len(chunk))
     bar.close()
     return torch.cat(out)
+
+
+@torch.no_grad()
+def generate_shared(
+    adapter: FlowModelAdapter,
+    prompts: Sequence[str],
+    samples_per_prompt: int,
+    num_steps: int,
+    cfg_scale: float,
+    shards: Shards,
+    what: str = "grid",
+    seed: int = 0,
+    negative_prompt: str = "",
+) -> list[np.ndarray]:
+    """:func:`generate`'s images as uint8 (H, W, 3) arrays (what a grid's PNG holds), every process sampling
+    its block of them (``shards``) and receiving all of them, prompt-major."""
+    jobs = [(i, j) for i in range(len(prompts)) for j in range(samples_per_prompt)]
+    mine, real = shards.share(len(jobs), what)
+    pairs: list[tuple[int, np.ndarray]] = []
+    if mine:
+        images = generate_jobs(
+            adapter, prompts, [jobs[k] for k in mine], num_steps, cfg_scale, seed=seed, progress=False,
+            negative_prompt=negative_prompt,
+        )  # fmt: skip
+        arr = to_uint8(images[:real])
+        pairs = [(k, np.ascontiguousarray(a)) for k, a in zip(mine[:real], arr, strict=True)]
+    return shards.gather(pairs, len(jobs))
 
 
 def foreground(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,27 +191,63 @@ def evaluate_records(
     progress: bool = True,
     keep_images: bool = False,
     negative_prompt: str = "",
+    shards: Shards | None = None,
 ) -> dict:
     """Generate ``samples_per_prompt`` images per record and score them. Returns ``summary`` (per-category
-    and overall strict/lenient accuracy), ``per_prompt`` rows, and optionally the ``images``."""
-    images = generate(
-        adapter,
-        [r.prompt for r in records],
-        samples_per_prompt,
-        num_steps,
-        cfg_scale,
-        seed,
-        batch_size,
-        progress=progress,
-        negative_prompt=negative_prompt,
-    )
+    and overall strict/lenient accuracy), ``per_prompt`` rows, and optionally the ``images``. With
+    ``shards`` every process samples and scores its block of the samples and all receive every sample's
+    scores (:mod:`solace.evaluation.sharding`); the result is the same on every process."""
+    shards = shards or Shards()
+    S = samples_per_prompt
+    prompts = [r.prompt for r in records]
+    jobs = [(i, j) for i in range(len(records)) for j in range(S)]
+    mine, real = shards.share(len(jobs), "eval")
+    pairs: list[tuple[int, dict]] = []
+    if mine:
+        images = generate_jobs(
+            adapter, prompts, [jobs[k] for k in mine], num_steps, cfg_scale, seed, batch_size,
+            progress=progress, negative_prompt=negative_prompt,
+        )[:real]  # fmt: skip
+        rows = sample_rows(images, [records[jobs[k][0]] for k in mine[:real]])
+        if keep_images:
+            for row, im in zip(rows, images, strict=True):
+                row["image"] = im
+        pairs = list(zip(mine[:real], rows, strict=True))
+    rows = shards.gather(pairs, len(jobs))
+    out = summarize_rows(records, S, rows)
+    if keep_images:
+        out["images"] = torch.stack([row["image"] for row in rows])
+    return out
+
+
+def sample_rows(images: torch.Tensor, records: Sequence[PromptRecord]) -> list[dict]:
+    """Per image (one record each): the exact evaluator's ``score``, and what a collapse toward blank,
+    textureless images flattens: ``foreground`` fraction, detected ``objects``, ``pixel_std``."""
     arr = to_uint8(images)
-    recs_rep = [r for r in records for _ in range(samples_per_prompt)]
-    dets = [detect(a) for a in arr]
-    scores = [score_detections(d, r) for d, r in zip(dets, recs_rep, strict=True)]
+    std = images.float().flatten(1).std(-1)
+    rows = []
+    for a, r, sd in zip(arr, records, std, strict=True):
+        dets = detect(a)
+        fg = float((segment(a) >= 0).mean())
+        rows.append(
+            {
+                "score": score_detections(dets, r),
+                "foreground": fg,
+                "objects": len(dets),
+                "pixel_std": float(sd),
+            }
+        )
+    return rows
+
+
+def summarize_rows(records: Sequence[PromptRecord], samples_per_prompt: int, rows: Sequence[dict]) -> dict:
+    """:func:`sample_rows` of every sample (prompt-major) -> ``summary`` (per-category and overall accuracy,
+    the image statistics on the same prompts and noise every time), ``per_prompt`` and ``scores``."""
+    S = samples_per_prompt
+    scores = [row["score"] for row in rows]
     per_prompt = []
     for i, r in enumerate(records):
-        sc = scores[i * samples_per_prompt : (i + 1) * samples_per_prompt]
+        sc = scores[i * S : (i + 1) * S]
         per_prompt.append(
             {
                 "prompt": r.prompt,
@@ -168,17 +256,13 @@ def evaluate_records(
                 "lenient": sum(x["lenient"] for x in sc) / len(sc),
             }
         )
-    summary = summarize(recs_rep, scores)
-    # what a collapse toward blank, textureless images flattens, on the same prompts and noise every time
+    summary = summarize([r for r in records for _ in range(S)], scores)
     summary["images"] = {
-        "foreground": float(np.mean([(segment(a) >= 0).mean() for a in arr])),
-        "objects": float(np.mean([len(d) for d in dets])),
-        "pixel_std": float(images.float().flatten(1).std(-1).mean()),
+        "foreground": float(np.mean([row["foreground"] for row in rows])),
+        "objects": float(np.mean([row["objects"] for row in rows])),
+        "pixel_std": float(torch.tensor([row["pixel_std"] for row in rows], dtype=torch.float32).mean()),
     }
-    out = {"summary": summary, "per_prompt": per_prompt, "scores": scores}
-    if keep_images:
-        out["images"] = images
-    return out
+    return {"summary": summary, "per_prompt": per_prompt, "scores": scores}
 
 
 def run_toy_eval(
@@ -303,8 +387,9 @@ class BaseEvalCache:
 
 class ToyEvaluator(Evaluator):
     """The toy world's exact evaluator during training: held-out strict and lenient accuracy (overall and
-    per category) and the images' collapse statistics, ``samples`` images per record from fixed noise. The
-    evaluation before training is read from / written to ``cache`` when one is given."""
+    per category) and the images' collapse statistics, ``samples`` images per record from fixed noise, each
+    process sampling its block (``shards``). The evaluation before training is read from / written to
+    ``cache`` when one is given (the main process reads it and tells the others)."""
 
     kind = "toy"
 
@@ -320,20 +405,22 @@ class ToyEvaluator(Evaluator):
         seed: int,
         cache: BaseEvalCache | None = None,
         negative_prompt: str = "",
+        shards: Shards | None = None,
     ):
         self.adapter, self.records, self.label = adapter, list(records), label
         self.negative_prompt = negative_prompt
         self.samples, self.steps, self.cfg_scale, self.seed = samples, steps, cfg_scale, seed
         self.cache = cache
+        self.shards = shards or Shards()
 
     @torch.no_grad()
     def evaluate(self, iteration: int) -> dict[str, Any]:
         cache = self.cache if iteration == 0 else None
-        res = cache.get() if cache else None
+        res = self.shards.from_main(cache.get() if self.shards.is_main else None) if cache else None
         if res is None:
             res = evaluate_records(
                 self.adapter, self.records, self.samples, self.steps, self.cfg_scale, seed=self.seed,
-                progress=self.progress, negative_prompt=self.negative_prompt,
+                progress=self.progress, negative_prompt=self.negative_prompt, shards=self.shards,
             )  # fmt: skip
             if cache:
                 cache.put(res)

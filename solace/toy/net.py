@@ -96,7 +96,10 @@ class JointAttention(nn.Module):
     def forward(self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         h = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
-        t = self.text_norm(text)
+        # in the norm's dtype: under FSDP's bf16 mixed precision the weights are bf16 while the text tokens
+        # (an input, from the unsharded float32 text encoder) are float32, a mix CPU's layer_norm refuses
+        # (CUDA's autocast runs layer_norm in float32); a no-op otherwise
+        t = self.text_norm(text.to(self.text_norm.weight.dtype))
         q = self.to_q(h)
         k = torch.cat([self.to_k(h), self.add_k_proj(t)], dim=1)
         v = torch.cat([self.to_v(h), self.add_v_proj(t)], dim=1)

@@ -236,7 +236,8 @@ class TrainCfg:
     log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
     tracker_project: str = "solace"  # the wandb project (the run is named after train.output_dir)
     # several processes: how long one waits in a collective or barrier before the run fails; the others
-    # wait in one while the main process evaluates, draws grids, writes checkpoints and the report alone
+    # wait in one while the main process writes checkpoints and the report alone (evaluations and grids
+    # are split over the processes)
     process_group_timeout_minutes: float = 60.0
     # bf16: the denoiser's forwards under bf16 autocast (accelerate's mixed_precision), the LoRA and AdamW's
     # state float32; fp32: no autocast (accelerate's "no"); fp16 is refused (it needs a loss scaler); see
@@ -493,7 +494,7 @@ def _validate_train(t: TrainCfg) -> None:
     check(
         t.process_group_timeout_minutes > 0,
         "train.process_group_timeout_minutes",
-        f"must be > 0 minutes (longer than the main process's longest evaluation), got "
+        f"must be > 0 minutes (longer than the longest checkpoint write or evaluation block), got "
         f"{t.process_group_timeout_minutes}",
     )
     check_precision(t.mixed_precision)

@@ -33,17 +33,19 @@ def accelerator_kwargs(timeout_minutes: float) -> list[Any]:
 
     * ``InitProcessGroupKwargs(timeout)``: how long a process waits in a collective or barrier before the
       run fails (``train.process_group_timeout_minutes``). The other processes wait in one while the main
-      process alone evaluates, draws the image grids, writes a checkpoint or the report, so it must exceed
-      the longest of those. It applies where the process group is created: the first Accelerator of the
-      process (``solace ablate`` trains several runs in one group).
+      process alone writes a checkpoint or the report, so it must exceed the longest of those (evaluations
+      and image grids are split over the processes, :mod:`solace.evaluation.sharding`: a process waits
+      there only for the others' larger blocks). It applies where the process group is created: the first
+      Accelerator of the process (``solace ablate`` trains several runs in one group).
     * ``DistributedDataParallelKwargs(broadcast_buffers=False)``: with torch's default DDP broadcasts rank 0's
       buffers at the start of the first forward after a synchronised backward, which makes that forward a
-      collective; run on one process alone (the main process's evaluation or grid) it waits for a broadcast
-      the others never join (a hang, or gloo's "collective mismatch" against the next collective they do
-      run). The denoisers' buffers are constants (SD3's ``pos_embed``; FLUX and the toy model have none),
-      computed alike on every process, so there is nothing to broadcast. The trainer also runs every
-      forward outside the policy update through the bare module (:meth:`Trainer.training_forwards`), so a
-      forward one process runs alone never reaches DDP, whatever the Accelerator it was given.
+      collective; run on some processes only (an evaluation's or a grid's blocks differ in size) it waits
+      for a broadcast the others never join (a hang, or gloo's "collective mismatch" against the next
+      collective they do run). The denoisers' buffers are constants (SD3's ``pos_embed``; FLUX and the
+      toy model have none), computed alike on every process, so there is nothing to broadcast. The trainer
+      also runs every forward outside the policy update through the bare module
+      (:meth:`Trainer.training_forwards`), so a forward some processes run and others not never reaches
+      DDP, whatever the Accelerator it was given.
     """
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 

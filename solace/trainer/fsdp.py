@@ -17,6 +17,20 @@ DiffusionNFT's EMA update and its swap into the parameters); whatever needs whol
 Writes into the pieces reach the next forward only when their unit's gathered copy was freed after the
 previous forward, which FSDP does for every unit but the root: :func:`check_lora_units` therefore
 requires every LoRA parameter to live in a wrapped block (``fsdp_transformer_layer_cls_to_wrap``).
+
+bf16 (``train.mixed_precision=bf16``, the shipped configs' ``mixed_precision: bf16``): FSDP's own mixed
+precision (:func:`mixed_precision_policy`). The shards stay float32 (the frozen base, the LoRA master
+weights, hence AdamW's moments and DiffusionNFT's old policy); each unit's shard is cast to bf16 before its
+all-gather, so the forward and backward compute with bf16 weights, under accelerate's bf16 autocast as in a
+DDP run; the LoRA gradients are cast to float32 before the reduce-scatter. The base is stored in float32
+(``model.dtype=fp32``): FSDP version 1 flattens a unit's parameters into one tensor of one dtype, so a base
+stored in bf16 beside the float32 LoRA in the same block cannot be wrapped (:func:`check_uniform_dtype`).
+Putting every LoRA layer in a unit of its own would allow it, at the price of one more all-gather per
+LoRA layer and forward and one more reduce-scatter per backward (SD3.5-M: 24 blocks x 8 projections, 192
+small, latency-bound collectives each way), to save half of a shard that is already 1/N of the base
+(float32 on 8 GPUs: SD3.5-M 1.04 GiB a GPU, FLUX.1-dev 5.5 GiB; bf16 would save half of that).
+The arithmetic is the same either way: a float32 weight cast to bf16 at each gather rounds as a base cast
+to bf16 once (``model.dtype=bf16``) does.
 """
 
 from __future__ import annotations
@@ -39,10 +53,41 @@ def is_fsdp(module: Any) -> bool:
     return isinstance(module, FullyShardedDataParallel)
 
 
-def prepare_plugin(plugin: Any, ignored: Sequence[torch.nn.Module]) -> None:
-    """Check accelerate's FSDP plugin before wrapping, and leave ``ignored`` modules unsharded (modules the
-    adapter calls outside the denoiser's forward, such as the toy model's text encoder). They replace a list
-    left by an earlier run in the same process (``solace ablate``); a regex given by the user is kept."""
+def mixed_precision_policy(precision: str) -> Any:
+    """torch FSDP's ``MixedPrecision`` for accelerate's ``precision`` (``no``: None, full precision). bf16:
+
+    * ``param_dtype`` bf16: each unit's float32 shard cast to bf16 for its all-gather, forward and backward
+      (the memory and the tensor cores of a bf16 model; the shards, the LoRA master weights, stay float32);
+    * ``reduce_dtype`` float32: the LoRA gradients (computed in bf16) cast to float32 before the
+      reduce-scatter, so they are summed as DDP sums its float32 buckets; accelerate's own policy for bf16
+      reduces in bf16 (8 bits of mantissa for a sum over N processes);
+    * ``buffer_dtype`` float32: the buffers are constants (SD3's ``pos_embed``) that DDP's autocast keeps in
+      float32;
+    * ``cast_root_forward_inputs`` off: FSDP would cast the denoiser's float inputs to bf16, the timestep
+      among them (t * 1000 = 937.5 becomes 936), which autocast never does (it casts the operands of
+      matmuls and convolutions only).
+    """
+    if precision == "no":
+        return None
+    if precision != "bf16":
+        raise ConfigError("train.mixed_precision", f"{precision} under FSDP: use bf16 or fp32")
+    from torch.distributed.fsdp import MixedPrecision
+
+    return MixedPrecision(
+        param_dtype=torch.bfloat16,
+        reduce_dtype=torch.float32,
+        buffer_dtype=torch.float32,
+        cast_root_forward_inputs=False,
+    )
+
+
+def prepare_plugin(plugin: Any, ignored: Sequence[torch.nn.Module], precision: str = "no") -> None:
+    """Check accelerate's FSDP plugin before wrapping, set its mixed precision to
+    :func:`mixed_precision_policy` of accelerate's ``precision`` (replacing the policy accelerate derives
+    from ``mixed_precision: bf16``, which reduces gradients in bf16), and leave ``ignored`` modules unsharded
+    (modules the adapter calls outside the denoiser's forward, such as the toy model's text encoder). They
+    replace a list left by an earlier run in the same process (``solace ablate``); a regex given by the user
+    is kept."""
     if plugin is None:
         raise ConfigError("accelerate config", "distributed_type FSDP without an fsdp_config; see "
                           "configs/accelerate/fsdp_sd3.yaml")  # fmt: skip
@@ -58,6 +103,7 @@ def prepare_plugin(plugin: Any, ignored: Sequence[torch.nn.Module]) -> None:
             "is false; set it to true (the trainer keeps the LoRA parameters, frozen base weights share "
             "their FSDP units)",
         )
+    plugin.mixed_precision_policy = mixed_precision_policy(precision)
     if not isinstance(plugin.ignored_modules, str):
         plugin.ignored_modules = list(ignored) or None
 
@@ -65,7 +111,8 @@ def prepare_plugin(plugin: Any, ignored: Sequence[torch.nn.Module]) -> None:
 def check_uniform_dtype(denoiser: torch.nn.Module, ignored: Sequence[torch.nn.Module]) -> None:
     """FSDP version 1 flattens each unit's parameters into one tensor of one dtype, so a base cast to bf16 /
     fp16 (``model.dtype``) beside float32 LoRA weights in the same block cannot be wrapped: refuse it before
-    wrapping, with the fix, rather than let torch fail inside ``accelerator.prepare``."""
+    wrapping, with the fix (a float32 base computed in bf16 by FSDP's mixed precision, see the module
+    docstring), rather than let torch fail inside ``accelerator.prepare``."""
     skip = {id(p) for m in ignored for p in m.parameters()}
     dtypes = {p.dtype for p in denoiser.parameters() if id(p) not in skip}
     if len(dtypes) > 1:
@@ -73,8 +120,9 @@ def check_uniform_dtype(denoiser: torch.nn.Module, ignored: Sequence[torch.nn.Mo
         raise ConfigError(
             "model.dtype",
             f"the denoiser holds {names} parameters (the base cast to model.dtype, the LoRA in float32), "
-            "which FSDP version 1 cannot put in one unit; under FSDP set model.dtype=fp32 (the base is "
-            "sharded over the processes), or launch with DDP (--multi_gpu)",
+            "which FSDP version 1 cannot put in one unit; under FSDP set model.dtype=fp32 with "
+            "train.mixed_precision=bf16 (the float32 shards are cast to bf16 for every forward: a bf16 "
+            "base's arithmetic), or launch with DDP (--multi_gpu)",
         )
 
 

@@ -5,9 +5,11 @@ Accelerator's ``mixed_precision``; ``prepare`` wraps the denoiser's ``forward`` 
 returns float32 outputs): every forward of the denoiser, so the sampler's stored log-probs and the update's
 recomputed ones come from the same arithmetic (the first update's PPO ratio is 1 up to rounding). The
 weights keep their dtype: the LoRA and AdamW's state stay float32, the base stays ``model.dtype``; the
-velocities, latents and log-probs are float32 (:func:`solace.sampling.sampler.cfg_velocity`). ``fp32`` (the
-default) is accelerate's ``no``: no autocast. (The values are spelled as ``model.dtype``'s, not as
-accelerate's ``no``, which YAML reads as false.)
+velocities, latents and log-probs are float32 (:func:`solace.sampling.sampler.cfg_velocity`). Under FSDP
+the same autocast runs with FSDP's own mixed precision: the float32 shards are cast to bf16 for each
+forward and backward, the gradients reduced in float32 (:func:`solace.trainer.fsdp.mixed_precision_policy`).
+``fp32`` (the default) is accelerate's ``no``: no autocast. (The values are spelled as ``model.dtype``'s, not
+as accelerate's ``no``, which YAML reads as false.)
 
 fp16 is refused: its gradients underflow without a loss scaler (``GradScaler``), whose skipped steps the
 trainer does not drive. It is refused where the config asks for it (``train.mixed_precision``, when the
@@ -67,17 +69,6 @@ def launcher_precision(environ: Any) -> str | None:
     value = environ.get("ACCELERATE_MIXED_PRECISION")
     value = value.strip().lower() if value else None
     return None if value in (None, "", "no") else value
-
-
-def check_backend_precision(accelerate: str, fsdp: bool) -> None:
-    """bf16 under FSDP is refused: accelerate turns it into FSDP's own mixed precision (bf16 parameters and
-    gradient reductions), which has not been run here."""
-    if fsdp and accelerate != "no":
-        raise ConfigError(
-            FIELD,
-            f"{accelerate} under FSDP is not supported yet (accelerate would reduce the gradient shards in "
-            "bf16; untested): set train.mixed_precision=fp32, or launch with DDP (--multi_gpu)",
-        )
 
 
 def set_tf32(enabled: bool, device_type: str) -> None:

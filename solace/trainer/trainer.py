@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from solace.errors import ConfigError
 from solace.evaluation.evaluators import make_evaluator
+from solace.evaluation.sharding import accelerate_shards
 from solace.grpo.advantages import drop_zero_advantages
 from solace.grpo.window import parse_steps, train_window
 from solace.models.base import Conditioning
@@ -94,7 +95,6 @@ from solace.trainer.precision import (
     ACCELERATE_NAME,
     LAUNCHER,
     check_accelerate,
-    check_backend_precision,
     launcher_precision,
     set_tf32,
 )
@@ -157,13 +157,13 @@ class Trainer:
         self.stopped_at = cfg.train.iterations
         self.history: list[dict[str, float]] = []
         self.evals: list[dict[str, Any]] = []
-        # the main process evaluates (metric models load here, before training) through the bare module, no
-        # collective in it (training_forwards); under FSDP every process samples with it (each forward is a
-        # collective) and the main one writes; None: nothing to evaluate
-        self.evaluator = (
-            make_evaluator(cfg, self.adapter, self.out, self.eval_cfg_scale, writes=self.is_main)
-            if self.samples_images
-            else None
+        # every process samples its block of each evaluation and image grid and receives the others'
+        # (shards; under DDP through the bare module, see training_forwards; under FSDP with as many forwards
+        # as the others), the main one writes; metric models load here, before training, on every process;
+        # None: nothing to evaluate
+        self.shards = accelerate_shards(self.acc, pad=self.sharded is not None)
+        self.evaluator = make_evaluator(
+            cfg, self.adapter, self.out, self.eval_cfg_scale, writes=self.is_main, shards=self.shards
         )
 
     def _accelerator(self, given: Any | None) -> Any:
@@ -228,10 +228,9 @@ class Trainer:
         from accelerate.utils import DistributedType
 
         fsdp = self.acc.distributed_type == DistributedType.FSDP
-        check_backend_precision(self.acc.mixed_precision, fsdp)
-        if fsdp:
+        if fsdp:  # bf16: FSDP's mixed precision (bf16 compute, float32 shards and gradient reductions)
             ignored = getattr(self.adapter, "fsdp_ignored_modules", [])
-            prepare_plugin(self.acc.state.fsdp_plugin, ignored)
+            prepare_plugin(self.acc.state.fsdp_plugin, ignored, self.acc.mixed_precision)
             check_uniform_dtype(den, ignored)
         wrapped, opt = self.acc.prepare(den, opt)
         if fsdp:
@@ -260,10 +259,10 @@ class Trainer:
     def training_forwards(self) -> Iterator[None]:
         """Inside, the adapter's forwards go through the DDP-wrapped module: the policy update's, which every
         process runs in step (DDP's gradient hooks need them). Outside, under DDP, the bare module runs them
-        (the same parameters): sampling, rewards, evaluations, image grids, so that a forward the main
-        process runs alone can never start a collective (DDP's buffer broadcast, see
-        :func:`~solace.trainer.distributed.accelerator_kwargs`). Under FSDP the wrapped module runs every
-        forward (it gathers the sharded parameters) and every process runs each."""
+        (the same parameters): sampling, rewards, evaluations, image grids, so that a forward some processes
+        run and others not (an evaluation's blocks differ) can never start a collective (DDP's buffer
+        broadcast, see :func:`~solace.trainer.distributed.accelerator_kwargs`). Under FSDP the wrapped module
+        runs every forward (it gathers the sharded parameters) and every process runs each."""
         if self.acc.num_processes == 1 or self.sharded is not None:
             yield
             return
@@ -277,11 +276,6 @@ class Trainer:
         """Inside, the LoRA parameters are whole tensors: under FSDP gathered on every process (a collective;
         ``writeback`` returns changes to the shards), otherwise they already are."""
         return self.sharded.summoned(writeback) if self.sharded is not None else contextlib.nullcontext()
-
-    @property
-    def samples_images(self) -> bool:
-        """Whether this process runs evaluations and image grids: the main one, and under FSDP every one."""
-        return self.is_main or self.sharded is not None
 
     @property
     def eval_cfg_scale(self) -> float:
@@ -488,10 +482,10 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, iteration: int) -> dict[str, Any] | None:
-        """Evaluate with the configured evaluator (main process, and under FSDP every process; None elsewhere
-        or where nothing evaluates); logged, kept in ``evals``, its image statistics compared with the base's
-        by the monitor."""
-        if not self.samples_images or self.evaluator is None:
+        """Evaluate with the configured evaluator (None where nothing evaluates): every process samples its
+        block and gets the same record (:mod:`solace.evaluation.sharding`); logged, kept in ``evals``, its
+        image statistics compared with the base's by the monitor."""
+        if self.evaluator is None:
             return None
         with self._stoppable(), self._evaluated_weights():
             out = self.evaluator.evaluate(iteration)
@@ -506,29 +500,26 @@ class Trainer:
 
     def save_images(self, iteration: int) -> Path | None:
         """Image grid of fixed prompts and seeds (``train.image_prompts``; on the toy world one held-out
-        prompt per category), 4 samples a row. Under FSDP every process samples it, the main one writes."""
-        if not self.samples_images:
-            return None
-        from solace.evaluation.toy_eval import default_image_prompts, generate
+        prompt per category), 4 samples a row: every process samples its block, the main one writes."""
+        from solace.evaluation.toy_eval import default_image_prompts, generate_shared
         from solace.utils.images import save_grid
 
         prompts = self.cfg.train.image_prompts or (
             default_image_prompts() if self.is_toy else [p.text for p in self.source.for_iteration(0, 4)]
         )
         with self._stoppable(), self._evaluated_weights():
-            imgs = generate(
-                self.adapter, prompts, 4, self.cfg.sampling.eval_num_steps, self.eval_cfg_scale,
-                seed=self.cfg.train.seed + 4242, progress=False,
-                negative_prompt=self.cfg.sampling.negative_prompt,
+            imgs = generate_shared(
+                self.adapter, prompts, 4, self.cfg.sampling.eval_num_steps, self.eval_cfg_scale, self.shards,
+                "grid", seed=self.cfg.train.seed + 4242, negative_prompt=self.cfg.sampling.negative_prompt,
             )  # fmt: skip
         if not self.is_main:
             return None
         path = save_grid(
             self.out / "images" / f"iter_{iteration:06d}.png",
-            list(imgs),
+            imgs,
             4,
             row_labels=[p.removeprefix("a photo of ") for p in prompts],
-            scale=3 if imgs.shape[-1] <= 64 else 1,
+            scale=3 if imgs[0].shape[1] <= 64 else 1,
         )
         self.trackers.log_image("images/samples", path, iteration)
         return path
@@ -799,7 +790,7 @@ class Trainer:
             record_inputs(self.out, self.cfg)  # what --resume compares the input files with
         if not resumed and self.is_main:
             (self.out / "log.csv").unlink(missing_ok=True)
-        if not resumed and self.samples_images and self.cfg.train.report:  # FSDP: on every process
+        if not resumed and self.cfg.train.report:  # on every process
             self.evaluate(0)
             if self.cfg.train.image_every:
                 self.save_images(0)
@@ -812,8 +803,8 @@ class Trainer:
         t = self.cfg.train
         if t.eval_every and done % t.eval_every == 0 and not any(e["iteration"] == done for e in self.evals):
             self.evaluate(done)
-        grid = self.out / "images" / f"iter_{done:06d}.png"
-        if t.image_every and done % t.image_every == 0 and not (self.is_main and grid.exists()):
+        grid = self.out / "images" / f"iter_{done:06d}.png"  # the main process's view decides (sharded grids)
+        if t.image_every and done % t.image_every == 0 and self._rank0_decides(not grid.exists()):
             self.save_images(done)
 
     def _periodic(self, done: int) -> None:
@@ -843,9 +834,8 @@ class Trainer:
         return final
 
     def _final_samples(self, last: int) -> None:
-        """The last evaluation and image grid, where ``_periodic`` did not make them (main process; under
-        FSDP every process)."""
-        if not (self.samples_images and self.cfg.train.report):
+        """The last evaluation and image grid, where ``_periodic`` did not make them (every process)."""
+        if not self.cfg.train.report:
             return
         if not self.evals or self.evals[-1]["iteration"] != last:
             self.evaluate(last)
