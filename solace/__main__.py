@@ -1,6 +1,6 @@
 """``python -m solace ...``: the command line without the installed ``solace`` script."""
 
-from solace.cli.main import app
+from solace.cli.main import main
 
 if __name__ == "__main__":
-    app(prog_name="solace")
+    main()

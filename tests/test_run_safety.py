@@ -634,3 +634,14 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_last_checkpoint(
     root = out / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["iter_000001", "latest"]
     assert (root / "latest").read_text() == "iter_000001"
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_stdout_that_cannot_be_written_is_one_line_and_exit_code_2():
+    with open("/dev/full", "w") as full:
+        res = subprocess.run(
+            [sys.executable, "-m", "solace", "config", "check", "toy"],
+            stdout=full, stderr=subprocess.PIPE, text=True, env=ENV, timeout=120,
+        )  # fmt: skip
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(lines) == 1 and "No space left" in lines[0], res.stderr[-1500:]

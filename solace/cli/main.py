@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -918,9 +919,25 @@ def rationale_cmd(
     typer.echo(f"wrote {out}/")
 
 
-def main() -> None:  # pragma: no cover
-    app()
+def main() -> None:
+    """The ``solace`` command (and ``python -m solace``). A standard stream that cannot be written (stdout on
+    a full disk or ``/dev/full``) is one line on stderr and exit code 2, not a traceback."""
+    import os
+    import sys
+
+    try:
+        app(prog_name="solace")
+    except OSError as e:
+        if e.filename is not None:  # a file a command writes: its own errors say which
+            raise
+        with contextlib.suppress(OSError):
+            sys.stderr.write(
+                f"error: the output stream cannot be written ({e.strerror}); free space or redirect\n"
+            )
+            sys.stderr.flush()
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush goes nowhere
+        sys.exit(2)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    app()
+    main()
