@@ -645,3 +645,23 @@ def test_stdout_that_cannot_be_written_is_one_line_and_exit_code_2():
         )  # fmt: skip
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert res.returncode == 2 and len(lines) == 1 and "No space left" in lines[0], res.stderr[-1500:]
+
+
+def test_grid_labels_keep_visible_spaces_and_fit_their_column():
+    """Row labels in a font whose spaces show ("two squares" reads as two words, wider than "twosquares"),
+    the label column as wide as the longest label."""
+    import numpy as np
+
+    from solace.utils.images import make_grid
+
+    def ink_right(label: str) -> int:
+        grid = np.asarray(make_grid([torch.zeros(3, 8, 8)], 1, row_labels=[label], label_width=300))
+        cols = np.where((grid[:, :300] < 128).any(axis=(0, 2)))[0]
+        return int(cols.max())
+
+    assert ink_right("two squares") >= ink_right("twosquares") + 3
+    long = "a yellow square and a blue circle left of a red triangle"
+    grid = make_grid([torch.ones(3, 8, 8)], 1, row_labels=[long], pad=2)  # a white image: ink is text
+    label_width = grid.width - (8 + 2 * 2)
+    ink = np.where((np.asarray(grid) < 128).any(axis=(0, 2)))[0]
+    assert 0.8 * label_width < ink.max() < label_width - 2  # the whole label, in its column

@@ -42,9 +42,12 @@ def make_grid(
     w, h = pics[0].size
     w, h = w * scale, h * scale
     nrow = (len(pics) + ncol - 1) // ncol
-    font = ImageFont.load_default()
+    try:  # a scalable 13 px font (Pillow >= 10.1 with FreeType): its spaces stay visible between words
+        font = ImageFont.load_default(size=13)
+    except (TypeError, OSError):
+        font = ImageFont.load_default()
     if row_labels and not label_width:
-        label_width = min(420, 8 + 6 * max(len(s) for s in row_labels))
+        label_width = min(480, 12 + int(max(font.getlength(s) for s in row_labels)))
     if not row_labels:
         label_width = 0
     grid = Image.new("RGB", (label_width + ncol * (w + pad) + pad, nrow * (h + pad) + pad), (255, 255, 255))
@@ -56,7 +59,7 @@ def make_grid(
         grid.paste(im, (label_width + pad + c * (w + pad), pad + r * (h + pad)))
     if row_labels:
         for r, text in enumerate(row_labels[:nrow]):
-            draw.text((4, pad + r * (h + pad) + h // 2 - 6), text, fill=(0, 0, 0), font=font)
+            draw.text((4, pad + r * (h + pad) + h // 2 - 7), text, fill=(0, 0, 0), font=font)
     return grid
 
 
