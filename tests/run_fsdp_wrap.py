@@ -22,6 +22,7 @@ from tiny_pipelines import make_tiny_flux, make_tiny_sd3  # noqa: E402
 from solace.models.flux import latent_image_ids  # noqa: E402
 from solace.models.lora import add_lora, lora_parameters  # noqa: E402
 from solace.models.sd3 import SD3_LORA_TARGETS  # noqa: E402
+from solace.trainer.distributed import finish  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
 
@@ -107,8 +108,7 @@ def main() -> None:
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
     (out / f"fsdp_rank{rank}.json").write_text(json.dumps({"world": world, **res}))
-    dist.barrier()
-    dist.destroy_process_group()
+    finish()  # barrier, leave the group, os._exit: no C++ static teardown (solace/trainer/distributed.py)
 
 
 if __name__ == "__main__":
