@@ -34,7 +34,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from trainer_helpers import tiny_overrides  # noqa: E402
+from trainer_helpers import bf16_attention, tiny_overrides  # noqa: E402
 
 from solace.trainer.config import load_config  # noqa: E402
 from solace.trainer.distributed import finish  # noqa: E402
@@ -190,7 +190,8 @@ def main() -> None:
     if backend == "fsdp":
         error = root_unit_error(acc, weights, Path(out) / "root_unit")
         (Path(out) / f"root_unit_error_rank{acc.process_index}.txt").write_text(error)
-    bf16(backend, weights, Path(out) / "bf16", pipe, prompts, clip)
+    with bf16_attention():  # the math attention where the simulated kernel set refuses bf16 flash attention
+        bf16(backend, weights, Path(out) / "bf16", pipe, prompts, clip)
     finish()
 
 

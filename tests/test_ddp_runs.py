@@ -15,12 +15,16 @@ Tolerances, one process against two: the samples, noise and probes do not depend
 and DDP's averaged gradient is the one process's gradient mathematically, so only rounding differs (the
 forwards batch differently, gradients are summed in another order). Measured (2 cores, torch 2.13 CPU):
 gathered log values (rewards, S_t, advantages, texture, the all-reduced gradient norm) within 1.5e-5
-relative; the LoRA within 9.2e-5 (toy NFT; SD3 / FLUX below 1.1e-5), since AdamW's first steps move a
-weight by about lr = 1e-2 whatever its gradient's size, which turns the rounding of a gradient near 0 into a
-visible change. LORA_TOL = 1e-3 is 10x the worst measured and 10x below one optimizer step, the smallest
-effect of a fault (a process's samples missing from the gradient, a wrong advantage slice, an extra or
-missing step); LOG_RTOL = 1e-4 likewise. The per-process training statistics (``train/loss``, ``train/kl``,
-ratios, NFT's terms) are the main process's own micro-batches and are not compared.
+relative. The LoRA is compared by its relative L2 difference ||a - b|| / ||a|| over every tensor, not by
+its largest entry: AdamW's first steps move a weight by about lr = 1e-2 whatever its gradient's size, so a
+gradient near 0 whose sign the rounding flips moves one entry by up to 2 lr (measured 1.07e-3 in one entry
+under ATEN_CPU_CAPABILITY=default), a change no other entry shares. Measured relative L2: at most 4.9e-6 with
+the native kernels, 5.5e-5 under ATEN_CPU_CAPABILITY=default (toy Flow-GRPO beta 0). LORA_TOL = 1e-3 is 18x
+that and far below the smallest effect of a fault (a process's samples missing from the gradient, a wrong
+advantage slice, an extra or missing step change every entry by about lr against entries of a few lr:
+relative 0.1 or more); LOG_RTOL = 1e-4 is 7x the logged values' worst. The per-process training
+statistics (``train/loss``, ``train/kl``, ratios, NFT's terms) are the main process's own micro-batches and
+are not compared.
 
 Evaluations and grids (issue 29): each process samples its block of every evaluation's and grid's prompts x
 samples, and all gather the per-sample scores or images (solace/evaluation/sharding.py); the test checks
@@ -48,6 +52,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -59,7 +64,7 @@ from trainer_helpers import make_tiny_toy_weights  # noqa: E402
 SCRIPT = HERE / "run_ddp_matrix.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 LORA = Path("lora") / "pytorch_lora_weights.safetensors"
-LORA_TOL = 1e-3
+LORA_TOL = 1e-3  # relative L2 of the LoRA, 2 processes against 1
 LOG_RTOL = 1e-4
 EVAL_TOL = 1e-3
 FLIP_TOL = 3e-3
@@ -123,8 +128,9 @@ def test_two_processes_finish_and_train_the_one_process_run(runs, model, update)
     a, b = load_file(str(one / LORA)), load_file(str(two / LORA))
     assert a.keys() == b.keys() and len(a) > 0
     assert max(v.abs().max().item() for k, v in a.items() if "lora_B" in k) > 5e-3  # it trained
-    diff = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert diff <= LORA_TOL, diff
+    diff = torch.cat([(a[k] - b[k]).flatten() for k in sorted(a)]).norm()
+    rel = float(diff / torch.cat([a[k].flatten() for k in sorted(a)]).norm())
+    assert rel <= LORA_TOL, rel
 
     r1, r2 = _rows(one), _rows(two)
     assert [r["iteration"] for r in r1] == [r["iteration"] for r in r2] == ["1", "2"]

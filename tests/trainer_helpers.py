@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -99,3 +100,22 @@ def make_bad_inputs(d: Path, weights: str | Path) -> Path:
     (d / "a_file").write_text("x")
     (d / "folder").mkdir(exist_ok=True)
     return d
+
+
+def bf16_attention() -> contextlib.AbstractContextManager:
+    """Where torch's CPU flash attention runs in bf16, nothing; where it refuses (``pack_vnni2 is only
+    supported when avx512 is supported``: ``ATEN_CPU_CAPABILITY=default`` on a CPU with AVX-512 BF16, where
+    the kernel picks its packing from the hardware but the simulated kernel set forbids it), the math
+    attention backend instead, so the bf16 tests still run there."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(1, 2, 64, 16, dtype=torch.bfloat16)
+    k = torch.randn(1, 2, 80, 16, dtype=torch.bfloat16)
+    try:
+        F.scaled_dot_product_attention(q, k, k, attn_mask=torch.ones(1, 1, 1, 80, dtype=torch.bool))
+    except RuntimeError as e:
+        if "pack_vnni2" not in str(e):
+            raise
+        return sdpa_kernel([SDPBackend.MATH])
+    return contextlib.nullcontext()
