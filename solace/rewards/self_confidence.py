@@ -50,6 +50,23 @@ def check_num_probes(num_probes: int, field: str = "num_probes", antithetic: boo
     )
 
 
+def _gaussian(
+    shape: Sequence[int],
+    generator: torch.Generator | None,
+    device: torch.device | str | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Standard normal draws of ``shape``, made where ``generator`` lives (a CPU generator draws on the CPU,
+    so the numbers do not depend on the device) and moved to ``device``."""
+    out = torch.randn(
+        tuple(shape),
+        generator=generator,
+        dtype=dtype,
+        device="cpu" if generator is not None and generator.device.type == "cpu" else device,
+    )
+    return out.to(device) if device is not None else out
+
+
 def antithetic_probes(
     num_probes: int,
     shape: Sequence[int],
@@ -65,13 +82,7 @@ def antithetic_probes(
     axis is zero only up to float rounding for K >= 4, since it adds the probes in order.
     """
     check_num_probes(num_probes)
-    half = torch.randn(
-        (*batch_shape, num_probes // 2, *shape),
-        generator=generator,
-        dtype=dtype,
-        device="cpu" if generator is not None and generator.device.type == "cpu" else device,
-    )
-    half = half.to(device) if device is not None else half
+    half = _gaussian((*batch_shape, num_probes // 2, *shape), generator, device, dtype)
     return torch.cat([half, -half], dim=len(batch_shape))
 
 
@@ -88,13 +99,7 @@ def independent_probes(
     ``sds_self_confidence_scalar_flux``) draws its K = 4 probes this way; its SD3 script pairs them
     (Eq. 9)."""
     check_num_probes(num_probes, antithetic=False)
-    out = torch.randn(
-        (*batch_shape, num_probes, *shape),
-        generator=generator,
-        dtype=dtype,
-        device="cpu" if generator is not None and generator.device.type == "cpu" else device,
-    )
-    return out.to(device) if device is not None else out
+    return _gaussian((*batch_shape, num_probes, *shape), generator, device, dtype)
 
 
 def draw_probes(
