@@ -317,6 +317,12 @@ def _kill_after(weights: Path, out: Path, extra: list[str], iteration: int) -> N
     proc.wait()
 
 
+def _resume(weights: Path, out: Path, extra: list[str]) -> None:
+    """``--resume`` the run in ``out`` to its end (a subprocess, as it was started)."""
+    cmd = [sys.executable, str(SCRIPT), str(weights), str(out), "train", *extra, "resume=1"]
+    subprocess.run(cmd, check=True, env=ENV, timeout=600)
+
+
 def _same_lora(a: Path, b: Path) -> None:
     x = load_file(str(a / "lora" / "pytorch_lora_weights.safetensors"))
     y = load_file(str(b / "lora" / "pytorch_lora_weights.safetensors"))
@@ -335,12 +341,7 @@ def test_sigkill_mid_training_then_resume_equals_uninterrupted(weights, tmp_path
     assert (killed / "checkpoints" / "iter_000002").exists()
     # the kill landed mid-training: the run had not reached its last iteration
     assert not (killed / "checkpoints" / "iter_000004").exists() and not (killed / "lora").exists()
-    subprocess.run(
-        [sys.executable, str(SCRIPT), str(weights), str(killed), "train", *extra, "resume=1"],
-        check=True,
-        env=ENV,
-        timeout=600,
-    )
+    _resume(weights, killed, extra)
     _same_lora(full, killed)
     if algorithm == "nft":
         ea = load_file(str(full / "checkpoints" / "iter_000004" / "update.safetensors"))
@@ -356,12 +357,7 @@ def test_checkpoints_total_limit_keeps_the_newest_and_a_killed_run_resumes(weigh
     extra = [*_kill_run("flow_grpo"), "train.checkpoints_total_limit=2"]
     _kill_after(weights, killed, extra, 3)
     assert not (killed / "checkpoints" / "iter_000004").exists() and not (killed / "lora").exists()
-    subprocess.run(
-        [sys.executable, str(SCRIPT), str(weights), str(killed), "train", *extra, "resume=1"],
-        check=True,
-        env=ENV,
-        timeout=600,
-    )
+    _resume(weights, killed, extra)
     full = uninterrupted("flow_grpo")
     _same_lora(full, killed)
     assert sorted(p.name for p in (full / "checkpoints").iterdir())[:4] == [
