@@ -32,7 +32,9 @@ class NonFiniteError(SolaceError, RuntimeError):
 def weights_finite(params: list[torch.Tensor]) -> bool:
     """Whether every trained weight is finite (an optimizer step can make NaN from finite gradients, e.g.
     AdamW dividing by ``sqrt(v) + eps`` near 0)."""
-    return all(bool(torch.isfinite(p.detach()).all()) for p in params)
+    if not params:
+        return True
+    return bool(torch.stack([torch.isfinite(p.detach()).all() for p in params]).all())  # one device sync
 
 
 def nonfinite_weights_message(iteration: int, last_checkpoint: Any) -> str:
