@@ -153,6 +153,24 @@ class FlowModelAdapter(Protocol):
         ...
 
 
+class AdapterHooks:
+    """Optional hooks with their defaults, for adapters to inherit: what a model's own world adds to a
+    training run (batch statistics of decoded training images, the prompts of the image grids)."""
+
+    wants_batch_images: bool = False
+    """Whether :meth:`batch_statistics` needs each training batch decoded to images."""
+
+    def batch_statistics(self, images: torch.Tensor, metas: Sequence[dict]) -> dict[str, torch.Tensor]:
+        """Per-image statistics of a training batch (name -> (n,) tensor), logged as batch means; none by
+        default."""
+        return {}
+
+    def image_prompts(self) -> list[str] | None:
+        """The prompts of a run's image grids when ``train.image_prompts`` is empty; None: the first
+        training prompts."""
+        return None
+
+
 @contextlib.contextmanager
 def adapters_disabled(module: nn.Module) -> Iterator[None]:
     """Run the LoRA-off reference policy, whether or not ``module`` is wrapped (DDP/FSDP) or has LoRA.

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from solace.errors import MissingDependencyError, check
-from solace.models.base import Conditioning, image_size
+from solace.models.base import AdapterHooks, Conditioning, image_size
 from solace.models.sd3 import (
     SD3_LORA_TARGETS,
     check_scheduler_config,
@@ -88,7 +88,7 @@ def latent_image_ids(
     return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
 
-class FluxAdapter:
+class FluxAdapter(AdapterHooks):
     """:class:`~solace.models.base.FlowModelAdapter` over the components of a ``FluxPipeline``.
 
     Args:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from solace.errors import ConfigError, MissingDependencyError, check
-from solace.models.base import Conditioning, image_size
+from solace.models.base import AdapterHooks, Conditioning, image_size
 from solace.models.text_cache import TextEncoders, text_identity
 from solace.sampling.schedule import flow_match_sigmas, flux_mu
 
@@ -135,7 +135,7 @@ def load_pipeline(pipeline_cls: Any, model: str, torch_dtype: torch.dtype, **kwa
         ) from e
 
 
-class SD3Adapter:
+class SD3Adapter(AdapterHooks):
     """:class:`~solace.models.base.FlowModelAdapter` over the components of a ``StableDiffusion3Pipeline``.
 
     Args:

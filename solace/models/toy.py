@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from solace.errors import ConfigError
-from solace.models.base import Conditioning
+from solace.models.base import AdapterHooks, Conditioning
 from solace.sampling.schedule import flow_match_sigmas
 from solace.toy.net import MAX_TOKENS, ToyFlowNet
 from solace.toy.world import vocabulary
@@ -72,7 +72,7 @@ def load_toy_net(path: str | Path | None = None) -> ToyFlowNet:
     return net
 
 
-class ToyAdapter:
+class ToyAdapter(AdapterHooks):
     """FlowModelAdapter over the toy U-Net (pixel latents, identity decode)."""
 
     name = "toy"
@@ -134,3 +134,17 @@ class ToyAdapter:
 
     def sigmas(self, num_steps: int) -> torch.Tensor:
         return flow_match_sigmas(num_steps, self.shift)
+
+    wants_batch_images = True
+
+    def batch_statistics(self, images: torch.Tensor, metas: Sequence[dict]) -> dict[str, torch.Tensor]:
+        """Foreground, objects and (with GenEval metadata) strict correctness of a training batch."""
+        from solace.evaluation.toy_eval import batch_statistics
+
+        return batch_statistics(images, metas)
+
+    def image_prompts(self) -> list[str]:
+        """One held-out prompt per category."""
+        from solace.evaluation.toy_eval import default_image_prompts
+
+        return default_image_prompts()

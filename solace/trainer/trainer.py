@@ -152,7 +152,6 @@ class Trainer:
             mc.std_drop, mc.foreground_drop, mc.reward_spike_z, mc.window, mc.accuracy_drop
         )
         self.guard = NonFiniteGuard(cfg.train.max_nonfinite)
-        self.is_toy = self.adapter.name == "toy"
         self.start_iteration = 0
         self.stopped_at = cfg.train.iterations
         self.history: list[dict[str, float]] = []
@@ -390,7 +389,7 @@ class Trainer:
             batches = self._standardization_batches(iteration)
             comps[SELF_CONFIDENCE] = self.rewards.confidence.aggregate(scores, self.probe_t, batches)
         images = None
-        if self.rewards.external or self.is_toy:
+        if self.rewards.external or self.adapter.wants_batch_images:
             images = torch.cat([self.adapter.decode(ro.z0[sl]).cpu() for sl in self._batches(len(ro))])
         if self.rewards.external:
             for name, r in self.rewards.external_rewards(images, ro.texts, ro.metas).items():
@@ -463,12 +462,11 @@ class Trainer:
         return adv, keep, dropped, n_zero
 
     def _sample_statistics(self, ro: Rollout, images: torch.Tensor | None) -> dict[str, float]:
-        """Batch means of what the collapse monitor watches (and, on the toy world, strict correctness)."""
+        """Batch means of what the collapse monitor watches and the model's own batch statistics
+        (:meth:`~solace.models.base.AdapterHooks.batch_statistics`)."""
         stats = {"monitor/texture": float(self._gather(latent_texture(ro.z0).cpu()).mean())}
-        if self.is_toy and images is not None:
-            from solace.evaluation.toy_eval import batch_statistics
-
-            for k, v in batch_statistics(images, ro.metas).items():
+        if images is not None:
+            for k, v in self.adapter.batch_statistics(images, ro.metas).items():
                 stats[k] = float(self._gather(v).mean())
         return stats
 
@@ -501,11 +499,13 @@ class Trainer:
     def save_images(self, iteration: int) -> Path | None:
         """Image grid of fixed prompts and seeds (``train.image_prompts``; on the toy world one held-out
         prompt per category), 4 samples a row: every process samples its block, the main one writes."""
-        from solace.evaluation.toy_eval import default_image_prompts, generate_shared
+        from solace.evaluation.toy_eval import generate_shared
         from solace.utils.images import save_grid
 
-        prompts = self.cfg.train.image_prompts or (
-            default_image_prompts() if self.is_toy else [p.text for p in self.source.for_iteration(0, 4)]
+        prompts = (
+            self.cfg.train.image_prompts
+            or self.adapter.image_prompts()
+            or [p.text for p in self.source.for_iteration(0, 4)]
         )
         with self._stoppable(), self._evaluated_weights():
             imgs = generate_shared(
