@@ -34,11 +34,11 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file
 
-from solace.models.toy import ToyAdapter
 from solace.rewards.prompt_edits import KINDS
 from solace.rewards.scorer import SelfConfidenceCfg, SelfConfidenceScorer
 from solace.rewards.self_confidence import aggregate
 from solace.sampling.sampler import sample
+from solace.toy.adapter import ToyAdapter
 from solace.toy.edits import toy_edits
 from solace.toy.evaluator import detect, score_detections
 from solace.toy.render import render_prompt

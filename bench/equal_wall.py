@@ -52,7 +52,7 @@ def velocity_drift(lora: Path, seed: int, samples: int = 2, steps: int = 10) -> 
     from solace.evaluation.toy_eval import eval_records, generate
     from solace.models.base import adapters_disabled
     from solace.models.lora import load_lora
-    from solace.models.toy import ToyAdapter
+    from solace.toy.adapter import ToyAdapter
 
     ad = ToyAdapter()
     load_lora(ad.denoiser, str(lora), trainable=False)

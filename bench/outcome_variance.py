@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from solace.grpo.window import train_window
-from solace.models.toy import ToyAdapter
 from solace.sampling.sampler import sample
+from solace.toy.adapter import ToyAdapter
 from solace.toy.evaluator import detect, score_detections, to_uint8
 from solace.toy.world import balanced_subset, load_heldout
 

@@ -41,11 +41,11 @@ import torch
 from safetensors.numpy import save_file
 
 from solace.evaluation.analysis import auc
-from solace.models.toy import ToyAdapter
 from solace.rewards.prompt_edits import candidate_edits
 from solace.rewards.scorer import SelfConfidenceCfg, SelfConfidenceScorer
 from solace.rewards.self_confidence import aggregate, edit_contrast
 from solace.sampling.sampler import sample
+from solace.toy.adapter import ToyAdapter
 from solace.toy.evaluator import detect, score_detections, segment, to_uint8
 from solace.toy.world import CATEGORIES, load_heldout
 

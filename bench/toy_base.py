@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from solace.evaluation.toy_eval import evaluate_records, generate
-from solace.models.toy import ToyAdapter
 from solace.rewards.scorer import SelfConfidenceScorer
 from solace.sampling.sampler import sample
+from solace.toy.adapter import ToyAdapter
 from solace.toy.evaluator import detect, expected_objects, format_table, score_detections, segment, to_uint8
 from solace.toy.world import CATEGORIES, load_heldout
 

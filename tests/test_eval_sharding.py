@@ -88,7 +88,7 @@ class Threads:
 
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory):
-    from solace.models.toy import ToyAdapter
+    from solace.toy.adapter import ToyAdapter
 
     torch.set_num_threads(1)
     return ToyAdapter(weights=make_tiny_toy_weights(tmp_path_factory.mktemp("shard") / "tiny.safetensors"))

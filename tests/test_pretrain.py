@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from solace.errors import ConfigError
-from solace.models.toy import load_toy_net
+from solace.toy.adapter import load_toy_net
 from solace.toy.pretrain import PretrainConfig, pretrain
 
 TINY = dict(batch_size=4, dataset_size=16, threads=1, eval_every=1000, channels=(16, 16, 32), warmup=1)

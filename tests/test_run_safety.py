@@ -428,7 +428,7 @@ def test_a_non_finite_lora_is_refused_in_one_line(weights, tmp_path):
 
     from solace.cli.main import app
     from solace.models.lora import add_lora, save_lora
-    from solace.models.toy import ToyAdapter
+    from solace.toy.adapter import ToyAdapter
 
     tiny = ToyAdapter(weights=weights)
     add_lora(tiny.denoiser, 4, 8, ToyAdapter.lora_target_modules)

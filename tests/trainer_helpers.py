@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from solace.models.toy import save_toy_weights
+from solace.toy.adapter import save_toy_weights
 from solace.toy.net import ToyFlowNet
 from solace.toy.world import vocabulary
 
@@ -72,7 +72,7 @@ def make_bad_inputs(d: Path, weights: str | Path) -> Path:
     net's), prompt files that are not UTF-8, have a number as prompt, bad GenEval metadata, a bad JSON line
     or no prompt at all, a file and a folder in the wrong places."""
     from solace.models.lora import add_lora, save_lora
-    from solace.models.toy import ToyAdapter
+    from solace.toy.adapter import ToyAdapter
 
     d = Path(d)
     (d / "garbage.safetensors").write_bytes(b"\x00" * 7 + b"not a tensor file" * 10)

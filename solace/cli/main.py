@@ -26,6 +26,18 @@ app.add_typer(toy_app, name="toy")
 # Options several commands share, declared once.
 _MODEL_HELP = "toy, a toy .safetensors, a diffusers folder or hub id."
 ModelOpt = Annotated[str, typer.Option("--model", help=_MODEL_HELP)]
+FamilyOpt = Annotated[
+    str,
+    typer.Option(
+        "--family",
+        help="The model's family: auto (from the pipeline's class name in model_index.json, or the embedded "
+        "default) or a registered name (sd3, flux, a plugin's own), for a model under any name.",
+    ),
+]
+PluginOpt = Annotated[
+    list[str] | None,
+    typer.Option("--plugin", help="Module to import first, e.g. one that registers a model family (repeat)."),
+]
 LoraOpt = Annotated[str | None, typer.Option("--lora", help="LoRA folder or .safetensors to apply.")]
 LoraAlphaOpt = Annotated[
     float | None,
@@ -273,16 +285,24 @@ def embed_cmd(
 
 
 def _load(
-    model: str, lora: str | None, device: str, lora_alpha: float | None = None, **kwargs: Any
+    model: str,
+    lora: str | None,
+    device: str,
+    lora_alpha: float | None = None,
+    family: tuple[str, list[str] | None] = ("auto", None),
+    **kwargs: Any,
 ) -> FlowModelAdapter:
+    """The adapter of ``--model`` by its family; ``family`` is ``(--family, --plugin modules)``."""
     import torch
 
-    from solace.models import load_adapter
+    from solace.models.family import load_family_adapter
+    from solace.registry import load_plugins
 
+    load_plugins(family[1] or [])
     dev = (
         "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     )
-    adapter = load_adapter(model, device=dev, **kwargs)
+    adapter = load_family_adapter(model, family[0], "--family", device=dev, **kwargs)
     if lora:
         from solace.models.lora import load_lora
 
@@ -297,6 +317,8 @@ def sample_cmd(
     steps: int = typer.Option(40, help="Sampling steps (10 = training, 40 = evaluation)."),
     cfg: float = typer.Option(7.0, "--cfg", help="Classifier-free guidance scale (1 disables)."),
     model: ModelOpt = "toy",
+    family: FamilyOpt = "auto",
+    plugin: PluginOpt = None,
     lora: LoraOpt = None,
     lora_alpha: LoraAlphaOpt = None,
     out: Path = typer.Option(Path("samples.png"), help="Output grid PNG."),
@@ -323,7 +345,7 @@ def sample_cmd(
         _check_sampling(steps, 2, cfg, "ode", 1)
         _check_image_path(out)
         kwargs = _model_kwargs(device, dtype, resolution, height, width)
-        adapter = _load(model, lora, device, lora_alpha, **kwargs)
+        adapter = _load(model, lora, device, lora_alpha, (family, plugin), **kwargs)
         rows = [
             generate(adapter, prompt, 1, steps, cfg, seed=sd, progress=False, negative_prompt=negative_prompt)
             for sd in seed_list
@@ -403,6 +425,8 @@ def eval_cmd(
         help="METRIC.KEY=VALUE for a metric's factory, e.g. clip_score.model=/path (repeat).",
     ),
     model: ModelOpt = "toy",
+    family: FamilyOpt = "auto",
+    plugin: PluginOpt = None,
     lora: Annotated[
         str | None, typer.Option("--lora", help="LoRA folder or .safetensors to evaluate against the base.")
     ] = None,
@@ -444,6 +468,7 @@ def eval_cmd(
                 metrics=metrics,
                 metric_args=metric_arg or [],
                 model=model,
+                family=(family, plugin),
                 lora=lora,
                 lora_alpha=lora_alpha,
                 samples=1 if samples is None else samples,
@@ -478,7 +503,7 @@ def eval_cmd(
         runs = [("base", None)] + ([("lora", lora)] if lora else [])
         results = {}
         for label, lw in runs:
-            adapter = _load(model, lw, device, lora_alpha, **model_kwargs)
+            adapter = _load(model, lw, device, lora_alpha, (family, plugin), **model_kwargs)
             res = run_toy_eval(
                 adapter, str(out / label), samples, steps, cfg, seed, recs, label=label,
                 negative_prompt=negative_prompt,
@@ -499,6 +524,7 @@ def _eval_suite(
     metrics: str | None,
     metric_args: list[str],
     model: str,
+    family: tuple[str, list[str] | None],
     lora: str | None,
     lora_alpha: float | None,
     samples: int,
@@ -530,12 +556,12 @@ def _eval_suite(
 
         read_lora(lora)  # a bad LoRA fails now, not after the base model's pass
     fns = build_metrics(names, kwargs)
-    adapter = _load(model, None, device, **model_kwargs)
+    adapter = _load(model, None, device, None, family, **model_kwargs)
     settings = {
         "model": model,
         "metric_args": kwargs,
-        "height": getattr(adapter, "height", None),
-        "width": getattr(adapter, "width", None),
+        "height": adapter.height,
+        "width": adapter.width,
         "dtype": model_kwargs["dtype"],
     }
     res = run_metric_eval(
@@ -614,12 +640,16 @@ def _check_sampling(steps: int, probes: int, cfg: float, sampler: str, threads: 
         raise ConfigError("--limit", f"must be >= 0 (0: all prompts), got {limit}")
 
 
-def _prompt_source(prompts: str, limit: int, model: str) -> tuple[list[str], list | None]:
+def _prompt_source(
+    prompts: str, limit: int, model: str, family: tuple[str, list[str] | None]
+) -> tuple[list[str], list | None]:
     """Prompts and, for a toy model on toy-world records, the records the exact evaluator needs."""
-    from solace.models import model_family
+    from solace.models.family import resolve_family
+    from solace.registry import load_plugins
     from solace.toy.world import PromptRecord, load_heldout
 
-    toy = model_family(model) == "toy"
+    load_plugins(family[1] or [])
+    toy = resolve_family(model, family[0], "--family")[0] == "toy"
     if prompts == "toy_heldout":
         recs = list(load_heldout())
         recs = recs[:limit] if limit else recs
@@ -678,21 +708,14 @@ def _load_scoring_model(
     size: tuple[int, int, int],
     threads: int,
     lora_alpha: float | None = None,
+    family: tuple[str, list[str] | None] = ("auto", None),
 ) -> FlowModelAdapter:
     """The adapter of the scoring commands; ``size`` = (--resolution, --height, --width)."""
     import torch
 
     kwargs = _model_kwargs(device, dtype, *size)
     torch.set_num_threads(threads)
-    return _load(model, lora, device, lora_alpha, **kwargs)
-
-
-def _image_size(adapter: FlowModelAdapter) -> tuple[int, int]:
-    """(height, width) in pixels of the adapter's images (the toy model's: its latent's)."""
-    if getattr(adapter, "height", None) and getattr(adapter, "width", None):
-        return int(adapter.height), int(adapter.width)  # type: ignore[attr-defined]
-    h, w = adapter.latent_shape()[-2:]
-    return int(h), int(w)
+    return _load(model, lora, device, lora_alpha, family, **kwargs)
 
 
 def _read_images(paths: list[str], size: tuple[int, int]) -> Any:
@@ -735,6 +758,8 @@ def score_cmd(
     probes: ProbesOpt = 8,
     edits: EditsOpt = "off",
     model: ModelOpt = "toy",
+    family: FamilyOpt = "auto",
+    plugin: PluginOpt = None,
     lora: LoraOpt = None,
     lora_alpha: LoraAlphaOpt = None,
     out: Path = typer.Option(Path("runs/score"), help="Output folder (score.json, generated images)."),
@@ -767,8 +792,8 @@ def score_cmd(
             raise ConfigError("--images", f"{missing[0]} does not exist")
         _check_sampling(steps, probes, cfg, sampler, threads)
         size = (resolution, height, width)
-        adapter = _load_scoring_model(model, lora, device, dtype, size, threads, lora_alpha)
-        imgs = _read_images(paths, _image_size(adapter)) if paths else None
+        adapter = _load_scoring_model(model, lora, device, dtype, size, threads, lora_alpha, (family, plugin))
+        imgs = _read_images(paths, adapter.image_pixels()) if paths else None
         doc = run_score(
             adapter,
             list(prompt),
@@ -807,6 +832,8 @@ def rerank_cmd(
     edits: EditsOpt = "off",
     batch_size: int = typer.Option(16, help="Samples per generation batch."),
     model: ModelOpt = "toy",
+    family: FamilyOpt = "auto",
+    plugin: PluginOpt = None,
     lora: LoraOpt = None,
     lora_alpha: LoraAlphaOpt = None,
     out: Path = typer.Option(Path("runs/rerank"), help="Output folder."),
@@ -830,9 +857,9 @@ def rerank_cmd(
         _check_sampling(steps, probes, cfg, sampler, threads, limit)
         if batch_size < 1:
             raise ConfigError("--batch-size", f"must be >= 1, got {batch_size}")
-        prompt_list, records = _prompt_source(prompts, limit, model)
+        prompt_list, records = _prompt_source(prompts, limit, model, (family, plugin))
         size = (resolution, height, width)
-        adapter = _load_scoring_model(model, lora, device, dtype, size, threads, lora_alpha)
+        adapter = _load_scoring_model(model, lora, device, dtype, size, threads, lora_alpha, (family, plugin))
         doc = run_rerank(
             adapter,
             prompt_list,
@@ -870,6 +897,8 @@ def rationale_cmd(
     seed: int = typer.Option(0, help="Seed of the initial noise (the same for every regime) and probes."),
     batch_size: int = typer.Option(16, help="Samples per generation batch."),
     model: ModelOpt = "toy",
+    family: FamilyOpt = "auto",
+    plugin: PluginOpt = None,
     lora: LoraOpt = None,
     lora_alpha: LoraAlphaOpt = None,
     out: Path = typer.Option(Path("runs/rationale"), help="Output folder."),
@@ -892,9 +921,9 @@ def rationale_cmd(
             raise ConfigError("--batch-size", f"must be >= 1, got {batch_size}")
         check_seed(seed, "--seed")
         _check_sampling(steps, probes, cfg, sampler, threads, limit)
-        prompt_list, records = _prompt_source(prompts, limit, model)
+        prompt_list, records = _prompt_source(prompts, limit, model, (family, plugin))
         size = (resolution, height, width)
-        adapter = _load_scoring_model(model, lora, device, dtype, size, threads, lora_alpha)
+        adapter = _load_scoring_model(model, lora, device, dtype, size, threads, lora_alpha, (family, plugin))
         doc = run_rationale(
             adapter,
             prompt_list,

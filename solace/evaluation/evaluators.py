@@ -86,7 +86,7 @@ def evaluator_kind(cfg: SolaceConfig) -> str:
         return e.evaluator
     if e.evaluator == "auto" and e.metrics:
         return "metrics"
-    toy_model = model_family(cfg.model.name) == "toy"
+    toy_model = model_family(cfg.model.name, cfg.model.family) == "toy"
     if e.evaluator == "toy" and not toy_model:
         raise ConfigError(
             "eval.evaluator",
@@ -181,7 +181,7 @@ def eval_suite(spec: str, limit: int = 0) -> Any:
 
 def base_eval_key(cfg: SolaceConfig, cfg_scale: float) -> dict[str, Any]:
     """Everything the evaluation before training depends on (the key of ``train.base_eval_cache``)."""
-    from solace.models.toy import default_weights_path
+    from solace.toy.adapter import default_weights_path
 
     c = cfg
     weights = default_weights_path() if c.model.name == "toy" else Path(c.model.name)

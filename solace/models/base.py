@@ -14,15 +14,18 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from solace.errors import ConfigError, check
 
+if TYPE_CHECKING:
+    from solace.models.text_cache import TextEncoders
+
 DEFAULT_SIDE = 512
-"""SD3/FLUX image side in pixels when no size is given."""
+"""Image side in pixels of a family whose size is a grid (SD3/FLUX) when no size is given."""
 
 
 @dataclass
@@ -77,6 +80,36 @@ class Conditioning:
         )
 
 
+def _check_pixels(name: str, v: Any) -> None:
+    check(
+        v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+        name,
+        f"must be a whole number of pixels >= 0 (0: not given, the model's own size), got {v!r}",
+    )
+
+
+@dataclass(frozen=True)
+class SizeRule:
+    """The image sizes a model family draws, declared with its registry entry
+    (:class:`solace.models.family.ModelFamily`): one square side only (``only``, e.g. 32), or any
+    height x width on a grid whose step its pipeline sets when it loads (:func:`image_size`)."""
+
+    only: int | None = None
+
+    def check(self, family: str, sizes: dict[str, int | None]) -> None:
+        """What can be checked before a model loads: each size (key: the field or option that set it, for
+        the error; 0 or None: not given) is a whole number of pixels >= 0 and, for a one-size family, that
+        size."""
+        for name, v in sizes.items():
+            _check_pixels(name, v)
+            n = self.only
+            check(
+                n is None or v in (None, 0, n),
+                name,
+                f"the {family} model draws {n} x {n} images only, got {v}; leave {name} out or set it to {n}",
+            )
+
+
 def image_size(
     resolution: int | None, height: int | None, width: int | None, step: int, why: str
 ) -> tuple[int, int]:
@@ -86,11 +119,7 @@ def image_size(
     width given with it is a ConfigError, as is a side off the grid, naming the argument that set it."""
     given = {"resolution": resolution, "height": height, "width": width}
     for name, v in given.items():
-        check(
-            v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),
-            name,
-            f"must be a whole number of pixels >= 0 (0: not given), got {v!r}",
-        )
+        _check_pixels(name, v)
     for name in ("height", "width"):
         if resolution and given[name] and given[name] != resolution:
             raise ConfigError(
@@ -116,11 +145,34 @@ class FlowModelAdapter(Protocol):
         denoiser: the ``nn.Module`` that LoRA is attached to (SD3/FLUX transformer, toy U-Net).
         lora_target_modules: module-name patterns for PEFT's ``target_modules``.
         shift: the scheduler's sigma shift (SD3: 3.0); ``schedule`` uses it.
+
+    The rest (the wrapped forward, the pipeline, text encoders, CFG in two passes, guidance, image size,
+    FSDP's ignored modules, the training-batch statistics and grid prompts) has defaults in
+    :class:`AdapterBase`, which adapters inherit.
     """
 
     name: str
     denoiser: nn.Module
     lora_target_modules: list[str]
+    forward_module: nn.Module | None
+    pipeline: Any
+    text: TextEncoders | None
+    cfg_in_two_passes: bool
+    guidance_scale: float | None
+    height: int | None
+    width: int | None
+    wants_batch_images: bool
+
+    @property
+    def fsdp_ignored_modules(self) -> list[nn.Module]: ...
+
+    def offload_text_encoders(self, mode: str) -> None: ...
+
+    def image_pixels(self) -> tuple[int, int]: ...
+
+    def batch_statistics(self, images: torch.Tensor, metas: Sequence[dict]) -> dict[str, torch.Tensor]: ...
+
+    def image_prompts(self) -> list[str] | None: ...
 
     @property
     def device(self) -> torch.device: ...
@@ -153,12 +205,54 @@ class FlowModelAdapter(Protocol):
         ...
 
 
-class AdapterHooks:
-    """Optional hooks with their defaults, for adapters to inherit: what a model's own world adds to a
-    training run (batch statistics of decoded training images, the prompts of the image grids)."""
+class AdapterBase:
+    """What callers use of an adapter beyond the operations of :class:`FlowModelAdapter`, with the defaults
+    of a model that has none of it; the adapters inherit it and override what they have."""
+
+    name: str = "model"
+
+    forward_module: nn.Module | None = None
+    """Set by the trainer to the DDP/FSDP-wrapped :attr:`denoiser`, which :meth:`velocity` then calls."""
+
+    pipeline: Any = None
+    """The diffusers pipeline the adapter wraps (its class writes the exported LoRA); None: none."""
+
+    text: TextEncoders | None = None
+    """The text encoders' placement and embedding cache (``model.offload_text_encoders``,
+    ``model.embedding_cache``, ``solace embed``); None: the model has none to manage."""
+
+    cfg_in_two_passes: bool = False
+    """CFG's negative prompt in a forward of its own (as the adapter's pipeline computes it), not batched."""
+
+    guidance_scale: float | None = None
+    """The value fed to a guidance embedding (FLUX.1); None: the model has no guidance input."""
+
+    height: int | None = None
+    width: int | None = None
+    """Image size in pixels; None: the size of :meth:`latent_shape` (latents are pixels)."""
 
     wants_batch_images: bool = False
     """Whether :meth:`batch_statistics` needs each training batch decoded to images."""
+
+    @property
+    def fsdp_ignored_modules(self) -> list[nn.Module]:
+        """Modules FSDP must leave whole (called outside the denoiser's forward); none by default."""
+        return []
+
+    def offload_text_encoders(self, mode: str) -> None:
+        """Move the text encoders to the CPU (``cpu``) or free them (``free``); a model without :attr:`text`
+        has none to move."""
+        raise ConfigError(
+            "model.offload_text_encoders", f"the {self.name} model has no text encoders to offload; use off"
+        )
+
+    def image_pixels(self) -> tuple[int, int]:
+        """``(height, width)`` of the adapter's images in pixels (:attr:`height` / :attr:`width`, else the
+        latent's own)."""
+        if self.height and self.width:
+            return int(self.height), int(self.width)
+        h, w = self.latent_shape()[-2:]  # type: ignore[attr-defined]
+        return int(h), int(w)
 
     def batch_statistics(self, images: torch.Tensor, metas: Sequence[dict]) -> dict[str, torch.Tensor]:
         """Per-image statistics of a training batch (name -> (n,) tensor), logged as batch means; none by

@@ -42,25 +42,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from solace.errors import MissingDependencyError, check
-from solace.models.base import AdapterHooks, Conditioning, image_size
-from solace.models.sd3 import (
-    SD3_LORA_TARGETS,
+from solace.models.base import Conditioning, SizeRule, image_size
+from solace.models.diffusers_common import (
+    ATTENTION_LORA_TARGETS,
+    DiffusersAdapter,
     check_scheduler_config,
-    configure_vae,
     default_device,
-    freeze,
     load_pipeline,
     parse_dtype,
-    vae_scale_factor_of,
-    vae_scaling,
 )
-from solace.models.text_cache import TextEncoders, text_identity
+from solace.models.family import FAMILIES, MEMORY_SETTINGS, ModelFamily
 from solace.sampling.schedule import flux_mu, flux_sigmas, shift_sigmas
 
-FLUX_LORA_TARGETS = list(SD3_LORA_TARGETS)
+FLUX_LORA_TARGETS = list(ATTENTION_LORA_TARGETS)
 """Attention projections of the double-stream blocks (and q/k/v of the single-stream blocks), as Flow-GRPO."""
 
 
@@ -88,7 +84,7 @@ def latent_image_ids(
     return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
 
-class FluxAdapter(AdapterHooks):
+class FluxAdapter(DiffusersAdapter):
     """:class:`~solace.models.base.FlowModelAdapter` over the components of a ``FluxPipeline``.
 
     Args:
@@ -106,7 +102,6 @@ class FluxAdapter(AdapterHooks):
     """
 
     lora_target_modules: list[str]
-    forward_module: nn.Module | None = None  # set by the trainer to the DDP/FSDP-wrapped denoiser
     # CFG (FluxPipeline's "true CFG") runs the negative prompt in a forward of its own, as FluxPipeline does,
     # so that solace's samples equal the pipeline's bitwise (one batched forward rounds differently)
     cfg_in_two_passes = True
@@ -126,22 +121,10 @@ class FluxAdapter(AdapterHooks):
         height: int | None = None,
         width: int | None = None,
     ) -> None:
-        for comp in ("transformer", "scheduler"):
-            check(getattr(pipeline, comp, None) is not None, "pipeline", f"has no {comp}")
-        check(
-            1 <= max_sequence_length <= 512,
-            "max_sequence_length",
-            f"must lie in 1..512 (FLUX's T5 limit), got {max_sequence_length}",
-        )
+        self._keep(pipeline, "flux", name, max_sequence_length)
         check(guidance_scale >= 0, "guidance_scale", f"must be >= 0, got {guidance_scale}")
-        self.pipeline = pipeline
-        self.name = name
-        self.denoiser: nn.Module = pipeline.transformer
-        self.vae: nn.Module | None = getattr(pipeline, "vae", None)
-        self.max_sequence_length = max_sequence_length
         self.guidance_scale = float(guidance_scale)
         self.lora_target_modules = list(FLUX_LORA_TARGETS)
-        self.vae_scale_factor = vae_scale_factor_of(pipeline)
         step = 2 * self.vae_scale_factor
         self.height, self.width = image_size(resolution, height, width, step, "2 * vae_scale_factor")
         self.resolution = self.height if self.height == self.width else None  # the square side
@@ -164,21 +147,9 @@ class FluxAdapter(AdapterHooks):
             else None
         )
         self.guidance_embeds = bool(getattr(self.denoiser.config, "guidance_embeds", False))
-        freeze(
-            self.denoiser,
-            self.vae,
-            getattr(pipeline, "text_encoder", None),
-            getattr(pipeline, "text_encoder_2", None),
-        )
-        if gradient_checkpointing:
-            self.denoiser.enable_gradient_checkpointing()
         self._img_ids: torch.Tensor | None = None
-        configure_vae(self.vae, vae_slicing, vae_tiling)
-        self.text = TextEncoders(
-            pipeline, lambda: text_identity(pipeline, "flux", max_sequence_length), lambda: self.device
-        )
-        if embedding_cache:
-            self.text.use_store(embedding_cache)
+        encoders = ("text_encoder", "text_encoder_2")
+        self._prepare("flux", encoders, gradient_checkpointing, (embedding_cache, vae_slicing, vae_tiling))
 
     @classmethod
     def from_pretrained(
@@ -215,19 +186,7 @@ class FluxAdapter(AdapterHooks):
             **memory,
         )
 
-    def offload_text_encoders(self, mode: str) -> None:
-        """Move the text encoders to the CPU (``cpu``) or free them (``free``); see :class:`TextEncoders`."""
-        self.text.offload(mode)  # type: ignore[arg-type]
-
     # ------------------------------------------------------------------ FlowModelAdapter
-    @property
-    def device(self) -> torch.device:
-        return self.denoiser.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.denoiser.dtype
-
     def image_seq_len(self) -> int:
         """Packed image tokens at :attr:`height` x :attr:`width`: ``(H/2)(W/2)`` in latent pixels."""
         return (self.latent_height // 2) * (self.latent_width // 2)
@@ -295,23 +254,13 @@ class FluxAdapter(AdapterHooks):
             return_dict=False,
         )[0]
 
-    def _vae_scale(self) -> tuple[float, float]:
-        return vae_scaling(self.vae)
-
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Packed latents -> unpack -> ``/ scaling_factor + shift_factor`` -> VAE -> RGB in [0, 1]."""
-        scale, shift = self._vae_scale()
-        z = unpack_latents(latents, self.latent_height, self.latent_width)
-        z = z.to(self.vae.device, self.vae.dtype) / scale + shift
-        img = self.vae.decode(z, return_dict=False)[0]
-        return (img.float() / 2 + 0.5).clamp(0, 1)
+        return self._decode_latents(unpack_latents(latents, self.latent_height, self.latent_width))
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """RGB in [0, 1] -> VAE posterior mode -> ``(z - shift) * scaling_factor`` -> packed latents."""
-        scale, shift = self._vae_scale()
-        x = images.to(self.vae.device, self.vae.dtype) * 2 - 1
-        z = self.vae.encode(x).latent_dist.mode()
-        return pack_latents((z - shift) * scale).to(self.dtype)
+        return pack_latents(self._encode_latents(images)).to(self.dtype)
 
     def sigmas(self, num_steps: int) -> torch.Tensor:
         """FluxPipeline's sigmas: ``linspace(1, 1/N, N)`` through the dynamic shift with :attr:`mu` and the
@@ -328,3 +277,42 @@ class FluxAdapter(AdapterHooks):
         sig = np.linspace(1.0, 1.0 / num_steps, num_steps).astype(np.float32)
         out = torch.from_numpy(np.asarray(shift_sigmas(sig, self.shift), dtype=np.float32))
         return torch.cat([out, torch.zeros(1)])
+
+
+_LOADER_KEYS = frozenset(
+    {
+        "device",
+        "dtype",
+        "guidance_scale",
+        "max_sequence_length",
+        "gradient_checkpointing",
+        "resolution",
+        "height",
+        "width",
+    }
+    | {"embedding_cache", "vae_slicing", "vae_tiling"}
+)
+
+
+def load_flux(model: str, **settings: Any) -> FluxAdapter:
+    """The ``flux`` family's loader: :meth:`FluxAdapter.from_pretrained` with the settings it reads."""
+    return FluxAdapter.from_pretrained(model, **{k: v for k, v in settings.items() if k in _LOADER_KEYS})
+
+
+def is_flux(model: str, pipeline_class: str | None) -> bool:
+    """``auto`` picks flux for a ``Flux*`` pipeline (the class name in
+    ``model_index.json``; never by the model's name)."""
+    return pipeline_class is not None and "Flux" in pipeline_class
+
+
+FAMILIES.register(
+    "flux",
+    ModelFamily(
+        load=load_flux,
+        recognises=is_flux,
+        sizes=SizeRule(),  # multiples of the pipeline's VAE x patch grid, checked when it loads
+        settings=frozenset(
+            {"guidance_scale", "max_sequence_length", "gradient_checkpointing", *MEMORY_SETTINGS}
+        ),
+    ),
+)

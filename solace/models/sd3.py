@@ -18,124 +18,29 @@ adds LoRA to :attr:`SD3Adapter.denoiser` with :func:`solace.models.lora.add_lora
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
-from solace.errors import ConfigError, MissingDependencyError, check
-from solace.models.base import AdapterHooks, Conditioning, image_size
-from solace.models.text_cache import TextEncoders, text_identity
+from solace.errors import MissingDependencyError, check
+from solace.models.base import Conditioning, SizeRule, image_size
+from solace.models.diffusers_common import (
+    ATTENTION_LORA_TARGETS,
+    DiffusersAdapter,
+    check_scheduler_config,
+    default_device,
+    load_pipeline,
+    parse_dtype,
+)
+from solace.models.family import FAMILIES, MEMORY_SETTINGS, ModelFamily
 from solace.sampling.schedule import flow_match_sigmas, flux_mu
 
-DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-SD3_LORA_TARGETS = [
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "add_q_proj",
-    "add_k_proj",
-    "add_v_proj",
-    "to_add_out",
-]
+SD3_LORA_TARGETS = list(ATTENTION_LORA_TARGETS)
 """Attention projections of the MMDiT's image and text streams (Flow-GRPO's SD3 LoRA targets)."""
 
-_UNSUPPORTED_SCHEDULER_OPTIONS = (
-    "use_karras_sigmas",
-    "use_exponential_sigmas",
-    "use_beta_sigmas",
-    "shift_terminal",
-    "invert_sigmas",
-    "stochastic_sampling",
-)
 
-
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """``"bf16" | "fp16" | "fp32"`` (or a ``torch.dtype``) -> ``torch.dtype``; else a ConfigError."""
-    if isinstance(dtype, torch.dtype):
-        check(dtype in DTYPES.values(), "dtype", f"must be one of {list(DTYPES)}, got {dtype}")
-        return dtype
-    check(dtype in DTYPES, "dtype", f"must be one of {list(DTYPES)}, got {dtype!r}")
-    return DTYPES[dtype]
-
-
-def default_device() -> torch.device:
-    """CUDA when available, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def check_scheduler_config(config: Any, what: str) -> None:
-    """Refuse scheduler options that :mod:`solace.sampling.schedule` does not reproduce."""
-    for opt in _UNSUPPORTED_SCHEDULER_OPTIONS:
-        if config.get(opt, None):
-            raise ConfigError(
-                "scheduler",
-                f"{what}'s FlowMatchEulerDiscreteScheduler sets {opt}={config.get(opt)!r}, which "
-                "solace's Flow-GRPO schedule does not reproduce; use a scheduler config without it",
-            )
-
-
-def freeze(*modules: nn.Module | None) -> None:
-    """``requires_grad_(False)`` on each module that is not None."""
-    for m in modules:
-        if m is not None:
-            m.requires_grad_(False)
-
-
-def vae_scale_factor_of(pipeline: Any) -> int:
-    """The pipeline's ``vae_scale_factor`` (from its VAE's blocks; 8, diffusers' default, without a VAE)."""
-    if getattr(pipeline, "vae_scale_factor", None):
-        return int(pipeline.vae_scale_factor)
-    vae = getattr(pipeline, "vae", None)
-    return 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
-
-
-def vae_scaling(vae: nn.Module | None) -> tuple[float, float]:
-    """``(scaling_factor, shift_factor)`` of a VAE; a ConfigError when the adapter has no VAE."""
-    check(vae is not None, "vae", "this adapter was built without a VAE; decode/encode_images need one")
-    cfg = vae.config
-    return float(cfg.scaling_factor), float(cfg.get("shift_factor", None) or 0.0)
-
-
-def configure_vae(vae: nn.Module | None, slicing: bool = False, tiling: bool = False) -> None:
-    """diffusers' ``AutoencoderKL.enable_slicing`` (a batch decoded one image at a time) and ``enable_tiling``
-    (large latents decoded in overlapping, blended tiles) when asked for; a ConfigError without a VAE."""
-    for on, name, method in (
-        (slicing, "vae_slicing", "enable_slicing"),
-        (tiling, "vae_tiling", "enable_tiling"),
-    ):
-        if on:
-            check(vae is not None, f"model.{name}", "this adapter has no VAE; turn the switch off")
-            getattr(vae, method)()
-
-
-def load_pipeline(pipeline_cls: Any, model: str, torch_dtype: torch.dtype, **kwargs: Any) -> Any:
-    """``pipeline_cls.from_pretrained`` with a solace error that says what to download when it fails."""
-    try:  # newer diffusers renamed from_pretrained's ``torch_dtype`` to ``dtype``
-        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
-
-        dtype_kw = "dtype"
-    except ImportError:
-        dtype_kw = "torch_dtype"
-    try:
-        return pipeline_cls.from_pretrained(model, **{dtype_kw: torch_dtype}, **kwargs)
-    except (OSError, ValueError) as e:
-        # diffusers raises OSError for hub/cache misses and ValueError for a path that is neither a folder
-        # nor a repo id; other ValueErrors (a broken config in an existing folder) propagate unchanged.
-        if isinstance(e, ValueError) and os.path.exists(model):
-            raise
-        raise MissingDependencyError(
-            f"could not load {pipeline_cls.__name__} from {model!r}: {e}. Pass a local folder written by "
-            f"save_pretrained, or download it first (e.g. `huggingface-cli download {model}`; gated models "
-            "need `huggingface-cli login` and an accepted licence)."
-        ) from e
-
-
-class SD3Adapter(AdapterHooks):
+class SD3Adapter(DiffusersAdapter):
     """:class:`~solace.models.base.FlowModelAdapter` over the components of a ``StableDiffusion3Pipeline``.
 
     Args:
@@ -157,7 +62,6 @@ class SD3Adapter(AdapterHooks):
     """
 
     lora_target_modules: list[str]
-    forward_module: nn.Module | None = None  # set by the trainer to the DDP/FSDP-wrapped denoiser
 
     def __init__(
         self,
@@ -173,20 +77,8 @@ class SD3Adapter(AdapterHooks):
         height: int | None = None,
         width: int | None = None,
     ) -> None:
-        for comp in ("transformer", "scheduler"):
-            check(getattr(pipeline, comp, None) is not None, "pipeline", f"has no {comp}")
-        check(
-            1 <= max_sequence_length <= 512,
-            "max_sequence_length",
-            f"must lie in 1..512 (SD3's T5 limit), got {max_sequence_length}",
-        )
-        self.pipeline = pipeline
-        self.name = name
-        self.denoiser: nn.Module = pipeline.transformer
-        self.vae: nn.Module | None = getattr(pipeline, "vae", None)
-        self.max_sequence_length = max_sequence_length
+        self._keep(pipeline, "sd3", name, max_sequence_length)
         self.lora_target_modules = list(SD3_LORA_TARGETS)
-        self.vae_scale_factor = vae_scale_factor_of(pipeline)
         self.patch_size = int(self.denoiser.config.patch_size)
         step = self.vae_scale_factor * self.patch_size
         self.height, self.width = image_size(resolution, height, width, step, "vae_scale_factor * patch_size")
@@ -195,19 +87,8 @@ class SD3Adapter(AdapterHooks):
         check_scheduler_config(sched, "SD3")
         self.num_train_timesteps = int(sched.get("num_train_timesteps", 1000))
         self.shift = float(sched.get("shift", 3.0))
-        freeze(
-            self.denoiser,
-            self.vae,
-            *(getattr(pipeline, n, None) for n in ("text_encoder", "text_encoder_2", "text_encoder_3")),
-        )
-        if gradient_checkpointing:
-            self.denoiser.enable_gradient_checkpointing()
-        configure_vae(self.vae, vae_slicing, vae_tiling)
-        self.text = TextEncoders(
-            pipeline, lambda: text_identity(pipeline, "sd3", max_sequence_length), lambda: self.device
-        )
-        if embedding_cache:
-            self.text.use_store(embedding_cache)
+        encoders = ("text_encoder", "text_encoder_2", "text_encoder_3")
+        self._prepare("sd3", encoders, gradient_checkpointing, (embedding_cache, vae_slicing, vae_tiling))
 
     @classmethod
     def from_pretrained(
@@ -248,19 +129,7 @@ class SD3Adapter(AdapterHooks):
             **memory,
         )
 
-    def offload_text_encoders(self, mode: str) -> None:
-        """Move the text encoders to the CPU (``cpu``) or free them (``free``); see :class:`TextEncoders`."""
-        self.text.offload(mode)  # type: ignore[arg-type]
-
     # ------------------------------------------------------------------ FlowModelAdapter
-    @property
-    def device(self) -> torch.device:
-        return self.denoiser.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.denoiser.dtype
-
     def latent_shape(self) -> tuple[int, ...]:
         """``(in_channels, height / vae_scale_factor, width / vae_scale_factor)``."""
         f = self.vae_scale_factor
@@ -300,22 +169,13 @@ class SD3Adapter(AdapterHooks):
             return_dict=False,
         )[0]
 
-    def _vae_scale(self) -> tuple[float, float]:
-        return vae_scaling(self.vae)
-
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """``latents / scaling_factor + shift_factor`` -> VAE decoder -> RGB in [0, 1], float32."""
-        scale, shift = self._vae_scale()
-        z = latents.to(self.vae.device, self.vae.dtype) / scale + shift
-        img = self.vae.decode(z, return_dict=False)[0]
-        return (img.float() / 2 + 0.5).clamp(0, 1)
+        return self._decode_latents(latents)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """RGB in [0, 1] -> VAE encoder (posterior mode) -> ``(z - shift) * scaling_factor``."""
-        scale, shift = self._vae_scale()
-        x = images.to(self.vae.device, self.vae.dtype) * 2 - 1
-        z = self.vae.encode(x).latent_dist.mode()
-        return ((z - shift) * scale).to(self.dtype)
+        return self._encode_latents(images).to(self.dtype)
 
     def image_seq_len(self) -> int:
         """Number of image tokens the transformer sees at :attr:`height` x :attr:`width`."""
@@ -338,3 +198,42 @@ class SD3Adapter(AdapterHooks):
             )
         kind = cfg.get("time_shift_type", None) or "exponential"
         return flow_match_sigmas(num_steps, self.shift, self.num_train_timesteps, mu=mu, time_shift_type=kind)
+
+
+_LOADER_KEYS = frozenset(
+    {
+        "device",
+        "dtype",
+        "text_encoder_3",
+        "max_sequence_length",
+        "gradient_checkpointing",
+        "resolution",
+        "height",
+        "width",
+    }
+    | {"embedding_cache", "vae_slicing", "vae_tiling"}
+)
+
+
+def load_sd3(model: str, **settings: Any) -> SD3Adapter:
+    """The ``sd3`` family's loader: :meth:`SD3Adapter.from_pretrained` with the settings it reads."""
+    return SD3Adapter.from_pretrained(model, **{k: v for k, v in settings.items() if k in _LOADER_KEYS})
+
+
+def is_sd3(model: str, pipeline_class: str | None) -> bool:
+    """``auto`` picks sd3 for a ``StableDiffusion3*`` pipeline (the class name in
+    ``model_index.json``; never by the model's name)."""
+    return pipeline_class is not None and "StableDiffusion3" in pipeline_class
+
+
+FAMILIES.register(
+    "sd3",
+    ModelFamily(
+        load=load_sd3,
+        recognises=is_sd3,
+        sizes=SizeRule(),  # multiples of the pipeline's VAE x patch grid, checked when it loads
+        settings=frozenset(
+            {"text_encoder_3", "max_sequence_length", "gradient_checkpointing", *MEMORY_SETTINGS}
+        ),
+    ),
+)

@@ -183,19 +183,19 @@ class SelfConfidenceScorer:
         guidance-embedding value where ``probe_guidance`` sets one (restored on exit)."""
         g = self.cfg.probe_guidance
         check(
-            not g or hasattr(adapter, "guidance_scale"),
+            not g or adapter.guidance_scale is not None,
             "reward.self_confidence.probe_guidance",
-            f"the {getattr(adapter, 'name', 'model')} model has no guidance embedding; set it to 0",
+            f"the {adapter.name} model has no guidance embedding; set it to 0",
         )
-        before = getattr(adapter, "guidance_scale", None)
+        before = adapter.guidance_scale
         with contextlib.nullcontext() if self.cfg.online else adapters_disabled(adapter.denoiser):
             try:
                 if g:
-                    adapter.guidance_scale = float(g)  # type: ignore[attr-defined]
+                    adapter.guidance_scale = float(g)
                 yield
             finally:
                 if g:
-                    adapter.guidance_scale = before  # type: ignore[attr-defined]
+                    adapter.guidance_scale = before
 
     @torch.no_grad()
     def scores(

@@ -57,7 +57,7 @@ def cfg_velocity(
     zin = z.to(adapter.dtype)
     if cfg_scale == 1.0 or null_cond is None:
         return adapter.velocity(zin, t, cond).float()
-    if getattr(adapter, "cfg_in_two_passes", False):  # as the adapter's pipeline does (FLUX's true CFG)
+    if adapter.cfg_in_two_passes:  # as the adapter's pipeline does (FLUX's true CFG)
         v_c = adapter.velocity(zin, t, cond).float()
         v_u = adapter.velocity(zin, t, null_cond).float()
     else:

@@ -27,8 +27,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from solace.errors import ConfigError
-from solace.models.toy import TOY_SHIFT, ToyAdapter, ToyTokenizer, save_toy_weights
 from solace.sampling.schedule import shift_sigmas
+from solace.toy.adapter import TOY_SHIFT, ToyAdapter, ToyTokenizer, save_toy_weights
 from solace.toy.net import ToyFlowNet
 from solace.toy.render import render_prompt
 from solace.toy.world import CATEGORIES, balanced_subset, load_heldout, sample_train_prompt, vocabulary

@@ -35,7 +35,12 @@ class LoraCfg:
 
 @dataclass
 class ModelCfg:
-    name: str = "toy"  # "toy", a toy .safetensors, a diffusers folder, or a hub id (SD3/SD3.5, FLUX.1)
+    # a name the model family loads: a diffusers folder or hub id (SD3/SD3.5, FLUX.1), an embedded world's
+    # model or weights file; the default comes from solace/configs/defaults.yaml
+    name: str = ""
+    # the model family (solace.models.family): auto (from the pipeline's own class name in model_index.json,
+    # a local folder's or the hub cache's) or a registered family's name (sd3, flux, a plugin's own)
+    family: str = "auto"
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # diffusers models
     # image size in pixels; 0: the model's own (toy 32 x 32, the only size it draws; SD3/FLUX 512 x 512).
     # resolution is shorthand for height = width (in the YAML file or command line that gives it; a height
@@ -259,7 +264,14 @@ class SolaceConfig:
     eval: EvalCfg = field(default_factory=EvalCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
     lora_ema: LoraEMACfg = field(default_factory=LoraEMACfg)
+    # modules to import before anything is looked up by name (a user's own model family, reward ...), from
+    # PYTHONPATH or an installed package; the solace.plugins entry points are always loaded
+    plugins: list[str] = field(default_factory=list)
     preset: str = ""  # informational: the preset this config came from
+
+
+DEFAULTS_FILE = "defaults.yaml"
+"""The first layer of every config (``solace/configs/defaults.yaml``): the embedded world's default values."""
 
 
 def presets_dir() -> Path:
@@ -278,6 +290,7 @@ def resolve_preset(path_or_name: str) -> Path:
         str(q.relative_to(presets_dir()))[:-5]
         for q in presets_dir().rglob("*.yaml")
         if q.parent.name != "accelerate"  # accelerate's launch configs, not solace presets
+        and q != presets_dir() / DEFAULTS_FILE  # the layer under every config, not a preset
     )
     raise ConfigError(
         "config", f"{path_or_name!r} is neither a file nor a preset; presets: {', '.join(names)}"
@@ -334,13 +347,14 @@ def load_config(
     check_paths: bool = True,
     layers_after: list[Any] | None = None,
 ) -> SolaceConfig:
-    """Defaults <- preset YAML (with ``defaults:`` inheritance) <- ``key=value`` overrides <- ``layers_after``
-    (OmegaConf configs, e.g. an ablation condition that must win over the overrides); validated.
+    """Defaults (the dataclasses, then ``solace/configs/defaults.yaml``) <- preset YAML (with ``defaults:``
+    inheritance) <- ``key=value`` overrides <- ``layers_after`` (OmegaConf configs, e.g. an ablation
+    condition that must win over the overrides); the ``plugins`` imported; validated.
 
     ``check_paths=False`` skips the existence check of prompt files (to check a preset for another machine).
     """
     schema = OmegaConf.structured(SolaceConfig)
-    layers = [schema]
+    layers = [schema, _load_yaml_chain(presets_dir() / DEFAULTS_FILE)]
     if path:
         p = resolve_preset(path)
         layers.append(_load_yaml_chain(p))
@@ -363,8 +377,24 @@ def load_config(
     m.resolution = m.height if m.height == m.width else 0  # the square side, never a stale shorthand
     if path:
         cfg.preset = cfg.preset or str(path)
+    load_config_plugins(cfg.plugins)
     validate(cfg, check_paths)
     return cfg
+
+
+def load_config_plugins(plugins: list[str]) -> None:
+    """Import the modules of the ``plugins`` list (each a dotted module name, once), so that what they
+    register is there before any name is looked up; a bad entry is one ConfigError naming ``plugins``."""
+    from solace.registry import load_plugins
+
+    for module in plugins:
+        check(
+            isinstance(module, str) and all(part.isidentifier() for part in module.split(".")),
+            "plugins",
+            f"{module!r} is not a module name; list dotted module names, e.g. plugins=[my_family]",
+        )
+    check(len(set(plugins)) == len(plugins), "plugins", f"names a module twice: {plugins}")
+    load_plugins(plugins)
 
 
 YAML_BOOL_WORDS = ("off", "on", "no", "yes", "y", "n", "true", "false")
@@ -575,27 +605,20 @@ def _validate_evaluator(cfg: SolaceConfig) -> None:
         )
 
 
-def _validate_size(m: ModelCfg) -> None:
-    """Height and width are >= 0 (0: the model's own); the toy model draws 32 x 32 only. SD3/FLUX sizes
-    are checked against the pipeline's VAE and patch size when the adapter loads."""
-    from solace.models import TOY_SIDE, model_family
+def model_family_of(m: ModelCfg) -> tuple[str, Any]:
+    """``(name, ModelFamily)`` of ``model.name`` / ``model.family`` (:func:`solace.models.resolve_family`):
+    an unknown family, or an ``auto`` that cannot tell, is a ConfigError naming ``model.family``."""
+    from solace.models import resolve_family
 
-    for side in ("height", "width"):
-        _min(getattr(m, side), 0, f"model.{side}", " (0: the model's own size)")
-    try:
-        toy = model_family(m.name) == "toy"
-    except ConfigError:  # an unknown model name fails when the model loads
-        toy = False
-    if not toy:
-        return
-    for side in ("height", "width"):
-        v = getattr(m, side)
-        check(
-            v in (0, TOY_SIDE),
-            f"model.{side}",
-            f"the toy model draws {TOY_SIDE} x {TOY_SIDE} images only, got {v}; drop model.{side} (and "
-            f"model.resolution) or set it to {TOY_SIDE}",
-        )
+    return resolve_family(m.name, m.family)
+
+
+def _validate_size(m: ModelCfg) -> None:
+    """Height and width are whole pixels >= 0 (0: the model's own) and follow the family's size rule as far
+    as it is known before loading (a one-size family: that size); sizes on a pipeline's grid are checked
+    against its VAE and patch size when the adapter loads."""
+    name, family = model_family_of(m)
+    family.sizes.check(name, {"model.height": m.height, "model.width": m.width})
 
 
 def _validate_reward_names(components: list[RewardComponent]) -> None:
@@ -630,9 +653,12 @@ def _validate_prompt_files(cfg: SolaceConfig) -> None:
 
 
 def _validate_memory(m: ModelCfg) -> None:
-    """The memory switches: SD3/FLUX only, a positive LRU size, ``free`` only with a disk cache."""
+    """The memory switches: for the families that read them (SD3/FLUX), a positive LRU size, ``free`` only
+    with a disk cache."""
+    from solace.models import FAMILIES
+
     _min(m.embedding_lru_size, 1, "model.embedding_lru_size")
-    toy = m.name in ("", "toy") or m.name.endswith(".safetensors")
+    family, fam = model_family_of(m)
     switches = {
         "embedding_cache": bool(m.embedding_cache),
         "offload_text_encoders": m.offload_text_encoders != "off",
@@ -640,8 +666,11 @@ def _validate_memory(m: ModelCfg) -> None:
         "vae_tiling": m.vae_tiling,
     }
     for name, on in switches.items():
+        readers = ", ".join(n for n, f in FAMILIES.items() if name in f.settings) or "none"
         check(
-            not (toy and on), f"model.{name}", "applies to SD3/FLUX models only; unset it for the toy model"
+            not on or name in fam.settings,
+            f"model.{name}",
+            f"applies to the model families that read it ({readers}), not to {family}; unset it",
         )
     check(
         m.offload_text_encoders != "free" or bool(m.embedding_cache),
@@ -700,16 +729,11 @@ def _validate_released_switches(cfg: SolaceConfig) -> None:
             f"{m} x {s.group_size} samples split into batches of {sc.standardize_batch}",
         )
     if sc.probe_guidance:
-        from solace.models import model_family
-
-        try:
-            family = model_family(cfg.model.name)
-        except ConfigError:  # an unknown model name fails when the model loads
-            family = "flux"
+        family, fam = model_family_of(cfg.model)
         check(
-            family == "flux",
+            "guidance_scale" in fam.settings,
             f"{prefix}.probe_guidance",
-            "sets FLUX's guidance embedding for the probes; other models have none, set it to 0",
+            f"sets FLUX's guidance embedding for the probes; the {family} family has none, set it to 0",
         )
     check(
         not cfg.grpo.drop_zero_advantages or cfg.train.algorithm == "flow_grpo",

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from solace.errors import ConfigError, check
-from solace.models import load_adapter, model_family
+from solace.models import load_adapter
 from solace.models.text_cache import precompute
 from solace.prompts import PromptSource
 
@@ -26,25 +26,22 @@ if TYPE_CHECKING:
 
 
 def load_model(m: ModelCfg, device: torch.device | str) -> Any:
-    """The adapter of ``model.name`` on ``device``; SD3/FLUX get their settings and memory switches."""
-    kwargs: dict[str, Any] = {"device": device}
-    family = model_family(m.name)
-    if family != "toy":
-        kwargs.update(
-            dtype=m.dtype,
-            height=m.height or None,  # 0: the adapter's own size
-            width=m.width or None,
-            max_sequence_length=m.max_sequence_length,
-            gradient_checkpointing=m.gradient_checkpointing,
-            embedding_cache=m.embedding_cache or None,
-            vae_slicing=m.vae_slicing,
-            vae_tiling=m.vae_tiling,
-        )
-        if family == "flux":
-            kwargs["guidance_scale"] = m.guidance_scale
-        else:
-            kwargs["text_encoder_3"] = m.text_encoder_3
-    return load_adapter(m.name, **kwargs)
+    """The adapter of ``model.name`` on ``device``, loaded by its family (``model.family``), which takes the
+    ``model.*`` settings it reads (dtype, height / width, T5, guidance, gradient checkpointing, embedding
+    cache on disk, VAE slicing / tiling)."""
+    settings = dict(
+        dtype=m.dtype,
+        height=m.height or None,  # 0: the adapter's own size
+        width=m.width or None,
+        max_sequence_length=m.max_sequence_length,
+        gradient_checkpointing=m.gradient_checkpointing,
+        embedding_cache=m.embedding_cache or None,
+        vae_slicing=m.vae_slicing,
+        vae_tiling=m.vae_tiling,
+        guidance_scale=m.guidance_scale,
+        text_encoder_3=m.text_encoder_3,
+    )
+    return load_adapter(m.name, m.family, device=device, **settings)
 
 
 def run_prompts(cfg: SolaceConfig, source: PromptSource, negatives: Any = None) -> list[str]:

@@ -228,7 +228,7 @@ class Trainer:
 
         fsdp = self.acc.distributed_type == DistributedType.FSDP
         if fsdp:  # bf16: FSDP's mixed precision (bf16 compute, float32 shards and gradient reductions)
-            ignored = getattr(self.adapter, "fsdp_ignored_modules", [])
+            ignored = self.adapter.fsdp_ignored_modules
             prepare_plugin(self.acc.state.fsdp_plugin, ignored, self.acc.mixed_precision)
             check_uniform_dtype(den, ignored)
         wrapped, opt = self.acc.prepare(den, opt)
@@ -463,7 +463,7 @@ class Trainer:
 
     def _sample_statistics(self, ro: Rollout, images: torch.Tensor | None) -> dict[str, float]:
         """Batch means of what the collapse monitor watches and the model's own batch statistics
-        (:meth:`~solace.models.base.AdapterHooks.batch_statistics`)."""
+        (:meth:`~solace.models.base.AdapterBase.batch_statistics`)."""
         stats = {"monitor/texture": float(self._gather(latent_texture(ro.z0).cpu()).mean())}
         if images is not None:
             for k, v in self.adapter.batch_statistics(images, ro.metas).items():
@@ -822,7 +822,7 @@ class Trainer:
         every process first); with ``lora_ema`` its EMA (what was evaluated), the trained weights beside it
         in ``OUT/lora_trained``."""
         final = self.out / "lora"
-        pipe_cls = type(self.adapter.pipeline) if hasattr(self.adapter, "pipeline") else None
+        pipe_cls = type(self.adapter.pipeline) if self.adapter.pipeline is not None else None
         with self._evaluated_weights(), self._whole_lora():
             if self.is_main:
                 save_lora(self.adapter, final, pipeline_class=pipe_cls)

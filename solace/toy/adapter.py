@@ -15,13 +15,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from solace.errors import ConfigError
-from solace.models.base import AdapterHooks, Conditioning
+from solace.models.base import AdapterBase, Conditioning, SizeRule
 from solace.sampling.schedule import flow_match_sigmas
 from solace.toy.net import MAX_TOKENS, ToyFlowNet
 from solace.toy.world import vocabulary
 
 TOY_SHIFT = 3.0
 BASE_WEIGHTS = "toy_base.safetensors"
+TOY_SIDE = 32
+"""The toy model draws TOY_SIDE x TOY_SIDE images, and no other size."""
+TOY_SIZES = SizeRule(only=TOY_SIDE)
+DEFAULT_NAMES = ("", "toy")
+"""``model.name`` values that mean the shipped base weights (the embedded world's default)."""
 
 
 class ToyTokenizer:
@@ -72,12 +77,11 @@ def load_toy_net(path: str | Path | None = None) -> ToyFlowNet:
     return net
 
 
-class ToyAdapter(AdapterHooks):
+class ToyAdapter(AdapterBase):
     """FlowModelAdapter over the toy U-Net (pixel latents, identity decode)."""
 
     name = "toy"
     lora_target_modules = ["to_q", "to_k", "to_v", "to_out", "add_k_proj", "add_v_proj"]
-    forward_module: torch.nn.Module | None = None  # set by the trainer to the DDP/FSDP-wrapped denoiser
 
     def __init__(
         self,
@@ -99,7 +103,7 @@ class ToyAdapter(AdapterHooks):
         return torch.float32
 
     def latent_shape(self) -> tuple[int, ...]:
-        return (3, 32, 32)
+        return (3, TOY_SIDE, TOY_SIDE)
 
     @property
     def fsdp_ignored_modules(self) -> list[torch.nn.Module]:
@@ -148,3 +152,18 @@ class ToyAdapter(AdapterHooks):
         from solace.evaluation.toy_eval import default_image_prompts
 
         return default_image_prompts()
+
+
+def is_toy_model(model: str, pipeline_class: str | None) -> bool:
+    """``auto`` picks the toy family for the embedded default name (the shipped base) or a ``.safetensors``
+    file (toy weights written by ``solace toy pretrain``)."""
+    return pipeline_class is None and (model in DEFAULT_NAMES or model.endswith(".safetensors"))
+
+
+def load_toy(
+    model: str, device: str | torch.device = "cpu", shift: float = TOY_SHIFT, **settings: object
+) -> ToyAdapter:
+    """The toy family's loader: the shipped base for the default name, else the toy weights file ``model``;
+    the settings of diffusers models (dtype, text encoders, memory switches) do not apply and are ignored
+    (the size is checked by :data:`TOY_SIZES`)."""
+    return ToyAdapter(weights=None if model in DEFAULT_NAMES else model, device=device, shift=shift)
