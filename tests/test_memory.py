@@ -302,9 +302,18 @@ def test_trainer_with_disk_cache_and_freed_encoders_samples_the_same(tmp_path):
         (["model.embedding_cache=x"], "model.embedding_cache"),
         (["model.offload_text_encoders=cpu"], "model.offload_text_encoders"),
         (["model.vae_tiling=true"], "model.vae_tiling"),
-        (["model.name=some/sd3-model", "model.offload_text_encoders=free"], "model.offload_text_encoders"),
-        (["model.name=some/sd3-model", "model.embedding_lru_size=0"], "model.embedding_lru_size"),
-        (["model.name=some/sd3-model", "model.offload_text_encoders=gpu"], "model.offload_text_encoders"),
+        (
+            ["model.name=some/sd3-model", "model.family=sd3", "model.offload_text_encoders=free"],
+            "model.offload_text_encoders",
+        ),
+        (
+            ["model.name=some/sd3-model", "model.family=sd3", "model.embedding_lru_size=0"],
+            "model.embedding_lru_size",
+        ),
+        (
+            ["model.name=some/sd3-model", "model.family=sd3", "model.offload_text_encoders=gpu"],
+            "model.offload_text_encoders",
+        ),
     ],
 )
 def test_memory_settings_are_checked(overrides, field):

@@ -18,7 +18,7 @@ from mathcheck import assert_close
 from solace.errors import ConfigError
 from solace.grpo.advantages import drop_zero_advantages
 from solace.grpo.window import parse_steps, released_steps, train_window
-from solace.models.base import Conditioning
+from solace.models.base import AdapterBase, Conditioning
 from solace.nft.ema import EMAPolicy, ema_decay
 from solace.rewards.scorer import SelfConfidenceCfg, SelfConfidenceScorer, probe_steps
 from solace.rewards.self_confidence import (
@@ -329,7 +329,7 @@ def test_independent_k4_probes_by_hand():
     assert probe_mse(_const_t_field, z0, ts, probes[:, :, :3], antithetic=False).shape == (B, 2)
 
 
-class _GuidedAdapter:
+class _GuidedAdapter(AdapterBase):
     """A FLUX-like adapter: v = guidance_scale everywhere, so the probes' MSE shows the guidance used."""
 
     name, dtype, guidance_scale = "flux", torch.float32, 3.5
@@ -358,7 +358,7 @@ def test_scorer_draws_independent_probes_and_probes_with_its_own_guidance():
 # --------------------------------------------------------------------------- 8: the unconditional branch
 
 
-class _LinearAdapter:
+class _LinearAdapter(AdapterBase):
     """v(z, t, c) = a z + e_c: dv/da = z for either branch, so CFG's gradient in a is (1 - s) z + s z = z,
     and with the unconditional branch detached s z."""
 

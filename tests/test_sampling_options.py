@@ -194,7 +194,9 @@ def test_resolution_is_a_per_layer_shorthand(tmp_path):
     again = load_config(
         None,
         check_paths=False,
-        layers_after=[OmegaConf.create({"model": {"name": old.model.name, "resolution": 640}})],
+        layers_after=[
+            OmegaConf.create({"model": {"name": old.model.name, "family": "sd3", "resolution": 640}})
+        ],
     )
     assert (again.model.height, again.model.width) == (old.model.height, old.model.width) == (640, 640)
     assert (

@@ -11,7 +11,7 @@ from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchE
 from mathcheck import assert_close
 
 from solace.errors import ConfigError
-from solace.models.base import Conditioning, FlowModelAdapter
+from solace.models.base import AdapterBase, Conditioning, FlowModelAdapter
 from solace.sampling.sampler import cfg_velocity, sample, step_policy
 from solace.sampling.schedule import flow_match_sigmas, flux_mu, flux_sigmas
 from solace.sampling.sde import euler_step, gaussian_log_prob, sde_std, sde_step
@@ -205,7 +205,7 @@ def test_sde_sampling_reaches_the_data_marginal_statistically():
 LATENT = (2, 3, 3)
 
 
-class LinearAdapter:
+class LinearAdapter(AdapterBase):
     """A fake adapter whose velocity is the analytic linear field ``v = -(1 + t) z / 2 + t * c``."""
 
     name = "linear-fake"

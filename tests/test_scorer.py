@@ -7,7 +7,7 @@ import torch
 from mathcheck import assert_close
 
 from solace.errors import ConfigError
-from solace.models.base import Conditioning, adapters_disabled
+from solace.models.base import AdapterBase, Conditioning, adapters_disabled
 from solace.rewards.scorer import SelfConfidenceCfg, SelfConfidenceScorer, probe_steps
 from solace.rewards.self_confidence import confidence_scores, draw_probes, probe_mse
 
@@ -22,7 +22,7 @@ class _Lin(torch.nn.Module):
             self.lin.weight.copy_(torch.eye(4))
 
 
-class _Adapter:
+class _Adapter(AdapterBase):
     name = "tiny"
     dtype = torch.float32
 
@@ -118,7 +118,7 @@ def test_edit_contrast_forms_by_hand():
     assert_close(edit_contrast(s_c, s_e, "lse", temperature=0.5), [[float(expected)]])
 
 
-class _PointMass:
+class _PointMass(AdapterBase):
     """The exact velocity of a point-mass data distribution per prompt, x0 = mu_c:
     v(z, t, c) = (z - mu_c) / t. Then eps_hat = v + z0 = eps + (z0 - mu_c) / t, so
     MSE_t = ||z0 - mu_c||^2 / (t^2 D) whatever the probes."""

@@ -58,6 +58,10 @@ SAFE: tuple[str, ...] = (
     "model.embedding_cache",
     "model.embedding_lru_size",
     "model.offload_text_encoders",
+    # how the model is found, not what it is: model.name is compared, a family that built another network
+    # fails on the LoRA's keys; checkpoints written before these keys existed record neither
+    "model.family",
+    "plugins",
 )
 #: Evaluation-only settings: unsafe because earlier evaluations of the run were measured with the old ones.
 EVAL_FIELDS: tuple[str, ...] = (
