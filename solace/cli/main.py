@@ -234,16 +234,18 @@ def config_check(
     show: bool = typer.Option(False, help="Print the merged config."),
     paths: bool = typer.Option(False, help="Also require prompt files to exist on this machine."),
 ) -> None:
-    """Validate a config (types, ranges, names) without loading a model."""
-    from solace.trainer.config import load_config, to_yaml
+    """Validate a config (types, ranges, names) without loading a model; says which model family loads it
+    (model.family, or what auto tells from the pipeline's class name)."""
+    from solace.trainer.config import load_config, model_family_of, to_yaml
 
     try:
         cfg = load_config(config, list(ctx.args), check_paths=paths)
+        family = model_family_of(cfg.model)[0]
     except SolaceError as e:
         _fail(e)
     if show:
         typer.echo(to_yaml(cfg))
-    typer.echo(f"{config}: ok")
+    typer.echo(f"{config}: ok (model family: {family})")
 
 
 @config_app.command("show", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -110,15 +110,13 @@ def resolve_family(
             if fam.recognises(model, cls):
                 return name, fam
     names = ", ".join(FAMILIES.names())
-    where = (
-        f"its pipeline class {cls!r}"
+    why = (
+        f"its pipeline class {cls!r} is no registered family's"
         if cls
-        else "no model_index.json (neither a local folder nor in the hub cache)"
+        else "no model_index.json: neither a local diffusers folder nor in the hub cache"
     )
     raise ConfigError(
-        field,
-        f"auto cannot tell the family of {model!r}: {where} names no registered family; set {field} to one "
-        f"of: {names}",
+        field, f"auto cannot tell the family of {model!r} ({why}); set {field} to one of: {names}"
     )
 
 
