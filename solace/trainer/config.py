@@ -19,6 +19,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from solace.errors import ConfigError, check
 from solace.grpo.window import parse_steps
+from solace.models import FAMILIES, ModelFamily, resolve_family
+from solace.registry import load_plugins
 from solace.rewards.scorer import SelfConfidenceCfg
 from solace.trainer.precision import check_config as check_precision
 from solace.utils.seeding import check_seed
@@ -385,8 +387,6 @@ def load_config(
 def load_config_plugins(plugins: list[str]) -> None:
     """Import the modules of the ``plugins`` list (each a dotted module name, once), so that what they
     register is there before any name is looked up; a bad entry is one ConfigError naming ``plugins``."""
-    from solace.registry import load_plugins
-
     for module in plugins:
         check(
             isinstance(module, str) and all(part.isidentifier() for part in module.split(".")),
@@ -605,11 +605,9 @@ def _validate_evaluator(cfg: SolaceConfig) -> None:
         )
 
 
-def model_family_of(m: ModelCfg) -> tuple[str, Any]:
+def model_family_of(m: ModelCfg) -> tuple[str, ModelFamily]:
     """``(name, ModelFamily)`` of ``model.name`` / ``model.family`` (:func:`solace.models.resolve_family`):
     an unknown family, or an ``auto`` that cannot tell, is a ConfigError naming ``model.family``."""
-    from solace.models import resolve_family
-
     return resolve_family(m.name, m.family)
 
 
@@ -655,8 +653,6 @@ def _validate_prompt_files(cfg: SolaceConfig) -> None:
 def _validate_memory(m: ModelCfg) -> None:
     """The memory switches: for the families that read them (SD3/FLUX), a positive LRU size, ``free`` only
     with a disk cache."""
-    from solace.models import FAMILIES
-
     _min(m.embedding_lru_size, 1, "model.embedding_lru_size")
     family, fam = model_family_of(m)
     switches = {
