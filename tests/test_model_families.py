@@ -216,6 +216,20 @@ def test_the_plugin_family_answers_auto_and_its_size_rule(tinyflow):
         )
 
 
+def test_the_cli_loads_a_plugin_family_by_option(tinyflow, tmp_path):
+    """``--plugin`` imports the module, ``--family`` picks its family for a name auto cannot tell."""
+    args = ["sample", "--model", "my-own-net", "--family", "tinyflow", "--plugin", "tinyflow_family"]
+    args += ["--prompt", "a red circle", "--seeds", "0,1", "--steps", "2", "--device", "cpu"]
+    res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "grid.png")])
+    assert res.exit_code == 0, res.output
+    assert len(list((tmp_path / "grid").glob("*.png"))) == 2
+    # must fail: without --family auto cannot tell; an unknown --plugin module; each one line
+    res = CliRunner().invoke(app, [*args[:3], *args[7:], "--out", str(tmp_path / "g2.png")])
+    assert res.exit_code == 2 and "--family: auto cannot tell the family of 'my-own-net'" in res.output
+    res = CliRunner().invoke(app, [*args[:5], "--plugin", "no_such_mod_x", "--out", str(tmp_path / "g3.png")])
+    assert res.exit_code == 2 and "--plugin: no plugin module named 'no_such_mod_x'" in res.output
+
+
 def test_plugins_are_checked_in_one_line(plugin_dir):
     with pytest.raises(ConfigError, match="^plugins: no plugin module named 'no_such_family_mod'") as e:
         load_config(None, ["plugins=[no_such_family_mod]"], check_paths=False)

@@ -286,6 +286,15 @@ def embed_cmd(
     typer.echo(json.dumps(res))
 
 
+def _import_plugins(modules: list[str] | None) -> None:
+    """``--plugin`` modules (e.g. one registering a model family), imported once; errors name the option."""
+    from solace.registry import import_plugin, load_plugins
+
+    load_plugins()
+    for module in modules or []:
+        import_plugin(module, "--plugin")
+
+
 def _load(
     model: str,
     lora: str | None,
@@ -298,9 +307,8 @@ def _load(
     import torch
 
     from solace.models.family import load_family_adapter
-    from solace.registry import load_plugins
 
-    load_plugins(family[1] or [])
+    _import_plugins(family[1])
     dev = (
         "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     )
@@ -647,10 +655,9 @@ def _prompt_source(
 ) -> tuple[list[str], list | None]:
     """Prompts and, for a toy model on toy-world records, the records the exact evaluator needs."""
     from solace.models.family import resolve_family
-    from solace.registry import load_plugins
     from solace.toy.world import PromptRecord, load_heldout
 
-    load_plugins(family[1] or [])
+    _import_plugins(family[1])
     toy = resolve_family(model, family[0], "--family")[0] == "toy"
     if prompts == "toy_heldout":
         recs = list(load_heldout())
