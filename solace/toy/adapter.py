@@ -12,6 +12,7 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from solace.errors import ConfigError
@@ -19,6 +20,7 @@ from solace.models.base import AdapterBase, Conditioning, SizeRule
 from solace.sampling.schedule import flow_match_sigmas
 from solace.toy.net import MAX_TOKENS, ToyFlowNet
 from solace.toy.world import vocabulary
+from solace.utils.files import safetensors_problem
 
 TOY_SHIFT = 3.0
 BASE_WEIGHTS = "toy_base.safetensors"
@@ -57,15 +59,11 @@ def save_toy_weights(net: ToyFlowNet, path: str | Path, extra: dict[str, str] | 
 
 
 def load_toy_net(path: str | Path | None = None) -> ToyFlowNet:
-    from safetensors import safe_open
-
     path = Path(path) if path is not None else default_weights_path()
     if not path.exists():
         raise ConfigError(
             "model", f"toy weights not found at {path}; run `solace toy pretrain` or pass a path"
         )
-    from solace.utils.files import safetensors_problem
-
     problem = safetensors_problem(path)
     if problem:
         raise ConfigError("model", f"{path}: {problem}; pass toy weights written by `solace toy pretrain`")
