@@ -92,9 +92,11 @@ def _check_pixels(name: str, v: Any) -> None:
 class SizeRule:
     """The image sizes a model family draws, declared with its registry entry
     (:class:`solace.models.family.ModelFamily`): one square side only (``only``, e.g. 32), or any
-    height x width on a grid whose step its pipeline sets when it loads (:func:`image_size`)."""
+    height x width on a grid whose step its pipeline sets when it loads (``grid`` says what the step is,
+    e.g. ``vae_scale_factor * patch_size``; :meth:`resolve`)."""
 
     only: int | None = None
+    grid: str = ""
 
     def check(self, family: str, sizes: dict[str, int | None]) -> None:
         """What can be checked before a model loads: each size (key: the field or option that set it, for
@@ -108,6 +110,13 @@ class SizeRule:
                 name,
                 f"the {family} model draws {n} x {n} images only, got {v}; leave {name} out or set it to {n}",
             )
+
+    def resolve(
+        self, resolution: int | None, height: int | None, width: int | None, step: int
+    ) -> tuple[int, int]:
+        """``(height, width)`` of a grid family's loaded model, whose grid step is ``step``
+        (:func:`image_size`)."""
+        return image_size(resolution, height, width, step, self.grid)
 
 
 def image_size(

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from solace.errors import MissingDependencyError, check
-from solace.models.base import Conditioning, SizeRule, image_size
+from solace.models.base import Conditioning, SizeRule
 from solace.models.diffusers_common import (
     ATTENTION_LORA_TARGETS,
     DiffusersAdapter,
@@ -55,6 +55,9 @@ from solace.models.diffusers_common import (
 )
 from solace.models.family import FAMILIES, MEMORY_SETTINGS, ModelFamily
 from solace.sampling.schedule import flux_mu, flux_sigmas, shift_sigmas
+
+FLUX_SIZES = SizeRule(grid="2 * vae_scale_factor")
+"""FLUX's image sizes: multiples of the VAE's downsampling times the 2 x 2 packing (16 for FLUX.1)."""
 
 FLUX_LORA_TARGETS = list(ATTENTION_LORA_TARGETS)
 """Attention projections of the double-stream blocks (and q/k/v of the single-stream blocks), as Flow-GRPO."""
@@ -126,7 +129,7 @@ class FluxAdapter(DiffusersAdapter):
         self.guidance_scale = float(guidance_scale)
         self.lora_target_modules = list(FLUX_LORA_TARGETS)
         step = 2 * self.vae_scale_factor
-        self.height, self.width = image_size(resolution, height, width, step, "2 * vae_scale_factor")
+        self.height, self.width = FLUX_SIZES.resolve(resolution, height, width, step)
         self.resolution = self.height if self.height == self.width else None  # the square side
         self.latent_height = self.height // self.vae_scale_factor  # unpacked latent pixels
         self.latent_width = self.width // self.vae_scale_factor
@@ -310,7 +313,7 @@ FAMILIES.register(
     ModelFamily(
         load=load_flux,
         recognises=is_flux,
-        sizes=SizeRule(),  # multiples of the pipeline's VAE x patch grid, checked when it loads
+        sizes=FLUX_SIZES,
         settings=frozenset(
             {"guidance_scale", "max_sequence_length", "gradient_checkpointing", *MEMORY_SETTINGS}
         ),

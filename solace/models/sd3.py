@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from solace.errors import MissingDependencyError, check
-from solace.models.base import Conditioning, SizeRule, image_size
+from solace.models.base import Conditioning, SizeRule
 from solace.models.diffusers_common import (
     ATTENTION_LORA_TARGETS,
     DiffusersAdapter,
@@ -35,6 +35,9 @@ from solace.models.diffusers_common import (
 )
 from solace.models.family import FAMILIES, MEMORY_SETTINGS, ModelFamily
 from solace.sampling.schedule import flow_match_sigmas, flux_mu
+
+SD3_SIZES = SizeRule(grid="vae_scale_factor * patch_size")
+"""SD3's image sizes: multiples of the VAE's downsampling times the transformer's patch (16 for SD3.5)."""
 
 SD3_LORA_TARGETS = list(ATTENTION_LORA_TARGETS)
 """Attention projections of the MMDiT's image and text streams (Flow-GRPO's SD3 LoRA targets)."""
@@ -81,7 +84,7 @@ class SD3Adapter(DiffusersAdapter):
         self.lora_target_modules = list(SD3_LORA_TARGETS)
         self.patch_size = int(self.denoiser.config.patch_size)
         step = self.vae_scale_factor * self.patch_size
-        self.height, self.width = image_size(resolution, height, width, step, "vae_scale_factor * patch_size")
+        self.height, self.width = SD3_SIZES.resolve(resolution, height, width, step)
         self.resolution = self.height if self.height == self.width else None  # the square side
         sched = pipeline.scheduler.config
         check_scheduler_config(sched, "SD3")
@@ -231,7 +234,7 @@ FAMILIES.register(
     ModelFamily(
         load=load_sd3,
         recognises=is_sd3,
-        sizes=SizeRule(),  # multiples of the pipeline's VAE x patch grid, checked when it loads
+        sizes=SD3_SIZES,
         settings=frozenset(
             {"text_encoder_3", "max_sequence_length", "gradient_checkpointing", *MEMORY_SETTINGS}
         ),
