@@ -38,10 +38,10 @@ sys.path.insert(0, str(HERE))
 from nft_proof import one_run  # noqa: E402
 
 EVAL = [
-    "data.eval_prompts=toy_train_eval",
-    "train.eval_samples_per_prompt=8",
-    "sampling.eval_num_steps=20",
-    "sampling.eval_cfg_scale=3.0",
+    "eval.prompts=toy_train_eval",
+    "eval.samples_per_prompt=8",
+    "eval.num_steps=20",
+    "eval.cfg_scale=3.0",
 ]
 
 
@@ -121,8 +121,8 @@ def train_one(a: argparse.Namespace) -> None:
     config = PRESETS[a.update][0]
     ns = argparse.Namespace(
         config=config, out=a.out, threads=a.threads, samples=8, steps=20, cfg=3.0,
-        overrides=[*EVAL, f"train.max_minutes={a.minutes}", "train.iterations=1000", "train.image_every=0",
-                   f"train.eval_every={a.eval_every}", "train.checkpoint_every=20", *a.overrides],
+        overrides=[*EVAL, f"train.max_minutes={a.minutes}", "train.iterations=1000", "eval.image_every=0",
+                   f"eval.every={a.eval_every}", "train.checkpoint_every=20", *a.overrides],
     )  # fmt: skip
     one_run(ns, a.update, a.seed)
 

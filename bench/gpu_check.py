@@ -87,7 +87,7 @@ TINY_OVERRIDES = [
     "sampling.group_size=2",
     "sampling.num_steps=2",
     "reward.self_confidence.num_probes=2",
-    "grpo.micro_batch_size=2",
+    "train.micro_batch_size=2",
 ]
 
 
@@ -121,12 +121,12 @@ def run_overrides(args: argparse.Namespace, pipeline: Path, device: str) -> list
         f"model.name={pipeline}",
         f"model.text_encoder_3={not args.no_t5}",
         f"data.train_prompts={prompts}",
-        f"data.eval_prompts={prompts}",
+        f"eval.prompts={prompts}",
         "sampling.prompts_per_step=1",  # one group of G samples (the preset: 48 over 8 GPUs)
         "eval.metrics=[]",  # no metric models (they would download): nothing evaluates
         f"train.iterations={args.iters}",
-        "train.eval_every=0",
-        "train.image_every=0",
+        "eval.every=0",
+        "eval.image_every=0",
         "train.report=false",
         "train.log_with=[]",
         f"train.output_dir={out / 'run'}",

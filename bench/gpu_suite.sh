@@ -30,8 +30,8 @@ echo "stage timeouts: $TOTAL s in all (limit 540 s)"
 [ "$TOTAL" -le 540 ] || { echo "the stage timeouts add up to more than 540 s" >&2; exit 1; }
 if [ "${TINY:-0}" = 1 ]; then
     BUILD=(--size tiny --dtype fp32 --device cpu); SMALL=(--tiny); FLUX=(--tiny); DEV=cpu; VARIANT=(); TOY_MIN=0.1
-    TOY_EXTRA="sampling.prompts_per_step=1 sampling.group_size=2 sampling.batch_size=2 grpo.micro_batch_size=2 nft.micro_batch_size=2"
-    TOY_EXTRA="$TOY_EXTRA sampling.eval_num_steps=2 data.eval_prompts_limit=1 train.eval_samples_per_prompt=1"
+    TOY_EXTRA="sampling.prompts_per_step=1 sampling.group_size=2 sampling.batch_size=2 train.micro_batch_size=2"
+    TOY_EXTRA="$TOY_EXTRA eval.num_steps=2 eval.prompts_limit=1 eval.samples_per_prompt=1"
 else
     BUILD=(--size sd35m --dtype bf16); SMALL=(); FLUX=(); DEV=cuda; VARIANT=(sampling.group_size=8); TOY_MIN=0.5
     TOY_EXTRA=""
@@ -57,7 +57,7 @@ stage flux_memory "$T_FLUX" $PY "$HERE/flux_memory.py" "${FLUX[@]}" --json "$OUT
 toy() {  # name preset
     PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2 $PY -m solace train --config "$2" train.device=$DEV train.seed=0 \
         train.max_minutes=$TOY_MIN train.iterations=100000 train.output_dir="$OUT/$1" train.checkpoint_every=1000 \
-        train.image_every=0 train.threads=2 $TOY_EXTRA > "$OUT/$1.log" 2>&1
+        eval.image_every=0 train.threads=2 $TOY_EXTRA > "$OUT/$1.log" 2>&1
 }
 export -f toy; export OUT DEV TOY_MIN PY TOY_EXTRA
 [ "${SKIP_TOY:-0}" = 1 ] || stage toy_runs "$T_TOY" bash -c "toy toy_nft_verifiable toy_nft_verifiable & toy toy_main toy & wait"

@@ -16,10 +16,10 @@ EVAL_LIMIT=${EVAL_LIMIT:-0}
 ITERS=${ITERS:-100000}
 BS=$((PROMPTS * 16))
 mkdir -p "$OUT_DIR"
-common=(sampling.prompts_per_step=$PROMPTS sampling.batch_size=$BS grpo.micro_batch_size=$BS
+common=(sampling.prompts_per_step=$PROMPTS sampling.batch_size=$BS train.micro_batch_size=$BS
         reward.self_confidence.max_batch=1280 optim.lr=1e-3 train.iterations=$ITERS train.max_minutes=$MINUTES
-        train.eval_every=25 train.eval_samples_per_prompt=$EVAL_SAMPLES data.eval_prompts_limit=$EVAL_LIMIT
-        train.image_every=25 train.checkpoint_every=25 train.threads=2 train.device=$DEVICE)
+        eval.every=25 eval.samples_per_prompt=$EVAL_SAMPLES eval.prompts_limit=$EVAL_LIMIT
+        eval.image_every=25 train.checkpoint_every=25 train.threads=2 train.device=$DEVICE)
 run() {  # name preset seed [extra overrides]
     local name=$1 preset=$2 seed=$3; shift 3
     PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2 python -m solace train --config "$preset" "${common[@]}" \

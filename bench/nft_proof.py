@@ -39,7 +39,7 @@ def train(cfg: str, seed: int, run: Path, out: Path, threads: int, extra: list[s
     """One ``solace train`` run; ``resume``: continue a run killed part-way from its checkpoint."""
     cmd = [
         sys.executable, "-m", "solace", "train", "--config", cfg, f"train.seed={seed}",
-        f"train.output_dir={run}", f"train.base_eval_cache={out / 'base_eval_cache.json'}",
+        f"train.output_dir={run}", f"eval.base_cache={out / 'base_eval_cache.json'}",
         f"train.threads={threads}", *(["--resume"] if resume else []), *extra,
     ]  # fmt: skip
     t0 = time.time()

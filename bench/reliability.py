@@ -89,7 +89,7 @@ def input_cases(d: Path, w: Path) -> list[tuple[str, list[str], str]]:
         ("prompt file not UTF-8", [*t, f"data.train_prompts={d}/latin1.txt"], "UTF-8"),
         ("a folder as prompt file", [*t, f"data.train_prompts={d}/folder"], "folder"),
         ('{"prompt": 42} in .jsonl', [*t, f"data.train_prompts={d}/number.jsonl"], "'prompt'"),
-        ('"include": "oops" in GenEval .jsonl', [*t, f"data.eval_prompts={d}/include.jsonl"], "include"),
+        ('"include": "oops" in GenEval .jsonl', [*t, f"eval.prompts={d}/include.jsonl"], "include"),
         ("bad JSON line", [*t, f"data.train_prompts={d}/bad.jsonl"], "not valid JSON"),
         ("empty prompt file", [*t, f"data.train_prompts={d}/empty.txt"], "no prompts"),
         ("output folder is a file", ["train", "--config", "toy", f"train.output_dir={d}/a_file"], "cannot be written"),

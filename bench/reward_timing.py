@@ -41,7 +41,7 @@ def main() -> None:
         cfg = load_config(
             "configs/toy.yaml",
             [f"train.output_dir={d}", f"train.iterations={a.iterations}", "train.report=false",
-             "train.eval_every=0", "train.image_every=0", f"train.checkpoint_every={a.iterations}",
+             "eval.every=0", "eval.image_every=0", f"train.checkpoint_every={a.iterations}",
              f"train.threads={a.threads}"],
         )  # fmt: skip
         tr = Trainer(cfg)

@@ -135,7 +135,5 @@ class PromptSource:
 
     def all(self, limit: int = 0) -> list[Prompt]:
         if self.items is None:
-            raise ConfigError(
-                "data.eval_prompts", "'toy' is the train distribution; use 'toy_heldout' or a file"
-            )
+            raise ConfigError("eval.prompts", "'toy' is the train distribution; use 'toy_heldout' or a file")
         return self.items[:limit] if limit else list(self.items)

@@ -92,9 +92,9 @@ TRAIN_CASES: dict[str, tuple[str, dict[str, object]]] = {
     "mixed_multi_step": (
         "toy_mixed",
         {
-            "grpo.inner_epochs": 2,
-            "grpo.updates_per_iteration": 2,
-            "grpo.micro_batch_size": 2,
+            "train.inner_epochs": 2,
+            "train.updates_per_iteration": 2,
+            "train.micro_batch_size": 2,
             "grpo.train_steps": "1,3",
         },
     ),

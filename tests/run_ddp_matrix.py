@@ -38,10 +38,10 @@ UPDATES = {
 }
 PLAN = [(m, u) for m in ("toy", "sd3", "flux") for u in UPDATES]
 EVERY = {
-    "train.eval_every": 1,
-    "train.image_every": 1,
+    "eval.every": 1,
+    "eval.image_every": 1,
     "train.report": True,
-    "train.eval_samples_per_prompt": 1,
+    "eval.samples_per_prompt": 1,
     "train.process_group_timeout_minutes": TIMEOUT_MINUTES,
 }
 
@@ -49,12 +49,12 @@ EVERY = {
 def config(model: str, update: str, out: Path, weights: str, pipes: dict[str, str], prompts: str, clip: str):
     extra = {**EVERY, **UPDATES[update]}
     if model == "toy":
-        return load_config("toy", tiny_overrides(weights, out, **extra, **{"data.eval_prompts_limit": 4}))
+        return load_config("toy", tiny_overrides(weights, out, **extra, **{"eval.prompts_limit": 4}))
     extra.update(
         {
             "eval.metrics": "[clip_score]",
             "eval.metric_args": f"{{clip_score: {{model: '{clip}', device: cpu, clamp: false}}}}",
-            "eval.grid_prompts": 2,
+            "eval.metric_grid_rows": 2,
         }
     )
     if model == "sd3":

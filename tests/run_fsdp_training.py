@@ -92,12 +92,12 @@ def stored_dtypes(tr: Trainer) -> dict:
     return {"lora": sorted({str(p.dtype) for p in tr.params}), "moments": sorted(moments)}
 
 
-NFT = ["train.algorithm=nft", "sampling.noise_level=0", "nft.ema_decay=0.5", "nft.micro_batch_size=4"]
+NFT = ["train.algorithm=nft", "sampling.noise_level=0", "nft.ema_decay=0.5", "train.micro_batch_size=4"]
 # flow_grpo with the report on: the evaluation before training and the final one run too; nft with a
 # gradient norm limit below its norms, so that every step is clipped (by the norm over the shards)
 PLAN = {"flow_grpo": ["train.report=true"], "nft": [*NFT, "optim.max_grad_norm=0.001"]}
 LINEAR_EPS = 1e-2  # AdamW's eps in the bf16 comparison: its steps are lr * g / (|g| + eps), linear in g
-EVERY = ["train.eval_every=1", "train.image_every=1", "data.eval_prompts_limit=8"]
+EVERY = ["eval.every=1", "eval.image_every=1", "eval.prompts_limit=8"]
 
 
 def run(acc, weights: str, out: Path, overrides: list[str], resume: bool = False) -> None:
@@ -153,13 +153,13 @@ def run_sd3(acc, pipe: str, prompts: str, clip: str, out: Path, **extra) -> None
     f = yaml.safe_load(CONFIG.read_text())["fsdp_config"]
     wrap_classes(acc, f["fsdp_transformer_layer_cls_to_wrap"].split(","))
     every = {
-        "train.eval_every": 1,
-        "train.image_every": 1,
+        "eval.every": 1,
+        "eval.image_every": 1,
         "model.text_encoder_3": False,
-        "train.eval_samples_per_prompt": 1,
+        "eval.samples_per_prompt": 1,
         "eval.metrics": "[clip_score]",
         "eval.metric_args": f"{{clip_score: {{model: '{clip}', device: cpu, clamp: false}}}}",
-        "eval.grid_prompts": 2,
+        "eval.metric_grid_rows": 2,
         **extra,
     }
     train(acc, load_config(None, train_overrides(Path(pipe), out, Path(prompts), **every)), out)

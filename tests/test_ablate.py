@@ -19,9 +19,9 @@ torch.set_num_threads(1)
 
 EVAL = [
     "train.report=true",
-    "data.eval_prompts_limit=2",
-    "train.eval_samples_per_prompt=1",
-    "sampling.eval_num_steps=2",
+    "eval.prompts_limit=2",
+    "eval.samples_per_prompt=1",
+    "eval.num_steps=2",
 ]
 
 
@@ -32,7 +32,7 @@ def _ok(result) -> None:
 def test_condition_wins_over_shared_overrides(tmp_path):
     cond = resolve_condition("no_cfg")
     cfg = run_config("toy", ["sampling.cfg_scale=3.0", "train.iterations=2"], cond, 5, tmp_path)
-    assert cfg.sampling.cfg_scale == 1.0 and cfg.sampling.eval_cfg_scale == 7.0  # the condition wins
+    assert cfg.sampling.cfg_scale == 1.0 and cfg.eval.cfg_scale == 7.0  # the condition wins
     assert cfg.train.iterations == 2  # the shared budget applies
     assert cfg.train.seed == 5 and cfg.train.output_dir == str(tmp_path / "no_cfg" / "seed5")
     # every bundled condition differs from the base in exactly what it names
@@ -149,7 +149,7 @@ def test_ablate_on_tiny_sd3(tmp_path, tiny_sd3_folder):
     prompts.write_text("a red cat\ntwo blue squares\n")
     out = tmp_path / "grid"
     small = {"sampling.group_size": 2, "sampling.prompts_per_step": 1, "sampling.num_steps": 3,
-             "grpo.micro_batch_size": 2, "train.iterations": 1}  # fmt: skip
+             "train.micro_batch_size": 2, "train.iterations": 1}  # fmt: skip
     over = train_overrides(tiny_sd3_folder, tmp_path / "unused", prompts, **small)
     args = ["ablate", "--conditions", "k4,no_cfg", "--seeds", "0", "--out", str(out), *over]
     _ok(CliRunner().invoke(app, args))
@@ -207,14 +207,14 @@ def test_trainer_reuses_a_cached_base_evaluation(tmp_path):
 
     weights = make_tiny_toy_weights(tmp_path / "tiny.safetensors")
     cache_path = tmp_path / "cache.json"
-    over = tiny_overrides(weights, tmp_path / "run", **{"train.base_eval_cache": str(cache_path)}) + EVAL
+    over = tiny_overrides(weights, tmp_path / "run", **{"eval.base_cache": str(cache_path)}) + EVAL
     tr = Trainer(load_config(None, over))
     fake = {"overall": {"strict": 0.123, "lenient": 0.456}, "categories": {"colors": {"strict": 0.123}}}
     BaseEvalCache(cache_path, tr.evaluator.cache.key).put({"summary": fake, "per_prompt": []})
     assert tr.evaluate(0)["strict"] == 0.123  # read, not recomputed
     assert tr.evaluate(1)["strict"] != 0.123  # later evaluations always run (2 prompts x 1 sample)
     # another seed or CFG is another key: computed and added beside the first entry
-    tr2 = Trainer(load_config(None, over + ["train.seed=7", "sampling.eval_cfg_scale=2.0"]))
+    tr2 = Trainer(load_config(None, over + ["train.seed=7", "eval.cfg_scale=2.0"]))
     assert tr2.eval_cfg_scale == 2.0
     assert tr2.evaluate(0)["strict"] != 0.123
     assert len(json.loads(cache_path.read_text())["entries"]) == 2

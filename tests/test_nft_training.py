@@ -22,7 +22,7 @@ from trainer_helpers import make_tiny_toy_weights, tiny_overrides  # noqa: E402
 
 SCRIPT = HERE / "run_tiny_training.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-NFT = {"train.algorithm": "nft", "sampling.noise_level": 0, "nft.micro_batch_size": 4}
+NFT = {"train.algorithm": "nft", "sampling.noise_level": 0, "train.micro_batch_size": 4}
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,11 @@ def test_two_process_nft_run_matches_one_process(weights, tmp_path):
     process trains (up to the order of float sums in the gradient all-reduce). Adam's first steps are
     lr * g / (|g| + eps): with the default eps a gradient entry near 0 turns a rounding difference into a
     difference of order lr, so the comparison takes eps = 1, where the step is smooth in g."""
-    extra = [f"{k}={v}" for k, v in NFT.items()] + ["nft.micro_batch_size=2", "optim.eps=1.0", "optim.lr=1.0"]
+    extra = [f"{k}={v}" for k, v in NFT.items()] + [
+        "train.micro_batch_size=2",
+        "optim.eps=1.0",
+        "optim.lr=1.0",
+    ]
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run(
         [sys.executable, str(SCRIPT), str(weights), str(one), "train", *extra], check=True, env=ENV

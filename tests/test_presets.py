@@ -36,7 +36,7 @@ def test_released_code_preset_uses_the_released_delta():
 
 def _prompt_files(cfg) -> list[tuple[str, str]]:
     builtin = ("toy", "toy_heldout", "toy_train_eval")
-    named = [("data.train_prompts", cfg.data.train_prompts), ("data.eval_prompts", cfg.data.eval_prompts)]
+    named = [("data.train_prompts", cfg.data.train_prompts), ("eval.prompts", cfg.eval.prompts)]
     return [(f, v) for f, v in named if v not in builtin]
 
 

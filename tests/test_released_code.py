@@ -429,7 +429,7 @@ def test_drop_zero_advantages_by_hand():
 def test_zero_advantage_samples_leave_the_update(weights, tmp_path, drop):
     from solace.trainer.trainer import Trainer
 
-    over = {"grpo.drop_zero_advantages": drop, "grpo.micro_batch_size": 1}
+    over = {"grpo.drop_zero_advantages": drop, "train.micro_batch_size": 1}
     tr = Trainer(load_config("toy", tiny_overrides(weights, tmp_path / "z", **over)))
     ro = tr.sample_rollout(0)
     total = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 2.0, 3.0])  # group 0 flat: advantages exactly 0
@@ -510,7 +510,7 @@ def test_released_presets_carry_the_released_settings():
         assert sc.standardize and sc.weighting == "t(1-t)" and sc.probe_mode == "per_sample_timestep"
         assert sc.delta == 1e-6 and cfg.grpo.global_std and not cfg.grpo.detach_uncond
         assert (cfg.lora_ema.enabled, cfg.lora_ema.max_decay, cfg.lora_ema.every) == (True, 0.9, 8)
-        assert cfg.grpo.updates_per_iteration == 1
+        assert cfg.train.updates_per_iteration == 1
     # one process's sampling batch, dealt from a shuffled round of prompts (8 GPUs x batch / 16 prompts)
     assert (
         toy.reward.self_confidence.standardize_batch,
@@ -542,7 +542,7 @@ def test_released_presets_carry_the_released_settings():
         4,
         2,
     )
-    assert (flux.sampling.num_steps, flux.sampling.eval_num_steps, flux.sampling.cfg_scale) == (6, 28, 1.0)
+    assert (flux.sampling.num_steps, flux.eval.num_steps, flux.sampling.cfg_scale) == (6, 28, 1.0)
     assert (flux.model.lora.rank, flux.model.lora.alpha) == (
         64,
         128,

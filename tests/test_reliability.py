@@ -234,7 +234,7 @@ def _ckpts(root: Path, *its: int) -> None:
 
 
 def test_config_round_trips_through_the_checkpoint(tmp_path):
-    cfg = {"train": {"seed": 3, "image_prompts": ["a", "b"]}, "grpo": {"rho": 0.6}, "preset": "toy"}
+    cfg = {"train": {"seed": 3}, "eval": {"image_prompts": ["a", "b"]}, "grpo": {"rho": 0.6}, "preset": "toy"}
     path = _save(tmp_path, 5, config=cfg)
     assert read_state(path)["config"] == cfg
     _, opt = _opt()
@@ -459,12 +459,12 @@ def test_check_resume_accepts_safe_changes_and_names_every_unsafe_one():
     new["train"]["seed"] = 7
     new["grpo"]["rho"] = 1.0
     new["reward"]["components"][0]["weight"] = 2.0
-    new["data"]["eval_prompts"] = "other.txt"
+    new["eval"]["prompts"] = "other.txt"
     with pytest.raises(ConfigError) as e:
         check_resume(old, new, allow_changes=False)
     msg = str(e.value)
     assert e.value.field == "--resume"
-    for key in ("train.seed: 0 -> 7", "grpo.rho: 0.6 -> 1.0", "reward.components", "data.eval_prompts"):
+    for key in ("train.seed: 0 -> 7", "grpo.rho: 0.6 -> 1.0", "reward.components", "eval.prompts"):
         assert key in msg, key
     assert "earlier evaluations" in msg and "--allow-changes" in msg
     assert "train.iterations" not in msg  # safe changes are not blamed

@@ -120,8 +120,8 @@ def test_a_finished_run_continued_to_more_iterations_is_the_longer_run(weights, 
     rewards after 3 iterations are bitwise those of an uninterrupted 3-iteration run."""
     kw = {
         **(TINY_NFT if algorithm == "nft" else {}),
-        "train.eval_every": 2,
-        "data.eval_prompts_limit": 2,
+        "eval.every": 2,
+        "eval.prompts_limit": 2,
         "train.report": True,
     }
     full, cont = tmp_path / "full", tmp_path / "cont"
@@ -248,17 +248,17 @@ CASES = [
         "prompt",
     ),
     (
-        ["train", "--config", "toy", "data.eval_prompts={d}/include.jsonl", "train.output_dir={d}/r4"],
+        ["train", "--config", "toy", "eval.prompts={d}/include.jsonl", "train.output_dir={d}/r4"],
         "include",
     ),
     # misread inputs: a .json document, a JSON line in a .txt file, a class or count nothing can score
     (["config", "check", "toy", "--paths", "data.train_prompts={d}/prompts.json"], ".jsonl"),
     (["train", "--config", "toy", "data.train_prompts={d}/json_in.txt", "train.output_dir={d}/r6"], ".jsonl"),
     (
-        ["train", "--config", "toy", "data.eval_prompts={d}/negative_count.jsonl", "train.output_dir={d}/r7"],
+        ["train", "--config", "toy", "eval.prompts={d}/negative_count.jsonl", "train.output_dir={d}/r7"],
         "count -3",
     ),
-    (["train", "--config", "toy", "data.eval_prompts={d}/dog.jsonl", "train.output_dir={d}/r5"], "'dog'"),
+    (["train", "--config", "toy", "eval.prompts={d}/dog.jsonl", "train.output_dir={d}/r5"], "'dog'"),
     # tracebacks before: seeds past 64 bits, bad devices, unwritable outputs, odd YAML, bounds the math needs
     (["sample", "--seeds", str(2**63), "--out", "{d}/x.png"], "--seeds"),
     (["train", "--config", "toy", f"train.seed={2**63}", "train.output_dir={d}/r8"], "train.seed"),
@@ -268,11 +268,11 @@ CASES = [
     (["eval", "--suite", "toy", "--out", "/proc/no/eval", "--limit", "1"], "--out"),
     (["eval", "--suite", "toy", "--seed", "-1"], "--seed"),
     (["config", "check", "{d}/list.yaml"], "mapping"),
-    (["config", "check", "toy", "train.base_eval_cache={d}/folder"], "train.base_eval_cache"),
+    (["config", "check", "toy", "eval.base_cache={d}/folder"], "eval.base_cache"),
     (["ablate", "--out", "{d}/a_file", "--conditions", "k4", "--seeds", "0"], "--out"),
-    (["config", "check", "toy", "--paths", "data.eval_prompts={d}/no_count.jsonl"], "needs a 'count'"),
+    (["config", "check", "toy", "--paths", "eval.prompts={d}/no_count.jsonl"], "needs a 'count'"),
     (["config", "check", "{d}/sub/loop.yaml"], "circular"),
-    (["config", "check", "toy", "data.eval_prompts_limit=-5"], "data.eval_prompts_limit"),
+    (["config", "check", "toy", "eval.prompts_limit=-5"], "eval.prompts_limit"),
     (["config", "check", "toy", "grpo.adv_eps=-1"], "grpo.adv_eps"),
     (["toy", "pretrain", "--out", "{d}/tp", "--eval-every", "0"], "--eval-every"),
     (["toy", "pretrain", "--out", "{d}/tp", "--dataset-size", "0"], "--dataset-size"),
@@ -482,11 +482,11 @@ def _stop_run(weights, out, **extra):
     over = {
         "train.iterations": 3,
         "train.checkpoint_every": 10,
-        "train.eval_every": 1,
-        "train.image_every": 1,
+        "eval.every": 1,
+        "eval.image_every": 1,
         "train.report": True,
-        "data.eval_prompts_limit": 6,
-        "train.eval_samples_per_prompt": 1,
+        "eval.prompts_limit": 6,
+        "eval.samples_per_prompt": 1,
         **extra,
     }
     return _cfg(weights, out, **over)
@@ -555,14 +555,14 @@ def test_ctrl_c_20_s_into_the_toy_presets_base_evaluation_ends_it_within_10_s(tm
 
 
 def test_base_eval_cache_never_overwrites_a_users_file(weights, tmp_path):
-    """train.base_eval_cache naming a file solace did not write is refused before anything runs; a cache it
+    """eval.base_cache naming a file solace did not write is refused before anything runs; a cache it
     wrote is read back (and an unmarked one of earlier versions accepted)."""
     from solace.evaluation.toy_eval import BaseEvalCache
 
     mine = tmp_path / "notes.json"
     mine.write_text('{"my": "data"}')
-    with pytest.raises(ConfigError, match="train.base_eval_cache"):
-        Trainer(_cfg(weights, tmp_path / "r", **{"train.base_eval_cache": str(mine)}))
+    with pytest.raises(ConfigError, match="eval.base_cache"):
+        Trainer(_cfg(weights, tmp_path / "r", **{"eval.base_cache": str(mine)}))
     assert mine.read_text() == '{"my": "data"}'
     cache = BaseEvalCache(tmp_path / "cache.json", {"a": 1})
     cache.put({"summary": {"x": 1}})
@@ -597,15 +597,15 @@ def test_resume_refuses_an_input_file_replaced_under_the_run(weights, tmp_path):
 def test_the_report_names_the_evaluation_set_and_the_update_the_run_used(weights, tmp_path):
     """An NFT run evaluated on the training distribution: its report says so, and prints NFT's settings,
     not Flow-GRPO's (rho, window) which the run did not use; a Flow-GRPO run on the held-out set likewise."""
-    over = {"train.iterations": 1, "train.report": True, "train.eval_samples_per_prompt": 1}
+    over = {"train.iterations": 1, "train.report": True, "eval.samples_per_prompt": 1}
     nft = tmp_path / "nft"
-    ev = {"data.eval_prompts": "toy_train_eval", "data.eval_prompts_limit": 6}
+    ev = {"eval.prompts": "toy_train_eval", "eval.prompts_limit": 6}
     Trainer(_cfg(weights, nft, **{**over, **TINY_NFT, **ev})).train()
     text = (nft / "report.md").read_text()
     assert "## Training-distribution accuracy" in text and "Held-out" not in text
     assert "update: DiffusionNFT" in text and "rho=" not in text and "(window [" not in text
     grpo = tmp_path / "grpo"
-    Trainer(_cfg(weights, grpo, **{**over, "data.eval_prompts_limit": 6})).train()
+    Trainer(_cfg(weights, grpo, **{**over, "eval.prompts_limit": 6})).train()
     text = (grpo / "report.md").read_text()
     assert "## Held-out accuracy" in text and "update: Flow-GRPO, rho=" in text and "DiffusionNFT" not in text
 

@@ -42,9 +42,9 @@ def test_tensorboard_and_wandb_offline_side_by_side(weights, tmp_path, monkeypat
     extra = {
         "train.log_with": "[tensorboard,wandb]",
         "train.report": True,
-        "train.image_every": 2,
-        "data.eval_prompts_limit": 6,
-        "train.eval_samples_per_prompt": 1,
+        "eval.image_every": 2,
+        "eval.prompts_limit": 6,
+        "eval.samples_per_prompt": 1,
     }
     tr = Trainer(load_config("toy", tiny_overrides(weights, out, **extra)))
     res = tr.train()

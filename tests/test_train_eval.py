@@ -62,16 +62,16 @@ def _files(tmp_path: Path) -> tuple[Path, Path]:
 def _overrides(kind: str, folder: Path, out: Path, tmp_path: Path, clip: str, **extra: object) -> list[str]:
     train, held = _files(tmp_path)
     settings: dict[str, object] = {
-        "data.eval_prompts": str(held),
+        "eval.prompts": str(held),
         "model.max_sequence_length": T5_DEFAULT[kind],
-        "train.eval_every": 1,
-        "train.eval_samples_per_prompt": SAMPLES,
+        "eval.every": 1,
+        "eval.samples_per_prompt": SAMPLES,
         "train.checkpoint_every": 10,
-        "sampling.eval_num_steps": EVAL_STEPS,
+        "eval.num_steps": EVAL_STEPS,
         "eval.metrics": "[clip_score]",
         # no clamp at 0: a random tiny CLIP's cosines are as often negative as positive
         "eval.metric_args": f"{{clip_score: {{model: '{clip}', device: cpu, clamp: false}}}}",
-        "eval.grid_prompts": 2,
+        "eval.metric_grid_rows": 2,
     }
     if kind == "flux":
         settings["sampling.cfg_scale"] = 1.0
@@ -100,7 +100,7 @@ def test_metric_evaluations_during_training_equal_solace_eval(kind, tmp_path, ti
     assert "heldout.txt (base -> iteration 2): CLIPScore" in res.stdout
 
     evals = json.loads((run / "evals.json").read_text())
-    assert [e["iteration"] for e in evals] == [0, 1, 2]  # before training, eval_every=1, at the end
+    assert [e["iteration"] for e in evals] == [0, 1, 2]  # before training, eval.every=1, at the end
     base = evals[0]["base"]
     for e in evals:
         assert e["evaluator"] == "metrics" and set(e["metrics"]) == {"clip_score"}
@@ -130,11 +130,11 @@ def test_metric_evaluations_during_training_equal_solace_eval(kind, tmp_path, ti
     # `solace eval` on the same prompts, noise (seed 999), steps, CFG, batching and the exported LoRA
     cfg = load_config(None, over)
     args = [
-        "eval", "--suite", "drawbench", "--prompts", cfg.data.eval_prompts, "--model", str(folder),
+        "eval", "--suite", "drawbench", "--prompts", cfg.eval.prompts, "--model", str(folder),
         "--lora", str(run / "lora"), "--metrics", "clip_score",
         "--metric-arg", f"clip_score.model={tiny_clip}", "--metric-arg", "clip_score.device=cpu",
         "--metric-arg", "clip_score.clamp=false", "--samples", str(SAMPLES), "--steps", str(EVAL_STEPS),
-        "--cfg", str(cfg.sampling.eval_cfg_scale or cfg.sampling.cfg_scale), "--seed", "999",
+        "--cfg", str(cfg.eval.cfg_scale or cfg.sampling.cfg_scale), "--seed", "999",
         "--batch-size", str(cfg.eval.batch_size), "--resolution", str(TINY_RESOLUTION), "--device", "cpu",
         "--out", str(tmp_path / "eval"),
     ]  # fmt: skip
@@ -190,8 +190,8 @@ def test_eval_config_errors_name_the_field(tmp_path, tiny_sd3_folder):
     def load(**extra: object):
         return load_config(None, train_overrides(tiny_sd3_folder, tmp_path / "r", train, **extra))
 
-    with pytest.raises(ConfigError, match=r"^train\.eval_every: nothing evaluates .*eval\.metrics="):
-        load(**{"train.eval_every": 5, "data.eval_prompts": str(held)})
+    with pytest.raises(ConfigError, match=r"^eval\.every: nothing evaluates .*eval\.metrics="):
+        load(**{"eval.every": 5, "eval.prompts": str(held)})
     with pytest.raises(ConfigError, match=r"^eval\.metrics: unknown metric 'fid'"):
         load(**{"eval.metrics": "[fid]"})
     with pytest.raises(ConfigError, match=r"^eval\.metric_args\.clip_score: clip_score takes no argument"):
@@ -204,13 +204,13 @@ def test_eval_config_errors_name_the_field(tmp_path, tiny_sd3_folder):
         load(**{"eval.evaluator": "toy"})
     with pytest.raises(ConfigError, match=r"^eval\.batch_size: must be >= 1"):
         load(**{"eval.batch_size": 0})
-    with pytest.raises(ConfigError, match=r"^data\.eval_prompts: the GenEval metric needs GenEval metadata"):
+    with pytest.raises(ConfigError, match=r"^eval\.prompts: the GenEval metric needs GenEval metadata"):
         from solace.evaluation.evaluators import make_evaluator
 
-        cfg = load(**{"eval.metrics": "[geneval]", "data.eval_prompts": str(held)})
+        cfg = load(**{"eval.metrics": "[geneval]", "eval.prompts": str(held)})
         make_evaluator(cfg, None, tmp_path, 4.0)
     # evaluations switched off explicitly: no error, nothing evaluates
-    cfg = load(**{"train.eval_every": 5, "eval.evaluator": "none"})
+    cfg = load(**{"eval.every": 5, "eval.evaluator": "none"})
     assert cfg.eval.evaluator == "none"
 
 
@@ -224,7 +224,7 @@ def test_resume_check_knows_the_eval_and_tracker_fields():
 
     old, new = asdict(SolaceConfig()), asdict(SolaceConfig())
     new["train"]["log_with"] = ["tensorboard", "wandb"]
-    new["eval"]["grid_prompts"] = 2
+    new["eval"]["metric_grid_rows"] = 2
     assert len(check_resume(old, new)) == 2
     new["eval"]["metrics"] = ["clip_score"]
     with pytest.raises(ConfigError, match=r"eval\.metrics: \[\] -> \['clip_score'\] \(evaluation only"):

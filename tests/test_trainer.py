@@ -39,9 +39,9 @@ def test_self_confidence_training_runs_and_logs_finite_values(weights, tmp_path)
             tmp_path / "run",
             **{
                 "train.report": True,
-                "data.eval_prompts_limit": 6,
-                "train.eval_samples_per_prompt": 1,
-                "train.image_every": 2,
+                "eval.prompts_limit": 6,
+                "eval.samples_per_prompt": 1,
+                "eval.image_every": 2,
             },
         ),
     )
@@ -85,8 +85,8 @@ def test_max_minutes_stops_early_then_evaluates_reports_and_resumes(weights, tmp
             "train.checkpoint_every": 10,  # the stop writes its own checkpoint
             "train.max_minutes": 1e-9,  # out of time after the first iteration
             "train.report": True,
-            "data.eval_prompts_limit": 6,
-            "train.eval_samples_per_prompt": 1,
+            "eval.prompts_limit": 6,
+            "eval.samples_per_prompt": 1,
         },
     )
     res = Trainer(load_config("toy", over)).train()
@@ -156,7 +156,7 @@ def test_dense_verifiable_reward_and_a_jsonl_eval_file_scored_exactly(weights, t
     recs = [r for r in load_heldout() if r.tag in ("single_object", "colors")][:4]
     evf = tmp_path / "eval.jsonl"
     evf.write_text("".join(json.dumps(r.to_json()) + "\n" for r in recs))
-    extra = {"data.eval_prompts": str(evf), "train.iterations": 1, "train.report": True}
+    extra = {"eval.prompts": str(evf), "train.iterations": 1, "train.report": True}
     over = tiny_overrides(weights, tmp_path / "d", **extra)
     over += ["reward.components=[{name: toy_geneval, weight: 1.0, kwargs: {mode: dense}}]"]
     tr = Trainer(load_config("toy", over))
@@ -167,7 +167,7 @@ def test_dense_verifiable_reward_and_a_jsonl_eval_file_scored_exactly(weights, t
     # a plain .txt file has no metadata: nothing to score exactly
     txt = tmp_path / "p.txt"
     txt.write_text("a photo of a circle\n")
-    over_txt = tiny_overrides(weights, tmp_path / "t", **{"data.eval_prompts": str(txt)})
+    over_txt = tiny_overrides(weights, tmp_path / "t", **{"eval.prompts": str(txt)})
     tr2 = Trainer(load_config("toy", over_txt))
     assert eval_records(str(txt)) is None and tr2.evaluate(0) is None
 
@@ -222,7 +222,7 @@ def test_gradient_accumulation_counts_the_micro_steps_trained(weights, tmp_path)
         cfg = load_config(
             "toy",
             tiny_overrides(
-                weights, tmp_path / f"g{mb}", **{"grpo.micro_batch_size": mb, "train.iterations": 1}
+                weights, tmp_path / f"g{mb}", **{"train.micro_batch_size": mb, "train.iterations": 1}
             ),
         )
         tr = Trainer(cfg)
@@ -426,7 +426,7 @@ def test_presets_validate_and_inherit():
         sd.sampling.group_size,
         sd.reward.self_confidence.num_probes,
         sd.sampling.num_steps,
-        sd.sampling.eval_num_steps,
+        sd.eval.num_steps,
         sd.sampling.cfg_scale,
         sd.grpo.rho,
         sd.model.lora.rank,

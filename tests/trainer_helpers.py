@@ -33,12 +33,12 @@ TINY_RUN = {
     "sampling.prompts_per_step": 2,
     "sampling.num_steps": 4,
     "reward.self_confidence.num_probes": 2,
-    "grpo.micro_batch_size": 4,
+    "train.micro_batch_size": 4,
     "grpo.clip_range": 0.2,
     "optim.lr": 0.01,
     "train.iterations": 2,
-    "train.eval_every": 0,
-    "train.image_every": 0,
+    "eval.every": 0,
+    "eval.image_every": 0,
     "train.checkpoint_every": 1,
     "train.threads": 1,
     "train.device": "cpu",
@@ -50,7 +50,7 @@ TINY_NFT = {
     "train.algorithm": "nft",
     "sampling.noise_level": 0,
     "nft.ema_decay": 0.5,
-    "nft.micro_batch_size": 4,
+    "train.micro_batch_size": 4,
 }
 
 
@@ -58,7 +58,7 @@ def tiny_overrides(weights: str | Path, out: str | Path, **extra: object) -> lis
     base = {
         "model.name": str(weights),
         **TINY_RUN,
-        "sampling.eval_num_steps": 4,
+        "eval.num_steps": 4,
         "sampling.batch_size": 8,
         "train.output_dir": str(out),
         "train.report": False,

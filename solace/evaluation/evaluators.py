@@ -1,11 +1,11 @@
 """Evaluation during training, behind one interface: what the trainer calls before training, every
-``train.eval_every`` iterations and at the end, whatever the model.
+``eval.every`` iterations and at the end, whatever the model.
 
 * :class:`~solace.evaluation.toy_eval.ToyEvaluator`: the toy world's exact evaluator (held-out strict and
   lenient accuracy, per category, and the images' collapse statistics).
 * :class:`MetricsEvaluator`: any model, ``solace eval``'s registry metrics (CLIPScore, PickScore, OCR,
-  GenEval, ...: ``eval.metrics``) on the held-out prompt file ``data.eval_prompts``. The LoRA-off base is
-  evaluated once (and cached in ``train.base_eval_cache`` when set); every evaluation samples the same
+  GenEval, ...: ``eval.metrics``) on the held-out prompt file ``eval.prompts``. The LoRA-off base is
+  evaluated once (and cached in ``eval.base_cache`` when set); every evaluation samples the same
   prompts from the same initial noise, so the curves are paired, and equal ``solace eval`` on those prompts,
   that noise and the exported LoRA.
 
@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # the trainer's config; not imported at run time (the trainer
     from solace.trainer.config import SolaceConfig
 
 TOY_PROMPT_SETS = ("toy_heldout", "toy_train_eval")
-"""``data.eval_prompts`` values that name the toy world's prompt sets rather than a file."""
+"""``eval.prompts`` values that name the toy world's prompt sets rather than a file."""
 
 EVAL_SEED_OFFSET = 999
 """Evaluations draw their initial noise from ``train.seed + 999``."""
@@ -76,7 +76,7 @@ class Evaluator(ABC):
 
 def evaluator_kind(cfg: SolaceConfig) -> str:
     """``toy``, ``metrics`` or ``none`` for the config: ``eval.evaluator``, or with ``auto`` the metrics when
-    ``eval.metrics`` names any, else the toy world's exact evaluator where it can score ``data.eval_prompts``
+    ``eval.metrics`` names any, else the toy world's exact evaluator where it can score ``eval.prompts``
     (a toy model and toy prompt sets or GenEval metadata), else none. A forced ``toy`` that cannot score is a
     :class:`ConfigError`."""
     from solace.models import model_family
@@ -97,13 +97,13 @@ def evaluator_kind(cfg: SolaceConfig) -> str:
         return "none"
     from solace.evaluation.toy_eval import eval_records
 
-    if eval_records(cfg.data.eval_prompts, cfg.data.eval_prompts_limit) is not None:
+    if eval_records(cfg.eval.prompts, cfg.eval.prompts_limit) is not None:
         return "toy"
     if e.evaluator == "toy":
         raise ConfigError(
-            "data.eval_prompts",
+            "eval.prompts",
             f"eval.evaluator=toy needs GenEval metadata ('include') on every prompt of "
-            f"{cfg.data.eval_prompts!r}: use toy_heldout, toy_train_eval or a GenEval .jsonl file",
+            f"{cfg.eval.prompts!r}: use toy_heldout, toy_train_eval or a GenEval .jsonl file",
         )
     return "none"
 
@@ -117,7 +117,7 @@ def make_evaluator(
     shards: Shards | None = None,
 ) -> Evaluator | None:
     """The evaluator the config asks for (:func:`evaluator_kind`), or None; ``cfg_scale`` is the evaluation
-    CFG (``sampling.eval_cfg_scale`` or the sampling scale). Metric models load here, before training, on
+    CFG (``eval.cfg_scale`` or the sampling scale). Metric models load here, before training, on
     every process. ``shards``: this process's part in each evaluation (None: one process).
     ``writes=False``: the same evaluations, but no file written (no grid, no base-evaluation cache): the
     processes other than the main one (which also show no progress bar)."""
@@ -135,37 +135,37 @@ def _make_evaluator(
         return None
     c = cfg
     common = dict(
-        samples=c.train.eval_samples_per_prompt,
-        steps=c.sampling.eval_num_steps,
+        samples=c.eval.samples_per_prompt,
+        steps=c.eval.num_steps,
         cfg_scale=cfg_scale,
         seed=c.train.seed + EVAL_SEED_OFFSET,
         negative_prompt=c.sampling.negative_prompt,
     )
-    cache_path = c.train.base_eval_cache
+    cache_path = c.eval.base_cache
     if kind == "toy":
         from solace.evaluation.toy_eval import BaseEvalCache, ToyEvaluator, eval_records
 
-        recs = eval_records(c.data.eval_prompts, c.data.eval_prompts_limit)
+        recs = eval_records(c.eval.prompts, c.eval.prompts_limit)
         cache = BaseEvalCache(cache_path, base_eval_key(cfg, cfg_scale), writes) if cache_path else None
-        return ToyEvaluator(adapter, recs, c.data.eval_prompts, cache=cache, shards=shards, **common)
+        return ToyEvaluator(adapter, recs, c.eval.prompts, cache=cache, shards=shards, **common)
     from solace.evaluation.metrics_eval import build_metrics, check_suite_metadata
     from solace.evaluation.toy_eval import BaseEvalCache
 
-    suite = eval_suite(c.data.eval_prompts, c.data.eval_prompts_limit)
-    check_suite_metadata(suite, c.eval.metrics, "data.eval_prompts")
+    suite = eval_suite(c.eval.prompts, c.eval.prompts_limit)
+    check_suite_metadata(suite, c.eval.metrics, "eval.prompts")
     metrics = build_metrics(c.eval.metrics, {m: dict(c.eval.metric_args.get(m, {})) for m in c.eval.metrics})
     key = {**base_eval_key(cfg, cfg_scale), **metrics_key_extra(cfg)}
     lora = c.model.lora
     cache = BaseEvalCache(cache_path, key, writes) if cache_path else None
     return MetricsEvaluator(
         adapter, suite, metrics, batch_size=c.eval.batch_size, out_dir=Path(out_dir), writes=writes,
-        grid_prompts=c.eval.grid_prompts, cache=cache, shards=shards,
+        grid_prompts=c.eval.metric_grid_rows, cache=cache, shards=shards,
         starts_at_base=not (lora.init_from and not lora.merge_init), **common,
     )  # fmt: skip
 
 
 def eval_suite(spec: str, limit: int = 0) -> Any:
-    """``data.eval_prompts`` as a :class:`~solace.evaluation.suites.PromptSuite`: a prompt file (its first
+    """``eval.prompts`` as a :class:`~solace.evaluation.suites.PromptSuite`: a prompt file (its first
     ``limit`` prompts, as ``solace eval --limit``), or a toy prompt set with its GenEval metadata."""
     from solace.evaluation.suites import PromptSuite
     from solace.prompts import Prompt, read_prompt_file
@@ -175,12 +175,12 @@ def eval_suite(spec: str, limit: int = 0) -> Any:
 
         items = [Prompt(r.prompt, r.to_json()) for r in eval_records(spec, limit) or []]
         return PromptSuite(spec, spec, tuple(items))
-    items = read_prompt_file(spec, "data.eval_prompts")
+    items = read_prompt_file(spec, "eval.prompts")
     return PromptSuite(Path(spec).stem, spec, tuple(items[:limit] if limit else items))
 
 
 def base_eval_key(cfg: SolaceConfig, cfg_scale: float) -> dict[str, Any]:
-    """Everything the evaluation before training depends on (the key of ``train.base_eval_cache``)."""
+    """Everything the evaluation before training depends on (the key of ``eval.base_cache``)."""
     from solace.toy.adapter import default_weights_path
 
     c = cfg
@@ -192,10 +192,10 @@ def base_eval_key(cfg: SolaceConfig, cfg_scale: float) -> dict[str, Any]:
         "lora_init": c.model.lora.init_from,
         "merge_init": c.model.lora.merge_init,
         "dtype": c.model.dtype,
-        "eval_prompts": c.data.eval_prompts,
-        "limit": c.data.eval_prompts_limit,
-        "samples": c.train.eval_samples_per_prompt,
-        "steps": c.sampling.eval_num_steps,
+        "eval_prompts": c.eval.prompts,
+        "limit": c.eval.prompts_limit,
+        "samples": c.eval.samples_per_prompt,
+        "steps": c.eval.num_steps,
         "cfg": cfg_scale,
         "seed": c.train.seed,
         # only when set, so that the caches of runs before these settings existed stay valid

@@ -159,7 +159,7 @@ def batch_statistics(images: torch.Tensor, metas: Sequence[dict]) -> dict[str, t
 
 
 def eval_records(spec: str, limit: int = 0) -> list[PromptRecord] | None:
-    """The records the exact evaluator scores for ``data.eval_prompts``: the held-out set (``toy_heldout``,
+    """The records the exact evaluator scores for ``eval.prompts``: the held-out set (``toy_heldout``,
     ``limit`` of them taken round-robin over categories), fresh prompts of the training distribution
     (``toy_train_eval``, ``limit`` of them, 64 by default), or a ``.jsonl`` file whose every line carries
     GenEval metadata (``include``); None where there is nothing to score exactly."""
@@ -167,7 +167,7 @@ def eval_records(spec: str, limit: int = 0) -> list[PromptRecord] | None:
         return balanced_subset(load_heldout(), limit)
     if spec == "toy_train_eval":
         return train_eval_prompts(limit or 64)
-    items = read_prompt_file(spec, "data.eval_prompts")
+    items = read_prompt_file(spec, "eval.prompts")
     if not all("include" in p.meta for p in items):
         return None
     recs = [PromptRecord.from_json(p.meta) for p in items]
@@ -344,7 +344,7 @@ class BaseEvalCache:
         self.writes = writes  # False: read only (a process other than the main one)
         if self.path is not None and self.path.exists() and not self._ours():
             raise ConfigError(
-                "train.base_eval_cache",
+                "eval.base_cache",
                 f"{self.path} exists and is not a base-evaluation cache solace wrote (it is never "
                 "overwritten): name another file, or '' for no cache",
             )

@@ -269,7 +269,7 @@ class AdapterBase:
         return {}
 
     def image_prompts(self) -> list[str] | None:
-        """The prompts of a run's image grids when ``train.image_prompts`` is empty; None: the first
+        """The prompts of a run's image grids when ``eval.image_prompts`` is empty; None: the first
         training prompts."""
         return None
 

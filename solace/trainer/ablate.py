@@ -5,7 +5,7 @@ Each *condition* is a small YAML of differences (``configs/ablation/k4.yaml`` ..
 condition always wins over the shared budget. Every (condition, seed) pair is one ordinary training run in
 ``OUT/<condition>/seed<S>``: its own checkpoints, log, report and LoRA. A finished run leaves
 ``ablate_run.json`` and is skipped when the grid is started again; a killed run resumes from its
-checkpoint. Runs that share a seed evaluate the base once (``train.base_eval_cache``). At the end
+checkpoint. Runs that share a seed evaluate the base once (``eval.base_cache``). At the end
 ``ablation.md`` / ``ablation.json`` hold one row per condition (mean and spread over seeds) and
 ``ablation_curves.png`` / ``ablation_accuracy.png`` the curves and the accuracy change per seed.
 """
@@ -23,7 +23,14 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from solace.errors import ConfigError, check
-from solace.trainer.config import MonitorCfg, SolaceConfig, load_config, presets_dir, resolve_preset
+from solace.trainer.config import (
+    MonitorCfg,
+    SolaceConfig,
+    load_config,
+    presets_dir,
+    reject_moved_keys,
+    resolve_preset,
+)
 from solace.trainer.monitor import CollapseMonitor, eval_stats
 from solace.utils.files import write_json_atomic, write_text_atomic
 
@@ -82,6 +89,7 @@ def resolve_condition(spec: str) -> Condition:
         raw = OmegaConf.load(path)
     except Exception as e:
         raise ConfigError("--conditions", f"{path}: not valid YAML ({e})") from e
+    reject_moved_keys(raw, str(path))
     if "defaults" in raw:
         raw.pop("defaults")
     if "train" in raw and "output_dir" in raw.train:
@@ -90,12 +98,11 @@ def resolve_condition(spec: str) -> Condition:
     return Condition(name.removeprefix("ablation_"), Path(path), raw)
 
 
-def _run_settings(cond: Condition, seed: int, out: Path) -> dict[str, Any]:
-    """What every run of the grid sets last (``train.*``): its seed, folder and the shared base evaluation."""
+def _run_settings(cond: Condition, seed: int, out: Path) -> dict[str, dict[str, Any]]:
+    """What every run of the grid sets last: its seed, folder and the shared base evaluation."""
     return {
-        "seed": seed,
-        "output_dir": str(out / cond.name / f"seed{seed}"),
-        "base_eval_cache": str(out / "base_eval_cache.json"),
+        "train": {"seed": seed, "output_dir": str(out / cond.name / f"seed{seed}")},
+        "eval": {"base_cache": str(out / "base_eval_cache.json")},
     }
 
 
@@ -103,7 +110,7 @@ def run_config(
     base: str, overrides: list[str], cond: Condition, seed: int, out: Path, check_paths: bool = True
 ) -> SolaceConfig:
     """The config of one run: base <- overrides <- condition <- (seed, output folder, shared base eval)."""
-    fixed = OmegaConf.create({"train": _run_settings(cond, seed, out)})
+    fixed = OmegaConf.create(_run_settings(cond, seed, out))
     cfg = load_config(base, overrides, check_paths=check_paths, layers_after=[cond.layer, fixed])
     cfg.preset = f"{base} + {cond.source.name}"
     return cfg
@@ -112,7 +119,7 @@ def run_config(
 def train_command(base: str, overrides: list[str], cond: Condition, seed: int, out: Path) -> str:
     """The equivalent ``solace train`` command line of one run (to launch the grid elsewhere)."""
     flat = _flatten(OmegaConf.to_container(cond.layer))
-    fixed = [f"train.{k}={v}" for k, v in _run_settings(cond, seed, out).items()]
+    fixed = [f"{s}.{k}={v}" for s, kv in _run_settings(cond, seed, out).items() for k, v in kv.items()]
     return "solace train --config " + shlex.join([base, *overrides, *flat, *fixed])
 
 

@@ -68,19 +68,14 @@ class ModelCfg:
 @dataclass
 class DataCfg:
     train_prompts: str = "toy"  # "toy" (the toy world's train distribution) or a .txt / .jsonl file
-    # "toy_heldout", "toy_train_eval" (fresh prompts of the toy training distribution) or a .txt/.jsonl file
-    eval_prompts: str = "toy_heldout"
-    eval_prompts_limit: int = 0  # 0: all; the toy held-out subset is taken round-robin over categories
 
 
 @dataclass
 class SamplingCfg:
     group_size: int = 16  # G images per prompt
     prompts_per_step: int = 2  # prompt groups per iteration (all processes together)
-    num_steps: int = 10  # training sampler steps |T|
-    eval_num_steps: int = 40
-    cfg_scale: float = 7.0
-    eval_cfg_scale: float = 0.0  # CFG of evaluations and image grids; 0: the same as cfg_scale
+    num_steps: int = 10  # training sampler steps |T| (evaluations: eval.num_steps)
+    cfg_scale: float = 7.0  # (evaluations and image grids: eval.cfg_scale)
     noise_level: float = 0.7  # Flow-GRPO's a in sigma_t = a sqrt(t/(1-t))
     sde_window_only: bool = False  # SDE only on the trained window (ODE elsewhere); Flow-GRPO: all steps
     # one initial noise per group (DanceGRPO); the paper and Flow-GRPO: a different initial noise per sample
@@ -117,9 +112,6 @@ class GRPOCfg:
     adv_clip: float = 5.0
     adv_eps: float = 1e-4
     global_std: bool = False  # divide by the std of the whole batch (Flow-GRPO's sample.global_std)
-    inner_epochs: int = 1
-    micro_batch_size: int = 8  # samples per training forward (per process)
-    updates_per_iteration: int = 1  # optimizer steps per inner epoch (the samples split into this many)
     # the CFG training forward with the unconditional branch detached (Flow-GRPO's compute_log_prob); the
     # paper and the released SOLACE code keep its gradient
     detach_uncond: bool = False
@@ -146,9 +138,6 @@ class NFTCfg:
     ema_max: float = 0.5
     ema_delay: int = 0
     kl_beta: float = 0.0  # weight of mean((v - v_ref)^2) to the LoRA-off base (released SD3.5-M: 1e-4)
-    micro_batch_size: int = 8  # samples per training forward (per process)
-    inner_epochs: int = 1
-    updates_per_iteration: int = 1  # optimizer steps per inner epoch
 
 
 @dataclass
@@ -173,13 +162,28 @@ class MonitorCfg:
 
 @dataclass
 class EvalCfg:
-    """Evaluation during training: before training (the base), every ``train.eval_every`` iterations and at
-    the end, on ``data.eval_prompts`` (``data.eval_prompts_limit`` of them), ``train.eval_samples_per_prompt``
-    samples each, ``sampling.eval_num_steps`` ODE steps, CFG ``sampling.eval_cfg_scale``, the same initial
-    noise every time (seed ``train.seed + 999``). See :mod:`solace.evaluation.evaluators`."""
+    """Evaluation during training: before training (the base), every ``eval.every`` iterations and at the
+    end, on ``eval.prompts`` (``eval.prompts_limit`` of them), ``eval.samples_per_prompt`` samples each,
+    ``eval.num_steps`` ODE steps, CFG ``eval.cfg_scale``, the same initial noise every time (seed
+    ``train.seed + 999``); and the image grids of fixed prompts (``eval.image_every``,
+    ``eval.image_prompts``), drawn with the same sampler. See :mod:`solace.evaluation.evaluators`. Most of
+    these settings lived in other sections before (:data:`MOVED_KEYS`)."""
 
+    # "toy_heldout", "toy_train_eval" (fresh prompts of the toy training distribution) or a .txt/.jsonl file
+    prompts: str = "toy_heldout"
+    prompts_limit: int = 0  # 0: all; the toy held-out subset is taken round-robin over categories
+    every: int = 0  # 0: only before and after training
+    samples_per_prompt: int = 4
+    num_steps: int = 40  # ODE steps of evaluations and image grids
+    cfg_scale: float = 0.0  # CFG of evaluations and image grids; 0: the same as sampling.cfg_scale
+    # JSON file caching the evaluation before training (the base model), keyed by every setting it depends
+    # on, so runs that share a base and seed (an ablation grid) evaluate it once; "" disables the cache
+    base_cache: str = ""
+    # image grid of fixed prompts (OUT/images/) at the start, every N iterations and at the end; 0: none
+    image_every: int = 10
+    image_prompts: list[str] = field(default_factory=list)  # []: the adapter's own, else training prompts
     # auto: registry metrics when eval.metrics names any, else the toy world's exact evaluator where it can
-    # score data.eval_prompts (a toy model), else none; toy | metrics | none force one
+    # score eval.prompts (a toy model), else none; toy | metrics | none force one
     evaluator: Literal["auto", "toy", "metrics", "none"] = "auto"
     # registry metrics, as `solace eval --metrics` (clip_score, pickscore, hps, image_reward, aesthetic, ocr,
     # geneval, unified_reward, toy_geneval); the LoRA-off base is evaluated once, then the trained model
@@ -187,7 +191,8 @@ class EvalCfg:
     # per metric, its factory's keywords, as `solace eval --metric-arg`: {clip_score: {model: /path}}
     metric_args: dict[str, dict[str, Any]] = field(default_factory=dict)
     batch_size: int = 8  # metrics: images per generation and scoring batch (`solace eval --batch-size`)
-    grid_prompts: int = 8  # metrics: prompts (rows) of each evaluation's base | current image grid; 0: none
+    # metrics: prompts (rows) of each evaluation's base | current image grid (OUT/eval_images/); 0: none
+    metric_grid_rows: int = 8
 
 
 @dataclass
@@ -222,22 +227,18 @@ class TrainCfg:
     max_nonfinite: int = 3
     seed: int = 0
     output_dir: str = "runs/solace"
-    eval_every: int = 0  # 0: only before and after training
-    eval_samples_per_prompt: int = 4
+    # the policy update's batching (every train.algorithm): samples per training forward (per process),
+    # passes over the iteration's samples, optimizer steps per pass (the samples split into this many)
+    micro_batch_size: int = 8
+    inner_epochs: int = 1
+    updates_per_iteration: int = 1
     checkpoint_every: int = 10
     # keep the newest N intact checkpoints (the one --resume takes always among them), delete older ones;
     # 0: keep all. The exported LoRA (<output_dir>/lora) is never touched.
     checkpoints_total_limit: int = 0
-    image_every: int = (
-        10  # image grid of fixed prompts at the start, every N iterations and at the end; 0: none
-    )
-    image_prompts: list[str] = field(default_factory=list)
     threads: int = 0  # torch CPU threads (0: leave torch's default)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     report: bool = True
-    # JSON file caching the evaluation before training (the base model), keyed by every setting it depends
-    # on, so runs that share a base and seed (an ablation grid) evaluate it once; "" disables the cache
-    base_eval_cache: str = ""
     # experiment trackers (accelerate): tensorboard (events in <output_dir>/tb) and/or wandb (pip install
     # 'solace[wandb]'; WANDB_MODE=offline works without an account); []: log.csv only
     log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
@@ -299,7 +300,7 @@ def resolve_preset(path_or_name: str) -> Path:
     )
 
 
-PRESET_PATH_FIELDS = ("train_prompts", "eval_prompts")  # of the data section
+PRESET_PATH_FIELDS = (("data", "train_prompts"), ("eval", "prompts"))  # (section, key)
 
 
 def _anchor_preset_paths(raw: Any, path: Path) -> None:
@@ -308,12 +309,46 @@ def _anchor_preset_paths(raw: Any, path: Path) -> None:
     the file is there (an installed package without the repository keeps the name, and the check of
     ``data.*`` says it is missing); a user's YAML and command-line overrides stay relative to the cwd."""
     root = presets_dir().resolve().parent.parent
-    if presets_dir().resolve() not in path.parents or "data" not in raw:
+    if presets_dir().resolve() not in path.parents:
         return
-    for key in PRESET_PATH_FIELDS:
-        value = raw.data.get(key)
+    for section, key in PRESET_PATH_FIELDS:
+        value = raw[section].get(key) if OmegaConf.is_dict(raw.get(section)) else None
         if isinstance(value, str) and not Path(value).is_absolute() and (root / value).is_file():
-            raw.data[key] = str(root / value)
+            raw[section][key] = str(root / value)
+
+
+MOVED_KEYS: dict[str, str] = {
+    "data.eval_prompts": "eval.prompts",
+    "data.eval_prompts_limit": "eval.prompts_limit",
+    "sampling.eval_num_steps": "eval.num_steps",
+    "sampling.eval_cfg_scale": "eval.cfg_scale",
+    "train.eval_every": "eval.every",
+    "train.eval_samples_per_prompt": "eval.samples_per_prompt",
+    "train.base_eval_cache": "eval.base_cache",
+    "train.image_every": "eval.image_every",
+    "train.image_prompts": "eval.image_prompts",
+    "eval.grid_prompts": "eval.metric_grid_rows",
+    **{
+        f"{update}.{key}": f"train.{key}"
+        for update in ("grpo", "nft")
+        for key in ("micro_batch_size", "inner_epochs", "updates_per_iteration")
+    },
+}
+"""Keys of earlier versions and where they live now. Given in a YAML file, on the command line or in an
+ablation condition they fail naming the new key (:func:`reject_moved_keys`); only a checkpoint's recorded
+config is read through them (:func:`solace.trainer.resume_check.upgrade_recorded_config`)."""
+
+
+def reject_moved_keys(layer: Any, where: str) -> None:
+    """A config layer (a YAML file, the overrides, a condition) that sets a key of :data:`MOVED_KEYS` fails
+    in one line naming the key that replaced it."""
+    if not OmegaConf.is_dict(layer):
+        return
+    for old, new in MOVED_KEYS.items():
+        section, key = old.split(".")
+        node = layer.get(section, None)
+        if OmegaConf.is_dict(node) and key in node:
+            raise ConfigError(old, f"moved to {new}; rename it (in {where})")
 
 
 def _load_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> Any:
@@ -333,6 +368,7 @@ def _load_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> Any:
     bases = raw.pop("defaults", []) if "defaults" in raw else []
     if not isinstance(bases, list | ListConfig) or not all(isinstance(b, str) for b in bases):
         raise ConfigError("defaults", f"{path}: 'defaults' must be a list of preset names or YAML paths")
+    reject_moved_keys(raw, str(path))
     raw = expand_resolution(raw, str(path))
     merged = OmegaConf.create()
     for b in bases:
@@ -365,8 +401,12 @@ def load_config(
     overrides = [_bracket_list(schema, o) for o in overrides or []]
     try:
         if overrides:
-            layers.append(expand_resolution(OmegaConf.from_dotlist(list(overrides)), "the overrides"))
-        layers.extend(expand_resolution(layer, "a config layer") for layer in layers_after or [])
+            dotlist = OmegaConf.from_dotlist(list(overrides))
+            reject_moved_keys(dotlist, "the overrides")
+            layers.append(expand_resolution(dotlist, "the overrides"))
+        for layer in layers_after or []:
+            reject_moved_keys(layer, "a config layer")
+            layers.append(expand_resolution(layer, "a config layer"))
         merged = OmegaConf.merge(*layers)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "config"
@@ -469,13 +509,7 @@ def validate(cfg: SolaceConfig, check_paths: bool = True) -> None:
     _min(s.group_size, 2, "sampling.group_size", " (GRPO compares samples)")
     _min(s.prompts_per_step, 1, "sampling.prompts_per_step")
     _min(s.num_steps, 1, "sampling.num_steps")
-    _min(s.eval_num_steps, 1, "sampling.eval_num_steps")
     _min(s.cfg_scale, 1.0, "sampling.cfg_scale", " (1 disables CFG)")
-    check(
-        s.eval_cfg_scale == 0 or s.eval_cfg_scale >= 1.0,
-        "sampling.eval_cfg_scale",
-        f"must be 0 (same as sampling.cfg_scale) or >= 1, got {s.eval_cfg_scale}",
-    )
     if cfg.train.algorithm == "flow_grpo":
         check(
             s.noise_level > 0, "sampling.noise_level", f"must be > 0 for GRPO log-probs, got {s.noise_level}"
@@ -501,7 +535,6 @@ def validate(cfg: SolaceConfig, check_paths: bool = True) -> None:
     _validate_memory(cfg.model)
     _min(lora.rank, 1, "model.lora.rank")
     check(lora.alpha > 0, "model.lora.alpha", f"must be > 0, got {lora.alpha}")
-    _min(cfg.data.eval_prompts_limit, 0, "data.eval_prompts_limit", " (0: all)")
     _validate_train(t)
     _validate_trackers(t)
     _validate_eval(cfg.eval)
@@ -519,8 +552,9 @@ def _validate_train(t: TrainCfg) -> None:
     _min(t.checkpoints_total_limit, 0, "train.checkpoints_total_limit", " (0: keep every checkpoint)")
     _min(t.threads, 0, "train.threads", " (0: torch's default)")
     _min(t.max_nonfinite, 0, "train.max_nonfinite", " (0: never stop)")
-    _min(t.eval_samples_per_prompt, 1, "train.eval_samples_per_prompt")
-    _min(t.eval_every, 0, "train.eval_every", " (0: only before and after training)")
+    _min(t.micro_batch_size, 1, "train.micro_batch_size")
+    _min(t.inner_epochs, 1, "train.inner_epochs")
+    _min(t.updates_per_iteration, 1, "train.updates_per_iteration")
     check(
         t.process_group_timeout_minutes > 0,
         "train.process_group_timeout_minutes",
@@ -528,11 +562,6 @@ def _validate_train(t: TrainCfg) -> None:
         f"{t.process_group_timeout_minutes}",
     )
     check_precision(t.mixed_precision)
-    check(
-        not (t.base_eval_cache and Path(t.base_eval_cache).is_dir()),
-        "train.base_eval_cache",
-        f"{t.base_eval_cache} is a folder; name a .json file (or '' for no cache)",
-    )
 
 
 def _validate_optim(o: OptimCfg) -> None:
@@ -563,8 +592,22 @@ def _validate_eval(e: EvalCfg) -> None:
     """The metric list and its arguments, checked against the registry (nothing is built, no model loads)."""
     from solace.rewards.registry import available_rewards, reward_parameters
 
+    _min(e.prompts_limit, 0, "eval.prompts_limit", " (0: all)")
+    _min(e.every, 0, "eval.every", " (0: only before and after training)")
+    _min(e.samples_per_prompt, 1, "eval.samples_per_prompt")
+    _min(e.num_steps, 1, "eval.num_steps")
+    check(
+        e.cfg_scale == 0 or e.cfg_scale >= 1.0,
+        "eval.cfg_scale",
+        f"must be 0 (same as sampling.cfg_scale) or >= 1, got {e.cfg_scale}",
+    )
+    check(
+        not (e.base_cache and Path(e.base_cache).is_dir()),
+        "eval.base_cache",
+        f"{e.base_cache} is a folder; name a .json file (or '' for no cache)",
+    )
     _min(e.batch_size, 1, "eval.batch_size")
-    _min(e.grid_prompts, 0, "eval.grid_prompts", " (0: no grid)")
+    _min(e.metric_grid_rows, 0, "eval.metric_grid_rows", " (0: no grid)")
     check(
         e.evaluator != "metrics" or bool(e.metrics),
         "eval.metrics",
@@ -591,17 +634,17 @@ def _validate_eval(e: EvalCfg) -> None:
 
 
 def _validate_evaluator(cfg: SolaceConfig) -> None:
-    """Something can evaluate ``data.eval_prompts`` when evaluations are asked for (``train.eval_every``),
+    """Something can evaluate ``eval.prompts`` when evaluations are asked for (``eval.every``),
     and a forced evaluator fits the model and the prompts."""
     from solace.evaluation.evaluators import evaluator_kind
 
     kind = evaluator_kind(cfg)
-    if cfg.train.eval_every and kind == "none" and cfg.eval.evaluator != "none":
+    if cfg.eval.every and kind == "none" and cfg.eval.evaluator != "none":
         raise ConfigError(
-            "train.eval_every",
-            f"nothing evaluates {cfg.data.eval_prompts!r} on {cfg.model.name!r}: name the metrics to "
+            "eval.every",
+            f"nothing evaluates {cfg.eval.prompts!r} on {cfg.model.name!r}: name the metrics to "
             "evaluate with, e.g. eval.metrics=[clip_score,pickscore] (the toy world's exact evaluator needs "
-            "a toy model and GenEval metadata), or set train.eval_every=0",
+            "a toy model and GenEval metadata), or set eval.every=0",
         )
 
 
@@ -639,7 +682,7 @@ def _validate_prompt_files(cfg: SolaceConfig) -> None:
 
     for name, src in (
         ("data.train_prompts", cfg.data.train_prompts),
-        ("data.eval_prompts", cfg.data.eval_prompts),
+        ("eval.prompts", cfg.eval.prompts),
     ):
         if src not in ("toy", "toy_heldout", "toy_train_eval"):
             check(
@@ -699,9 +742,6 @@ def _validate_nft(n: NFTCfg, num_steps: int) -> None:
     _min(n.ema_rate, 0, "nft.ema_rate")
     _min(n.ema_delay, 0, "nft.ema_delay")
     _min(n.kl_beta, 0, "nft.kl_beta")
-    _min(n.micro_batch_size, 1, "nft.micro_batch_size")
-    _min(n.inner_epochs, 1, "nft.inner_epochs")
-    _min(n.updates_per_iteration, 1, "nft.updates_per_iteration")
 
 
 def _validate_released_switches(cfg: SolaceConfig) -> None:
@@ -754,6 +794,3 @@ def _validate_grpo(g: GRPOCfg, num_steps: int) -> None:
     check(g.adv_clip > 0, "grpo.adv_clip", f"must be > 0, got {g.adv_clip}")
     # advantages divide by std + adv_eps: 0 divides a flat group by zero, < 0 can flip or blow up the sign
     check(g.adv_eps > 0, "grpo.adv_eps", f"must be > 0 (1e-4 is the default), got {g.adv_eps}")
-    _min(g.inner_epochs, 1, "grpo.inner_epochs")
-    _min(g.micro_batch_size, 1, "grpo.micro_batch_size")
-    _min(g.updates_per_iteration, 1, "grpo.updates_per_iteration")

@@ -2,7 +2,7 @@
 replaced under it: a prompt file edited between a run and its resumption would otherwise make the report
 compare accuracies over different prompt sets.
 
-What counts: the prompt files (``data.train_prompts``, ``data.eval_prompts``), the model (``model.name``:
+What counts: the prompt files (``data.train_prompts``, ``eval.prompts``), the model (``model.name``:
 a weights file or a pipeline folder), the LoRA a run starts from (``model.lora.init_from``) and the user
 negatives of the edits variant. Names that are not paths (``toy``, a hub id) are not fingerprinted. A file
 of up to 64 MB is hashed whole; a larger one (model weights) by its size and its first and last MiB, which
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from solace.errors import ConfigError
+from solace.trainer.config import MOVED_KEYS
 
 INPUTS_FILE = "inputs.json"
 WHOLE = 64 << 20  # hash files up to this size whole
@@ -58,7 +59,7 @@ def run_inputs(cfg: Any) -> dict[str, str]:
     """``{config field: fingerprint}`` of every input of ``cfg`` that is a path."""
     fields = {
         "data.train_prompts": cfg.data.train_prompts,
-        "data.eval_prompts": cfg.data.eval_prompts,
+        "eval.prompts": cfg.eval.prompts,
         "model.name": cfg.model.name,
         "model.lora.init_from": cfg.model.lora.init_from,
         "reward.self_confidence.negatives": cfg.reward.self_confidence.negatives,
@@ -76,7 +77,8 @@ def changed_inputs(folder: Path, cfg: Any) -> list[str]:
     path = Path(folder) / INPUTS_FILE
     if not path.exists():
         return []
-    old, new = json.loads(path.read_text()), run_inputs(cfg)
+    new = run_inputs(cfg)
+    old = {MOVED_KEYS.get(k, k): v for k, v in json.loads(path.read_text()).items()}  # earlier versions' keys
     return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
 
 

@@ -46,7 +46,7 @@ def load_model(m: ModelCfg, device: torch.device | str) -> Any:
 
 def run_prompts(cfg: SolaceConfig, source: PromptSource, negatives: Any = None) -> list[str]:
     """The prompts a run encodes, each once, in a fixed order: the empty and the negative prompt (CFG),
-    every training prompt, ``train.image_prompts``, the evaluation prompts of a ``data.eval_prompts`` file
+    every training prompt, ``eval.image_prompts``, the evaluation prompts of an ``eval.prompts`` file
     and, with the ``edits`` reward variant, every training prompt's edits."""
     if source.items is None:
         raise ConfigError(
@@ -58,7 +58,7 @@ def run_prompts(cfg: SolaceConfig, source: PromptSource, negatives: Any = None) 
         "",
         cfg.sampling.negative_prompt,
         *(p.text for p in items),
-        *cfg.train.image_prompts,
+        *cfg.eval.image_prompts,
         *_eval_prompt_texts(cfg),
     ]
     sc = cfg.reward.self_confidence
@@ -70,14 +70,14 @@ def run_prompts(cfg: SolaceConfig, source: PromptSource, negatives: Any = None) 
 
 
 def _eval_prompt_texts(cfg: SolaceConfig) -> list[str]:
-    """The prompts of ``data.eval_prompts`` when it is a file (the toy world's own lists need no encoder)."""
-    d = cfg.data
-    if d.eval_prompts in ("toy", "toy_heldout", "toy_train_eval"):
+    """The prompts of ``eval.prompts`` when it is a file (the toy world's own lists need no encoder)."""
+    d = cfg.eval
+    if d.prompts in ("toy", "toy_heldout", "toy_train_eval"):
         return []
     from solace.prompts import read_prompt_file
 
-    items = read_prompt_file(d.eval_prompts, "data.eval_prompts")
-    return [p.text for p in (items[: d.eval_prompts_limit] if d.eval_prompts_limit else items)]
+    items = read_prompt_file(d.prompts, "eval.prompts")
+    return [p.text for p in (items[: d.prompts_limit] if d.prompts_limit else items)]
 
 
 def offload_text_encoders(tr: Trainer) -> None:

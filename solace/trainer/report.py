@@ -118,7 +118,7 @@ def write_report(trainer: Any) -> Path:
         f"seed: {cfg.train.seed}",
         "- rewards: " + ", ".join(f"{c.name} x {c.weight}" for c in cfg.reward.components),
         f"- sampling: G={cfg.sampling.group_size}, {cfg.sampling.prompts_per_step} prompts/iteration, "
-        f"{cfg.sampling.num_steps} steps (eval {cfg.sampling.eval_num_steps}), "
+        f"{cfg.sampling.num_steps} steps (eval {cfg.eval.num_steps}), "
         f"CFG {cfg.sampling.cfg_scale} (eval {trainer.eval_cfg_scale})",
         _update_line(cfg, trainer.window),
         f"- collapse monitor: **{trainer.monitor.verdict}**; non-finite guard: "

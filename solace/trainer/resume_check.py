@@ -10,13 +10,15 @@ experiment trackers, the collapse monitor's thresholds, the base evaluation cach
 (``model.embedding_cache``, ``model.embedding_lru_size``, ``model.offload_text_encoders``: each prompt is
 encoded alone either way, the same values).
 
-Evaluation settings (:data:`EVAL_FIELDS`: ``data.eval_prompts``, ``data.eval_prompts_limit``,
-``train.eval_samples_per_prompt``, ``sampling.eval_num_steps``, ``sampling.eval_cfg_scale``, ``eval.*``
-but the grid's rows) are *not* safe, a deliberate choice: they leave the training trajectory alone, but the
-evaluations already recorded (restored from the checkpoint, starting with the baseline at iteration 0 that
-the report, ``evals.json`` and the collapse monitor compare against) were measured the old way, so the run's
-eval curve would silently mix two measurements. Changing them needs ``allow_changes``, which says so in the
-log line.
+Evaluation settings (:data:`EVAL_FIELDS`: ``eval.*`` but how often to evaluate and draw grids, the grid
+prompts and rows and the cache file) are *not* safe, a deliberate choice: they leave the training trajectory
+alone, but the evaluations already recorded (restored from the checkpoint, starting with the baseline at
+iteration 0 that the report, ``evals.json`` and the collapse monitor compare against) were measured the old
+way, so the run's eval curve would silently mix two measurements. Changing them needs ``allow_changes``,
+which says so in the log line.
+
+A checkpoint of an earlier version records keys that have moved since (:data:`MOVED_KEYS`):
+:func:`read_recorded_config` reads it with them where they live now.
 
 Everything else (model, LoRA, data, sampling, reward, GRPO, optimiser, seed, batch sizes, which change the
 samples, the gradients or merely their rounding) is unsafe: a resumed run would no longer be the run that
@@ -26,6 +28,7 @@ an uninterrupted one is, bit for bit.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import math
 import os
@@ -33,26 +36,29 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from solace.errors import ConfigError
+from solace.trainer.config import MOVED_KEYS, SolaceConfig, load_config
 
 #: Dotted keys (``fnmatch`` patterns) whose change on resume is safe.
 SAFE: tuple[str, ...] = (
     "train.iterations",
     "train.max_minutes",
-    "train.eval_every",
-    "train.image_every",
+    "eval.every",
+    "eval.image_every",
     "train.checkpoint_every",
     "train.checkpoints_total_limit",
     "train.report",
     "train.threads",
-    "train.image_prompts",
-    "train.base_eval_cache",
+    "eval.image_prompts",
+    "eval.base_cache",
     "train.output_dir",
     "train.device",
     "train.log_with",
     "train.tracker_project",
     "train.process_group_timeout_minutes",
-    "eval.grid_prompts",
+    "eval.metric_grid_rows",
     "monitor.*",
     "preset",
     "model.embedding_cache",
@@ -65,12 +71,9 @@ SAFE: tuple[str, ...] = (
 )
 #: Evaluation-only settings: unsafe because earlier evaluations of the run were measured with the old ones.
 EVAL_FIELDS: tuple[str, ...] = (
-    "data.eval_prompts",
-    "data.eval_prompts_limit",
-    "train.eval_samples_per_prompt",
-    "sampling.eval_num_steps",
-    "sampling.eval_cfg_scale",
-    "eval.*",  # the evaluator, its metrics and their arguments, its batching (eval.grid_prompts is safe)
+    # the prompts, their number, samples, steps and CFG, the evaluator, its metrics and their arguments, its
+    # batching (the eval.* keys in SAFE are safe)
+    "eval.*",
 )
 #: How the command line spells ``allow_changes`` (used in the error message's fix).
 ALLOW_FLAG = "--allow-changes"
@@ -139,6 +142,38 @@ def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any
         if va is ABSENT or vb is ABSENT or not _same(va, vb):
             out.append((key, va, vb))
     return out
+
+
+def upgrade_recorded_config(old: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's recorded config with the keys of earlier versions (:data:`MOVED_KEYS`) where they live
+    now; a copy, the given one untouched. The batching fields that ``grpo`` and ``nft`` each had become the
+    ``train`` ones of the recorded ``train.algorithm``'s section (the other section's were never used).
+    Only a recorded config is read so: a YAML file or override with an old key fails (:func:`load_config`)."""
+    new = {k: dict(v) if isinstance(v, dict) else v for k, v in old.items()}
+    train = new.get("train")
+    active = "nft" if isinstance(train, dict) and train.get("algorithm") == "nft" else "grpo"
+    for key, to in MOVED_KEYS.items():
+        section, name = key.split(".")
+        if not isinstance(new.get(section), dict) or name not in new[section]:
+            continue
+        value = new[section].pop(name)
+        if section in ("grpo", "nft") and section != active:
+            continue
+        to_section, to_name = to.split(".")
+        new.setdefault(to_section, {})[to_name] = value
+    return new
+
+
+def read_recorded_config(old: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's recorded config (:func:`upgrade_recorded_config`) through this version's schema, so
+    fields added since do not count as changes; one this version cannot read is returned as it is (the
+    comparison then lists its differences)."""
+    old = upgrade_recorded_config(old)
+    try:
+        cfg: SolaceConfig = load_config(None, check_paths=False, layers_after=[OmegaConf.create(old)])
+    except Exception:  # noqa: BLE001 - a config this version cannot read is compared as it is
+        return old
+    return dataclasses.asdict(cfg)
 
 
 def _matches(key: str, patterns: tuple[str, ...]) -> bool:

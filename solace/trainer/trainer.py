@@ -98,7 +98,7 @@ from solace.trainer.precision import (
     launcher_precision,
     set_tf32,
 )
-from solace.trainer.resume_check import check_resume, truncate_log
+from solace.trainer.resume_check import check_resume, read_recorded_config, truncate_log
 from solace.trainer.runlock import RUN_FILES, RunLock, clear_earlier_run
 from solace.trainer.signals import RunInterrupted, StopRequest
 from solace.trainer.tracking import Trackers, log_with
@@ -278,9 +278,8 @@ class Trainer:
 
     @property
     def eval_cfg_scale(self) -> float:
-        """CFG of evaluations and image grids: ``sampling.eval_cfg_scale``, else the sampling scale."""
-        s = self.cfg.sampling
-        return s.eval_cfg_scale or s.cfg_scale
+        """CFG of evaluations and image grids: ``eval.cfg_scale``, else the sampling scale."""
+        return self.cfg.eval.cfg_scale or self.cfg.sampling.cfg_scale
 
     # ------------------------------------------------------------------ helpers
     def encode(self, prompts: list[str]) -> Conditioning:
@@ -497,19 +496,19 @@ class Trainer:
         return out
 
     def save_images(self, iteration: int) -> Path | None:
-        """Image grid of fixed prompts and seeds (``train.image_prompts``; on the toy world one held-out
+        """Image grid of fixed prompts and seeds (``eval.image_prompts``; on the toy world one held-out
         prompt per category), 4 samples a row: every process samples its block, the main one writes."""
         from solace.evaluation.toy_eval import generate_shared
         from solace.utils.images import save_grid
 
         prompts = (
-            self.cfg.train.image_prompts
+            self.cfg.eval.image_prompts
             or self.adapter.image_prompts()
             or [p.text for p in self.source.for_iteration(0, 4)]
         )
         with self._stoppable(), self._evaluated_weights():
             imgs = generate_shared(
-                self.adapter, prompts, 4, self.cfg.sampling.eval_num_steps, self.eval_cfg_scale, self.shards,
+                self.adapter, prompts, 4, self.cfg.eval.num_steps, self.eval_cfg_scale, self.shards,
                 "grid", seed=self.cfg.train.seed + 4242, negative_prompt=self.cfg.sampling.negative_prompt,
             )  # fmt: skip
         if not self.is_main:
@@ -624,16 +623,7 @@ class Trainer:
         if old is None:
             self._warn(f"{ck} records no config (an older checkpoint): the config was not compared")
             return
-        from omegaconf import OmegaConf
-
-        from solace.trainer.config import load_config
-
-        try:  # the old config through this version's schema, so fields added since do not count as changes
-            old = dataclasses.asdict(
-                load_config(None, check_paths=False, layers_after=[OmegaConf.create(old)])
-            )
-        except Exception:  # noqa: BLE001 - a config this version cannot read is compared as it is
-            pass
+        old = read_recorded_config(old)  # this version's keys and schema
         for line in check_resume(old, dataclasses.asdict(self.cfg), self.allow_changes):
             self._warn(f"--resume: {line}")
 
@@ -792,7 +782,7 @@ class Trainer:
             (self.out / "log.csv").unlink(missing_ok=True)
         if not resumed and self.cfg.train.report:  # on every process
             self.evaluate(0)
-            if self.cfg.train.image_every:
+            if self.cfg.eval.image_every:
                 self.save_images(0)
         if resumed and self.start_iteration < self.cfg.train.iterations:
             self._owed_samples(self.start_iteration)
@@ -800,17 +790,17 @@ class Trainer:
     def _owed_samples(self, done: int) -> None:
         """A run stopped during the evaluation or grid of iteration ``done`` (checkpointed without them)
         makes them up on resume, as ``_periodic`` would have."""
-        t = self.cfg.train
-        if t.eval_every and done % t.eval_every == 0 and not any(e["iteration"] == done for e in self.evals):
+        t = self.cfg.eval
+        if t.every and done % t.every == 0 and not any(e["iteration"] == done for e in self.evals):
             self.evaluate(done)
         grid = self.out / "images" / f"iter_{done:06d}.png"  # the main process's view decides (sharded grids)
         if t.image_every and done % t.image_every == 0 and self._rank0_decides(not grid.exists()):
             self.save_images(done)
 
     def _periodic(self, done: int) -> None:
-        """Evaluations every ``train.eval_every`` and image grids every ``train.image_every`` iterations."""
-        t = self.cfg.train
-        if t.eval_every and done % t.eval_every == 0 and done < t.iterations:
+        """Evaluations every ``eval.every`` and image grids every ``eval.image_every`` iterations."""
+        t = self.cfg.eval
+        if t.every and done % t.every == 0 and done < self.cfg.train.iterations:
             ev = self.evaluate(done)
             if ev and self.evaluator is not None and self.is_main:
                 tqdm.write(f"iteration {done}: {self.evaluator.progress_line(ev)}")
@@ -839,7 +829,7 @@ class Trainer:
             return
         if not self.evals or self.evals[-1]["iteration"] != last:
             self.evaluate(last)
-        every = self.cfg.train.image_every
+        every = self.cfg.eval.image_every
         if every and (last % every or last == self.start_iteration):  # else written by _periodic
             self.save_images(last)
 

@@ -156,8 +156,8 @@ class FlowGRPOUpdate(PolicyUpdate):
     """Flow-GRPO (SOLACE Eq. 16): PPO clip on the window's step log-probs + beta KL to the reference."""
 
     def __init__(self, trainer: Trainer):
-        g = trainer.cfg.grpo
-        super().__init__(trainer, g.micro_batch_size, g.inner_epochs, g.updates_per_iteration)
+        t = trainer.cfg.train
+        super().__init__(trainer, t.micro_batch_size, t.inner_epochs, t.updates_per_iteration)
 
     def terms(self) -> int:
         return len(self.tr.window)
@@ -202,8 +202,8 @@ class NFTUpdate(PolicyUpdate):
     needs_log_probs = False
 
     def __init__(self, trainer: Trainer):
-        n = trainer.cfg.nft
-        super().__init__(trainer, n.micro_batch_size, n.inner_epochs, n.updates_per_iteration)
+        n, t = trainer.cfg.nft, trainer.cfg.train
+        super().__init__(trainer, t.micro_batch_size, t.inner_epochs, t.updates_per_iteration)
         self.cfg = n
         schedule = functools.partial(
             ema_decay, kind=n.ema, decay=n.ema_decay, rate=n.ema_rate, max_decay=n.ema_max, delay=n.ema_delay
