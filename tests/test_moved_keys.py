@@ -91,7 +91,8 @@ def test_an_old_key_in_a_yaml_file_names_the_new_key_and_the_file(old, tmp_path)
 def test_an_old_key_in_a_preset_it_inherits_from_is_named_too(tmp_path):
     (tmp_path / "base.yaml").write_text("defaults: [toy.yaml]\nsampling: {eval_num_steps: 12}\n")
     (tmp_path / "child.yaml").write_text("defaults: [base.yaml]\ntrain: {iterations: 3}\n")
-    with pytest.raises(ConfigError, match=r"^sampling\.eval_num_steps: moved to eval\.num_steps; .*base\.yaml"):
+    moved = r"^sampling\.eval_num_steps: moved to eval\.num_steps; rename it \(in .*base\.yaml\)$"
+    with pytest.raises(ConfigError, match=moved):
         load_config(str(tmp_path / "child.yaml"), check_paths=False)
 
 
