@@ -307,7 +307,8 @@ def _anchor_preset_paths(raw: Any, path: Path) -> None:
     """A shipped preset names its prompt files relative to the repository (``data/prompts/...``): made
     absolute here, so the preset works from any folder. Only for presets of this package, and only where
     the file is there (an installed package without the repository keeps the name, and the check of
-    ``data.*`` says it is missing); a user's YAML and command-line overrides stay relative to the cwd."""
+    ``data.train_prompts`` / ``eval.prompts`` says it is missing); a user's YAML and command-line overrides
+    stay relative to the cwd."""
     root = presets_dir().resolve().parent.parent
     if presets_dir().resolve() not in path.parents:
         return
@@ -589,7 +590,8 @@ def _validate_trackers(t: TrainCfg) -> None:
 
 
 def _validate_eval(e: EvalCfg) -> None:
-    """The metric list and its arguments, checked against the registry (nothing is built, no model loads)."""
+    """The ``eval`` section's bounds, and the metric list and its arguments checked against the registry
+    (nothing is built, no model loads)."""
     from solace.rewards.registry import available_rewards, reward_parameters
 
     _min(e.prompts_limit, 0, "eval.prompts_limit", " (0: all)")
