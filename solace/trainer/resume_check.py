@@ -166,8 +166,8 @@ def upgrade_recorded_config(old: dict[str, Any]) -> dict[str, Any]:
 
 def read_recorded_config(old: dict[str, Any]) -> dict[str, Any]:
     """A checkpoint's recorded config (:func:`upgrade_recorded_config`) through this version's schema, so
-    fields added since do not count as changes; one this version cannot read is returned as it is (the
-    comparison then lists its differences)."""
+    fields added since do not count as changes; one this version cannot read is returned with its keys
+    moved only (the comparison then lists its differences)."""
     old = upgrade_recorded_config(old)
     try:
         cfg: SolaceConfig = load_config(None, check_paths=False, layers_after=[OmegaConf.create(old)])
