@@ -157,9 +157,9 @@ def test_a_plugin_family_trains_through_the_cli(plugin_dir, tmp_path):
         data: {{train_prompts: {prompts}}}
         sampling: {{group_size: 2, prompts_per_step: 2, num_steps: 3, batch_size: 4}}
         reward: {{self_confidence: {{num_probes: 2}}}}
-        grpo: {{micro_batch_size: 4}}
-        train: {{iterations: 2, threads: 1, device: cpu, eval_every: 0, image_every: 0, report: false,
+        train: {{iterations: 2, micro_batch_size: 4, threads: 1, device: cpu, report: false,
                  checkpoint_every: 1, output_dir: {out}}}
+        eval: {{every: 0, image_every: 0}}
         """)
     )
     res = subprocess.run(
