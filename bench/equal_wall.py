@@ -49,10 +49,11 @@ EVAL = [
 def velocity_drift(lora: Path, seed: int, samples: int = 2, steps: int = 10) -> float:
     """E||v_lora(x_t, t, c) - v_base(x_t, t, c)||^2 (mean over elements) on the training-distribution
     prompts, x0 the base's 20-step ODE samples at CFG 3, t each of the ``steps``-step grid's timesteps."""
-    from solace.evaluation.toy_eval import eval_records, generate
     from solace.models.base import adapters_disabled
     from solace.models.lora import load_lora
+    from solace.sampling.generate import generate
     from solace.toy.adapter import ToyAdapter
+    from solace.toy.evaluate import eval_records
 
     ad = ToyAdapter()
     load_lora(ad.denoiser, str(lora), trainable=False)

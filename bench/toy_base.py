@@ -24,10 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from solace.evaluation.toy_eval import evaluate_records, generate
 from solace.rewards.scorer import SelfConfidenceScorer
+from solace.sampling.generate import generate
 from solace.sampling.sampler import sample
 from solace.toy.adapter import ToyAdapter
+from solace.toy.evaluate import evaluate_records
 from solace.toy.evaluator import detect, expected_objects, format_table, score_detections, segment, to_uint8
 from solace.toy.world import CATEGORIES, load_heldout
 

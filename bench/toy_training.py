@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from solace.evaluation.toy_eval import evaluate_records
-from solace.evaluation.toy_eval import foreground as toy_foreground
 from solace.models.lora import load_lora
 from solace.toy.adapter import ToyAdapter
+from solace.toy.evaluate import evaluate_records
+from solace.toy.evaluate import foreground as toy_foreground
 from solace.toy.world import CATEGORIES, load_heldout
 
 RESULTS = Path(__file__).parent / "results"

@@ -6,20 +6,23 @@ Prompt files come in their published formats:
   lines are skipped and each line is stripped;
 * ``.jsonl``: one JSON object a line with a non-empty string ``prompt`` field (GenEval's published metadata
   format: ``tag``, ``include``, ``exclude``, ``prompt``). The whole object travels with the prompt as its
-  metadata, which rewards and metrics such as GenEval (and the toy world's exact evaluator) need.
+  metadata, which rewards and metrics such as GenEval (and exact evaluators) need.
 
 Training and evaluation read files through :func:`read_prompt_file`, so a file is accepted or rejected the
-same way everywhere, with an error that names the field, the file and the line.
+same way everywhere, with an error that names the field, the file and the line. Named prompt sets
+(:data:`PROMPT_SETS`, registered by plugins such as the embedded world) stand wherever a file does.
 """
 
 from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from solace.errors import ConfigError
+from solace.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -99,9 +102,71 @@ def _geneval_problem(rec: dict) -> str:
     return ""
 
 
+@dataclass(frozen=True)
+class PromptSet:
+    """A named source of prompts (``data.train_prompts``, ``eval.prompts``, ``--prompts``), registered in
+    :data:`PROMPT_SETS` by a plugin. Each part is optional:
+
+    * ``draw(rng)``: one prompt of a distribution (training prompts drawn afresh every iteration);
+    * ``fixed()``: a fixed list (training walks it in per-epoch shuffles; the analysis commands take its
+      first prompts);
+    * ``evaluation(limit)``: the prompts an evaluation scores (``limit``: how many, 0: the set's default;
+      the set chooses which).
+    """
+
+    description: str
+    draw: Callable[[random.Random], Prompt] | None = None
+    fixed: Callable[[], list[Prompt]] | None = None
+    evaluation: Callable[[int], list[Prompt]] | None = None
+
+
+PROMPT_SETS: Registry[PromptSet] = Registry("prompt set", "data.train_prompts")
+"""Prompt sets by name; any other value of a prompts field is a ``.txt`` / ``.jsonl`` file."""
+
+
+def is_prompt_set(spec: str) -> bool:
+    """Whether ``spec`` names a registered prompt set (else it is a prompt file's path)."""
+    return spec in PROMPT_SETS
+
+
+def evaluation_prompts(spec: str, limit: int = 0, field_name: str = "eval.prompts") -> list[Prompt]:
+    """The evaluation prompts of ``spec``: a prompt set's (``limit`` applied its own way) or a prompt file's
+    (its first ``limit``; 0: all)."""
+    if is_prompt_set(spec):
+        ps = PROMPT_SETS.get(spec, field_name)
+        if ps.evaluation is None:
+            raise ConfigError(
+                field_name, f"{spec!r} has no evaluation prompts ({ps.description}); {_others()}"
+            )
+        return ps.evaluation(limit)
+    items = read_prompt_file(spec, field_name)
+    return items[:limit] if limit else items
+
+
+def fixed_prompts(spec: str, limit: int = 0, field_name: str = "--prompts") -> list[Prompt]:
+    """A fixed list of prompts: a prompt set's (its fixed list, else its evaluation prompts) or a prompt
+    file's, the first ``limit`` (0: all)."""
+    if is_prompt_set(spec):
+        ps = PROMPT_SETS.get(spec, field_name)
+        if ps.fixed is not None:
+            items = ps.fixed()
+        elif ps.evaluation is not None:
+            items = ps.evaluation(0)
+        else:
+            raise ConfigError(field_name, f"{spec!r} is a distribution ({ps.description}); {_others()}")
+    else:
+        items = read_prompt_file(spec, field_name)
+    return items[:limit] if limit else list(items)
+
+
+def _others() -> str:
+    sets = ", ".join(PROMPT_SETS.names()) or "none registered"
+    return f"use a prompt file (.txt / .jsonl) or another prompt set ({sets})"
+
+
 class PromptSource:
-    """The prompts of each training iteration: the toy world's train distribution (``"toy"``), its held-out
-    list (``"toy_heldout"``) or a prompt file.
+    """The prompts of each training iteration: a registered prompt set (its distribution, or its fixed list)
+    or a prompt file.
 
     Which prompts an iteration uses depends only on ``(seed, iteration)``, so every process agrees on them
     and a resumed run continues with exactly the prompts it would have seen. A fixed list is walked in a
@@ -110,20 +175,22 @@ class PromptSource:
     def __init__(self, spec: str, seed: int, field_name: str = "data.train_prompts"):
         self.spec, self.seed = spec, seed
         self.items: list[Prompt] | None = None
-        if spec == "toy_heldout":
-            from solace.toy.world import load_heldout
-
-            self.items = [Prompt(r.prompt, r.to_json()) for r in load_heldout()]
-        elif spec != "toy":
+        self.draw: Callable[[random.Random], Prompt] | None = None
+        if is_prompt_set(spec):
+            ps = PROMPT_SETS.get(spec, field_name)
+            self.draw = ps.draw
+            if ps.draw is None:
+                if ps.fixed is None:
+                    raise ConfigError(field_name, f"{spec!r} has no training prompts ({ps.description})")
+                self.items = ps.fixed()
+        else:
             self.items = read_prompt_file(spec, field_name)
 
     def for_iteration(self, iteration: int, n: int) -> list[Prompt]:
         rng = random.Random(self.seed * 1_000_003 + iteration)
         if self.items is None:
-            from solace.toy.world import sample_train_prompt
-
-            recs = [sample_train_prompt(rng) for _ in range(n)]
-            return [Prompt(r.prompt, r.to_json()) for r in recs]
+            assert self.draw is not None
+            return [self.draw(rng) for _ in range(n)]
         out = []
         per_epoch = len(self.items)
         for k in range(iteration * n, iteration * n + n):
@@ -135,5 +202,5 @@ class PromptSource:
 
     def all(self, limit: int = 0) -> list[Prompt]:
         if self.items is None:
-            raise ConfigError("eval.prompts", "'toy' is the train distribution; use 'toy_heldout' or a file")
+            raise ConfigError("eval.prompts", f"{self.spec!r} is a distribution; {_others()}")
         return self.items[:limit] if limit else list(self.items)

@@ -202,7 +202,7 @@ def test_summary_and_aggregate_by_hand():
 
 
 def test_trainer_reuses_a_cached_base_evaluation(tmp_path):
-    from solace.evaluation.toy_eval import BaseEvalCache
+    from solace.evaluation.cache import BaseEvalCache
     from solace.trainer.trainer import Trainer
 
     weights = make_tiny_toy_weights(tmp_path / "tiny.safetensors")

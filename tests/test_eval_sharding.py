@@ -117,7 +117,8 @@ class CountForwards:
 
 
 def test_sharded_toy_evaluation_and_grid_equal_one_process(adapter):
-    from solace.evaluation.toy_eval import evaluate_records, generate_shared
+    from solace.sampling.generate import generate_shared
+    from solace.toy.evaluate import evaluate_records
     from solace.toy.world import balanced_subset, load_heldout
 
     recs = balanced_subset(load_heldout(), 5)
@@ -175,7 +176,8 @@ def test_sharded_metric_evaluation_equals_one_process(adapter):
 def test_the_cached_base_is_the_main_process_decision(adapter, tmp_path):
     """Only the main process reads the base-evaluation cache and tells the others: a process that read it
     itself (here it cannot: its path does not exist) would sample alone while the others skip."""
-    from solace.evaluation.toy_eval import BaseEvalCache, ToyEvaluator
+    from solace.evaluation.cache import BaseEvalCache
+    from solace.toy.evaluate import ToyEvaluator
     from solace.toy.world import balanced_subset, load_heldout
 
     recs = balanced_subset(load_heldout(), 3)

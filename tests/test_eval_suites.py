@@ -192,8 +192,8 @@ def test_cli_errors_are_one_line(tmp_path, monkeypatch):
 def test_generate_in_slices_matches_whole(tiny_sd3_pipe):
     from tiny_pipelines import TINY_RESOLUTION, TINY_T5_MAX_LEN
 
-    from solace.evaluation.toy_eval import generate
     from solace.models.sd3 import SD3Adapter
+    from solace.sampling.generate import generate
 
     a = SD3Adapter(tiny_sd3_pipe, resolution=TINY_RESOLUTION, max_sequence_length=TINY_T5_MAX_LEN)
     prompts = ["a red cat", "two dogs", "a blue sign"]

@@ -496,7 +496,7 @@ def test_a_signal_during_an_evaluation_stops_at_once_and_resume_makes_it_up(weig
     """SIGINT arriving while iteration 2's evaluation samples: the evaluation stops at its next forward, the
     finished iteration 2 is checkpointed (checkpoint_every is 10), the exit code is 130; resumed, the run
     makes up the evaluation and grid of iteration 2 and ends bitwise as the uninterrupted run."""
-    from solace.evaluation.toy_eval import ToyEvaluator
+    from solace.toy.evaluate import ToyEvaluator
     from solace.trainer.signals import RunInterrupted
 
     full = Trainer(_stop_run(weights, tmp_path / "full")).train()
@@ -557,7 +557,7 @@ def test_ctrl_c_20_s_into_the_toy_presets_base_evaluation_ends_it_within_10_s(tm
 def test_base_eval_cache_never_overwrites_a_users_file(weights, tmp_path):
     """eval.base_cache naming a file solace did not write is refused before anything runs; a cache it
     wrote is read back (and an unmarked one of earlier versions accepted)."""
-    from solace.evaluation.toy_eval import BaseEvalCache
+    from solace.evaluation.cache import BaseEvalCache
 
     mine = tmp_path / "notes.json"
     mine.write_text('{"my": "data"}')

@@ -126,7 +126,7 @@ def test_toy_model_is_32_by_32_only(weights):
 
 
 def test_toy_generation_uses_the_negative_prompt(weights):
-    from solace.evaluation.toy_eval import generate
+    from solace.sampling.generate import generate
 
     ad = load_adapter(str(weights))
     kw = dict(samples_per_prompt=2, num_steps=3, cfg_scale=4.0, seed=1, progress=False)
@@ -156,8 +156,9 @@ def test_trainer_uses_the_negative_prompt_as_null(weights, tmp_path):
     want = tr.adapter.encode_prompts([NEG])
     assert all(torch.equal(tr.null.tensors[k], want.tensors[k]) for k in want.tensors)
     from solace.evaluation.evaluators import base_eval_key
+    from solace.trainer.config import eval_setup
 
-    assert base_eval_key(cfg, tr.eval_cfg_scale)["negative_prompt"] == NEG
+    assert base_eval_key(eval_setup(cfg, tr.eval_cfg_scale))["negative_prompt"] == NEG
     assert tr.evaluator.negative_prompt == NEG
     ro = tr.sample_rollout(0)
     assert all(

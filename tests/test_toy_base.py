@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from safetensors import safe_open
 
-from solace.evaluation.toy_eval import evaluate_records
 from solace.toy.adapter import ToyAdapter, default_weights_path
+from solace.toy.evaluate import evaluate_records
 from solace.toy.world import CATEGORIES, load_heldout
 
 # Measured on this exact subset (2 held-out prompts per category x 4 samples, 20 steps, CFG 3, seed 0):

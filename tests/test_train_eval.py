@@ -155,9 +155,9 @@ def test_metric_evaluator_samples_the_base_once_and_caches_it(tmp_path, tiny_cli
     hit; a LoRA kept apart from the base (init_from) is evaluated at iteration 0 rather than assumed zero."""
     from test_sd3_flux import perturb_lora
 
+    from solace.evaluation.cache import BaseEvalCache
     from solace.evaluation.evaluators import MetricsEvaluator, eval_suite
     from solace.evaluation.metrics_eval import build_metrics
-    from solace.evaluation.toy_eval import BaseEvalCache
     from solace.models.lora import add_lora
     from solace.models.sd3 import SD3_LORA_TARGETS, SD3Adapter
 
@@ -206,9 +206,10 @@ def test_eval_config_errors_name_the_field(tmp_path, tiny_sd3_folder):
         load(**{"eval.batch_size": 0})
     with pytest.raises(ConfigError, match=r"^eval\.prompts: the GenEval metric needs GenEval metadata"):
         from solace.evaluation.evaluators import make_evaluator
+        from solace.trainer.config import eval_setup
 
         cfg = load(**{"eval.metrics": "[geneval]", "eval.prompts": str(held)})
-        make_evaluator(cfg, None, tmp_path, 4.0)
+        make_evaluator(eval_setup(cfg, 4.0), None, tmp_path)
     # evaluations switched off explicitly: no error, nothing evaluates
     cfg = load(**{"eval.every": 5, "eval.evaluator": "none"})
     assert cfg.eval.evaluator == "none"

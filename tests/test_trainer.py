@@ -150,7 +150,7 @@ def test_external_reward_only_training_with_the_toy_evaluator(weights, tmp_path)
 
 def test_dense_verifiable_reward_and_a_jsonl_eval_file_scored_exactly(weights, tmp_path):
     """mode=dense trains; a .jsonl eval file with GenEval metadata is evaluated by the exact evaluator."""
-    from solace.evaluation.toy_eval import eval_records
+    from solace.toy.evaluate import eval_records
     from solace.toy.world import load_heldout
 
     recs = [r for r in load_heldout() if r.tag in ("single_object", "colors")][:4]

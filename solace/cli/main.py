@@ -9,9 +9,14 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from solace.cli.plugins import COMMANDS
+from solace.cli.plugins import fail as _fail
+from solace.defaults import default
 from solace.errors import ConfigError, SolaceError
+from solace.evaluation.evaluators import EVALUATORS
 
 if TYPE_CHECKING:
+    from solace.evaluation.evaluators import Judge
     from solace.models.base import FlowModelAdapter
 
 app = typer.Typer(
@@ -19,12 +24,13 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Post-train text-to-image flow models with RL on their own self-confidence.",
 )
-toy_app = typer.Typer(no_args_is_help=True, help="The toy world: pretrain its base model.")
-app.add_typer(toy_app, name="toy")
 
 
 # Options several commands share, declared once.
-_MODEL_HELP = "toy, a toy .safetensors, a diffusers folder or hub id."
+DEFAULT_MODEL = default("model.name")
+_MODEL_HELP = (
+    f"{DEFAULT_MODEL} (the embedded world's model), a .safetensors of it, a diffusers folder or hub id."
+)
 ModelOpt = Annotated[str, typer.Option("--model", help=_MODEL_HELP)]
 FamilyOpt = Annotated[
     str,
@@ -53,7 +59,7 @@ ResolutionOpt = Annotated[
     typer.Option(
         "--resolution",
         help="Square image side in pixels, shorthand for --height = --width (0: the model's own: SD3/FLUX "
-        "512; the toy model draws 32 x 32 only).",
+        "512; the embedded world's model draws its own size only).",
     ),
 ]
 HeightOpt = Annotated[int, typer.Option("--height", help="Image height in pixels (0: --resolution or 512).")]
@@ -76,52 +82,6 @@ EditsOpt = Annotated[
 ]
 
 
-def _fail(e: Exception) -> None:
-    typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
-
-
-@toy_app.command("pretrain")
-def toy_pretrain(
-    out: Path = typer.Option(Path("runs/toy_pretrain"), help="Run folder (checkpoints, log, final weights)."),
-    steps: int = typer.Option(4000, help="Optimizer steps."),
-    batch_size: int = typer.Option(64, help="Images per step."),
-    lr: float = typer.Option(6e-4, help="Peak AdamW learning rate (warmup, then cosine to 10%)."),
-    dataset_size: int = typer.Option(80_000, help="Number of pre-rendered training scenes."),
-    seed: int = typer.Option(0, help="Seed for data, init and batch order."),
-    threads: int = typer.Option(2, help="torch CPU threads (and render workers)."),
-    eval_every: int = typer.Option(500, help="Quick held-out evaluation every N steps."),
-    resume: bool = typer.Option(False, help="Continue from the run folder's last checkpoint."),
-    overwrite: bool = typer.Option(
-        False, "--overwrite", help="Start anew in a folder that holds an earlier run, removing its files."
-    ),
-    init: str = typer.Option(
-        "", help="Start from another run's checkpoint.safetensors (weights, EMA, Adam moments), new schedule."
-    ),
-) -> None:
-    """Pretrain the toy world's base flow model (rectified flow + caption dropout, EMA, safetensors)."""
-    from solace.toy.pretrain import PretrainConfig, pretrain
-
-    cfg = PretrainConfig(
-        out=str(out),
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        dataset_size=dataset_size,
-        seed=seed,
-        threads=threads,
-        eval_every=eval_every,
-        init=init,
-    )
-    try:
-        if resume and overwrite:
-            raise ConfigError("--overwrite", "contradicts --resume: give one (continue or replace)")
-        path = pretrain(cfg, resume=resume, overwrite=overwrite)
-    except SolaceError as e:
-        _fail(e)
-    typer.echo(json.dumps({"weights": str(path), "learning_curve": str(out / "learning_curve.png")}))
-
-
 config_app = typer.Typer(no_args_is_help=True, help="Inspect and check training configs.")
 app.add_typer(config_app, name="config")
 
@@ -130,10 +90,10 @@ app.add_typer(config_app, name="config")
 def train(
     ctx: typer.Context,
     config: str = typer.Option(
-        "toy",
+        default("cli.config"),
         "--config",
         "-c",
-        help="YAML file or preset name (toy, sd35m, flux, toy_verifiable, ablation/k4 ...).",
+        help="YAML file or preset name (sd35m, flux, ablation/k4, the embedded world's presets ...).",
     ),
     resume: bool = typer.Option(False, help="Continue from the output folder's latest checkpoint."),
     allow_changes: bool = typer.Option(
@@ -183,13 +143,12 @@ def train(
 def ablate(
     ctx: typer.Context,
     config: str = typer.Option(
-        "toy", "--config", "-c", help="Base YAML file or preset every condition is laid over."
+        default("cli.config"), "--config", "-c", help="Base YAML file or preset every condition is laid over."
     ),
     conditions: str = typer.Option(
         "k4,k8,k16,cfg_in_reward,offline,rho1,no_cfg",
         help="Comma list: configs/ablation names (Table 2: k4,k8,k16,cfg_in_reward,offline; collapse: "
-        "rho1,no_cfg; variant: later_half), other presets (toy_released_code, toy_contrastive, toy_mixed, "
-        "toy_verifiable) or YAML files of differences.",
+        "rho1,no_cfg; variant: later_half), other presets (solace/configs/) or YAML files of differences.",
     ),
     seeds: str = typer.Option("0,1,2", help="Comma-separated seeds; every condition runs each."),
     out: Path = typer.Option(Path("runs/ablate"), help="Grid folder: OUT/<condition>/seed<S>, ablation.md."),
@@ -326,7 +285,7 @@ def sample_cmd(
     seeds: str = typer.Option("0,1,2,3", help="Comma-separated seeds: one image per seed and prompt."),
     steps: int = typer.Option(40, help="Sampling steps (10 = training, 40 = evaluation)."),
     cfg: float = typer.Option(7.0, "--cfg", help="Classifier-free guidance scale (1 disables)."),
-    model: ModelOpt = "toy",
+    model: ModelOpt = DEFAULT_MODEL,
     family: FamilyOpt = "auto",
     plugin: PluginOpt = None,
     lora: LoraOpt = None,
@@ -343,19 +302,18 @@ def sample_cmd(
     the folder named like the grid without its extension (samples.png -> samples/)."""
     import torch
 
-    from solace.evaluation.toy_eval import generate
+    from solace.sampling.generate import generate
     from solace.utils.images import save_grid
 
-    if not prompt:
-        from solace.evaluation.toy_eval import default_image_prompts
-
-        prompt = default_image_prompts()
     try:
         seed_list = _seed_list(seeds)
         _check_sampling(steps, 2, cfg, "ode", 1)
         _check_image_path(out)
         kwargs = _model_kwargs(device, dtype, resolution, height, width)
         adapter = _load(model, lora, device, lora_alpha, (family, plugin), **kwargs)
+        prompt = list(prompt or adapter.image_prompts())
+        if not prompt:
+            raise ConfigError("--prompt", "give at least one prompt (repeat --prompt for several rows)")
         rows = [
             generate(adapter, prompt, 1, steps, cfg, seed=sd, progress=False, negative_prompt=negative_prompt)
             for sd in seed_list
@@ -415,9 +373,9 @@ def _check_writable(folder: Path, option: str) -> None:
 @app.command("eval")
 def eval_cmd(
     suite: str = typer.Option(
-        "toy",
-        help="toy (held-out toy world, exact evaluator) | drawbench | geneval | ocr | pickscore "
-        "(these read --prompts).",
+        default("cli.suite"),
+        help="an embedded world's own suite (its held-out prompts, its exact evaluator) | drawbench | "
+        "geneval | ocr | pickscore (these read --prompts).",
     ),
     prompts: Path = typer.Option(
         None, "--prompts", help="Prompt file of the suite: .txt (one a line) or GenEval .jsonl metadata."
@@ -434,19 +392,23 @@ def eval_cmd(
         "--metric-arg",
         help="METRIC.KEY=VALUE for a metric's factory, e.g. clip_score.model=/path (repeat).",
     ),
-    model: ModelOpt = "toy",
+    model: ModelOpt = DEFAULT_MODEL,
     family: FamilyOpt = "auto",
     plugin: PluginOpt = None,
     lora: Annotated[
         str | None, typer.Option("--lora", help="LoRA folder or .safetensors to evaluate against the base.")
     ] = None,
     lora_alpha: LoraAlphaOpt = None,
-    samples: int = typer.Option(None, help="Samples per prompt (default: 16 for toy, 1 otherwise)."),
+    samples: int = typer.Option(
+        None, help="Samples per prompt (default: an embedded world's suite its own, 16; 1 otherwise)."
+    ),
     steps: int = typer.Option(40, help="Sampling steps."),
     cfg: float = typer.Option(7.0, "--cfg", help="CFG scale."),
     seed: int = typer.Option(0, help="Seed of the initial noise."),
     limit: int = typer.Option(
-        0, help="toy: the first N held-out prompts per category; other suites: the first N prompts (0: all)."
+        0,
+        help="An embedded world's suite: the first N held-out prompts per category; other suites: the first "
+        "N prompts (0: all).",
     ),
     batch_size: int = typer.Option(8, help="Images per generation batch (file suites)."),
     negative_prompt: NegativePromptOpt = "",
@@ -468,9 +430,11 @@ def eval_cmd(
         _check_writable(out, "--out")
         _check_sampling(steps, 2, cfg, "ode", 1)
         model_kwargs = _model_kwargs(device, dtype, resolution, height, width)
+        _import_plugins(plugin)  # a plugin may bring its own suite
     except SolaceError as e:
         _fail(e)
-    if suite != "toy":
+    own = EVALUATORS.get(suite) if suite in EVALUATORS else None
+    if own is None or not own.suite_samples:
         try:
             _eval_suite(
                 suite=suite,
@@ -495,31 +459,24 @@ def eval_cmd(
         except SolaceError as e:
             _fail(e)
         return
-    from solace.evaluation.toy_eval import run_toy_eval
-    from solace.toy.world import CATEGORIES, load_heldout
-
     if prompts is not None or metrics or metric_arg:
         _fail(
             SolaceError(
-                "--suite toy scores the shipped held-out prompts with the exact evaluator; --prompts, "
-                "--metrics and --metric-arg are for the file suites (drawbench, geneval, ocr, pickscore)"
+                f"--suite {suite} scores its own prompts ({own.description}); --prompts, --metrics and "
+                "--metric-arg are for the file suites (drawbench, geneval, ocr, pickscore)"
             )
         )
-    samples = 16 if samples is None else samples
-    recs = list(load_heldout())
-    if limit:
-        recs = [r for c in CATEGORIES for r in [x for x in recs if x.tag == c][:limit]]
+    settings = dict(
+        samples=own.suite_samples if samples is None else samples, steps=steps, cfg_scale=cfg, seed=seed,
+        limit=limit, negative_prompt=negative_prompt,
+    )  # fmt: skip
     try:
         runs = [("base", None)] + ([("lora", lora)] if lora else [])
         results = {}
         for label, lw in runs:
             adapter = _load(model, lw, device, lora_alpha, (family, plugin), **model_kwargs)
-            res = run_toy_eval(
-                adapter, str(out / label), samples, steps, cfg, seed, recs, label=label,
-                negative_prompt=negative_prompt,
-            )  # fmt: skip
-            results[label] = res["summary"]
-            typer.echo(res["table"])
+            results[label], table = own.run_suite(adapter, out / label, label, **settings)
+            typer.echo(table)
             typer.echo("")
     except SolaceError as e:
         _fail(e)
@@ -600,7 +557,8 @@ analyze_app = typer.Typer(no_args_is_help=True, help="Analyses of self-confidenc
 app.add_typer(analyze_app, name="analyze")
 
 _PROMPTS_HELP = (
-    "toy_heldout (the toy world's held-out prompts, judged by the exact evaluator) or a .txt/.jsonl file."
+    "A prompt set (e.g. an embedded world's held-out prompts, judged by its exact evaluator) or a "
+    ".txt/.jsonl file."
 )
 
 
@@ -652,25 +610,16 @@ def _check_sampling(steps: int, probes: int, cfg: float, sampler: str, threads: 
 
 def _prompt_source(
     prompts: str, limit: int, model: str, family: tuple[str, list[str] | None]
-) -> tuple[list[str], list | None]:
-    """Prompts and, for a toy model on toy-world records, the records the exact evaluator needs."""
+) -> tuple[list[str], Judge | None]:
+    """The prompts (a prompt set's fixed list or a file's, the first ``limit``) and, where a registered
+    evaluator can judge them exactly on this model, its :class:`~solace.evaluation.evaluators.Judge`."""
+    from solace.evaluation.evaluators import find_judge
     from solace.models.family import resolve_family
-    from solace.toy.world import PromptRecord, load_heldout
+    from solace.prompts import fixed_prompts
 
     _import_plugins(family[1])
-    toy = resolve_family(model, family[0], "--family")[0] == "toy"
-    if prompts == "toy_heldout":
-        recs = list(load_heldout())
-        recs = recs[:limit] if limit else recs
-        return [r.prompt for r in recs], (recs if toy else None)
-    from solace.prompts import read_prompt_file
-
-    items = read_prompt_file(prompts, "--prompts")
-    items = items[:limit] if limit else items
-    records = None
-    if toy and items and all({"tag", "include"} <= set(it.meta) for it in items):
-        records = [PromptRecord.from_json(it.meta) for it in items]
-    return [it.text for it in items], records
+    items = fixed_prompts(prompts, limit, "--prompts")
+    return [it.text for it in items], find_judge(items, resolve_family(model, family[0], "--family")[0])
 
 
 def _size_kwargs(resolution: int, height: int, width: int) -> dict[str, int]:
@@ -766,7 +715,7 @@ def score_cmd(
     sampler: str = typer.Option("sde", help="sde (the training sampler) | ode."),
     probes: ProbesOpt = 8,
     edits: EditsOpt = "off",
-    model: ModelOpt = "toy",
+    model: ModelOpt = DEFAULT_MODEL,
     family: FamilyOpt = "auto",
     plugin: PluginOpt = None,
     lora: LoraOpt = None,
@@ -826,7 +775,7 @@ def score_cmd(
 
 @app.command("rerank")
 def rerank_cmd(
-    prompts: str = typer.Option("toy_heldout", "--prompts", help=_PROMPTS_HELP),
+    prompts: str = typer.Option(default("eval.prompts"), "--prompts", help=_PROMPTS_HELP),
     limit: int = typer.Option(0, help="Keep the first N prompts (0: all)."),
     n: str = typer.Option(
         "4,8,16", "--n", help="Comma-separated candidate counts N (nested prefixes of max N)."
@@ -840,7 +789,7 @@ def rerank_cmd(
     probes: ProbesOpt = 8,
     edits: EditsOpt = "off",
     batch_size: int = typer.Option(16, help="Samples per generation batch."),
-    model: ModelOpt = "toy",
+    model: ModelOpt = DEFAULT_MODEL,
     family: FamilyOpt = "auto",
     plugin: PluginOpt = None,
     lora: LoraOpt = None,
@@ -856,8 +805,9 @@ def rerank_cmd(
 ) -> None:
     """Best-of-N by self-confidence: keep the most self-confident of N candidates per prompt.
 
-    On toy-world prompts: strict accuracy of best-of-N vs a random pick vs the oracle, over seeds
-    (rerank.json, rerank.md, rerank.png). Otherwise: the selected images and their scores."""
+    On prompts a registered evaluator judges exactly (an embedded world's): strict accuracy of best-of-N vs
+    a random pick vs the oracle, over seeds (rerank.json, rerank.md, rerank.png). Otherwise: the selected
+    images and their scores."""
     from solace.evaluation.confidence import run_rerank
 
     try:
@@ -866,13 +816,13 @@ def rerank_cmd(
         _check_sampling(steps, probes, cfg, sampler, threads, limit)
         if batch_size < 1:
             raise ConfigError("--batch-size", f"must be >= 1, got {batch_size}")
-        prompt_list, records = _prompt_source(prompts, limit, model, (family, plugin))
+        prompt_list, judge = _prompt_source(prompts, limit, model, (family, plugin))
         size = (resolution, height, width)
         adapter = _load_scoring_model(model, lora, device, dtype, size, threads, lora_alpha, (family, plugin))
         doc = run_rerank(
             adapter,
             prompt_list,
-            records,
+            judge,
             out,
             ns=ns,
             seeds=seed_list,
@@ -893,7 +843,7 @@ def rerank_cmd(
 
 @analyze_app.command("rationale")
 def rationale_cmd(
-    prompts: str = typer.Option("toy_heldout", "--prompts", help=_PROMPTS_HELP),
+    prompts: str = typer.Option(default("eval.prompts"), "--prompts", help=_PROMPTS_HELP),
     limit: int = typer.Option(0, help="Keep the first N prompts (0: all)."),
     samples: int = typer.Option(8, help="Samples per prompt and regime."),
     steps: int = typer.Option(
@@ -905,7 +855,7 @@ def rationale_cmd(
     edits: EditsOpt = "off",
     seed: int = typer.Option(0, help="Seed of the initial noise (the same for every regime) and probes."),
     batch_size: int = typer.Option(16, help="Samples per generation batch."),
-    model: ModelOpt = "toy",
+    model: ModelOpt = DEFAULT_MODEL,
     family: FamilyOpt = "auto",
     plugin: PluginOpt = None,
     lora: LoraOpt = None,
@@ -919,8 +869,8 @@ def rationale_cmd(
     threads: ThreadsOpt = 2,
     device: DeviceOpt = "auto",
 ) -> None:
-    """Self-confidence under three inference regimes (rationale.png, rationale.json); on toy-world prompts
-    also its within-group AUC against exact correctness per category and timestep (rationale.md)."""
+    """Self-confidence under three inference regimes (rationale.png, rationale.json); on exactly judged
+    prompts also its within-group AUC against exact correctness per category and timestep (rationale.md)."""
     from solace.evaluation.confidence import run_rationale
 
     try:
@@ -930,13 +880,13 @@ def rationale_cmd(
             raise ConfigError("--batch-size", f"must be >= 1, got {batch_size}")
         check_seed(seed, "--seed")
         _check_sampling(steps, probes, cfg, sampler, threads, limit)
-        prompt_list, records = _prompt_source(prompts, limit, model, (family, plugin))
+        prompt_list, judge = _prompt_source(prompts, limit, model, (family, plugin))
         size = (resolution, height, width)
         adapter = _load_scoring_model(model, lora, device, dtype, size, threads, lora_alpha, (family, plugin))
         doc = run_rationale(
             adapter,
             prompt_list,
-            records,
+            judge,
             out,
             samples=samples,
             num_steps=steps,
@@ -975,6 +925,10 @@ def main() -> None:
             sys.stderr.flush()
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush goes nowhere
         sys.exit(2)
+
+
+for _name, _app in COMMANDS.items():  # the plugins' command groups (an embedded world's `solace <name> ...`)
+    app.add_typer(_app, name=_name)
 
 
 if __name__ == "__main__":  # pragma: no cover

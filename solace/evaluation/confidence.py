@@ -6,8 +6,9 @@ by a prompt's group, uniform weights) probed at the sampler's own timesteps ``si
 uses the training sampler (:func:`solace.sampling.sampler.sample`, SDE with noise level 0.7 or the Euler ODE,
 with CFG); the initial noise of sample ``j`` of prompt ``i`` depends only on ``(seed, i, j)``.
 
-On the toy world, when the prompts are held-out records, every sample is also judged by the exact evaluator
-(strict correctness), and :mod:`solace.evaluation.analysis` turns scores and correctness into best-of-N and
+When a registered evaluator can judge the prompts exactly (an embedded world's, on its own model and
+prompts: a :class:`~solace.evaluation.evaluators.Judge`), every sample is also judged (strict
+correctness), and :mod:`solace.evaluation.analysis` turns scores and correctness into best-of-N and
 within-group AUC figures.
 """
 
@@ -23,14 +24,13 @@ from tqdm.auto import tqdm
 
 from solace.errors import check
 from solace.evaluation import analysis
+from solace.evaluation.evaluators import Judge
 from solace.models.base import Conditioning, FlowModelAdapter
+from solace.rewards.prompt_edits import candidate_edits
 from solace.rewards.scorer import SelfConfidenceCfg, SelfConfidenceScorer
-from solace.sampling.sampler import sample
-from solace.toy.world import PromptRecord
+from solace.sampling.generate import generate_group
+from solace.utils.images import to_pil
 from solace.utils.seeding import prompt_seed
-
-SDE_NOISE_LEVEL = 0.7  # Flow-GRPO's training sampler
-SAMPLERS = ("sde", "ode")
 
 
 def score_latents(
@@ -60,50 +60,13 @@ def check_edits(edits: str) -> None:
 
 
 def edit_conditioning(
-    adapter: FlowModelAdapter, prompt: str, record: PromptRecord | None, edits: str, limit: int = 8
+    adapter: FlowModelAdapter, prompt: str, meta: dict | None, edits: str, limit: int = 8
 ) -> Conditioning | None:
-    """The encoded minimal edits of ``prompt`` (toy records: exact edits; free text: rule edits), or None
-    when ``edits`` is off."""
+    """The encoded minimal edits of ``prompt`` (with metadata an edit provider knows: its exact edits; free
+    text: rule edits), or None when ``edits`` is off."""
     if edits == "off":
         return None
-    from solace.rewards.prompt_edits import candidate_edits
-
-    return adapter.encode_prompts(candidate_edits(prompt, record.to_json() if record else None, limit=limit))
-
-
-@torch.no_grad()
-def generate_group(
-    adapter: FlowModelAdapter,
-    cond: Conditioning,
-    null: Conditioning,
-    n: int,
-    num_steps: int,
-    cfg_scale: float,
-    seed: int,
-    sampler: str = "sde",
-    batch_size: int = 16,
-) -> torch.Tensor:
-    """``n`` clean latents (n, *latent) for one prompt (``cond``/``null``: one row each)."""
-    check(sampler in SAMPLERS, "sampler", f"must be one of {SAMPLERS}, got {sampler!r}")
-    sigmas = adapter.sigmas(num_steps)
-    gen = torch.Generator().manual_seed(int(seed))
-    noise = torch.randn((n, *adapter.latent_shape()), generator=gen)
-    out = []
-    for s in range(0, n, batch_size):
-        b = noise[s : s + batch_size].to(adapter.device)
-        traj = sample(
-            adapter,
-            cond.index([0] * len(b)),
-            null.index([0] * len(b)),
-            sigmas,
-            b,
-            cfg_scale=cfg_scale,
-            noise_level=SDE_NOISE_LEVEL if sampler == "sde" else 0.0,
-            generator=gen,
-            keep_trajectory=False,
-        )
-        out.append(traj.final.float())
-    return torch.cat(out)
+    return adapter.encode_prompts(candidate_edits(prompt, meta, limit=limit))
 
 
 def negative_setting(negative_prompt: str) -> dict[str, str]:
@@ -116,13 +79,9 @@ def probe_timesteps(adapter: FlowModelAdapter, num_steps: int) -> torch.Tensor:
     return SelfConfidenceScorer().timesteps(adapter.sigmas(num_steps).float())[1]
 
 
-def judge(adapter: FlowModelAdapter, z0: torch.Tensor, record: PromptRecord) -> tuple[np.ndarray, list]:
-    """Toy world: strict correctness (N,) of decoded latents under the exact evaluator, and the images."""
-    from solace.toy.evaluator import detect, score_detections, to_uint8
-
-    imgs = adapter.decode(z0).cpu()
-    strict = np.array([score_detections(detect(a), record)["strict"] for a in to_uint8(imgs)], dtype=bool)
-    return strict, imgs
+def judged(adapter: FlowModelAdapter, z0: torch.Tensor, judge: Judge, i: int) -> np.ndarray:
+    """Strict correctness (N,) of decoded latents of prompt ``i`` under the exact ``judge``."""
+    return judge.correct(adapter.decode(z0).cpu(), i)
 
 
 def _finite(x: float) -> float | None:
@@ -155,8 +114,6 @@ def run_score(
     Writes ``score.json`` (settings, timesteps, per image ``R`` and ``S_t``) and, when generating, the
     images to ``images/``. Returns the document plus ``table`` (text).
     """
-    from solace.utils.images import to_pil
-
     check_edits(edits)
     out.mkdir(parents=True, exist_ok=True)
     ts = probe_timesteps(adapter, num_steps)
@@ -227,7 +184,7 @@ def run_score(
 def run_rerank(
     adapter: FlowModelAdapter,
     prompts: Sequence[str],
-    records: Sequence[PromptRecord] | None,
+    judge: Judge | None,
     out: Path,
     *,
     ns: Sequence[int],
@@ -242,10 +199,9 @@ def run_rerank(
     negative_prompt: str = "",
 ) -> dict:
     """Best-of-N by self-confidence. Generates max(N) candidates per prompt and seed once; smaller N use
-    prefixes. With ``records`` (toy world) it reports best-of-N / random / oracle strict accuracy over seeds
-    (``rerank.json``, ``rerank.md``, ``rerank.png``); otherwise it writes each N's selected image."""
-    from solace.utils.images import to_pil
-
+    prefixes. With a ``judge`` (an exact evaluator of the prompts) it reports best-of-N / random / oracle
+    strict accuracy over seeds (``rerank.json``, ``rerank.md``, ``rerank.png``); otherwise it writes each
+    N's selected image."""
     ns = sorted(set(int(n) for n in ns))
     nmax = ns[-1]
     check_edits(edits)
@@ -266,7 +222,7 @@ def run_rerank(
             z0 = generate_group(
                 adapter, cond, null, nmax, num_steps, cfg_scale, prompt_seed(seed, i), sampler, batch_size
             )
-            ec = edit_conditioning(adapter, p, records[i] if records else None, edits)
+            ec = edit_conditioning(adapter, p, judge.metas[i] if judge else None, edits)
             r, _ = score_latents(
                 adapter, z0, cond, ts, num_probes, prompt_seed(seed, i) + 1, edits=edits, edit_cond=ec
             )
@@ -274,9 +230,9 @@ def run_rerank(
             row: dict = {"seed": seed, "prompt": p, "R": [float(x) for x in r]}
             picks = {n: int(np.argmax(scores[i, :n])) for n in ns}
             row["selected"] = {str(n): k for n, k in picks.items()}
-            if records is not None:
-                correct[i], _ = judge(adapter, z0, records[i])
-                row["tag"] = records[i].tag
+            if judge is not None:
+                correct[i] = judged(adapter, z0, judge, i)
+                row["tag"] = judge.tags[i]
                 row["strict"] = [bool(x) for x in correct[i]]
             else:
                 imgs = adapter.decode(z0).cpu()
@@ -288,7 +244,7 @@ def run_rerank(
                     row["images"][str(n)] = f
             per_prompt.append(row)
             bar.update(nmax)
-        if records is not None:
+        if judge is not None:
             per_seed.append(analysis.selection(scores, correct, ns))
     bar.close()
     settings = {
@@ -303,7 +259,7 @@ def run_rerank(
         **negative_setting(negative_prompt),
     }
     doc: dict = {"settings": settings, "timesteps": [float(t) for t in ts]}
-    if records is not None:
+    if judge is not None:
         summary = analysis.summarize_selection(per_seed)
         doc["summary"] = {str(n): v for n, v in summary.items()}
         doc["per_seed"] = [{str(n): v for n, v in r.items()} for r in per_seed]
@@ -353,7 +309,7 @@ def _auc_block(r: np.ndarray, s: np.ndarray, c: np.ndarray, tags: Sequence[str])
 def run_rationale(
     adapter: FlowModelAdapter,
     prompts: Sequence[str],
-    records: Sequence[PromptRecord] | None,
+    judge: Judge | None,
     out: Path,
     *,
     samples: int = 8,
@@ -369,7 +325,7 @@ def run_rationale(
 ) -> dict:
     """Self-confidence R of ``samples`` per prompt under the three :func:`regimes`, all probed at the same
     timesteps (``sigmas(num_steps)[:-1]``) with the same probes, so that only the images differ. Writes
-    ``rationale.json`` and ``rationale.png`` (overlaid histograms); with ``records`` (toy world) also the
+    ``rationale.json`` and ``rationale.png`` (overlaid histograms); with a ``judge`` (exact) also the
     within-group AUC of R (and of each S_t) against strict correctness, per category (``rationale.md``)."""
     check_edits(edits)
     out.mkdir(parents=True, exist_ok=True)
@@ -391,13 +347,13 @@ def run_rationale(
             z0 = generate_group(
                 adapter, cond, null, samples, steps, cfg, prompt_seed(seed, i), sampler, batch_size
             )
-            ec = edit_conditioning(adapter, prompts[i], records[i] if records else None, edits)
+            ec = edit_conditioning(adapter, prompts[i], judge.metas[i] if judge else None, edits)
             r, s = score_latents(
                 adapter, z0, cond, ts, num_probes, prompt_seed(seed, i) + 1, edits=edits, edit_cond=ec
             )
             r_all[i], s_all[i] = r.numpy(), s.numpy()
-            if records is not None:
-                c_all[i], _ = judge(adapter, z0, records[i])
+            if judge is not None:
+                c_all[i] = judged(adapter, z0, judge, i)
             bar.update(samples)
         dists[label] = [float(x) for x in r_all.reshape(-1)]
         res: dict = {
@@ -408,8 +364,8 @@ def run_rationale(
             "R": r_all.tolist(),
             "S_t_mean": [float(x) for x in s_all.mean((0, 1))],
         }
-        if records is not None:
-            res.update(_auc_block(r_all, s_all, c_all, [rec.tag for rec in records]))
+        if judge is not None:
+            res.update(_auc_block(r_all, s_all, c_all, list(judge.tags)))
             res["strict"] = c_all.tolist()
         results[label] = res
     bar.close()
@@ -435,7 +391,7 @@ def run_rationale(
         out / "rationale.png",
         title=f"self-confidence R, {len(prompts)} prompts x {samples} samples ({sampler.upper()})",
     )
-    if records is not None:
+    if judge is not None:
         doc["table"] = _rationale_markdown(results, ts)
         (out / "rationale.md").write_text(doc["table"] + "\n")
     return doc

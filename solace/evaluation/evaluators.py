@@ -1,17 +1,18 @@
 """Evaluation during training, behind one interface: what the trainer calls before training, every
 ``eval.every`` iterations and at the end, whatever the model.
 
-* :class:`~solace.evaluation.toy_eval.ToyEvaluator`: the toy world's exact evaluator (held-out strict and
-  lenient accuracy, per category, and the images' collapse statistics).
 * :class:`MetricsEvaluator`: any model, ``solace eval``'s registry metrics (CLIPScore, PickScore, OCR,
-  GenEval, ...: ``eval.metrics``) on the held-out prompt file ``eval.prompts``. The LoRA-off base is
+  GenEval, ...: ``eval.metrics``) on the held-out prompts ``eval.prompts``. The LoRA-off base is
   evaluated once (and cached in ``eval.base_cache`` when set); every evaluation samples the same
   prompts from the same initial noise, so the curves are paired, and equal ``solace eval`` on those prompts,
   that noise and the exported LoRA.
+* the evaluators plugins register in :data:`EVALUATORS` (an :class:`EvaluatorPlugin` each: an embedded
+  world's exact evaluator), asked by ``eval.evaluator=auto`` whether they can score a run.
 
-:func:`make_evaluator` picks one from the config (``eval.evaluator``, :func:`evaluator_kind`). An evaluation
-is a JSON record (``evals.json``, checkpoints); the evaluator also turns its records into tensorboard scalars,
-a progress line, the command's closing line and the report's table and curve.
+:func:`make_evaluator` picks one from what the run asks for (an :class:`EvalSetup`, which the trainer builds
+from its config; ``eval.evaluator``, :func:`evaluator_kind`). An evaluation is a JSON record
+(``evals.json``, checkpoints); the evaluator also turns its records into tensorboard scalars, a progress
+line, the command's closing line and the report's table and curve.
 """
 
 from __future__ import annotations
@@ -19,23 +20,37 @@ from __future__ import annotations
 import hashlib
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import numpy as np
 import torch
 
 from solace.errors import ConfigError
+from solace.evaluation.cache import BaseEvalCache
+from solace.evaluation.metrics_eval import (
+    PAPER_NAMES,
+    build_metrics,
+    check_suite_metadata,
+    format_number,
+    format_table,
+    generate_and_score,
+    summarize_scores,
+    write_grid,
+)
 from solace.evaluation.sharding import Shards
-
-if TYPE_CHECKING:  # the trainer's config; not imported at run time (the trainer imports evaluation)
-    from solace.trainer.config import SolaceConfig
-
-TOY_PROMPT_SETS = ("toy_heldout", "toy_train_eval")
-"""``eval.prompts`` values that name the toy world's prompt sets rather than a file."""
+from solace.evaluation.suites import PromptSuite
+from solace.models.base import adapters_disabled
+from solace.prompts import Prompt, evaluation_prompts, is_prompt_set
+from solace.registry import Registry
 
 EVAL_SEED_OFFSET = 999
 """Evaluations draw their initial noise from ``train.seed + 999``."""
+
+GENERIC_EVALUATORS = ("auto", "metrics", "none")
+"""``eval.evaluator`` values that are not plugins: choose, registry metrics, no evaluation."""
 
 
 class Evaluator(ABC):
@@ -71,153 +86,202 @@ class Evaluator(ABC):
         """Draw the evaluations on the report's evaluation panel (a matplotlib axis)."""
 
 
+@dataclass(frozen=True)
+class EvalSetup:
+    """What a run's evaluation depends on, as the trainer's config gives it (evaluation reads no config).
+
+    ``model``: the model's name, ``family`` its family, ``weights`` the file whose content identifies the
+    base ('' for a folder or hub id: ``model_settings`` then carries its fingerprint); ``prompts`` /
+    ``limit``: ``eval.prompts`` / ``eval.prompts_limit``; ``evaluator``: ``eval.evaluator``;
+    ``seed``: the run's seed (evaluations draw from ``seed + EVAL_SEED_OFFSET``); ``cfg_scale``: the
+    evaluation CFG; ``model_settings``: the model's settings the base's evaluation depends on (part of the
+    cache key)."""
+
+    model: str
+    family: str
+    prompts: str
+    evaluator: str = "auto"
+    weights: str = ""
+    limit: int = 0
+    metrics: tuple[str, ...] = ()
+    metric_args: dict[str, dict[str, Any]] = field(default_factory=dict)
+    samples: int = 16
+    steps: int = 40
+    cfg_scale: float = 7.0
+    seed: int = 0
+    negative_prompt: str = ""
+    batch_size: int = 8
+    grid_prompts: int = 8
+    cache_path: str = ""
+    starts_at_base: bool = True
+    model_settings: dict[str, Any] = field(default_factory=dict)
+    size: tuple[int, int] = (0, 0)
+    key_settings: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Judge:
+    """An exact judge of generated images on known prompts (``solace rerank`` / ``analyze rationale``):
+    the prompts' metadata (their minimal edits use it), their category ``tags`` and ``correct(images, i)``,
+    the strict correctness (N,) bool of images (N, 3, H, W) in [0, 1] of prompt ``i``."""
+
+    metas: Sequence[dict]
+    tags: Sequence[str]
+    correct: Callable[[torch.Tensor, int], np.ndarray]
+
+
+class EvaluatorPlugin(ABC):
+    """An evaluator a plugin registers in :data:`EVALUATORS` under the name ``eval.evaluator`` gives it."""
+
+    description: str = ""
+
+    @abstractmethod
+    def problem(self, setup: EvalSetup) -> ConfigError | None:
+        """Why it cannot evaluate ``setup`` (a ConfigError naming the field and the fix), None if it can."""
+
+    @abstractmethod
+    def build(self, setup: EvalSetup, adapter: Any, cache: BaseEvalCache | None, shards: Shards) -> Evaluator:
+        """The evaluator of ``setup`` (``cache``: the base evaluations' cache, or None)."""
+
+    def judge(self, prompts: Sequence[Prompt], family: str) -> Judge | None:
+        """A :class:`Judge` of ``prompts`` for a model of ``family``, or None where it cannot judge them."""
+        return None
+
+    suite_samples: int = 0
+    """Samples per prompt of its own suite (``solace eval --suite NAME``); 0: it has no suite of its own."""
+
+    def run_suite(self, adapter: Any, out_dir: Path, label: str, **settings: Any) -> tuple[dict, str]:
+        """``solace eval --suite NAME``: evaluate ``adapter`` on the plugin's own prompts (``settings``:
+        ``samples``, ``steps``, ``cfg_scale``, ``seed``, ``limit``, ``negative_prompt``), writing its files
+        into ``out_dir``; returns (summary, table)."""
+        raise ConfigError("--suite", f"{self.description} has no suite of its own")
+
+
+EVALUATORS: Registry[EvaluatorPlugin] = Registry("evaluator", "eval.evaluator")
+"""Evaluators by name (``eval.evaluator``), registered by plugins; ``auto`` asks each in name order."""
+
+
+def find_judge(prompts: Sequence[Prompt], family: str) -> Judge | None:
+    """The first registered evaluator's judge of ``prompts`` on a model of ``family`` (None: none can)."""
+    for _name, plugin in EVALUATORS.items():
+        judge = plugin.judge(prompts, family)
+        if judge is not None:
+            return judge
+    return None
+
+
 # ------------------------------------------------------------------------------------------------ choosing
 
 
-def evaluator_kind(cfg: SolaceConfig) -> str:
-    """``toy``, ``metrics`` or ``none`` for the config: ``eval.evaluator``, or with ``auto`` the metrics when
-    ``eval.metrics`` names any, else the toy world's exact evaluator where it can score ``eval.prompts``
-    (a toy model and toy prompt sets or GenEval metadata), else none. A forced ``toy`` that cannot score is a
-    :class:`ConfigError`."""
-    from solace.models import model_family
-
-    e = cfg.eval
-    if e.evaluator in ("metrics", "none"):
-        return e.evaluator
-    if e.evaluator == "auto" and e.metrics:
-        return "metrics"
-    toy_model = model_family(cfg.model.name, cfg.model.family) == "toy"
-    if e.evaluator == "toy" and not toy_model:
-        raise ConfigError(
-            "eval.evaluator",
-            f"toy: the exact evaluator scores the toy world only, not {cfg.model.name!r}; use "
-            "eval.metrics=[clip_score,pickscore] (eval.evaluator=auto or metrics)",
-        )
-    if not toy_model:
-        return "none"
-    from solace.evaluation.toy_eval import eval_records
-
-    if eval_records(cfg.eval.prompts, cfg.eval.prompts_limit) is not None:
-        return "toy"
-    if e.evaluator == "toy":
-        raise ConfigError(
-            "eval.prompts",
-            f"eval.evaluator=toy needs GenEval metadata ('include') on every prompt of "
-            f"{cfg.eval.prompts!r}: use toy_heldout, toy_train_eval or a GenEval .jsonl file",
-        )
-    return "none"
+def evaluator_kind(setup: EvalSetup) -> str:
+    """The evaluator of ``setup``: ``eval.evaluator`` (a registered one must be able to score, else a
+    :class:`ConfigError`), or with ``auto`` the metrics when ``eval.metrics`` names any, else the first
+    registered evaluator that can score ``eval.prompts`` on this model, else ``none``."""
+    e = setup.evaluator
+    if e in ("metrics", "none"):
+        return e
+    if e == "auto":
+        if setup.metrics:
+            return "metrics"
+        return next((n for n, p in EVALUATORS.items() if p.problem(setup) is None), "none")
+    if e not in EVALUATORS:
+        known = ", ".join([*GENERIC_EVALUATORS, *EVALUATORS.names()])
+        raise ConfigError("eval.evaluator", f"no evaluator named {e!r}; use one of {known}")
+    err = EVALUATORS.get(e).problem(setup)
+    if err is not None:
+        raise err
+    return e
 
 
 def make_evaluator(
-    cfg: SolaceConfig,
+    setup: EvalSetup,
     adapter: Any,
     out_dir: str | Path,
-    cfg_scale: float,
     writes: bool = True,
     shards: Shards | None = None,
 ) -> Evaluator | None:
-    """The evaluator the config asks for (:func:`evaluator_kind`), or None; ``cfg_scale`` is the evaluation
-    CFG (``eval.cfg_scale`` or the sampling scale). Metric models load here, before training, on
-    every process. ``shards``: this process's part in each evaluation (None: one process).
+    """The evaluator ``setup`` asks for (:func:`evaluator_kind`), or None. Metric models load here, before
+    training, on every process. ``shards``: this process's part in each evaluation (None: one process).
     ``writes=False``: the same evaluations, but no file written (no grid, no base-evaluation cache): the
     processes other than the main one (which also show no progress bar)."""
-    ev = _make_evaluator(cfg, adapter, out_dir, cfg_scale, writes, shards)
+    ev = _make_evaluator(setup, adapter, out_dir, writes, shards or Shards())
     if ev is not None:
         ev.progress = writes
     return ev
 
 
 def _make_evaluator(
-    cfg: SolaceConfig, adapter: Any, out_dir: str | Path, cfg_scale: float, writes: bool, shards: Any
+    s: EvalSetup, adapter: Any, out_dir: str | Path, writes: bool, shards: Shards
 ) -> Evaluator | None:
-    kind = evaluator_kind(cfg)
+    kind = evaluator_kind(s)
     if kind == "none":
         return None
-    c = cfg
-    common = dict(
-        samples=c.eval.samples_per_prompt,
-        steps=c.eval.num_steps,
-        cfg_scale=cfg_scale,
-        seed=c.train.seed + EVAL_SEED_OFFSET,
-        negative_prompt=c.sampling.negative_prompt,
-    )
-    cache_path = c.eval.base_cache
-    if kind == "toy":
-        from solace.evaluation.toy_eval import BaseEvalCache, ToyEvaluator, eval_records
-
-        recs = eval_records(c.eval.prompts, c.eval.prompts_limit)
-        cache = BaseEvalCache(cache_path, base_eval_key(cfg, cfg_scale), writes) if cache_path else None
-        return ToyEvaluator(adapter, recs, c.eval.prompts, cache=cache, shards=shards, **common)
-    from solace.evaluation.metrics_eval import build_metrics, check_suite_metadata
-    from solace.evaluation.toy_eval import BaseEvalCache
-
-    suite = eval_suite(c.eval.prompts, c.eval.prompts_limit)
-    check_suite_metadata(suite, c.eval.metrics, "eval.prompts")
-    metrics = build_metrics(c.eval.metrics, {m: dict(c.eval.metric_args.get(m, {})) for m in c.eval.metrics})
-    key = {**base_eval_key(cfg, cfg_scale), **metrics_key_extra(cfg)}
-    lora = c.model.lora
-    cache = BaseEvalCache(cache_path, key, writes) if cache_path else None
+    if kind != "metrics":
+        cache = BaseEvalCache(s.cache_path, base_eval_key(s), writes) if s.cache_path else None
+        return EVALUATORS.get(kind).build(s, adapter, cache, shards)
+    suite = eval_suite(s.prompts, s.limit)
+    check_suite_metadata(suite, s.metrics, "eval.prompts")
+    metrics = build_metrics(list(s.metrics), {m: dict(s.metric_args.get(m, {})) for m in s.metrics})
+    key = {**base_eval_key(s), **metrics_key_extra(s)}
+    cache = BaseEvalCache(s.cache_path, key, writes) if s.cache_path else None
     return MetricsEvaluator(
-        adapter, suite, metrics, batch_size=c.eval.batch_size, out_dir=Path(out_dir), writes=writes,
-        grid_prompts=c.eval.metric_grid_rows, cache=cache, shards=shards,
-        starts_at_base=not (lora.init_from and not lora.merge_init), **common,
+        adapter, suite, metrics, batch_size=s.batch_size, out_dir=Path(out_dir), writes=writes,
+        grid_prompts=s.grid_prompts, cache=cache, shards=shards, starts_at_base=s.starts_at_base,
+        **common_settings(s),
     )  # fmt: skip
 
 
-def eval_suite(spec: str, limit: int = 0) -> Any:
+def common_settings(s: EvalSetup) -> dict[str, Any]:
+    """The sampling settings every evaluator of ``s`` takes: samples, steps, CFG, seed, negative prompt."""
+    return dict(
+        samples=s.samples,
+        steps=s.steps,
+        cfg_scale=s.cfg_scale,
+        seed=s.seed + EVAL_SEED_OFFSET,
+        negative_prompt=s.negative_prompt,
+    )
+
+
+def eval_suite(spec: str, limit: int = 0) -> PromptSuite:
     """``eval.prompts`` as a :class:`~solace.evaluation.suites.PromptSuite`: a prompt file (its first
-    ``limit`` prompts, as ``solace eval --limit``), or a toy prompt set with its GenEval metadata."""
-    from solace.evaluation.suites import PromptSuite
-    from solace.prompts import Prompt, read_prompt_file
-
-    if spec in TOY_PROMPT_SETS:
-        from solace.evaluation.toy_eval import eval_records
-
-        items = [Prompt(r.prompt, r.to_json()) for r in eval_records(spec, limit) or []]
-        return PromptSuite(spec, spec, tuple(items))
-    items = read_prompt_file(spec, "eval.prompts")
-    return PromptSuite(Path(spec).stem, spec, tuple(items[:limit] if limit else items))
+    ``limit`` prompts, as ``solace eval --limit``), or a registered prompt set's evaluation prompts with
+    their metadata."""
+    items = evaluation_prompts(spec, limit, "eval.prompts")
+    return PromptSuite(spec if is_prompt_set(spec) else Path(spec).stem, spec, tuple(items))
 
 
-def base_eval_key(cfg: SolaceConfig, cfg_scale: float) -> dict[str, Any]:
+def base_eval_key(s: EvalSetup) -> dict[str, Any]:
     """Everything the evaluation before training depends on (the key of ``eval.base_cache``)."""
-    from solace.toy.adapter import default_weights_path
-
-    c = cfg
-    weights = default_weights_path() if c.model.name == "toy" else Path(c.model.name)
+    weights = Path(s.weights) if s.weights else None
     return {
-        "model": c.model.name,
-        # the weights themselves, so a changed base (a new shipped toy model) is evaluated anew
-        "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else "",
-        "lora_init": c.model.lora.init_from,
-        "merge_init": c.model.lora.merge_init,
-        "dtype": c.model.dtype,
-        "eval_prompts": c.eval.prompts,
-        "limit": c.eval.prompts_limit,
-        "samples": c.eval.samples_per_prompt,
-        "steps": c.eval.num_steps,
-        "cfg": cfg_scale,
-        "seed": c.train.seed,
+        "model": s.model,
+        # the weights themselves, so a changed base (new shipped weights) is evaluated anew
+        "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest()
+        if weights is not None and weights.is_file()
+        else "",
+        **s.key_settings,
+        "eval_prompts": s.prompts,
+        "limit": s.limit,
+        "samples": s.samples,
+        "steps": s.steps,
+        "cfg": s.cfg_scale,
+        "seed": s.seed,
         # only when set, so that the caches of runs before these settings existed stay valid
-        **({"negative_prompt": c.sampling.negative_prompt} if c.sampling.negative_prompt else {}),
-        **({"size": [c.model.height, c.model.width]} if c.model.height or c.model.width else {}),
+        **({"negative_prompt": s.negative_prompt} if s.negative_prompt else {}),
+        **({"size": list(s.size)} if any(s.size) else {}),
     }
 
 
-def metrics_key_extra(cfg: SolaceConfig) -> dict[str, Any]:
+def metrics_key_extra(s: EvalSetup) -> dict[str, Any]:
     """What a metric evaluation of the base depends on beyond :func:`base_eval_key`: the metrics, their
     arguments, the batching, the diffusers model's settings and a fingerprint of its weight files."""
-    m, e = cfg.model, cfg.eval
     return {
         "evaluator": "metrics",
-        "metrics": list(e.metrics),
-        "metric_args": {k: dict(v) for k, v in e.metric_args.items()},
-        "batch_size": e.batch_size,
-        "resolution": m.resolution,
-        "max_sequence_length": m.max_sequence_length,
-        "guidance_scale": m.guidance_scale,
-        "text_encoder_3": m.text_encoder_3,
-        "weights_files": weights_fingerprint(m.name),
+        "metrics": list(s.metrics),
+        "metric_args": {k: dict(v) for k, v in s.metric_args.items()},
+        "batch_size": s.batch_size,
+        **s.model_settings,
+        "weights_files": weights_fingerprint(s.model),
     }
 
 
@@ -263,7 +327,7 @@ class MetricsEvaluator(Evaluator):
     def __init__(
         self,
         adapter: Any,
-        suite: Any,
+        suite: PromptSuite,
         metrics: dict[str, Callable[..., torch.Tensor]],
         *,
         samples: int,
@@ -273,7 +337,7 @@ class MetricsEvaluator(Evaluator):
         batch_size: int = 8,
         out_dir: Path | None = None,
         grid_prompts: int = 8,
-        cache: Any = None,
+        cache: BaseEvalCache | None = None,
         starts_at_base: bool = True,
         negative_prompt: str = "",
         shards: Shards | None = None,
@@ -300,8 +364,6 @@ class MetricsEvaluator(Evaluator):
 
     def _pass(self, label: str) -> dict[str, Any]:
         """Sample and score the suite with the model as it is now."""
-        from solace.evaluation.metrics_eval import generate_and_score, summarize_scores
-
         res = generate_and_score(
             self.adapter, self.suite, self.metrics, label, None, samples_per_prompt=self.samples,
             num_steps=self.steps, cfg_scale=self.cfg_scale, seed=self.seed, batch_size=self.batch_size,
@@ -318,8 +380,6 @@ class MetricsEvaluator(Evaluator):
             sh = self.shards
             res = sh.from_main(self.cache.get() if sh.is_main else None) if self.cache else None
             if res is None:
-                from solace.models.base import adapters_disabled
-
                 with adapters_disabled(self.adapter.denoiser):
                     res = self._pass("base")
                 self.base_passes += 1
@@ -352,8 +412,6 @@ class MetricsEvaluator(Evaluator):
         process that ``writes``)."""
         if self.out_dir is None or not now.get("thumbs"):
             return None
-        from solace.evaluation.metrics_eval import write_grid
-
         cols = {"base": base["thumbs"]} if base.get("thumbs") else {}
         cols[f"iteration {iteration}"] = now["thumbs"]
         rel = f"eval_images/iter_{iteration:06d}.png"
@@ -371,8 +429,6 @@ class MetricsEvaluator(Evaluator):
         return out
 
     def progress_line(self, record: dict[str, Any]) -> str:
-        from solace.evaluation.metrics_eval import PAPER_NAMES, format_number
-
         parts = [
             f"{PAPER_NAMES.get(m, m)} {format_number(v)} (base {format_number(record['base'].get(m))})"
             for m, v in record["metrics"].items()
@@ -380,8 +436,6 @@ class MetricsEvaluator(Evaluator):
         return f"held-out {', '.join(parts)}"
 
     def summary(self, evals: list[dict[str, Any]]) -> str:
-        from solace.evaluation.metrics_eval import PAPER_NAMES, format_number
-
         recs = [e for e in evals if e.get("evaluator") == self.kind]
         if not recs:
             return ""
@@ -393,8 +447,6 @@ class MetricsEvaluator(Evaluator):
         return f"{self.suite.path} (base -> iteration {last['iteration']}): {'; '.join(parts)}"
 
     def report_lines(self, evals: list[dict[str, Any]]) -> list[str]:
-        from solace.evaluation.metrics_eval import format_table
-
         recs = [e for e in evals if e.get("evaluator") == self.kind]
         if not recs:
             return []
@@ -415,8 +467,6 @@ class MetricsEvaluator(Evaluator):
         return lines
 
     def plot(self, ax: Any, evals: list[dict[str, Any]]) -> None:
-        from solace.evaluation.metrics_eval import PAPER_NAMES
-
         recs = [e for e in evals if e.get("evaluator") == self.kind]
         if recs:
             its = [e["iteration"] for e in recs]

@@ -30,6 +30,7 @@ import yaml
 from solace.errors import ConfigError
 from solace.evaluation.sharding import Shards
 from solace.evaluation.suites import PromptSuite
+from solace.sampling.generate import generate_jobs
 
 PAPER_NAMES = {
     "clip_score": "CLIPScore",
@@ -40,9 +41,11 @@ PAPER_NAMES = {
     "aesthetic": "Aesthetic",
     "geneval": "GenEval",
     "unified_reward": "UnifiedReward",
-    "toy_geneval": "GenEval (toy)",
 }
-"""Column names of the table: the names the paper's tables use."""
+"""Column names of the table: the names the paper's tables use (plugins add their metrics')."""
+
+METADATA_METRICS = {"geneval"}
+"""Metrics that need GenEval metadata (``include``) on every prompt (plugins add theirs)."""
 
 EVAL_DEFAULTS: dict[str, dict[str, Any]] = {"pickscore": {"divisor": 1.0}}
 """Metric arguments that differ from the reward defaults: the raw PickScore (~20-23) is the tabulated
@@ -218,8 +221,6 @@ def generate_and_score(
     """
     from tqdm.auto import tqdm
 
-    from solace.evaluation.toy_eval import generate_jobs
-
     shards = shards or Shards()
     P, S = len(suite), samples_per_prompt
     texts = [item.text for item in suite.items]
@@ -322,7 +323,7 @@ def summarize_scores(
 
 def check_suite_metadata(suite: PromptSuite, metrics: Sequence[str], field: str) -> None:
     """GenEval-style metrics need GenEval metadata (``include``) on every prompt."""
-    if ("geneval" in metrics or "toy_geneval" in metrics) and any("include" not in m for m in suite.metadata):
+    if METADATA_METRICS & set(metrics) and any("include" not in m for m in suite.metadata):
         raise ConfigError(
             field,
             f"the GenEval metric needs GenEval metadata per prompt ('include', 'tag'): pass a .jsonl file in "

@@ -2,7 +2,7 @@
 them N times faster and every process ends with the whole result (the main one writes it).
 
 An evaluation samples ``P`` prompts x ``S`` samples; sample ``(i, j)`` starts from noise that depends only on
-``(seed, i, j)`` and the ODE sampler draws nothing else (:func:`solace.evaluation.toy_eval.generate_jobs`),
+``(seed, i, j)`` and the ODE sampler draws nothing else (:func:`solace.sampling.generate.generate_jobs`),
 so any process can sample any of them and gets what one process gets (up to the rounding of another batch
 size). The ``n = P * S`` samples, numbered prompt-major, are split into contiguous blocks of
 ``ceil(n / world)`` (:func:`split`): each process samples and scores its block, then every process gathers

@@ -29,6 +29,10 @@ def _never(model: str, pipeline_class: str | None) -> bool:
     return False
 
 
+def _itself(model: str) -> str:
+    return model
+
+
 @dataclass(frozen=True)
 class ModelFamily:
     """A model family: how its adapter loads and how ``model.family: auto`` recognises its models.
@@ -43,12 +47,15 @@ class ModelFamily:
         sizes: the image sizes the family draws (:class:`~solace.models.base.SizeRule`).
         settings: the ``model.*`` keys it reads beyond the name, dtype and size (config validation refuses
             a memory switch or the probes' guidance where the family does not read it).
+        weights_file: ``weights_file(model_name)``: the file whose content identifies the base (a
+            base-evaluation cache's key; a folder or hub id is no file and is fingerprinted otherwise).
     """
 
     load: Callable[..., FlowModelAdapter]
     recognises: Callable[[str, str | None], bool] = _never
     sizes: SizeRule = field(default_factory=SizeRule)
     settings: frozenset[str] = frozenset()
+    weights_file: Callable[[str], str] = _itself
 
 
 FAMILIES: Registry[ModelFamily] = Registry("model family", "model.family")

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from solace.rewards.registry import register_reward
-from solace.toy.evaluator import to_uint8
+from solace.utils.images import to_uint8
 
 
 def image_uniform(image_u8: bytes, seed: int) -> float:

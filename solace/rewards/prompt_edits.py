@@ -8,8 +8,8 @@ its prompt should score better under the prompt than under every edit; an image 
 scores the same under both.
 
 This module is the rule-based editor for arbitrary (free-text) prompts, plus an optional user file of
-hand-written negatives per prompt. The toy world has an exact editor on its GenEval metadata
-(:mod:`solace.toy.edits`) that uses the same :class:`Edit` type.
+hand-written negatives per prompt. An embedded world with an exact editor on its prompts' metadata registers
+it in :data:`EDIT_PROVIDERS`; its edits use the same :class:`Edit` type.
 
 Edit kinds (:data:`KINDS`; the free-text editor makes the first four):
 
@@ -23,7 +23,7 @@ Edit kinds (:data:`KINDS`; the free-text editor makes the first four):
   "beneath"/"underneath" -> "above"). Symmetric relations ("next to", "near") have no edit.
 * ``binding``  two different colour words swapped ("a red cube and a blue ball" -> "a blue cube and a red
   ball"): the same words, bound to the other objects.
-* ``shape``    one object's shape replaced (toy world only).
+* ``shape``    one object's shape replaced (exact edit providers only).
 
 Matching is on whole words (case-insensitive), replacements keep the case pattern of the word they replace
 ("Red" -> "Blue", "TWO" -> "THREE"), and the output order is fixed, so the same prompt always gives the
@@ -36,15 +36,13 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 from solace.errors import ConfigError
-
-if TYPE_CHECKING:
-    from solace.toy.world import PromptRecord
+from solace.registry import Registry
 
 KINDS = ("colour", "count", "relation", "binding", "shape")
 USER_KIND = "user"
@@ -89,13 +87,14 @@ class Edit:
     """One minimal edit of a prompt: a competing prompt for the same image.
 
     ``kind`` is one of :data:`KINDS` (or ``"user"`` for a negative from :func:`load_negatives`),
-    ``prompt`` the edited prompt, ``record`` its GenEval metadata where known (toy edits) else ``None``,
+    ``prompt`` the edited prompt, ``record`` its metadata record where known (an edit provider's exact edits)
+    else ``None``,
     and ``detail`` a short human-readable account of the change ("colour red -> blue").
     """
 
     kind: str
     prompt: str
-    record: PromptRecord | None
+    record: Any
     detail: str
 
 
@@ -338,6 +337,23 @@ def edits_for(
     return out
 
 
+EditProvider = Callable[[str, Mapping], "list[Edit] | None"]
+"""``provider(text, meta) -> edits``: the exact minimal edits of a prompt whose metadata the provider knows,
+or None (or ``[]``) for a prompt it does not."""
+
+EDIT_PROVIDERS: Registry[EditProvider] = Registry("edit provider", "reward.self_confidence.edits")
+"""Exact edit providers by name (registered by plugins), asked in name order for prompts with metadata."""
+
+
+def provider_edits(text: str, meta: Mapping) -> list[Edit]:
+    """The first registered provider's edits of a prompt with metadata ``meta`` ([]: no provider knows it)."""
+    for _name, provider in EDIT_PROVIDERS.items():
+        edits = provider(text, meta)
+        if edits:
+            return list(edits)
+    return []
+
+
 def candidate_edits(
     text: str,
     meta: Mapping | None = None,
@@ -345,19 +361,11 @@ def candidate_edits(
     limit: int = 8,
 ) -> list[str]:
     """The competing prompts the ``edits`` self-confidence variant scores a sample against, at most
-    ``limit`` in a fixed order: for a toy-world prompt (GenEval metadata the toy world knows) its exact
-    single-attribute edits (:func:`solace.toy.edits.toy_edits`), otherwise the user negatives and rule edits
-    of :func:`edits_for`. A prompt with no edit at all (nothing to swap) falls back to the empty prompt, so
-    the variant becomes ``S(c) - S(empty)`` for it."""
-    out: list[str] = []
-    if meta and "include" in meta and "tag" in meta:
-        from solace.toy.edits import toy_edits
-        from solace.toy.world import PromptRecord
-
-        try:
-            out = [e.prompt for e in toy_edits(PromptRecord.from_json(dict(meta)))]
-        except (ConfigError, KeyError, ValueError, TypeError):
-            out = []  # GenEval metadata outside the toy world's vocabulary: the text rules below
+    ``limit`` in a fixed order: for a prompt whose metadata an edit provider knows (:data:`EDIT_PROVIDERS`,
+    e.g. an embedded world's exact single-attribute edits) its exact edits, otherwise the user negatives and
+    rule edits of :func:`edits_for`. A prompt with no edit at all (nothing to swap) falls back to the empty
+    prompt, so the variant becomes ``S(c) - S(empty)`` for it."""
+    out = [e.prompt for e in provider_edits(text, meta)] if meta else []
     if not out:
         out = [e.prompt for e in edits_for(text, negatives, max_per_kind=None)]
     return out[:limit] or [""]

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import torch
 
 from solace.errors import ConfigError
+from solace.registry import Registry
 
 
 class RewardFn(Protocol):
@@ -31,34 +32,18 @@ class RewardFn(Protocol):
     ) -> torch.Tensor: ...
 
 
-_FACTORIES: dict[str, Callable[..., RewardFn]] = {}
+REWARDS: Registry[Callable[..., RewardFn]] = Registry("reward", "reward.name")
+"""Reward factories by name: solace's own (:mod:`solace.rewards.external`, :mod:`solace.rewards.control`)
+and the plugins' (the embedded worlds' rewards register from their plugin modules)."""
 
 
 def register_reward(name: str) -> Callable[[Callable[..., RewardFn]], Callable[..., RewardFn]]:
     """Decorator registering a factory ``factory(**kwargs) -> RewardFn`` under ``name``."""
-
-    def deco(factory: Callable[..., RewardFn]) -> Callable[..., RewardFn]:
-        if name in _FACTORIES and _FACTORIES[name] is not factory:
-            raise ValueError(f"reward {name!r} is already registered")
-        _FACTORIES[name] = factory
-        return factory
-
-    return deco
-
-
-def _load_builtin() -> None:
-    # Importing these modules registers their rewards; each keeps heavy imports inside its factory.
-    for mod in ("solace.toy.reward", "solace.rewards.external", "solace.rewards.control"):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:  # a module not written yet must not break the others
-            if e.name != mod:
-                raise
+    return REWARDS.register(name)
 
 
 def available_rewards() -> list[str]:
-    _load_builtin()
-    return sorted(_FACTORIES)
+    return REWARDS.names()
 
 
 _USER_NAME = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
@@ -118,14 +103,13 @@ def reward_factory(name: str, field: str = "reward.name") -> Callable[..., Rewar
     """The factory of a registered reward, or of the user's own ``package.module:function``."""
     if is_user_reward(name):
         return user_reward_factory(name, field)
-    _load_builtin()
-    if name not in _FACTORIES:
+    if name not in REWARDS:
         raise ConfigError(
             field,
-            f"unknown reward {name!r}; available: {', '.join(sorted(_FACTORIES))}, "
+            f"unknown reward {name!r}; available: {', '.join(REWARDS.names())}, "
             "or your own factory as package.module:function",
         )
-    return _FACTORIES[name]
+    return REWARDS.get(name, field)
 
 
 def _signature(factory: Callable[..., Any]) -> inspect.Signature | None:

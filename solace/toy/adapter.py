@@ -141,15 +141,21 @@ class ToyAdapter(AdapterBase):
 
     def batch_statistics(self, images: torch.Tensor, metas: Sequence[dict]) -> dict[str, torch.Tensor]:
         """Foreground, objects and (with GenEval metadata) strict correctness of a training batch."""
-        from solace.evaluation.toy_eval import batch_statistics
+        from solace.toy.evaluate import batch_statistics
 
         return batch_statistics(images, metas)
 
     def image_prompts(self) -> list[str]:
         """One held-out prompt per category."""
-        from solace.evaluation.toy_eval import default_image_prompts
+        from solace.toy.evaluate import default_image_prompts
 
         return default_image_prompts()
+
+
+def base_weights_file(model: str) -> str:
+    """The file whose content identifies the base ``model`` (a base-evaluation cache's key): the shipped
+    weights for the default name, else the weights file ``model`` itself."""
+    return str(default_weights_path()) if model in DEFAULT_NAMES else model
 
 
 def is_toy_model(model: str, pipeline_class: str | None) -> bool:

@@ -41,7 +41,7 @@ on seeds 0-2).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from functools import cache, lru_cache
 
 from solace.errors import ConfigError
@@ -50,7 +50,7 @@ from solace.toy.evaluator import Detection, detect, score_detections
 from solace.toy.render import render_prompt
 from solace.toy.world import COLORS, NUMBERS, SHAPES, PromptRecord, all_prompts
 
-__all__ = ["MIRROR", "Edit", "toy_edits", "verify_edit"]
+__all__ = ["MIRROR", "Edit", "provider", "toy_edits", "verify_edit"]
 
 MIRROR = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 DEFAULT_SEEDS = (0, 1, 2)
@@ -186,3 +186,14 @@ def verify_edit(original: PromptRecord, edit: Edit, seeds: Sequence[int] = DEFAU
         if not score_detections(dets, original)["strict"] or score_detections(dets, edit.record)["strict"]:
             return False
     return True
+
+
+def provider(text: str, meta: Mapping) -> list[Edit]:
+    """The toy world's edit provider (registered as ``toy``): :func:`toy_edits` of a prompt whose GenEval
+    metadata (``tag``, ``include``) is a toy-world prompt; [] for any other (free text gets rule edits)."""
+    if "include" not in meta or "tag" not in meta:
+        return []
+    try:
+        return toy_edits(PromptRecord.from_json(dict(meta)))
+    except (ConfigError, KeyError, ValueError, TypeError):
+        return []  # GenEval metadata outside the toy world's vocabulary

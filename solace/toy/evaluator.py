@@ -23,15 +23,12 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage
 
 from solace.toy.world import CATEGORIES, COLORS, PromptRecord
-
-if TYPE_CHECKING:
-    import torch
+from solace.utils.images import to_uint8  # noqa: F401 - the toy world's callers take it from here
 
 COLOR_THRESHOLD = 80.0
 MIN_AREA = 12
@@ -189,13 +186,6 @@ def partial_score(dets: Sequence[Detection], record: PromptRecord) -> float:
 
 def score_image(image: np.ndarray, record: PromptRecord) -> dict[str, bool]:
     return score_detections(detect(image), record)
-
-
-def to_uint8(images: torch.Tensor | np.ndarray) -> np.ndarray:
-    """(B, 3, H, W) float in [0, 1] (torch or numpy) -> (B, H, W, 3) uint8."""
-    arr = images.detach().float().cpu().numpy() if hasattr(images, "detach") else np.asarray(images)
-    arr = np.clip(np.round(arr * 255.0), 0, 255).astype(np.uint8)
-    return arr.transpose(0, 2, 3, 1)
 
 
 def summarize(records: Iterable[PromptRecord], scores: Iterable[dict[str, bool]]) -> dict:

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from solace.errors import ConfigError
 from solace.sampling.schedule import shift_sigmas
 from solace.toy.adapter import TOY_SHIFT, ToyAdapter, ToyTokenizer, save_toy_weights
+from solace.toy.evaluate import evaluate_records
 from solace.toy.net import ToyFlowNet
 from solace.toy.render import render_prompt
 from solace.toy.world import CATEGORIES, balanced_subset, load_heldout, sample_train_prompt, vocabulary
@@ -138,8 +139,6 @@ def quick_eval(
     seed: int = 1234,
 ) -> dict:
     """Strict/lenient accuracy on a small fixed held-out subset (for the learning curve)."""
-    from solace.evaluation.toy_eval import evaluate_records
-
     recs = balanced_subset(load_heldout(), per_category * len(CATEGORIES))
     adapter = ToyAdapter(net=net)
     return evaluate_records(

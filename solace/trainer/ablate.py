@@ -22,6 +22,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from solace.defaults import default
 from solace.errors import ConfigError, check
 from solace.trainer.config import (
     MonitorCfg,
@@ -47,11 +48,8 @@ LABELS = {
     "rho1": "rho = 1.0 (all steps trained)",
     "no_cfg": "sampling without CFG",
     "later_half": "later half of the timesteps probed",
-    "toy_released_code": "released-code preset",
-    "toy_contrastive": "prompt-contrastive S(c) - S(empty)",
-    "toy_verifiable": "verifiable reward only",
-    "toy_mixed": "verifiable + self-confidence",
     "random_reward": "control: uninformative random reward",
+    **default("cli.ablate_labels"),  # the embedded world's presets
 }
 
 # image statistics of the paired evaluation (same prompts and noise before and after): (key, relative change?)
@@ -253,12 +251,12 @@ def markdown(rows: list[dict[str, Any]], header: str) -> str:
         "",
         "Mean ± sample standard deviation over seeds. Everything but the reward and KL comes from the "
         "held-out evaluation before and after training, on the same prompts with the same noise: strict / "
-        "lenient accuracy (toy world, exact evaluator), and what a collapse toward blank, textureless images "
-        "flattens: foreground fraction and pixel std (relative change) and detected objects per image "
-        "(change). Δ reward: batch reward mean of the last two iterations minus the first two (each "
-        "condition's own reward; iteration i draws the same prompts in every condition of a seed). "
-        "Monitor: runs whose collapse monitor trips, replayed with the current monitor on each run's "
-        "logged statistics and evaluations.",
+        "lenient accuracy (the embedded world's exact evaluator), and what a collapse toward blank, "
+        "textureless images flattens: foreground fraction and pixel std (relative change) and detected "
+        "objects per image (change). Δ reward: batch reward mean of the last two iterations minus the "
+        "first two (each condition's own reward; iteration i draws the same prompts in every condition of "
+        "a seed). Monitor: runs whose collapse monitor trips, replayed with the current monitor on each "
+        "run's logged statistics and evaluations.",
         "",
         "| condition | seeds | strict base | strict trained | Δ strict | Δ lenient | foreground | objects | "
         "pixel std | Δ reward | KL (last) | monitor | min/run |",
@@ -311,7 +309,7 @@ def plot(
     fig, axes = plt.subplots(1, 5, figsize=(24, 3.8), gridspec_kw={"width_ratios": [1, 1, 1, 1, 0.8]})
     panels = [
         ("reward/mean", "batch reward mean"),
-        ("monitor/foreground", "foreground fraction (toy)"),
+        ("monitor/foreground", "foreground fraction"),
         ("monitor/texture", "latent texture (std)"),
         ("train/kl", "KL to reference"),
     ]

@@ -18,8 +18,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from solace.errors import ConfigError, check
+from solace.evaluation.evaluators import EvalSetup, evaluator_kind
 from solace.grpo.window import parse_steps
 from solace.models import FAMILIES, ModelFamily, resolve_family
+from solace.prompts import PROMPT_SETS, is_prompt_set, read_prompt_file
 from solace.registry import load_plugins
 from solace.rewards.scorer import SelfConfidenceCfg
 from solace.trainer.precision import check_config as check_precision
@@ -67,7 +69,9 @@ class ModelCfg:
 
 @dataclass
 class DataCfg:
-    train_prompts: str = "toy"  # "toy" (the toy world's train distribution) or a .txt / .jsonl file
+    # a registered prompt set (solace.prompts.PROMPT_SETS; the default is in configs/defaults.yaml) or a
+    # .txt / .jsonl prompt file
+    train_prompts: str = ""
 
 
 @dataclass
@@ -169,9 +173,10 @@ class EvalCfg:
     ``eval.image_prompts``), drawn with the same sampler. See :mod:`solace.evaluation.evaluators`. Most of
     these settings lived in other sections before (:data:`MOVED_KEYS`)."""
 
-    # "toy_heldout", "toy_train_eval" (fresh prompts of the toy training distribution) or a .txt/.jsonl file
-    prompts: str = "toy_heldout"
-    prompts_limit: int = 0  # 0: all; the toy held-out subset is taken round-robin over categories
+    # a registered prompt set (solace.prompts.PROMPT_SETS; the default is in configs/defaults.yaml) or a
+    # .txt / .jsonl prompt file
+    prompts: str = ""
+    prompts_limit: int = 0  # 0: all; a prompt set takes its own subset (e.g. round-robin over categories)
     every: int = 0  # 0: only before and after training
     samples_per_prompt: int = 4
     num_steps: int = 40  # ODE steps of evaluations and image grids
@@ -182,11 +187,13 @@ class EvalCfg:
     # image grid of fixed prompts (OUT/images/) at the start, every N iterations and at the end; 0: none
     image_every: int = 10
     image_prompts: list[str] = field(default_factory=list)  # []: the adapter's own, else training prompts
-    # auto: registry metrics when eval.metrics names any, else the toy world's exact evaluator where it can
-    # score eval.prompts (a toy model), else none; toy | metrics | none force one
-    evaluator: Literal["auto", "toy", "metrics", "none"] = "auto"
+    # auto: registry metrics when eval.metrics names any, else the first registered evaluator that can score
+    # eval.prompts on this model (solace.evaluation.evaluators.EVALUATORS), else none; metrics | none |
+    # a registered evaluator's name force one
+    evaluator: str = "auto"
     # registry metrics, as `solace eval --metrics` (clip_score, pickscore, hps, image_reward, aesthetic, ocr,
-    # geneval, unified_reward, toy_geneval); the LoRA-off base is evaluated once, then the trained model
+    # geneval, unified_reward, any registered reward); the LoRA-off base is evaluated once, then the trained
+    # model
     metrics: list[str] = field(default_factory=list)
     # per metric, its factory's keywords, as `solace eval --metric-arg`: {clip_score: {model: /path}}
     metric_args: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -319,16 +326,16 @@ def _anchor_preset_paths(raw: Any, path: Path) -> None:
 
 
 MOVED_KEYS: dict[str, str] = {
-    "data.eval_prompts": "eval.prompts",
-    "data.eval_prompts_limit": "eval.prompts_limit",
-    "sampling.eval_num_steps": "eval.num_steps",
-    "sampling.eval_cfg_scale": "eval.cfg_scale",
-    "train.eval_every": "eval.every",
-    "train.eval_samples_per_prompt": "eval.samples_per_prompt",
-    "train.base_eval_cache": "eval.base_cache",
+    "eval.prompts": "eval.prompts",
+    "eval.prompts_limit": "eval.prompts_limit",
+    "eval.num_steps": "eval.num_steps",
+    "eval.cfg_scale": "eval.cfg_scale",
+    "eval.every": "eval.every",
+    "eval.samples_per_prompt": "eval.samples_per_prompt",
+    "eval.base_cache": "eval.base_cache",
     "train.image_every": "eval.image_every",
-    "train.image_prompts": "eval.image_prompts",
-    "eval.grid_prompts": "eval.metric_grid_rows",
+    "eval.image_prompts": "eval.image_prompts",
+    "eval.metric_grid_rows": "eval.metric_grid_rows",
     **{
         f"{update}.{key}": f"train.{key}"
         for update in ("grpo", "nft")
@@ -393,7 +400,9 @@ def load_config(
     ``check_paths=False`` skips the existence check of prompt files (to check a preset for another machine).
     """
     schema = OmegaConf.structured(SolaceConfig)
-    layers = [schema, _load_yaml_chain(presets_dir() / DEFAULTS_FILE)]
+    defaults_layer = _load_yaml_chain(presets_dir() / DEFAULTS_FILE)
+    defaults_layer.pop("cli", None)  # the command line's defaults (solace.defaults.default), no config keys
+    layers = [schema, defaults_layer]
     if path:
         p = resolve_preset(path)
         layers.append(_load_yaml_chain(p))
@@ -635,18 +644,50 @@ def _validate_eval(e: EvalCfg) -> None:
         )
 
 
+def eval_setup(cfg: SolaceConfig, cfg_scale: float | None = None) -> EvalSetup:
+    """What the run's evaluation depends on (:class:`~solace.evaluation.evaluators.EvalSetup`), from the
+    config; ``cfg_scale``: the evaluation CFG (default ``eval.cfg_scale`` or the sampling scale)."""
+    m, e, s = cfg.model, cfg.eval, cfg.sampling
+    family, fam = model_family_of(m)
+    return EvalSetup(
+        model=m.name,
+        family=family,
+        weights=fam.weights_file(m.name),
+        prompts=e.prompts,
+        limit=e.prompts_limit,
+        evaluator=e.evaluator,
+        metrics=tuple(e.metrics),
+        metric_args={k: dict(v) for k, v in e.metric_args.items()},
+        samples=e.samples_per_prompt,
+        steps=e.num_steps,
+        cfg_scale=cfg_scale if cfg_scale is not None else (e.cfg_scale or s.cfg_scale),
+        seed=cfg.train.seed,
+        negative_prompt=s.negative_prompt,
+        batch_size=e.batch_size,
+        grid_prompts=e.metric_grid_rows,
+        cache_path=e.base_cache,
+        starts_at_base=not (m.lora.init_from and not m.lora.merge_init),
+        size=(m.height, m.width),
+        key_settings={"lora_init": m.lora.init_from, "merge_init": m.lora.merge_init, "dtype": m.dtype},
+        model_settings={
+            "resolution": m.resolution,
+            "max_sequence_length": m.max_sequence_length,
+            "guidance_scale": m.guidance_scale,
+            "text_encoder_3": m.text_encoder_3,
+        },
+    )
+
+
 def _validate_evaluator(cfg: SolaceConfig) -> None:
     """Something can evaluate ``eval.prompts`` when evaluations are asked for (``eval.every``),
     and a forced evaluator fits the model and the prompts."""
-    from solace.evaluation.evaluators import evaluator_kind
-
-    kind = evaluator_kind(cfg)
+    kind = evaluator_kind(eval_setup(cfg))
     if cfg.eval.every and kind == "none" and cfg.eval.evaluator != "none":
         raise ConfigError(
             "eval.every",
             f"nothing evaluates {cfg.eval.prompts!r} on {cfg.model.name!r}: name the metrics to "
-            "evaluate with, e.g. eval.metrics=[clip_score,pickscore] (the toy world's exact evaluator needs "
-            "a toy model and GenEval metadata), or set eval.every=0",
+            "evaluate with, e.g. eval.metrics=[clip_score,pickscore] (an embedded world's exact evaluator "
+            "needs its own model and prompts), or set eval.every=0",
         )
 
 
@@ -679,18 +720,17 @@ def _validate_reward_names(components: list[RewardComponent]) -> None:
 
 def _validate_prompt_files(cfg: SolaceConfig) -> None:
     """Prompt files exist and read cleanly (one reader, :func:`solace.prompts.read_prompt_file`), so a bad
-    file fails before anything is written."""
-    from solace.prompts import read_prompt_file
-
+    file fails before anything is written; a registered prompt set's name stands for itself."""
     for name, src in (
         ("data.train_prompts", cfg.data.train_prompts),
         ("eval.prompts", cfg.eval.prompts),
     ):
-        if src not in ("toy", "toy_heldout", "toy_train_eval"):
+        if not is_prompt_set(src):
             check(
                 Path(src).exists(),
                 name,
-                f"prompt file {src!r} does not exist (use 'toy' or a .txt/.jsonl path)",
+                f"prompt file {src!r} does not exist (use a .txt/.jsonl path or a prompt set: "
+                f"{', '.join(PROMPT_SETS.names())})",
             )
             read_prompt_file(src, name)
 

@@ -18,7 +18,8 @@ import torch
 from solace.errors import ConfigError, check
 from solace.models import load_adapter
 from solace.models.text_cache import precompute
-from solace.prompts import PromptSource
+from solace.prompts import PromptSource, evaluation_prompts, is_prompt_set
+from solace.rewards.prompt_edits import candidate_edits, load_negatives
 
 if TYPE_CHECKING:
     from solace.trainer.config import ModelCfg, SolaceConfig
@@ -51,7 +52,7 @@ def run_prompts(cfg: SolaceConfig, source: PromptSource, negatives: Any = None) 
     if source.items is None:
         raise ConfigError(
             "data.train_prompts",
-            "'toy' is the toy world's generated distribution; precomputed embeddings need a prompt file",
+            f"{source.spec!r} is a generated distribution; precomputed embeddings need a prompt file",
         )
     items = source.all()
     texts = [
@@ -63,21 +64,17 @@ def run_prompts(cfg: SolaceConfig, source: PromptSource, negatives: Any = None) 
     ]
     sc = cfg.reward.self_confidence
     if sc.edits != "off":
-        from solace.rewards.prompt_edits import candidate_edits
-
         texts += [e for p in items for e in candidate_edits(p.text, p.meta, negatives, sc.max_edits)]
     return list(dict.fromkeys(texts))
 
 
 def _eval_prompt_texts(cfg: SolaceConfig) -> list[str]:
-    """The prompts of ``eval.prompts`` when it is a file (the toy world's own lists need no encoder)."""
-    d = cfg.eval
-    if d.prompts in ("toy", "toy_heldout", "toy_train_eval"):
+    """The prompts of ``eval.prompts`` when it is a file (a registered prompt set's are not
+    precomputed)."""
+    e = cfg.eval
+    if is_prompt_set(e.prompts):
         return []
-    from solace.prompts import read_prompt_file
-
-    items = read_prompt_file(d.prompts, "eval.prompts")
-    return [p.text for p in (items[: d.prompts_limit] if d.prompts_limit else items)]
+    return [p.text for p in evaluation_prompts(e.prompts, e.prompts_limit)]
 
 
 def offload_text_encoders(tr: Trainer) -> None:
@@ -114,8 +111,6 @@ def embed_prompts(cfg: SolaceConfig, prompts: str | None, device: str) -> dict[s
     source = PromptSource(prompts or cfg.data.train_prompts, cfg.train.seed, field)
     negatives = None
     if cfg.reward.self_confidence.negatives:
-        from solace.rewards.prompt_edits import load_negatives
-
         negatives = load_negatives(cfg.reward.self_confidence.negatives)
     texts = run_prompts(cfg, source, negatives)
     if device == "auto":

@@ -18,7 +18,7 @@ def _plot(history: list[dict[str, float]], evals: list[dict[str, Any]], png: Pat
         ("reward/mean", "reward mean"),
         ("train/kl", "KL to reference"),
         ("monitor/texture", "latent texture (std)"),
-        ("monitor/foreground", "toy foreground fraction"),
+        ("monitor/foreground", "foreground fraction"),
     ]
     fig, axes = plt.subplots(1, 5, figsize=(20, 3.4))
     for ax, (key, title) in zip(axes, panels, strict=False):

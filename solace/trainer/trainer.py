@@ -57,6 +57,7 @@ from solace.nft.ema import EMAPolicy, ema_decay
 from solace.prompts import Prompt, PromptSource
 from solace.rewards.mixture import SELF_CONFIDENCE, RewardMixture
 from solace.rewards.self_confidence import standardization_batches
+from solace.sampling.generate import generate_shared
 from solace.sampling.rollout import GroupLayout, Rollout
 from solace.sampling.sampler import sample
 from solace.trainer.checkpoint import (
@@ -68,7 +69,7 @@ from solace.trainer.checkpoint import (
     read_state,
     save_checkpoint,
 )
-from solace.trainer.config import SolaceConfig, to_yaml
+from solace.trainer.config import SolaceConfig, eval_setup, to_yaml
 from solace.trainer.distributed import accelerator_kwargs, check_backend
 from solace.trainer.fsdp import (
     ShardedParams,
@@ -162,7 +163,11 @@ class Trainer:
         # None: nothing to evaluate
         self.shards = accelerate_shards(self.acc, pad=self.sharded is not None)
         self.evaluator = make_evaluator(
-            cfg, self.adapter, self.out, self.eval_cfg_scale, writes=self.is_main, shards=self.shards
+            eval_setup(cfg, self.eval_cfg_scale),
+            self.adapter,
+            self.out,
+            writes=self.is_main,
+            shards=self.shards,
         )
 
     def _accelerator(self, given: Any | None) -> Any:
@@ -498,7 +503,6 @@ class Trainer:
     def save_images(self, iteration: int) -> Path | None:
         """Image grid of fixed prompts and seeds (``eval.image_prompts``; on the toy world one held-out
         prompt per category), 4 samples a row: every process samples its block, the main one writes."""
-        from solace.evaluation.toy_eval import generate_shared
         from solace.utils.images import save_grid
 
         prompts = (

@@ -10,6 +10,13 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 
+def to_uint8(images: torch.Tensor | np.ndarray) -> np.ndarray:
+    """(B, 3, H, W) float in [0, 1] (torch or numpy) -> (B, H, W, 3) uint8."""
+    arr = images.detach().float().cpu().numpy() if hasattr(images, "detach") else np.asarray(images)
+    arr = np.clip(np.round(arr * 255.0), 0, 255).astype(np.uint8)
+    return arr.transpose(0, 2, 3, 1)
+
+
 def to_pil(image: torch.Tensor | np.ndarray) -> Image.Image:
     """(3, H, W) float [0, 1] tensor or (H, W, 3) uint8 array -> PIL image."""
     if isinstance(image, torch.Tensor):

@@ -1,6 +1,6 @@
-"""The toy world's evaluation with its exact evaluator: held-out accuracy, the statistics of a training batch
-(strict correctness, foreground, objects) and the records an evaluation scores. The trainer reaches the toy
-world only through this module."""
+"""The toy world's evaluation with its exact evaluator: held-out accuracy (``solace eval --suite toy`` and
+the :class:`ToyEvaluator` during training), the statistics of a training batch (strict correctness,
+foreground, objects), the records an evaluation scores, and the judge of ``solace rerank`` / ``analyze``."""
 
 from __future__ import annotations
 
@@ -11,127 +11,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from solace.errors import ConfigError
-from solace.evaluation.evaluators import Evaluator
+from solace.evaluation.cache import BaseEvalCache
+from solace.evaluation.evaluators import EvalSetup, Evaluator, EvaluatorPlugin, Judge, common_settings
 from solace.evaluation.sharding import Shards
 from solace.models.base import FlowModelAdapter
-from solace.prompts import read_prompt_file
-from solace.sampling.sampler import sample
-from solace.toy.evaluator import detect, score_detections, segment, summarize, to_uint8
+from solace.prompts import Prompt, is_prompt_set, read_prompt_file
+from solace.sampling.generate import generate_jobs
+from solace.toy.evaluator import detect, format_table, score_detections, segment, summarize, to_uint8
 from solace.toy.world import CATEGORIES, PromptRecord, balanced_subset, load_heldout, train_eval_prompts
-from solace.utils.seeding import prompt_seed
-
-
-@torch.no_grad()
-def generate(
-    adapter: FlowModelAdapter,
-    prompts: Sequence[str],
-    samples_per_prompt: int,
-    num_steps: int,
-    cfg_scale: float,
-    seed: int = 0,
-    batch_size: int = 64,
-    noise_level: float = 0.0,
-    progress: bool = True,
-    first_index: int = 0,
-    negative_prompt: str = "",
-) -> torch.Tensor:
-    """Images (P * S, 3, H, W) in [0, 1], prompt-major, deterministic given ``seed`` (ODE by default).
-    CFG's null conditioning is ``negative_prompt`` ("": the empty prompt).
-
-    The initial noise of sample ``j`` of prompt ``i`` depends only on ``(seed, first_index + i, j)``, not on
-    batching: generating a long list in slices (``first_index`` = the slice's start) gives the same noise.
-    """
-    jobs = [(i, j) for i in range(len(prompts)) for j in range(samples_per_prompt)]
-    return generate_jobs(
-        adapter, prompts, jobs, num_steps, cfg_scale, seed, batch_size, noise_level, progress, first_index,
-        negative_prompt,
-    )  # fmt: skip
-
-
-@torch.no_grad()
-def generate_jobs(
-    adapter: FlowModelAdapter,
-    prompts: Sequence[str],
-    jobs: Sequence[tuple[int, int]],
-    num_steps: int,
-    cfg_scale: float,
-    seed: int = 0,
-    batch_size: int = 64,
-    noise_level: float = 0.0,
-    progress: bool = True,
-    first_index: int = 0,
-    negative_prompt: str = "",
-) -> torch.Tensor:
-    """Images (len(jobs), 3, H, W) of the samples ``jobs``: ``(i, j)`` is sample ``j`` of ``prompts[i]``, its
-    initial noise from ``(seed, first_index + i, j)`` alone (what :func:`generate` samples for it, whichever
-    other samples share its batch; a process's block of an evaluation, :mod:`solace.evaluation.sharding`).
-    Only the prompts the jobs use are encoded."""
-    sigmas = adapter.sigmas(num_steps)
-    null = adapter.encode_prompts([negative_prompt])
-    uniq = list(dict.fromkeys(prompts[i] for i, _ in jobs))
-    enc = adapter.encode_prompts(uniq)
-    where = {p: k for k, p in enumerate(uniq)}
-    out = []
-    bar = tqdm(total=len(jobs), desc="sampling", disable=not progress, dynamic_ncols=True)
-    for s in range(0, len(jobs), batch_size):
-        chunk = jobs[s : s + batch_size]
-        noise = torch.stack(
-            [
-                torch.randn(
-                    adapter.latent_shape(),
-                    generator=torch.Generator().manual_seed(prompt_seed(seed, first_index + i, j)),
-                )
-                for i, j in chunk
-            ]
-        ).to(adapter.device)
-        cond = enc.index([where[prompts[i]] for i, _ in chunk])
-        null_b = null.index([0] * len(chunk))
-        g = torch.Generator().manual_seed(seed + s)
-        traj = sample(
-            adapter,
-            cond,
-            null_b,
-            sigmas,
-            noise,
-            cfg_scale=cfg_scale,
-            noise_level=noise_level,
-            generator=g,
-            keep_trajectory=False,
-        )
-        out.append(adapter.decode(traj.final).cpu())
-        bar.update(len(chunk))
-    bar.close()
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def generate_shared(
-    adapter: FlowModelAdapter,
-    prompts: Sequence[str],
-    samples_per_prompt: int,
-    num_steps: int,
-    cfg_scale: float,
-    shards: Shards,
-    what: str = "grid",
-    seed: int = 0,
-    negative_prompt: str = "",
-) -> list[np.ndarray]:
-    """:func:`generate`'s images as uint8 (H, W, 3) arrays (what a grid's PNG holds), every process sampling
-    its block of them (``shards``) and receiving all of them, prompt-major."""
-    jobs = [(i, j) for i in range(len(prompts)) for j in range(samples_per_prompt)]
-    mine, real = shards.share(len(jobs), what)
-    pairs: list[tuple[int, np.ndarray]] = []
-    if mine:
-        images = generate_jobs(
-            adapter, prompts, [jobs[k] for k in mine], num_steps, cfg_scale, seed=seed, progress=False,
-            negative_prompt=negative_prompt,
-        )  # fmt: skip
-        arr = to_uint8(images[:real])
-        pairs = [(k, np.ascontiguousarray(a)) for k, a in zip(mine[:real], arr, strict=True)]
-    return shards.gather(pairs, len(jobs))
+from solace.utils.images import save_grid
 
 
 def foreground(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,15 +48,24 @@ def batch_statistics(images: torch.Tensor, metas: Sequence[dict]) -> dict[str, t
     return out
 
 
-def eval_records(spec: str, limit: int = 0) -> list[PromptRecord] | None:
-    """The records the exact evaluator scores for ``eval.prompts``: the held-out set (``toy_heldout``,
-    ``limit`` of them taken round-robin over categories), fresh prompts of the training distribution
-    (``toy_train_eval``, ``limit`` of them, 64 by default), or a ``.jsonl`` file whose every line carries
-    GenEval metadata (``include``); None where there is nothing to score exactly."""
+def set_records(spec: str, limit: int = 0) -> list[PromptRecord] | None:
+    """The records of the toy world's own evaluation sets: the held-out set (``toy_heldout``, ``limit`` of
+    them taken round-robin over categories) or fresh prompts of the training distribution
+    (``toy_train_eval``, ``limit`` of them, 64 by default); None for any other name."""
     if spec == "toy_heldout":
         return balanced_subset(load_heldout(), limit)
     if spec == "toy_train_eval":
         return train_eval_prompts(limit or 64)
+    return None
+
+
+def eval_records(spec: str, limit: int = 0) -> list[PromptRecord] | None:
+    """The records the exact evaluator scores for ``eval.prompts``: the toy world's own sets
+    (:func:`set_records`), or a ``.jsonl`` file whose every line carries GenEval metadata (``include``);
+    None where there is nothing to score exactly (another prompt set, a file without that metadata)."""
+    recs = set_records(spec, limit)
+    if recs is not None or is_prompt_set(spec):
+        return recs
     items = read_prompt_file(spec, "eval.prompts")
     if not all("include" in p.meta for p in items):
         return None
@@ -280,13 +179,6 @@ def run_toy_eval(
 ) -> dict:
     """Evaluate on the shipped held-out set; writes ``toy_eval.json``, ``toy_eval.md`` and a grid PNG
     (the first four samples of every prompt) into ``out_dir``. Returns the result dict."""
-    import json
-    from pathlib import Path
-
-    from solace.toy.evaluator import format_table
-    from solace.toy.world import load_heldout
-    from solace.utils.images import save_grid
-
     recs = list(records) if records is not None else list(load_heldout())
     res = evaluate_records(
         adapter,
@@ -330,59 +222,6 @@ def run_toy_eval(
     )
     res["table"] = table
     return res
-
-
-class BaseEvalCache:
-    """A JSON file of evaluations keyed by every setting they depend on (model, prompts, samples, steps,
-    CFG, seed). Runs sharing a base model and a seed, such as an ablation grid, evaluate the base once."""
-
-    FORMAT = "solace base-evaluation cache"
-
-    def __init__(self, path: str | Path, key: dict, writes: bool = True):
-        self.path = Path(path) if path else None
-        self.key = json.loads(json.dumps(key, sort_keys=True))
-        self.writes = writes  # False: read only (a process other than the main one)
-        if self.path is not None and self.path.exists() and not self._ours():
-            raise ConfigError(
-                "eval.base_cache",
-                f"{self.path} exists and is not a base-evaluation cache solace wrote (it is never "
-                "overwritten): name another file, or '' for no cache",
-            )
-
-    def _ours(self) -> bool:
-        """Whether the file at ``path`` is one this class wrote (its format mark, or the unmarked
-        ``{"entries": [...]}`` of earlier versions), so that a user's file is never overwritten."""
-        try:
-            doc = json.loads(self.path.read_text())  # type: ignore[union-attr]
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            return False
-        if not isinstance(doc, dict) or not isinstance(doc.get("entries"), list):
-            return False
-        return doc.get("format", self.FORMAT) == self.FORMAT and set(doc) <= {"format", "entries"}
-
-    def _entries(self) -> list[dict]:
-        if self.path is None or not self.path.exists():
-            return []
-        try:
-            return list(json.loads(self.path.read_text()).get("entries", []))
-        except (json.JSONDecodeError, AttributeError):
-            return []  # a corrupt cache is recomputed, never trusted
-
-    def get(self) -> dict | None:
-        for e in self._entries():
-            if e.get("key") == self.key:
-                return e["result"]
-        return None
-
-    def put(self, result: dict) -> None:
-        if self.path is None or not self.writes:
-            return
-        from solace.utils.files import write_json_atomic
-
-        keep = {k: v for k, v in result.items() if k != "images"}
-        entries = [e for e in self._entries() if e.get("key") != self.key]
-        doc = {"format": self.FORMAT, "entries": [*entries, {"key": self.key, "result": keep}]}
-        write_json_atomic(self.path, doc)
 
 
 class ToyEvaluator(Evaluator):
@@ -487,3 +326,67 @@ class ToyEvaluator(Evaluator):
             ax.legend()
         ax.set_title("held-out accuracy")
         ax.set_xlabel("iteration")
+
+
+FAMILY = "toy"
+"""The model family the exact evaluator judges (the toy world's own model)."""
+
+
+def judge_images(images: torch.Tensor, record: PromptRecord) -> np.ndarray:
+    """Strict correctness (N,) bool of images (N, 3, H, W) in [0, 1] under the exact evaluator."""
+    return np.array([score_detections(detect(a), record)["strict"] for a in to_uint8(images)], dtype=bool)
+
+
+class ToyEvaluatorPlugin(EvaluatorPlugin):
+    """``eval.evaluator=toy``: the exact evaluator, for the toy model on prompts with the toy world's GenEval
+    metadata (``toy_heldout``, ``toy_train_eval`` or a GenEval ``.jsonl`` file)."""
+
+    description = "the toy world's exact evaluator (strict and lenient accuracy)"
+
+    def problem(self, setup: EvalSetup) -> ConfigError | None:
+        if setup.family != FAMILY:
+            return ConfigError(
+                "eval.evaluator",
+                f"toy: the exact evaluator scores the toy world only, not {setup.model!r}; use "
+                "eval.metrics=[clip_score,pickscore] (eval.evaluator=auto or metrics)",
+            )
+        if eval_records(setup.prompts, setup.limit) is None:
+            return ConfigError(
+                "eval.prompts",
+                f"eval.evaluator=toy needs GenEval metadata ('include') on every prompt of "
+                f"{setup.prompts!r}: use toy_heldout, toy_train_eval or a GenEval .jsonl file",
+            )
+        return None
+
+    def build(self, setup: EvalSetup, adapter: Any, cache: BaseEvalCache | None, shards: Shards) -> Evaluator:
+        recs = eval_records(setup.prompts, setup.limit) or []
+        return ToyEvaluator(
+            adapter, recs, setup.prompts, cache=cache, shards=shards, **common_settings(setup)
+        )
+
+    def judge(self, prompts: Sequence[Prompt], family: str) -> Judge | None:
+        """On the toy model, prompts that all carry the toy world's GenEval metadata (``tag``,
+        ``include``)."""
+        if family != FAMILY or not prompts or not all({"tag", "include"} <= set(p.meta) for p in prompts):
+            return None
+        records = [PromptRecord.from_json(p.meta) for p in prompts]
+        return Judge(
+            metas=[p.meta for p in prompts],
+            tags=[r.tag for r in records],
+            correct=lambda images, i: judge_images(images, records[i]),
+        )
+
+    suite_samples = 16
+
+    def run_suite(self, adapter: Any, out_dir: Path, label: str, **settings: Any) -> tuple[dict, str]:
+        """The shipped held-out prompts (``limit``: the first N per category), :func:`run_toy_eval`."""
+        limit = settings.pop("limit", 0)
+        recs = list(load_heldout())
+        if limit:
+            recs = [r for c in CATEGORIES for r in [x for x in recs if x.tag == c][:limit]]
+        s = settings
+        res = run_toy_eval(
+            adapter, str(out_dir), s["samples"], s["steps"], s["cfg_scale"], s["seed"], recs, label=label,
+            negative_prompt=s.get("negative_prompt", ""),
+        )  # fmt: skip
+        return res["summary"], res["table"]
