@@ -307,10 +307,10 @@ def test_toy_figures_with_a_stub_evaluator(tmp_path, tiny_toy, toy_prompt_file, 
     of best-of-N / random / oracle and of the per-category and per-timestep AUCs."""
     from solace.evaluation import confidence
 
-    def stub(adapter, z0, record):
-        return np.arange(z0.shape[0]) % 2 == 0, None
+    def stub(adapter, z0, judge, i):
+        return np.arange(z0.shape[0]) % 2 == 0
 
-    monkeypatch.setattr(confidence, "judge", stub)
+    monkeypatch.setattr(confidence, "judged", stub)
     out = tmp_path / "rerank"
     args = ["rerank", "--model", tiny_toy, "--prompts", toy_prompt_file, "--n", "1,2,3", "--seeds", "0,1",
             "--out", str(out)]  # fmt: skip

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 
@@ -13,11 +13,30 @@ from solace.cli.plugins import COMMANDS
 from solace.cli.plugins import fail as _fail
 from solace.defaults import default
 from solace.errors import ConfigError, SolaceError
-from solace.evaluation.evaluators import EVALUATORS
-
-if TYPE_CHECKING:
-    from solace.evaluation.evaluators import Judge
-    from solace.models.base import FlowModelAdapter
+from solace.evaluation.confidence import run_rationale, run_rerank, run_score
+from solace.evaluation.evaluators import EVALUATORS, Judge, find_judge
+from solace.evaluation.metrics_eval import (
+    build_metrics,
+    parse_metric_args,
+    parse_metric_list,
+    run_metric_eval,
+)
+from solace.evaluation.suites import SUITES, load_suite
+from solace.models.base import FlowModelAdapter
+from solace.models.family import load_family_adapter, resolve_family
+from solace.models.lora import load_lora, read_lora
+from solace.prompts import fixed_prompts
+from solace.registry import import_plugin, load_plugins
+from solace.rewards.self_confidence import check_num_probes
+from solace.sampling.generate import generate
+from solace.trainer.ablate import run_grid
+from solace.trainer.config import load_config, model_family_of, to_yaml
+from solace.trainer.distributed import finish
+from solace.trainer.model_setup import embed_prompts
+from solace.trainer.signals import RunInterrupted
+from solace.trainer.trainer import run_training
+from solace.utils.images import save_grid, to_pil
+from solace.utils.seeding import check_seed as _check_seed
 
 app = typer.Typer(
     add_completion=False,
@@ -115,10 +134,6 @@ def train(
     Every key of a preset with its value: solace config show PRESET.
 
     A first run of about 3 minutes: solace train --config toy_quick."""
-    from solace.trainer.config import load_config
-    from solace.trainer.distributed import finish
-    from solace.trainer.signals import RunInterrupted
-    from solace.trainer.trainer import run_training
 
     try:
         if resume and overwrite:
@@ -163,8 +178,6 @@ def ablate(
 
     Extra arguments are overrides shared by every run (train.iterations=10 ...); each condition's own
     settings win over them. Finished runs are kept and a killed grid resumes where it stopped."""
-    from solace.trainer.ablate import run_grid
-    from solace.trainer.distributed import finish
 
     try:
         seed_list = _seed_list(seeds)
@@ -195,7 +208,6 @@ def config_check(
 ) -> None:
     """Validate a config (types, ranges, names) without loading a model; says which model family loads it
     (model.family, or what auto tells from the pipeline's class name)."""
-    from solace.trainer.config import load_config, model_family_of, to_yaml
 
     try:
         cfg = load_config(config, list(ctx.args), check_paths=paths)
@@ -212,7 +224,6 @@ def config_show(
     ctx: typer.Context, config: str = typer.Argument(..., help="YAML file or preset name.")
 ) -> None:
     """Print a preset's (or YAML file's) every key with its value, after the overrides given (key=value)."""
-    from solace.trainer.config import load_config, to_yaml
 
     try:
         cfg = load_config(config, list(ctx.args), check_paths=False)
@@ -232,8 +243,6 @@ def embed_cmd(
 ) -> None:
     """Precompute prompt embeddings into model.embedding_cache (one safetensors file a prompt), so that
     training reads them from disk. Extra arguments are overrides (model.embedding_cache=DIR)."""
-    from solace.trainer.config import load_config
-    from solace.trainer.model_setup import embed_prompts
 
     try:
         if device not in ("auto", "cpu", "cuda"):
@@ -247,7 +256,6 @@ def embed_cmd(
 
 def _import_plugins(modules: list[str] | None) -> None:
     """``--plugin`` modules (e.g. one registering a model family), imported once; errors name the option."""
-    from solace.registry import import_plugin, load_plugins
 
     load_plugins()
     for module in modules or []:
@@ -265,16 +273,12 @@ def _load(
     """The adapter of ``--model`` by its family; ``family`` is ``(--family, --plugin modules)``."""
     import torch
 
-    from solace.models.family import load_family_adapter
-
     _import_plugins(family[1])
     dev = (
         "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     )
     adapter = load_family_adapter(model, family[0], "--family", device=dev, **kwargs)
     if lora:
-        from solace.models.lora import load_lora
-
         load_lora(adapter.denoiser, lora, trainable=False, alpha=lora_alpha)
     return adapter
 
@@ -301,9 +305,6 @@ def sample_cmd(
     """Write an image grid (rows = prompts, columns = seeds) with the ODE sampler, and each image alone in
     the folder named like the grid without its extension (samples.png -> samples/)."""
     import torch
-
-    from solace.sampling.generate import generate
-    from solace.utils.images import save_grid
 
     try:
         seed_list = _seed_list(seeds)
@@ -333,8 +334,6 @@ def _save_singles(folder: Path, imgs: Any, prompts: list[str], seeds: list[int])
     """Each image of a prompt-major (prompt, seed) grid as its own PNG (what `solace score --images` reads):
     ``NN_<prompt words>_seed<S>.png``."""
     import re
-
-    from solace.utils.images import to_pil
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -507,20 +506,11 @@ def _eval_suite(
 ) -> None:
     """``solace eval`` on a prompt file with registry metrics (see :mod:`solace.evaluation.metrics_eval`)."""
 
-    from solace.evaluation.metrics_eval import (
-        build_metrics,
-        parse_metric_args,
-        parse_metric_list,
-        run_metric_eval,
-    )
-    from solace.evaluation.suites import SUITES, load_suite
-
-    prompt_suite = load_suite(suite, prompts, limit)
+    own = [n for n, p in EVALUATORS.items() if p.suite_samples]
+    prompt_suite = load_suite(suite, prompts, limit, own)
     names = parse_metric_list(metrics if metrics else list(SUITES[suite]["metrics"]))
     kwargs = parse_metric_args(metric_args, names)
     if lora:
-        from solace.models.lora import read_lora
-
         read_lora(lora)  # a bad LoRA fails now, not after the base model's pass
     fns = build_metrics(names, kwargs)
     adapter = _load(model, None, device, None, family, **model_kwargs)
@@ -572,9 +562,8 @@ def _seed_list(text: str) -> list[int]:
 
 def check_seed(seed: int, option: str) -> None:
     """A seed option in [0, 2**32 - 1] (:func:`solace.utils.seeding.check_seed`; torch imported lazily)."""
-    from solace.utils.seeding import check_seed as check
 
-    check(seed, option)
+    _check_seed(seed, option)
 
 
 def _int_list(text: str, option: str, minimum: int) -> list[int]:
@@ -593,7 +582,6 @@ def _int_list(text: str, option: str, minimum: int) -> list[int]:
 
 
 def _check_sampling(steps: int, probes: int, cfg: float, sampler: str, threads: int, limit: int = 0) -> None:
-    from solace.rewards.self_confidence import check_num_probes
 
     if steps < 1:
         raise ConfigError("--steps", f"must be >= 1, got {steps}")
@@ -613,9 +601,6 @@ def _prompt_source(
 ) -> tuple[list[str], Judge | None]:
     """The prompts (a prompt set's fixed list or a file's, the first ``limit``) and, where a registered
     evaluator can judge them exactly on this model, its :class:`~solace.evaluation.evaluators.Judge`."""
-    from solace.evaluation.evaluators import find_judge
-    from solace.models.family import resolve_family
-    from solace.prompts import fixed_prompts
 
     _import_plugins(family[1])
     items = fixed_prompts(prompts, limit, "--prompts")
@@ -730,7 +715,6 @@ def score_cmd(
     device: DeviceOpt = "auto",
 ) -> None:
     """Self-confidence R (and S_t per timestep) of given images or of generated samples; no training."""
-    from solace.evaluation.confidence import run_score
 
     try:
         paths = list(images or [])
@@ -808,7 +792,6 @@ def rerank_cmd(
     On prompts a registered evaluator judges exactly (an embedded world's): strict accuracy of best-of-N vs
     a random pick vs the oracle, over seeds (rerank.json, rerank.md, rerank.png). Otherwise: the selected
     images and their scores."""
-    from solace.evaluation.confidence import run_rerank
 
     try:
         ns = _int_list(n, "--n", 1)
@@ -871,7 +854,6 @@ def rationale_cmd(
 ) -> None:
     """Self-confidence under three inference regimes (rationale.png, rationale.json); on exactly judged
     prompts also its within-group AUC against exact correctness per category and timestep (rationale.md)."""
-    from solace.evaluation.confidence import run_rationale
 
     try:
         if samples < 1:

@@ -30,7 +30,17 @@ import yaml
 from solace.errors import ConfigError
 from solace.evaluation.sharding import Shards
 from solace.evaluation.suites import PromptSuite
+from solace.models.lora import load_lora
+from solace.rewards.mixture import reward_scores
+from solace.rewards.registry import (
+    available_rewards,
+    build_reward,
+    is_user_reward,
+    reward_factory,
+    reward_parameters,
+)
 from solace.sampling.generate import generate_jobs
+from solace.utils.images import make_grid, to_pil
 
 PAPER_NAMES = {
     "clip_score": "CLIPScore",
@@ -108,13 +118,6 @@ def build_metrics(
 ) -> dict[str, Callable[..., torch.Tensor]]:
     """Build every metric through the registry (a name may be a user factory ``package.module:function``);
     unknown names, unimportable modules and bad arguments fail with one line before any model loads."""
-    from solace.rewards.registry import (
-        available_rewards,
-        build_reward,
-        is_user_reward,
-        reward_factory,
-        reward_parameters,
-    )
 
     kwargs = kwargs or {}
     known = available_rewards()
@@ -277,8 +280,6 @@ def _score_batch(
     """One batch of samples (``block``: their indices, ``batch``: their (prompt, sample)), quantised to 8 bits
     and scored: ``(index, result)`` pairs of plain numbers and uint8 arrays, what :meth:`Shards.gather`
     sends between processes."""
-    from solace.rewards.mixture import reward_scores
-    from solace.utils.images import to_pil
 
     if not block:
         return []
@@ -335,8 +336,6 @@ def write_grid(path: Path, suite: PromptSuite, thumbs: dict[str, dict[int, torch
     """Prompts as rows; for each label (``base``, ``lora``, ...) its thumbnails side by side, headed by the
     label."""
     from PIL import Image, ImageDraw, ImageFont
-
-    from solace.utils.images import make_grid
 
     labels = list(thumbs)
     rows = sorted(thumbs[labels[0]])
@@ -445,8 +444,6 @@ def run_metric_eval(
     )  # fmt: skip
     runs = {"base": generate_and_score(adapter, suite, metrics, "base", out, **kw)}
     if lora:
-        from solace.models.lora import load_lora
-
         load_lora(adapter.denoiser, lora, trainable=False, alpha=lora_alpha)
         runs["lora"] = generate_and_score(adapter, suite, metrics, "lora", out, **kw)
 

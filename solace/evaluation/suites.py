@@ -7,6 +7,7 @@ file the user passes with ``--prompts``; the name picks the default metrics and 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,11 +41,13 @@ class PromptSuite:
         return len(self.items)
 
 
-def load_suite(name: str, prompts: str | Path | None = None, limit: int = 0) -> PromptSuite:
+def load_suite(
+    name: str, prompts: str | Path | None = None, limit: int = 0, others: Sequence[str] = ()
+) -> PromptSuite:
     """The suite ``name`` read from ``prompts`` (required for every named suite); ``limit`` > 0 keeps the
-    first ``limit`` prompts."""
+    first ``limit`` prompts. ``others``: the other suite names the command knows (for the error)."""
     if name not in SUITES:
-        raise ConfigError("--suite", f"unknown suite {name!r}; use toy, {', '.join(SUITES)}")
+        raise ConfigError("--suite", f"unknown suite {name!r}; use {', '.join([*others, *SUITES])}")
     if limit < 0:
         raise ConfigError("--limit", f"must be >= 0, got {limit}")
     if prompts is None or str(prompts) == "":

@@ -34,6 +34,7 @@ from solace.toy.net import ToyFlowNet
 from solace.toy.render import render_prompt
 from solace.toy.world import CATEGORIES, balanced_subset, load_heldout, sample_train_prompt, vocabulary
 from solace.utils.files import earlier_run, remove_earlier_run
+from solace.utils.seeding import check_seed
 
 
 @dataclass
@@ -58,7 +59,6 @@ class PretrainConfig:
 
 def check_config(cfg: PretrainConfig) -> None:
     """Every bound the run needs, checked before anything is rendered or written (fields as CLI options)."""
-    from solace.utils.seeding import check_seed
 
     for option, value, least in (
         ("--steps", cfg.steps, 1),

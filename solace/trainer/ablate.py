@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 
 from solace.defaults import default
 from solace.errors import ConfigError, check
+from solace.evaluation.analysis import pyplot, save_figure
 from solace.trainer.config import (
     MonitorCfg,
     SolaceConfig,
@@ -32,7 +33,9 @@ from solace.trainer.config import (
     reject_moved_keys,
     resolve_preset,
 )
+from solace.trainer.distributed import is_main_process
 from solace.trainer.monitor import CollapseMonitor, eval_stats
+from solace.trainer.trainer import run_training
 from solace.utils.files import write_json_atomic, write_text_atomic
 
 TABLE2 = ["k4", "k8", "k16", "cfg_in_reward", "offline"]
@@ -301,8 +304,6 @@ def plot(
 ) -> list[Path]:
     import numpy as np
 
-    from solace.evaluation.analysis import pyplot, save_figure
-
     plt = pyplot()
 
     paths = []
@@ -367,7 +368,6 @@ def run_grid(
 ) -> dict[str, Any]:
     """Run (or, with ``dry_run``, print) every (condition, seed) training run, then write the table.
     ``collect_only`` trains nothing: the table holds the runs finished so far (a grid still running)."""
-    from solace.trainer.distributed import is_main_process
 
     check(len(seeds) >= 1, "--seeds", "give at least one seed, e.g. 0,1,2")
     check(not Path(out).is_file(), "--out", f"{out} is a file; name the grid's folder")
@@ -408,8 +408,6 @@ def run_grid(
 def _train_one(cfg: Any, c: Any, seed: int, tag: str, echo: Any) -> dict[str, Any]:
     """Train (or resume) one run of the grid; its record (evaluations, monitor, history, wall time) is
     written next to it by the main process."""
-    from solace.trainer.distributed import is_main_process
-    from solace.trainer.trainer import run_training
 
     run_dir = Path(cfg.train.output_dir)
     resume = (run_dir / "checkpoints" / "latest").exists()

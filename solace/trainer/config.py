@@ -23,6 +23,7 @@ from solace.grpo.window import parse_steps
 from solace.models import FAMILIES, ModelFamily, resolve_family
 from solace.prompts import PROMPT_SETS, is_prompt_set, read_prompt_file
 from solace.registry import load_plugins
+from solace.rewards.registry import available_rewards, check_reward, reward_parameters
 from solace.rewards.scorer import SelfConfidenceCfg
 from solace.trainer.precision import check_config as check_precision
 from solace.utils.seeding import check_seed
@@ -601,7 +602,6 @@ def _validate_trackers(t: TrainCfg) -> None:
 def _validate_eval(e: EvalCfg) -> None:
     """The ``eval`` section's bounds, and the metric list and its arguments checked against the registry
     (nothing is built, no model loads)."""
-    from solace.rewards.registry import available_rewards, reward_parameters
 
     _min(e.prompts_limit, 0, "eval.prompts_limit", " (0: all)")
     _min(e.every, 0, "eval.every", " (0: only before and after training)")
@@ -710,7 +710,6 @@ def _validate_reward_names(components: list[RewardComponent]) -> None:
     ``package.module:function``, imported now) and accepts its kwargs: a typo, a missing module or function
     or a bad keyword fails in one line naming ``reward.components[i].name`` / ``.kwargs``, before any model
     loads."""
-    from solace.rewards.registry import check_reward
 
     for i, c in enumerate(components):
         check(bool(c.name), f"reward.components[{i}].name", "must name a reward")
