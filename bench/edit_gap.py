@@ -37,7 +37,7 @@ from safetensors.numpy import load_file
 from solace.rewards.prompt_edits import KINDS
 from solace.rewards.scorer import SelfConfidenceCfg, SelfConfidenceScorer
 from solace.rewards.self_confidence import aggregate
-from solace.sampling.sampler import sample
+from solace.sampling.generate import generate_group
 from solace.toy.adapter import ToyAdapter
 from solace.toy.edits import toy_edits
 from solace.toy.evaluator import detect, score_detections
@@ -79,14 +79,8 @@ def gt_latents(ad: ToyAdapter, rec: PromptRecord, renders: int) -> torch.Tensor 
 @torch.no_grad()
 def own_samples(ad: ToyAdapter, prompt: str, G: int, seed: int, cfg: float = 7.0) -> torch.Tensor:
     """The signal report's G samples of ``prompt`` again (its sampler call and seed: SDE, 10 steps)."""
-    cond = ad.encode_prompts([prompt]).index([0] * G)
-    null = ad.encode_prompts([""]).index([0] * G)
-    gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn(G, *ad.latent_shape(), generator=gen)
-    sig = ad.sigmas(10)
-    return sample(
-        ad, cond, null, sig, noise, cfg_scale=cfg, noise_level=0.7, generator=gen, keep_trajectory=False
-    ).final
+    cond, null = ad.encode_prompts([prompt]), ad.encode_prompts([""])
+    return generate_group(ad, cond, null, G, 10, cfg, seed, "sde", batch_size=G)
 
 
 @torch.no_grad()

@@ -44,7 +44,7 @@ from solace.evaluation.analysis import auc
 from solace.rewards.prompt_edits import candidate_edits
 from solace.rewards.scorer import SelfConfidenceCfg, SelfConfidenceScorer
 from solace.rewards.self_confidence import aggregate, edit_contrast
-from solace.sampling.sampler import sample
+from solace.sampling.generate import generate_group
 from solace.toy.adapter import ToyAdapter
 from solace.toy.evaluator import detect, score_detections, segment, to_uint8
 from solace.toy.world import CATEGORIES, load_heldout
@@ -86,13 +86,9 @@ def score_group(
 ) -> dict:
     sig = ad.sigmas(10)
     ts = sig[:-1]
-    cond = ad.encode_prompts([prompt]).index([0] * G)
-    null = ad.encode_prompts([""]).index([0] * G)
-    gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn(G, *ad.latent_shape(), generator=gen)
-    z0 = sample(
-        ad, cond, null, sig, noise, cfg_scale=cfg, noise_level=0.7, generator=gen, keep_trajectory=False
-    ).final
+    cond1, null1 = ad.encode_prompts([prompt]), ad.encode_prompts([""])
+    cond, null = cond1.index([0] * G), null1.index([0] * G)
+    z0 = generate_group(ad, cond1, null1, G, 10, cfg, seed, "sde", batch_size=G)
     one_group = torch.zeros(G, dtype=torch.long)
     paper = SelfConfidenceScorer(SelfConfidenceCfg(num_probes=K))
     half = list(range(len(ts) // 2, len(ts)))
