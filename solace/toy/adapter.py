@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from solace.errors import ConfigError
 from solace.models.base import AdapterBase, Conditioning, SizeRule
 from solace.sampling.schedule import flow_match_sigmas
+from solace.toy.evaluate import batch_statistics, default_image_prompts
 from solace.toy.net import MAX_TOKENS, ToyFlowNet
 from solace.toy.world import vocabulary
 from solace.utils.files import safetensors_problem
@@ -141,13 +142,11 @@ class ToyAdapter(AdapterBase):
 
     def batch_statistics(self, images: torch.Tensor, metas: Sequence[dict]) -> dict[str, torch.Tensor]:
         """Foreground, objects and (with GenEval metadata) strict correctness of a training batch."""
-        from solace.toy.evaluate import batch_statistics
 
         return batch_statistics(images, metas)
 
     def image_prompts(self) -> list[str]:
         """One held-out prompt per category."""
-        from solace.toy.evaluate import default_image_prompts
 
         return default_image_prompts()
 
