@@ -40,7 +40,7 @@ def test_prompt_sets_by_name_feed_training_and_evaluation(prompt_set):
     assert sorted(p.text for p in fixed.for_iteration(0, 3)) == ["a", "b", "c"]
     assert [p.text for p in evaluation_prompts("test_fixed", 2)] == ["c", "b"]
     assert [p.text for p in fixed_prompts("test_fixed", 2)] == ["a", "b"]
-    with pytest.raises(ConfigError, match=r"^data.eval_prompts: 'test_drawn' has no evaluation prompts"):
+    with pytest.raises(ConfigError, match=r"^eval.prompts: 'test_drawn' has no evaluation prompts"):
         evaluation_prompts("test_drawn")
     with pytest.raises(ConfigError, match=r"^--prompts: 'test_drawn' is a distribution"):
         fixed_prompts("test_drawn")
@@ -54,7 +54,7 @@ def test_the_toy_world_prompt_sets_match_its_records():
     assert [p.text for p in fixed_prompts("toy_heldout", 5)] == [r.prompt for r in held[:5]]
     assert all(p.meta["tag"] and p.meta["include"] for p in evaluation_prompts("toy_train_eval", 4))
     assert len(evaluation_prompts("toy_train_eval")) == 64
-    assert default("data.train_prompts") in PROMPT_SETS and default("data.eval_prompts") in PROMPT_SETS
+    assert default("data.train_prompts") in PROMPT_SETS and default("eval.prompts") in PROMPT_SETS
 
 
 class _Exact(EvaluatorPlugin):
@@ -88,7 +88,7 @@ def test_auto_asks_every_registered_evaluator_and_a_forced_one_must_fit(monkeypa
     plain = tmp_path / "plain.txt"
     plain.write_text("a red cube\n")
     assert evaluator_kind(_setup(family="toy", prompts=str(plain))) == "none"
-    with pytest.raises(ConfigError, match=r"^data.eval_prompts: eval.evaluator=toy needs GenEval"):
+    with pytest.raises(ConfigError, match=r"^eval.prompts: eval.evaluator=toy needs GenEval"):
         evaluator_kind(_setup(family="toy", evaluator="toy", prompts=str(plain)))
 
 

@@ -327,16 +327,16 @@ def _anchor_preset_paths(raw: Any, path: Path) -> None:
 
 
 MOVED_KEYS: dict[str, str] = {
-    "eval.prompts": "eval.prompts",
-    "eval.prompts_limit": "eval.prompts_limit",
-    "eval.num_steps": "eval.num_steps",
-    "eval.cfg_scale": "eval.cfg_scale",
-    "eval.every": "eval.every",
-    "eval.samples_per_prompt": "eval.samples_per_prompt",
-    "eval.base_cache": "eval.base_cache",
+    "data.eval_prompts": "eval.prompts",
+    "data.eval_prompts_limit": "eval.prompts_limit",
+    "sampling.eval_num_steps": "eval.num_steps",
+    "sampling.eval_cfg_scale": "eval.cfg_scale",
+    "train.eval_every": "eval.every",
+    "train.eval_samples_per_prompt": "eval.samples_per_prompt",
+    "train.base_eval_cache": "eval.base_cache",
     "train.image_every": "eval.image_every",
-    "eval.image_prompts": "eval.image_prompts",
-    "eval.metric_grid_rows": "eval.metric_grid_rows",
+    "train.image_prompts": "eval.image_prompts",
+    "eval.grid_prompts": "eval.metric_grid_rows",
     **{
         f"{update}.{key}": f"train.{key}"
         for update in ("grpo", "nft")
