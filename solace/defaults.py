@@ -1,6 +1,7 @@
-"""The defaults that name an embedded world, read from ``solace/configs/defaults.yaml`` (so that no module
-names one): the config's first layer (:func:`solace.trainer.config.load_config` applies it) and, in its
-``cli`` section, the command line's defaults."""
+"""The defaults that name an embedded world, read from YAML files so that no module names one:
+``solace/configs/defaults.yaml`` (the config's first layer, which :func:`solace.trainer.config.load_config`
+applies; :func:`default` reads a key of it) and ``solace/cli/defaults.yaml`` (the command line's own
+defaults: the preset, the suite, table labels; :func:`cli_default`)."""
 
 from __future__ import annotations
 
@@ -12,15 +13,23 @@ import yaml
 
 
 @cache
-def defaults() -> dict[str, Any]:
-    """The whole file, as a dict (``cli``: the command line's defaults; the rest: config keys)."""
-    text = resources.files("solace").joinpath("configs", "defaults.yaml").read_text(encoding="utf-8")
+def _read(*parts: str) -> dict[str, Any]:
+    text = resources.files("solace").joinpath(*parts).read_text(encoding="utf-8")
     return yaml.safe_load(text) or {}
 
 
-def default(key: str) -> Any:
-    """One default by its dotted key, e.g. ``default("eval.prompts")`` or ``default("cli.suite")``."""
-    node: Any = defaults()
+def _lookup(doc: dict[str, Any], key: str) -> Any:
+    node: Any = doc
     for part in key.split("."):
         node = node[part]
     return node
+
+
+def default(key: str) -> Any:
+    """A config default by its dotted key, e.g. ``default("eval.prompts")``."""
+    return _lookup(_read("configs", "defaults.yaml"), key)
+
+
+def cli_default(key: str) -> Any:
+    """A command-line default by its dotted key, e.g. ``cli_default("suite")``."""
+    return _lookup(_read("cli", "defaults.yaml"), key)

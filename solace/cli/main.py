@@ -11,7 +11,7 @@ import typer
 
 from solace.cli.plugins import COMMANDS
 from solace.cli.plugins import fail as _fail
-from solace.defaults import default
+from solace.defaults import cli_default, default
 from solace.errors import ConfigError, SolaceError
 from solace.evaluation.confidence import run_rationale, run_rerank, run_score
 from solace.evaluation.evaluators import EVALUATORS, Judge, find_judge
@@ -109,7 +109,7 @@ app.add_typer(config_app, name="config")
 def train(
     ctx: typer.Context,
     config: str = typer.Option(
-        default("cli.config"),
+        cli_default("config"),
         "--config",
         "-c",
         help="YAML file or preset name (sd35m, flux, ablation/k4, the embedded world's presets ...).",
@@ -158,7 +158,7 @@ def train(
 def ablate(
     ctx: typer.Context,
     config: str = typer.Option(
-        default("cli.config"), "--config", "-c", help="Base YAML file or preset every condition is laid over."
+        cli_default("config"), "--config", "-c", help="Base YAML file or preset every condition is laid over."
     ),
     conditions: str = typer.Option(
         "k4,k8,k16,cfg_in_reward,offline,rho1,no_cfg",
@@ -372,7 +372,7 @@ def _check_writable(folder: Path, option: str) -> None:
 @app.command("eval")
 def eval_cmd(
     suite: str = typer.Option(
-        default("cli.suite"),
+        cli_default("suite"),
         help="an embedded world's own suite (its held-out prompts, its exact evaluator) | drawbench | "
         "geneval | ocr | pickscore (these read --prompts).",
     ),

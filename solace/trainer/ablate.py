@@ -22,7 +22,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from solace.defaults import default
+from solace.defaults import cli_default
 from solace.errors import ConfigError, check
 from solace.evaluation.analysis import pyplot, save_figure
 from solace.trainer.config import (
@@ -52,7 +52,7 @@ LABELS = {
     "no_cfg": "sampling without CFG",
     "later_half": "later half of the timesteps probed",
     "random_reward": "control: uninformative random reward",
-    **default("cli.ablate_labels"),  # the embedded world's presets
+    **cli_default("ablate_labels"),  # the embedded world's presets
 }
 
 # image statistics of the paired evaluation (same prompts and noise before and after): (key, relative change?)

@@ -401,9 +401,7 @@ def load_config(
     ``check_paths=False`` skips the existence check of prompt files (to check a preset for another machine).
     """
     schema = OmegaConf.structured(SolaceConfig)
-    defaults_layer = _load_yaml_chain(presets_dir() / DEFAULTS_FILE)
-    defaults_layer.pop("cli", None)  # the command line's defaults (solace.defaults.default), no config keys
-    layers = [schema, defaults_layer]
+    layers = [schema, _load_yaml_chain(presets_dir() / DEFAULTS_FILE)]
     if path:
         p = resolve_preset(path)
         layers.append(_load_yaml_chain(p))
