@@ -134,7 +134,6 @@ def train(
     Every key of a preset with its value: solace config show PRESET.
 
     A first run of about 3 minutes: solace train --config toy_quick."""
-
     try:
         if resume and overwrite:
             raise ConfigError("--overwrite", "contradicts --resume: give one (continue or replace)")
@@ -178,7 +177,6 @@ def ablate(
 
     Extra arguments are overrides shared by every run (train.iterations=10 ...); each condition's own
     settings win over them. Finished runs are kept and a killed grid resumes where it stopped."""
-
     try:
         seed_list = _seed_list(seeds)
         res = run_grid(
@@ -208,7 +206,6 @@ def config_check(
 ) -> None:
     """Validate a config (types, ranges, names) without loading a model; says which model family loads it
     (model.family, or what auto tells from the pipeline's class name)."""
-
     try:
         cfg = load_config(config, list(ctx.args), check_paths=paths)
         family = model_family_of(cfg.model)[0]
@@ -224,7 +221,6 @@ def config_show(
     ctx: typer.Context, config: str = typer.Argument(..., help="YAML file or preset name.")
 ) -> None:
     """Print a preset's (or YAML file's) every key with its value, after the overrides given (key=value)."""
-
     try:
         cfg = load_config(config, list(ctx.args), check_paths=False)
     except SolaceError as e:
@@ -243,7 +239,6 @@ def embed_cmd(
 ) -> None:
     """Precompute prompt embeddings into model.embedding_cache (one safetensors file a prompt), so that
     training reads them from disk. Extra arguments are overrides (model.embedding_cache=DIR)."""
-
     try:
         if device not in ("auto", "cpu", "cuda"):
             raise ConfigError("--device", f"use auto, cpu or cuda, not {device!r}")
@@ -256,7 +251,6 @@ def embed_cmd(
 
 def _import_plugins(modules: list[str] | None) -> None:
     """``--plugin`` modules (e.g. one registering a model family), imported once; errors name the option."""
-
     load_plugins()
     for module in modules or []:
         import_plugin(module, "--plugin")
@@ -505,7 +499,6 @@ def _eval_suite(
     device: str,
 ) -> None:
     """``solace eval`` on a prompt file with registry metrics (see :mod:`solace.evaluation.metrics_eval`)."""
-
     own = [n for n, p in EVALUATORS.items() if p.suite_samples]
     prompt_suite = load_suite(suite, prompts, limit, own)
     names = parse_metric_list(metrics if metrics else list(SUITES[suite]["metrics"]))
@@ -561,8 +554,7 @@ def _seed_list(text: str) -> list[int]:
 
 
 def check_seed(seed: int, option: str) -> None:
-    """A seed option in [0, 2**32 - 1] (:func:`solace.utils.seeding.check_seed`; torch imported lazily)."""
-
+    """A seed option in [0, 2**32 - 1] (:func:`solace.utils.seeding.check_seed`), errors naming ``option``."""
     _check_seed(seed, option)
 
 
@@ -601,7 +593,6 @@ def _prompt_source(
 ) -> tuple[list[str], Judge | None]:
     """The prompts (a prompt set's fixed list or a file's, the first ``limit``) and, where a registered
     evaluator can judge them exactly on this model, its :class:`~solace.evaluation.evaluators.Judge`."""
-
     _import_plugins(family[1])
     items = fixed_prompts(prompts, limit, "--prompts")
     return [it.text for it in items], find_judge(items, resolve_family(model, family[0], "--family")[0])
@@ -715,7 +706,6 @@ def score_cmd(
     device: DeviceOpt = "auto",
 ) -> None:
     """Self-confidence R (and S_t per timestep) of given images or of generated samples; no training."""
-
     try:
         paths = list(images or [])
         if ctx.args:
@@ -792,7 +782,6 @@ def rerank_cmd(
     On prompts a registered evaluator judges exactly (an embedded world's): strict accuracy of best-of-N vs
     a random pick vs the oracle, over seeds (rerank.json, rerank.md, rerank.png). Otherwise: the selected
     images and their scores."""
-
     try:
         ns = _int_list(n, "--n", 1)
         seed_list = _seed_list(seeds)
@@ -854,7 +843,6 @@ def rationale_cmd(
 ) -> None:
     """Self-confidence under three inference regimes (rationale.png, rationale.json); on exactly judged
     prompts also its within-group AUC against exact correctness per category and timestep (rationale.md)."""
-
     try:
         if samples < 1:
             raise ConfigError("--samples", f"must be >= 1, got {samples}")

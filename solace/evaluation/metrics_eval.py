@@ -118,7 +118,6 @@ def build_metrics(
 ) -> dict[str, Callable[..., torch.Tensor]]:
     """Build every metric through the registry (a name may be a user factory ``package.module:function``);
     unknown names, unimportable modules and bad arguments fail with one line before any model loads."""
-
     kwargs = kwargs or {}
     known = available_rewards()
     for name in names:
@@ -280,7 +279,6 @@ def _score_batch(
     """One batch of samples (``block``: their indices, ``batch``: their (prompt, sample)), quantised to 8 bits
     and scored: ``(index, result)`` pairs of plain numbers and uint8 arrays, what :meth:`Shards.gather`
     sends between processes."""
-
     if not block:
         return []
     images = _quantize(images)

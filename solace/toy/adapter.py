@@ -142,12 +142,10 @@ class ToyAdapter(AdapterBase):
 
     def batch_statistics(self, images: torch.Tensor, metas: Sequence[dict]) -> dict[str, torch.Tensor]:
         """Foreground, objects and (with GenEval metadata) strict correctness of a training batch."""
-
         return batch_statistics(images, metas)
 
     def image_prompts(self) -> list[str]:
         """One held-out prompt per category."""
-
         return default_image_prompts()
 
 

@@ -59,7 +59,6 @@ class PretrainConfig:
 
 def check_config(cfg: PretrainConfig) -> None:
     """Every bound the run needs, checked before anything is rendered or written (fields as CLI options)."""
-
     for option, value, least in (
         ("--steps", cfg.steps, 1),
         ("--batch-size", cfg.batch_size, 1),

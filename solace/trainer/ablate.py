@@ -368,7 +368,6 @@ def run_grid(
 ) -> dict[str, Any]:
     """Run (or, with ``dry_run``, print) every (condition, seed) training run, then write the table.
     ``collect_only`` trains nothing: the table holds the runs finished so far (a grid still running)."""
-
     check(len(seeds) >= 1, "--seeds", "give at least one seed, e.g. 0,1,2")
     check(not Path(out).is_file(), "--out", f"{out} is a file; name the grid's folder")
     conds = [resolve_condition(c) for c in conditions]
@@ -408,7 +407,6 @@ def run_grid(
 def _train_one(cfg: Any, c: Any, seed: int, tag: str, echo: Any) -> dict[str, Any]:
     """Train (or resume) one run of the grid; its record (evaluations, monitor, history, wall time) is
     written next to it by the main process."""
-
     run_dir = Path(cfg.train.output_dir)
     resume = (run_dir / "checkpoints" / "latest").exists()
     echo(f"{tag} {c.name} seed {seed}: {'resuming' if resume else 'training'} in {run_dir}")

@@ -600,7 +600,6 @@ def _validate_trackers(t: TrainCfg) -> None:
 def _validate_eval(e: EvalCfg) -> None:
     """The ``eval`` section's bounds, and the metric list and its arguments checked against the registry
     (nothing is built, no model loads)."""
-
     _min(e.prompts_limit, 0, "eval.prompts_limit", " (0: all)")
     _min(e.every, 0, "eval.every", " (0: only before and after training)")
     _min(e.samples_per_prompt, 1, "eval.samples_per_prompt")
@@ -708,7 +707,6 @@ def _validate_reward_names(components: list[RewardComponent]) -> None:
     ``package.module:function``, imported now) and accepts its kwargs: a typo, a missing module or function
     or a bad keyword fails in one line naming ``reward.components[i].name`` / ``.kwargs``, before any model
     loads."""
-
     for i, c in enumerate(components):
         check(bool(c.name), f"reward.components[{i}].name", "must name a reward")
         if c.name != "self_confidence":
