@@ -6,7 +6,7 @@
   evaluated once (and cached in ``eval.base_cache`` when set); every evaluation samples the same
   prompts from the same initial noise, so the curves are paired, and equal ``solace eval`` on those prompts,
   that noise and the exported LoRA.
-* the evaluators plugins register in :data:`EVALUATORS` (an :class:`EvaluatorPlugin` each: an embedded
+* the evaluators that plugins register in :data:`EVALUATORS` (an :class:`EvaluatorPlugin` each: an embedded
   world's exact evaluator), asked by ``eval.evaluator=auto`` whether they can score a run.
 
 :func:`make_evaluator` picks one from what the run asks for (an :class:`EvalSetup`, which the trainer builds
