@@ -1,8 +1,9 @@
 """The package's structure, read from the source (AST) of every module of ``solace/``:
 
-* no import cycle, counting every ``import`` / ``from ... import`` of a solace module, at module level and
-  inside functions alike (relative imports resolved; ``from solace.x import y`` is an import of the module
-  ``solace.x.y`` where ``y`` is a submodule); imports under ``if TYPE_CHECKING:`` are left out (never run);
+* no import cycle, counting every ``import`` / ``from ... import`` of a solace module, at module level
+  (``if TYPE_CHECKING:`` blocks included: a type-only import still ties the two modules together) and inside
+  functions alike (relative imports resolved; ``from solace.x import y`` is an import of the module
+  ``solace.x.y`` where ``y`` is a submodule);
 * nothing outside ``solace/toy/`` names the toy world: no import of ``solace.toy``, no module, identifier
   (names, attributes, function / class / argument names, import aliases) or string constant containing
   ``toy`` in any case (docstrings may mention it; comments are not read). The toy world registers itself
@@ -36,30 +37,11 @@ def package_sources(root: Path = ROOT) -> dict[str, tuple[str, bool]]:
     }
 
 
-def _is_type_checking(node: ast.If) -> bool:
-    t = node.test
-    return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (
-        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING"
-    )
-
-
-def _run_time_nodes(tree: ast.AST):
-    """Every node of ``tree`` except what sits under ``if TYPE_CHECKING:`` (its ``else`` is kept)."""
-    stack = [tree]
-    while stack:
-        node = stack.pop()
-        yield node
-        if isinstance(node, ast.If) and _is_type_checking(node):
-            stack.extend(node.orelse)
-            continue
-        stack.extend(ast.iter_child_nodes(node))
-
-
 def imported_modules(module: str, source: str, is_package: bool, known: set[str]) -> set[str]:
-    """The solace modules ``module`` imports anywhere at run time (module level and inside functions)."""
+    """The solace modules ``module`` imports anywhere (module level, ``TYPE_CHECKING`` blocks, functions)."""
     out: set[str] = set()
     package = module if is_package else module.rpartition(".")[0]
-    for node in _run_time_nodes(ast.parse(source)):
+    for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             out.update(a.name for a in node.names if a.name in known)
         elif isinstance(node, ast.ImportFrom):
@@ -225,11 +207,13 @@ def test_cycle_checker_finds_a_two_module_cycle_through_a_function_level_import(
         solace__c="import solace.a\n",
     )
     assert import_cycles(import_graph(sources)) == [["solace.a", "solace.b"]]
-    # under TYPE_CHECKING the import never runs: no cycle
+    # a type-only import under TYPE_CHECKING ties the modules together too
     sources["solace.b"] = (
         "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from solace.a import x\n",
         False,
     )
+    assert import_cycles(import_graph(sources)) == [["solace.a", "solace.b"]]
+    sources["solace.b"] = ("import os\n", False)  # the edge removed: no cycle
     assert import_cycles(import_graph(sources)) == []
 
 
