@@ -14,15 +14,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from solace.errors import ConfigError, check
-
-if TYPE_CHECKING:
-    from solace.models.text_cache import TextEncoders
 
 DEFAULT_SIDE = 512
 """Image side in pixels of a family whose size is a grid (SD3/FLUX) when no size is given."""
@@ -165,7 +162,7 @@ class FlowModelAdapter(Protocol):
     lora_target_modules: list[str]
     forward_module: nn.Module | None
     pipeline: Any
-    text: TextEncoders | None
+    text: Any  # solace.models.text_cache.TextEncoders or None (text_cache imports this module)
     cfg_in_two_passes: bool
     guidance_scale: float | None
     height: int | None
@@ -226,7 +223,7 @@ class AdapterBase:
     pipeline: Any = None
     """The diffusers pipeline the adapter wraps (its class writes the exported LoRA); None: none."""
 
-    text: TextEncoders | None = None
+    text: Any = None  # a solace.models.text_cache.TextEncoders (text_cache imports this module)
     """The text encoders' placement and embedding cache (``model.offload_text_encoders``,
     ``model.embedding_cache``, ``solace embed``); None: the model has none to manage."""
 

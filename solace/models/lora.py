@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from solace.errors import ConfigError, check
+from solace.utils.files import safetensors_problem
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "lora_adapter_metadata"
@@ -257,8 +258,6 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     """
     from safetensors import safe_open
     from safetensors.torch import load_file
-
-    from solace.utils.files import safetensors_problem
 
     file = _resolve_file(Path(path))
     problem = safetensors_problem(file)
