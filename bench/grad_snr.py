@@ -33,9 +33,9 @@ HERE = Path(__file__).parent
 def policy_grad(tr: Trainer, b: Rollout, adv: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
     s = tr.cfg.sampling
     total = [torch.zeros_like(p) for p in params]
-    for j in tr.window:
+    for j in tr.ctx.window:
         st = step_policy(
-            tr.adapter, b.latents[:, j], b.latents[:, j + 1], tr.sigmas, j, b.cond, b.null,
+            tr.adapter, b.latents[:, j], b.latents[:, j + 1], tr.ctx.sigmas, j, b.cond, b.null,
             s.cfg_scale, s.noise_level,
         )  # fmt: skip
         loss, _ = ppo_clip_loss(st.log_prob, b.log_probs[:, j], adv, tr.cfg.grpo.clip_range)
@@ -91,7 +91,7 @@ def main() -> None:
     res = {
         "config": a.config,
         "overrides": a.overrides,
-        "window": tr.window,
+        "window": tr.ctx.window,
         "parameters": "all" if a.full else "lora",
         "batches": rows,
         "cos_real": cosines(real),
@@ -103,7 +103,7 @@ def main() -> None:
     out = HERE / "results" / f"grad_snr_{a.tag}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
-    print(f"window {tr.window}: mean cosine real {res['cos_real_mean']}, shuffled {res['cos_shuffled_mean']}")
+    print(f"window {tr.ctx.window}: mean cosine real {res['cos_real_mean']}, shuffled {res['cos_shuffled_mean']}")
     print("real pairs", [round(x, 3) for x in res["cos_real"]])
     print("shuffled pairs", [round(x, 3) for x in res["cos_shuffled"]])
 

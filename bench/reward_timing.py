@@ -56,10 +56,11 @@ def main() -> None:
         G, sc = cfg.sampling.group_size, cfg.reward.self_confidence
         groups = torch.arange(z0.shape[0]) // G
         seeds = list(range(int(groups.max()) + 1))
-        t = tr.probe_t
+        confidence = tr.scorer.rewards.components["self_confidence"]
+        t = confidence.timesteps(tr.ctx.sigmas)[1]
 
         def reward_pass() -> None:
-            tr.rewards.confidence.scores(tr.adapter, z0, ro.cond, ro.null, t, groups, seeds)
+            confidence.scorer.scores(tr.adapter, z0, ro.cond, ro.null, t, groups, seeds)
 
         K, T, B = sc.num_probes, t.numel(), z0.shape[0]
         n = B * T * K

@@ -72,7 +72,7 @@ def describe(tr: Trainer) -> dict:
     if dist.is_initialized():
         backend = dist.group.WORLD._get_backend(torch.device("cpu"))
         doc["timeout_s"] = backend.options._timeout.total_seconds()
-        doc["broadcast_buffers"] = getattr(tr.wrapped, "broadcast_buffers", None)
+        doc["broadcast_buffers"] = getattr(tr.ctx.wrapped, "broadcast_buffers", None)
     return doc
 
 

@@ -72,13 +72,13 @@ def describe(tr: Trainer) -> dict:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     local = [p.numel() for p in tr.params]
-    doc = {"world": tr.acc.num_processes, "fsdp": tr.sharded is not None, "local_numel": sum(local)}
-    if tr.sharded is not None:
-        doc["units"] = sum(isinstance(m, FSDP) for m in tr.wrapped.modules())
-        with tr.sharded.summoned():
+    doc = {"world": tr.acc.num_processes, "fsdp": tr.ctx.sharded is not None, "local_numel": sum(local)}
+    if tr.ctx.sharded is not None:
+        doc["units"] = sum(isinstance(m, FSDP) for m in tr.ctx.wrapped.modules())
+        with tr.ctx.sharded.summoned():
             doc["whole_numel"] = sum(p.numel() for p in tr.params)
         doc["empty_pieces"] = sum(n == 0 for n in local)
-        mp = tr.wrapped.mixed_precision  # FSDP's policy (every unit shares the root's)
+        mp = tr.ctx.wrapped.mixed_precision  # FSDP's policy (every unit shares the root's)
         doc["policy"] = {k: str(getattr(mp, k)) for k in ("param_dtype", "reduce_dtype", "buffer_dtype")}
         doc["policy"]["cast_root_forward_inputs"] = mp.cast_root_forward_inputs
     return doc
@@ -87,7 +87,7 @@ def describe(tr: Trainer) -> dict:
 def stored_dtypes(tr: Trainer) -> dict:
     """After training: the dtypes of the LoRA parameters (the shards: master weights) and AdamW's moments."""
     moments = {
-        str(v.dtype) for s in tr.opt.state.values() for v in s.values() if torch.is_tensor(v) and v.ndim
+        str(v.dtype) for s in tr.ctx.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.ndim
     }
     return {"lora": sorted({str(p.dtype) for p in tr.params}), "moments": sorted(moments)}
 
@@ -116,7 +116,7 @@ def probe(tr: Trainer, out: Path) -> None:
     cond = tr.encode([p.text for p in tr.source.for_iteration(0, 2)]).to(tr.acc.device)
     with torch.no_grad():
         v = tr.adapter.velocity(z, torch.tensor([0.9, 0.4]), cond).float().cpu()
-    with tr._whole_lora():
+    with tr.ctx.whole_lora():
         init = {
             f"init.{k}": t.detach().clone().cpu() for k, t in lora_state_dict(tr.adapter.denoiser).items()
         }

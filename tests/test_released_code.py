@@ -105,8 +105,9 @@ def test_the_trainer_trains_and_probes_the_released_steps(weights, tmp_path):
         "grpo.train_steps": "released_sd3",
     }
     tr = Trainer(load_config("toy", tiny_overrides(weights, tmp_path / "r", **over)))
-    assert tr.window == [4, 5, 6, 7, 8] and tr.probe_idx == [4, 5, 6, 7, 8]
-    assert_close(tr.probe_t, tr.sigmas[4:9])
+    probe_idx, probe_t = tr.scorer.rewards.components["self_confidence"].timesteps(tr.ctx.sigmas)
+    assert tr.ctx.window == [4, 5, 6, 7, 8] and probe_idx == [4, 5, 6, 7, 8]
+    assert_close(probe_t, tr.ctx.sigmas[4:9])
 
 
 # ------------------------------------------------------------------------------------ 3: advantage std
@@ -401,7 +402,7 @@ def test_detach_switch_in_the_training_loss_changes_the_gradient_not_the_loss(we
     out = []
     for detach in (False, True):
         tr.cfg.grpo.detach_uncond = detach
-        tr.opt.zero_grad(set_to_none=True)
+        tr.ctx.optimizer.zero_grad(set_to_none=True)
         loss, _ = tr.updater.loss(batch, 0)
         loss.backward()
         out.append((loss.detach(), torch.cat([p.grad.flatten() for p in tr.params])))
@@ -433,7 +434,7 @@ def test_zero_advantage_samples_leave_the_update(weights, tmp_path, drop):
     tr = Trainer(load_config("toy", tiny_overrides(weights, tmp_path / "z", **over)))
     ro = tr.sample_rollout(0)
     total = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 2.0, 3.0])  # group 0 flat: advantages exactly 0
-    adv, _, dropped, n_zero = tr._advantages(ro, total)
+    adv, _, dropped, n_zero = tr.scorer.advantages(ro, total)
     assert dropped == 0 and adv[:4].eq(0).all() and adv[4:].ne(0).all()
     trained = []
     micro = tr.updater.micro_batch
@@ -562,13 +563,14 @@ def test_trainer_standardises_each_batch_by_hand(weights, tmp_path, shuffle):
     over = {**SCOPE, "reward.self_confidence.standardize_shuffle_groups": shuffle}
     tr = Trainer(load_config("toy", tiny_overrides(weights, tmp_path / "b", **over)))
     seen = {}
-    agg = tr.rewards.confidence.aggregate
+    scorer = tr.scorer.rewards.components["self_confidence"].scorer
+    agg = scorer.aggregate
 
     def spy(scores, t, batch_ids=None):
         seen.update(scores=scores, t=t, ids=batch_ids, R=agg(scores, t, batch_ids))
         return seen["R"]
 
-    tr.rewards.confidence.aggregate = spy
+    scorer.aggregate = spy
     tr.collect(0)
     s, ids = seen["scores"], seen["ids"]
     assert sorted(torch.bincount(ids).tolist()) == [4, 4]

@@ -399,7 +399,7 @@ def test_non_finite_weights_stop_the_run_and_never_reach_a_checkpoint(weights, t
 
     out = tmp_path / "r"
     tr = Trainer(_cfg(weights, out, **{"train.iterations": 3}))
-    step = tr.opt.step
+    step = tr.ctx.optimizer.step
 
     def poisoned(*args, **kwargs):
         res = step(*args, **kwargs)
@@ -408,7 +408,7 @@ def test_non_finite_weights_stop_the_run_and_never_reach_a_checkpoint(weights, t
                 tr.params[0].view(-1)[0] = float("nan")
         return res
 
-    tr.opt.step = poisoned
+    tr.ctx.optimizer.step = poisoned
     with pytest.raises(NonFiniteError, match="iteration 2") as e:
         tr.train()
     ck = out / "checkpoints"

@@ -127,7 +127,7 @@ def test_explicit_train_steps_replace_the_rho_window(weights, tmp_path):
         weights, tmp_path / "r", **{"grpo.train_steps": "'2,1'", "sampling.sde_window_only": True}
     )
     tr = Trainer(load_config("toy", over))
-    assert tr.window == [1, 2]
+    assert tr.ctx.window == [1, 2]
     ro = tr.collect(0)
     lp = ro.log_probs
     # SDE (non-zero log-prob) exactly on the trained steps, ODE (log-prob 0) elsewhere
@@ -141,7 +141,7 @@ def test_external_reward_only_training_with_the_toy_evaluator(weights, tmp_path)
     over += ["reward.components=[{name: toy_geneval, weight: 1.0, kwargs: {mode: mixed}}]"]
     cfg = load_config("toy", over)
     tr = Trainer(cfg)
-    assert not tr.rewards.uses_self_confidence
+    assert list(tr.scorer.rewards.components) == ["toy_geneval"]
     tr.train()
     rows = (tmp_path / "ext" / "log.csv").read_text().splitlines()
     header = rows[0].split(",")
@@ -199,10 +199,10 @@ def test_updates_raise_the_log_prob_of_positive_advantage_samples(weights, tmp_p
             return torch.stack(
                 [
                     step_policy(
-                        tr.adapter, ro.latents[:, j], ro.latents[:, j + 1], tr.sigmas, j,
+                        tr.adapter, ro.latents[:, j], ro.latents[:, j + 1], tr.ctx.sigmas, j,
                         ro.cond, ro.null, tr.cfg.sampling.cfg_scale, tr.cfg.sampling.noise_level,
                     ).log_prob
-                    for j in tr.window
+                    for j in tr.ctx.window
                 ],
                 1,
             ).sum(1)  # fmt: skip
@@ -227,8 +227,8 @@ def test_gradient_accumulation_counts_the_micro_steps_trained(weights, tmp_path)
         )
         tr = Trainer(cfg)
         ro = tr.collect(0)
-        tr.opt.step = lambda: None  # keep the parameters; inspect the accumulated gradient
-        tr.opt.zero_grad = lambda set_to_none=True: None
+        tr.ctx.optimizer.step = lambda: None  # keep the parameters; inspect the accumulated gradient
+        tr.ctx.optimizer.zero_grad = lambda set_to_none=True: None
         tr.update(ro, 0)
         grads.append(torch.cat([p.grad.flatten() for p in tr.params]))
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)

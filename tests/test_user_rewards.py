@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from solace.cli.main import app
 from solace.errors import ConfigError
 from solace.evaluation.metrics_eval import build_metrics, parse_metric_args
-from solace.rewards.mixture import reward_scores
+from solace.rewards.components import reward_scores
 from solace.rewards.registry import build_reward, check_reward
 from solace.trainer.config import load_config
 

@@ -31,7 +31,7 @@ from solace.errors import ConfigError
 from solace.evaluation.sharding import Shards
 from solace.evaluation.suites import PromptSuite
 from solace.models.lora import load_lora
-from solace.rewards.mixture import reward_scores
+from solace.rewards.components import reward_scores
 from solace.rewards.registry import (
     available_rewards,
     build_reward,

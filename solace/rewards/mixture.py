@@ -1,71 +1,75 @@
-"""Rewards for one batch of samples: self-confidence (and its variants) mixed with external rewards.
+"""The reward of one batch: ``R = sum_k weight_k * R_k`` over the configured components.
 
-``R = sum_k weight_k * R_k``. Self-confidence scores latents (no decoding) through
-:class:`solace.rewards.scorer.SelfConfidenceScorer`; external rewards (registry) see decoded images,
-prompts and their metadata.
+Every component is a :class:`~solace.rewards.components.RewardComponent` scoring the batch through a
+:class:`~solace.rewards.components.RewardContext` (self-confidence on the latents, image rewards on the
+images decoded once); the mixture knows none of them by name.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
-from solace.errors import ConfigError
-from solace.rewards.registry import build_reward
-from solace.rewards.scorer import SelfConfidenceCfg, SelfConfidenceScorer
+from solace.prompts import Prompt
+from solace.rewards import confidence_reward  # noqa: F401 - registers the self_confidence component
+from solace.rewards.components import COMPONENTS, RewardComponent, RewardContext, build_component
 
-SELF_CONFIDENCE = "self_confidence"
+if TYPE_CHECKING:
+    from solace.trainer.config import SolaceConfig
+
+
+@dataclass
+class MixedReward:
+    """The mixed reward of the whole batch (N,), each component's (N,), the components' scalars and the
+    per-timestep scores of this process's samples where a component has them."""
+
+    total: torch.Tensor
+    components: dict[str, torch.Tensor]
+    stats: dict[str, float] = field(default_factory=dict)
+    per_timestep: torch.Tensor | None = None
 
 
 class RewardMixture:
-    """Builds the configured rewards once: the self-confidence scorer and every external reward."""
+    """Builds the configured components once (``reward.components``: name, weight, kwargs)."""
 
-    def __init__(self, components: Sequence, sc_cfg: SelfConfidenceCfg, cfg_scale: float):
-        self.components = list(components)
-        self.confidence = SelfConfidenceScorer(sc_cfg, cfg_scale)
-        self.external = {
-            c.name: build_reward(c.name, **dict(c.kwargs))
-            for c in self.components
-            if c.name != SELF_CONFIDENCE
-        }
+    def __init__(self, cfg: SolaceConfig):
+        self.specs = list(cfg.reward.components)
+        self.components: dict[str, RewardComponent] = {s.name: build_component(s, cfg) for s in self.specs}
 
     @property
-    def uses_self_confidence(self) -> bool:
-        return any(c.name == SELF_CONFIDENCE for c in self.components)
+    def needs_images(self) -> bool:
+        return any(c.needs_images for c in self.components.values())
 
-    def external_rewards(
-        self, images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict] | None
-    ) -> dict[str, torch.Tensor]:
-        """Each external reward of the batch, (B,) float on the CPU."""
-        meta = list(metadata) if metadata is not None else None
-        return {
-            name: reward_scores(name, fn(images, list(prompts), meta), len(images))
-            for name, fn in self.external.items()
-        }
+    def prompts_to_encode(self, prompts: Sequence[Prompt]) -> list[str]:
+        """What the components encode beyond the run's prompts (e.g. minimal edits)."""
+        return [t for c in self.components.values() for t in c.prompts_to_encode(prompts)]
+
+    def score(self, ctx: RewardContext) -> MixedReward:
+        """Every component's scores of the whole batch (on every process), and their weighted sum."""
+        scored = {name: c.score(ctx) for name, c in self.components.items()}
+        comps = {name: s.reward for name, s in scored.items()}
+        stats = {f"reward/{k}_mean": float(v.mean()) for k, v in comps.items()}
+        per_timestep = None
+        for s in scored.values():
+            stats.update(s.stats)
+            per_timestep = s.per_timestep if s.per_timestep is not None else per_timestep
+        return MixedReward(self.combine(comps), comps, stats, per_timestep)
 
     def combine(self, components: dict[str, torch.Tensor]) -> torch.Tensor:
         """The weighted sum of the components (every configured one must be present)."""
         total = None
-        for c in self.components:
+        for c in self.specs:
             r = components[c.name] * c.weight
             total = r if total is None else total + r
         assert total is not None
         return total
 
 
-def reward_scores(name: str, scores: object, batch: int) -> torch.Tensor:
-    """A reward function's output as (B,) float32 on the CPU; anything else (a user reward returning one
-    number, a (B, 1) tensor, a string) is a ConfigError naming the reward and its contract."""
-    try:
-        t = torch.as_tensor(scores).detach()
-    except (TypeError, ValueError, RuntimeError):
-        t = None
-    if t is None or t.shape != (batch,) or t.is_complex():
-        got = tuple(t.shape) if t is not None else type(scores).__name__
-        raise ConfigError(
-            f"reward {name}",
-            f"returned {got} for {batch} images; a reward returns one real score per image, a tensor of "
-            f"shape ({batch},)",
-        )
-    return t.float().cpu()
+def component_prompts(cfg: SolaceConfig, prompts: Sequence[Prompt]) -> list[str]:
+    """The prompts the registered (latent) components of ``cfg`` encode for ``prompts``, without building
+    the image rewards (``solace embed``)."""
+    comps = [build_component(s, cfg) for s in cfg.reward.components if s.name in COMPONENTS]
+    return [t for c in comps for t in c.prompts_to_encode(prompts)]

@@ -1,7 +1,8 @@
 """How a multi-process run (``accelerate launch`` / ``torchrun``) starts (:func:`accelerator_kwargs`: the
 process group's timeout, DDP without buffer broadcasts), ends (:func:`finish`), and which accelerate
 backends it may use (:func:`check_backend`: DDP and FSDP, the latter through :mod:`solace.trainer.fsdp`;
-DeepSpeed is refused with the reason).
+DeepSpeed is refused with the reason), and the two flags every process agrees on (:func:`any_rank`,
+:func:`rank0_decides`).
 
 Measured here (torch 2.13 CPU, gloo, 2 processes on 2 cores kept busy by other jobs): after every
 output was written, the barrier passed and the process group destroyed, one exit in about 45 still died
@@ -17,6 +18,9 @@ import os
 import sys
 from datetime import timedelta
 from typing import Any
+
+import torch
+from accelerate.utils import broadcast
 
 from solace.errors import ConfigError
 
@@ -44,7 +48,7 @@ def accelerator_kwargs(timeout_minutes: float) -> list[Any]:
       collective they do run). The denoisers' buffers are constants (SD3's ``pos_embed``; FLUX and the
       toy model have none), computed alike on every process, so there is nothing to broadcast. The trainer
       also runs every forward outside the policy update through the bare module
-      (:meth:`Trainer.training_forwards`), so a forward some processes run and others not never reaches
+      (:meth:`UpdateContext.training_forwards`), so a forward some processes run and others not never reaches
       DDP, whatever the Accelerator it was given.
     """
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
@@ -108,3 +112,19 @@ def check_backend(distributed_type: Any) -> None:
             "(accelerate launch --multi_gpu --num_processes N -m solace.cli.main train ...) or FSDP "
             "(--config_file configs/accelerate/fsdp_sd3.yaml)",
         )
+
+
+def any_rank(acc: Any, flag: bool) -> bool:
+    """Whether ``flag`` holds on any process (every process gets the same answer; a collective)."""
+    if acc.num_processes == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=acc.device)
+    return bool(acc.reduce(t, reduction="sum").item() > 0)
+
+
+def rank0_decides(acc: Any, flag: bool) -> bool:
+    """Rank 0's ``flag`` on every process (a time budget, a signal, a lock): all take the same branch."""
+    if acc.num_processes == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=acc.device)
+    return bool(broadcast(t, from_process=0).item())

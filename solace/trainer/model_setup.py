@@ -2,8 +2,8 @@
 
 * :func:`load_model`: the adapter ``model.*`` describes, with the SD3/FLUX settings (dtype, height / width,
   T5, guidance, gradient checkpointing, embedding cache on disk, VAE slicing / tiling).
-* :func:`run_prompts`: every prompt a run encodes: the empty prompt, the training prompts, their minimal
-  edits when the reward scores against them, the image-grid prompts.
+* :func:`run_prompts`: every prompt a run encodes: the empty prompt, the training prompts, what the reward
+  components encode for them (the ``edits`` variant's minimal edits), the image-grid prompts.
 * :func:`offload_text_encoders`: ``model.offload_text_encoders``: those prompts encoded once (into the disk
   cache, or into the in-memory LRU without one), then the text encoders moved to the CPU or freed.
 * :func:`embed_prompts`: ``solace embed``, the same prompts written to the disk cache ahead of a run.
@@ -11,19 +11,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from solace.errors import ConfigError, check
 from solace.models import load_adapter
+from solace.models.base import Conditioning
 from solace.models.text_cache import precompute
-from solace.prompts import PromptSource, evaluation_prompts, is_prompt_set
-from solace.rewards.prompt_edits import candidate_edits, load_negatives
+from solace.prompts import Prompt, PromptSource, evaluation_prompts, is_prompt_set
+from solace.rewards.mixture import component_prompts
 
 if TYPE_CHECKING:
     from solace.trainer.config import ModelCfg, SolaceConfig
-    from solace.trainer.trainer import Trainer
+
+MorePrompts = Callable[[Sequence[Prompt]], list[str]]
 
 
 def load_model(m: ModelCfg, device: torch.device | str) -> Any:
@@ -45,10 +48,11 @@ def load_model(m: ModelCfg, device: torch.device | str) -> Any:
     return load_adapter(m.name, m.family, device=device, **settings)
 
 
-def run_prompts(cfg: SolaceConfig, source: PromptSource, negatives: Any = None) -> list[str]:
+def run_prompts(cfg: SolaceConfig, source: PromptSource, more: MorePrompts) -> list[str]:
     """The prompts a run encodes, each once, in a fixed order: the empty and the negative prompt (CFG),
     every training prompt, ``eval.image_prompts``, the evaluation prompts of an ``eval.prompts`` file
-    and, with the ``edits`` reward variant, every training prompt's edits."""
+    and what the reward components encode for the training prompts (``more``: the ``edits`` variant's
+    edits)."""
     if source.items is None:
         raise ConfigError(
             "data.train_prompts",
@@ -61,10 +65,8 @@ def run_prompts(cfg: SolaceConfig, source: PromptSource, negatives: Any = None) 
         *(p.text for p in items),
         *cfg.eval.image_prompts,
         *_eval_prompt_texts(cfg),
+        *more(items),
     ]
-    sc = cfg.reward.self_confidence
-    if sc.edits != "off":
-        texts += [e for p in items for e in candidate_edits(p.text, p.meta, negatives, sc.max_edits)]
     return list(dict.fromkeys(texts))
 
 
@@ -77,26 +79,32 @@ def _eval_prompt_texts(cfg: SolaceConfig) -> list[str]:
     return [p.text for p in evaluation_prompts(e.prompts, e.prompts_limit)]
 
 
-def offload_text_encoders(tr: Trainer) -> None:
-    """``model.offload_text_encoders`` (cpu | free): encode :func:`run_prompts` once, the first process
-    first (it writes the disk cache, the others read it), then move the encoders off the compute device.
+def offload_text_encoders(
+    m: ModelCfg,
+    adapter: Any,
+    acc: Any,
+    prompts: Callable[[], list[str]],
+    encode: Callable[[list[str]], Conditioning],
+) -> None:
+    """``model.offload_text_encoders`` (cpu | free): encode the run's ``prompts()`` (:func:`run_prompts`)
+    once, the first process first (it writes the disk cache, the others read it), then move the encoders
+    off the compute device.
 
     With a disk cache every prompt lands on disk (nothing kept in memory); without one (``cpu`` only) the
-    first ``model.embedding_lru_size`` prompts fill the trainer's LRU and later misses bring the encoders
-    back to the device for their encoding."""
-    m = tr.cfg.model
+    first ``model.embedding_lru_size`` prompts go through ``encode`` (filling the trainer's LRU) and later
+    misses bring the encoders back to the device for their encoding."""
     if m.offload_text_encoders == "off":
         return
-    text = tr.adapter.text
-    prompts = run_prompts(tr.cfg, tr.source, tr.negatives)
-    with tr.acc.main_process_first():
+    text = adapter.text
+    texts = prompts()
+    with acc.main_process_first():
         if text.store is not None:
-            precompute(text, tr.adapter.encode_prompts, prompts)
+            precompute(text, adapter.encode_prompts, texts)
         else:
             with text.on_device():
-                for p in prompts[: m.embedding_lru_size]:
-                    tr.encode([p])
-    tr.adapter.offload_text_encoders(m.offload_text_encoders)
+                for p in texts[: m.embedding_lru_size]:
+                    encode([p])
+    adapter.offload_text_encoders(m.offload_text_encoders)
 
 
 def embed_prompts(cfg: SolaceConfig, prompts: str | None, device: str) -> dict[str, Any]:
@@ -109,10 +117,7 @@ def embed_prompts(cfg: SolaceConfig, prompts: str | None, device: str) -> dict[s
     )
     field = "--prompts" if prompts else "data.train_prompts"
     source = PromptSource(prompts or cfg.data.train_prompts, cfg.train.seed, field)
-    negatives = None
-    if cfg.reward.self_confidence.negatives:
-        negatives = load_negatives(cfg.reward.self_confidence.negatives)
-    texts = run_prompts(cfg, source, negatives)
+    texts = run_prompts(cfg, source, lambda items: component_prompts(cfg, items))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     adapter = load_model(cfg.model, device)

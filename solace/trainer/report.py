@@ -120,7 +120,7 @@ def write_report(trainer: Any) -> Path:
         f"- sampling: G={cfg.sampling.group_size}, {cfg.sampling.prompts_per_step} prompts/iteration, "
         f"{cfg.sampling.num_steps} steps (eval {cfg.eval.num_steps}), "
         f"CFG {cfg.sampling.cfg_scale} (eval {trainer.eval_cfg_scale})",
-        _update_line(cfg, trainer.window),
+        _update_line(cfg, trainer.ctx.window),
         f"- collapse monitor: **{trainer.monitor.verdict}**; non-finite guard: "
         f"{int(sum(h.get('guard/dropped', 0.0) for h in trainer.history))} samples dropped, "
         f"{trainer.guard.total} bad iterations",

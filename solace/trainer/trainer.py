@@ -25,12 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
-import math
-import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,128 +36,78 @@ from tqdm.auto import tqdm
 from solace.errors import ConfigError
 from solace.evaluation.evaluators import make_evaluator
 from solace.evaluation.sharding import accelerate_shards
-from solace.grpo.advantages import drop_zero_advantages
-from solace.grpo.window import parse_steps, train_window
 from solace.models.base import Conditioning
-from solace.models.lora import (
-    add_lora,
-    load_lora,
-    lora_header,
-    lora_parameters,
-    lora_state_dict,
-    save_lora,
-    set_lora_state_dict,
-)
+from solace.models.lora import save_lora
 from solace.models.text_cache import ConditioningLRU
-from solace.nft.ema import EMAPolicy, ema_decay
-from solace.prompts import Prompt, PromptSource
-from solace.rewards.mixture import SELF_CONFIDENCE, RewardMixture
-from solace.rewards.self_confidence import standardization_batches
+from solace.prompts import PromptSource
 from solace.sampling.generate import generate_shared
-from solace.sampling.rollout import GroupLayout, Rollout
+from solace.sampling.rollout import Rollout
 from solace.sampling.sampler import sample
-from solace.trainer.checkpoint import (
-    clean_partial,
-    latest_checkpoint,
-    load_checkpoint,
-    load_update_tensors,
-    prune_checkpoints,
-    read_state,
-    save_checkpoint,
-)
+from solace.trainer.checkpoint import latest_checkpoint
+from solace.trainer.checkpointing import RunCheckpoints
 from solace.trainer.config import SolaceConfig, eval_setup, to_yaml
-from solace.trainer.distributed import accelerator_kwargs, check_backend
-from solace.trainer.fsdp import (
-    ShardedParams,
-    check_lora_units,
-    check_uniform_dtype,
-    full_optimizer_state,
-    local_optimizer_state,
-    prepare_plugin,
-)
-from solace.trainer.guard import (
-    NonFiniteError,
-    NonFiniteGuard,
-    all_zero,
-    drop_nonfinite,
-    group_advantages_masked,
-    nonfinite_weights_message,
-    weights_finite,
-)
-from solace.trainer.inputs import check_inputs, record_inputs
+from solace.trainer.distributed import any_rank, rank0_decides
+from solace.trainer.guard import NonFiniteError, NonFiniteGuard, nonfinite_weights_message, weights_finite
+from solace.trainer.inputs import record_inputs
 from solace.trainer.model_card import write_card
-from solace.trainer.model_setup import load_model, offload_text_encoders
-from solace.trainer.monitor import CollapseMonitor, eval_stats, latent_texture
-from solace.trainer.precision import (
-    ACCELERATE_NAME,
-    LAUNCHER,
-    check_accelerate,
-    launcher_precision,
-    set_tf32,
-)
-from solace.trainer.resume_check import check_resume, read_recorded_config, truncate_log
+from solace.trainer.model_setup import load_model, offload_text_encoders, run_prompts
+from solace.trainer.monitor import CollapseMonitor, eval_stats
+from solace.trainer.report import write_report
+from solace.trainer.resume_check import truncate_log
 from solace.trainer.runlock import RUN_FILES, RunLock, clear_earlier_run
+from solace.trainer.scoring import Scorer
+from solace.trainer.setup import build_context, make_accelerator, make_layout, make_lora_ema
 from solace.trainer.signals import RunInterrupted, StopRequest
-from solace.trainer.tracking import Trackers, log_with
+from solace.trainer.tracking import Trackers
 from solace.trainer.updates import make_update
 from solace.utils import interrupt
 from solace.utils.files import append_csv_row, earlier_run
+from solace.utils.images import save_grid
 from solace.utils.interrupt import StopNow
-from solace.utils.seeding import Stream, TrainStreams
-
-EMA_PREFIX = "lora_ema."  # the LoRA EMA's tensors in a checkpoint's update.safetensors
 
 
 class Trainer:
     def __init__(self, cfg: SolaceConfig, accelerator: Any | None = None, allow_changes: bool = False):
         self.created = time.time()  # before the trackers open their files (--overwrite keeps those)
         self.cfg = cfg
-        self.allow_changes = allow_changes  # --resume with a changed config: proceed (listed) or stop
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.out = Path(cfg.train.output_dir)
-        self.acc = self._accelerator(accelerator)
+        self.acc = make_accelerator(cfg, accelerator, self.out)
         self.trackers = Trackers(self.acc, cfg.train.tracker_project, self.out, dataclasses.asdict(cfg))
-        self.is_main = self.acc.is_main_process
-        self.rank = self.acc.process_index
-        self.layout = self._layout()
-        self.adapter = self._load_model()
-        self.params, self.opt, self.wrapped = self._trainable()
-        s = cfg.sampling
-        self.rewards = RewardMixture(cfg.reward.components, cfg.reward.self_confidence, s.cfg_scale)
-        self.streams = TrainStreams(cfg.train.seed)
-        self.source = PromptSource(cfg.data.train_prompts, cfg.train.seed)
-        self.sigmas = self.adapter.sigmas(s.num_steps)
-        g = cfg.grpo
-        self.window = (
-            parse_steps(g.train_steps, s.num_steps) if g.train_steps else train_window(s.num_steps, g.rho)
-        )
-        # S_t is probed at the sampler's own timesteps (sigmas[0..T-1]; sigmas[T] = 0 is the data itself).
-        self.probe_idx, self.probe_t = self.rewards.confidence.timesteps(self.sigmas)
-        self.negatives = None  # user negatives of the edits variant, read once
-        if cfg.reward.self_confidence.negatives:
-            from solace.rewards.prompt_edits import load_negatives
-
-            self.negatives = load_negatives(cfg.reward.self_confidence.negatives)
-        self.updater = make_update(self)
-        self.lora_ema = self._lora_ema()  # lora_ema: what evaluations and the export use, or None
+        self.is_main, self.rank = self.acc.is_main_process, self.acc.process_index
+        self.layout = make_layout(cfg, self.acc)
+        self.adapter = load_model(cfg.model, self.acc.device)
+        self.ctx = build_context(cfg, self.adapter, self.acc)  # LoRA, optimizer, wrapping, streams, schedule
+        self.params = self.ctx.params
         self._cond_cache = ConditioningLRU(cfg.model.embedding_lru_size)
-        self.null = self.adapter.encode_prompts([s.negative_prompt])  # CFG's null (default: empty prompt)
-        offload_text_encoders(self)  # model.offload_text_encoders: the run's prompts encoded, then offloaded
+        self.updater = make_update(self.ctx, cfg)  # train.algorithm
+        self.scorer = Scorer(cfg, self.ctx, self.encode, self.updater.updates_per_iteration, self._warn)
+        self.source = PromptSource(cfg.data.train_prompts, cfg.train.seed)
+        self.lora_ema = make_lora_ema(cfg, self.params)  # what evaluations and the export use, or None
+        if self.lora_ema is not None:
+            self.updater.after_step = self.lora_ema.update
+        self.null = self.adapter.encode_prompts([cfg.sampling.negative_prompt])  # CFG's null
+        offload_text_encoders(  # model.offload_text_encoders: the run's prompts encoded, then offloaded
+            cfg.model, self.adapter, self.acc,
+            lambda: run_prompts(cfg, self.source, self.scorer.rewards.prompts_to_encode), self.encode,
+        )  # fmt: skip
         mc = cfg.monitor
         self.monitor = CollapseMonitor(
             mc.std_drop, mc.foreground_drop, mc.reward_spike_z, mc.window, mc.accuracy_drop
         )
         self.guard = NonFiniteGuard(cfg.train.max_nonfinite)
-        self.start_iteration = 0
-        self.stopped_at = cfg.train.iterations
+        self.start_iteration, self.stopped_at = 0, cfg.train.iterations
         self.history: list[dict[str, float]] = []
         self.evals: list[dict[str, Any]] = []
+        self.checkpoints = RunCheckpoints(
+            self.out, cfg, self.ctx, self.updater, self.lora_ema, self._warn, allow_changes
+        )
         # every process samples its block of each evaluation and image grid and receives the others'
-        # (shards; under DDP through the bare module, see training_forwards; under FSDP with as many forwards
-        # as the others), the main one writes; metric models load here, before training, on every process;
-        # None: nothing to evaluate
-        self.shards = accelerate_shards(self.acc, pad=self.sharded is not None)
+        # (shards; under DDP through the bare module, see UpdateContext.training_forwards; under FSDP with as
+        # many forwards as the others), the main one writes; metric models load here, before training, on
+        # every process; None: nothing to evaluate
+        self.shards = accelerate_shards(self.acc, pad=self.ctx.sharded is not None)
         self.evaluator = make_evaluator(
             eval_setup(cfg, self.eval_cfg_scale),
             self.adapter,
@@ -170,116 +116,10 @@ class Trainer:
             shards=self.shards,
         )
 
-    def _accelerator(self, given: Any | None) -> Any:
-        """accelerate's Accelerator on the configured device, precision (bf16 autocast, fp16 refused:
-        precision.py) and process-group settings (distributed.py), or the ``given`` one (which brings its
-        own trackers and process group), checked against the config; DeepSpeed refused with the reason."""
-        from accelerate import Accelerator
-
-        t = self.cfg.train
-        if t.device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("train.device", "cuda asked for, but torch sees no GPU; use auto or cpu")
-        cpu = t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available())
-        if given is None:
-            check_accelerate(t.mixed_precision, launcher_precision(os.environ), LAUNCHER)
-        acc = given or Accelerator(
-            cpu=cpu,
-            mixed_precision=ACCELERATE_NAME[t.mixed_precision],
-            log_with=log_with(t.log_with, self.out),
-            kwargs_handlers=accelerator_kwargs(t.process_group_timeout_minutes),
-        )
-        check_backend(acc.distributed_type)
-        check_accelerate(t.mixed_precision, acc.mixed_precision, "the Accelerator the trainer runs with")
-        set_tf32(t.tf32, acc.device.type)
-        return acc
-
-    def _layout(self) -> GroupLayout:
-        s, world = self.cfg.sampling, self.acc.num_processes
-        total = s.prompts_per_step * s.group_size
-        if total % world:
-            raise ConfigError(
-                "sampling.group_size",
-                f"prompts_per_step * group_size = {total} samples must split evenly over {world} processes",
-            )
-        return GroupLayout.split(s.prompts_per_step, s.group_size, self.rank, world)
-
-    def _load_model(self) -> Any:
-        return load_model(self.cfg.model, self.acc.device)
-
-    def _trainable(self) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer, torch.nn.Module]:
-        """LoRA on the denoiser (its A matrices drawn from ``train.seed``), AdamW, and the module that runs
-        the training forwards (DDP- or FSDP-wrapped on several processes; under FSDP ``self.sharded`` gathers
-        the LoRA and the wrapped module runs every forward, see :meth:`training_forwards`)."""
-        m, o = self.cfg.model, self.cfg.optim
-        den = self.adapter.denoiser
-        den.requires_grad_(False)
-        targets = m.lora.target_modules or self.adapter.lora_target_modules
-        torch.manual_seed(self.cfg.train.seed)  # same seed, same initial LoRA
-        if m.lora.init_from and m.lora.merge_init:
-            load_lora(den, m.lora.init_from, merge=True, alpha=m.lora.alpha)  # alpha: a file without metadata
-            add_lora(den, m.lora.rank, m.lora.alpha, targets)
-        else:
-            add_lora(den, m.lora.rank, m.lora.alpha, targets, init_from=m.lora.init_from)
-        params = lora_parameters(den)
-        opt = torch.optim.AdamW(
-            params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay
-        )
-        self.sharded: ShardedParams | None = None
-        if self.acc.num_processes == 1:
-            if self.acc.mixed_precision != "no":  # accelerate's autocast around the denoiser's forward (the
-                self.acc.prepare_model(den)  # same as prepare() below does under several processes)
-            return params, opt, den
-        from accelerate.utils import DistributedType
-
-        fsdp = self.acc.distributed_type == DistributedType.FSDP
-        if fsdp:  # bf16: FSDP's mixed precision (bf16 compute, float32 shards and gradient reductions)
-            ignored = self.adapter.fsdp_ignored_modules
-            prepare_plugin(self.acc.state.fsdp_plugin, ignored, self.acc.mixed_precision)
-            check_uniform_dtype(den, ignored)
-        wrapped, opt = self.acc.prepare(den, opt)
-        if fsdp:
-            check_lora_units(wrapped, params)
-            self.sharded = ShardedParams(wrapped, params)
-            self.adapter.forward_module = wrapped  # the parameters are shards: every forward gathers them
-        return params, opt, wrapped
-
-    def _lora_ema(self) -> EMAPolicy | None:
-        """The EMA of the LoRA (``lora_ema``), moved after each optimizer step by the update; None: off."""
-        e = self.cfg.lora_ema
-        if not e.enabled:
-            return None
-        ema = EMAPolicy(
-            self.params, functools.partial(ema_decay, kind="warmup", max_decay=e.max_decay, every=e.every)
-        )
-        self.updater.after_step = ema.update
-        return ema
-
     def _evaluated_weights(self) -> contextlib.AbstractContextManager:
         """Inside, the LoRA holds the weights that are evaluated and exported: its EMA with ``lora_ema``
         (the trained weights come back on exit, bit for bit), else the trained weights themselves."""
         return self.lora_ema.swapped() if self.lora_ema is not None else contextlib.nullcontext()
-
-    @contextlib.contextmanager
-    def training_forwards(self) -> Iterator[None]:
-        """Inside, the adapter's forwards go through the DDP-wrapped module: the policy update's, which every
-        process runs in step (DDP's gradient hooks need them). Outside, under DDP, the bare module runs them
-        (the same parameters): sampling, rewards, evaluations, image grids, so that a forward some processes
-        run and others not (an evaluation's blocks differ) can never start a collective (DDP's buffer
-        broadcast, see :func:`~solace.trainer.distributed.accelerator_kwargs`). Under FSDP the wrapped module
-        runs every forward (it gathers the sharded parameters) and every process runs each."""
-        if self.acc.num_processes == 1 or self.sharded is not None:
-            yield
-            return
-        self.adapter.forward_module = self.wrapped
-        try:
-            yield
-        finally:
-            self.adapter.forward_module = None
-
-    def _whole_lora(self, writeback: bool = False) -> contextlib.AbstractContextManager:
-        """Inside, the LoRA parameters are whole tensors: under FSDP gathered on every process (a collective;
-        ``writeback`` returns changes to the shards), otherwise they already are."""
-        return self.sharded.summoned(writeback) if self.sharded is not None else contextlib.nullcontext()
 
     @property
     def eval_cfg_scale(self) -> float:
@@ -291,11 +131,6 @@ class Trainer:
         """Encode each prompt once and reuse it (an LRU of ``model.embedding_lru_size`` prompts in CPU
         memory): the rows on the CPU, for the caller to move to the device."""
         return self._cond_cache(prompts, self.adapter.encode_prompts)
-
-    def _gather(self, t: torch.Tensor) -> torch.Tensor:
-        if self.acc.num_processes == 1:
-            return t
-        return self.acc.gather(t.to(self.acc.device).contiguous()).cpu()
 
     def _warn(self, message: str) -> None:
         if self.is_main:
@@ -321,18 +156,18 @@ class Trainer:
         null = self.null.to(dev).expand(len(cond))  # one row seen len(cond) times, not copied
         lat = self.adapter.latent_shape()
         noise_of = lay.groups if s.same_init_noise else lay.indices  # one z_1 per group, or per sample
-        init = torch.stack([self.streams.initial_noise(iteration, k, lat) for k in noise_of])
+        init = torch.stack([self.ctx.streams.initial_noise(iteration, k, lat) for k in noise_of])
         step_noise = torch.stack(
-            [self.streams.sde_noise(iteration, i, s.num_steps, lat) for i in lay.indices]
+            [self.ctx.streams.sde_noise(iteration, i, s.num_steps, lat) for i in lay.indices]
         )
-        sde_steps = self.window if s.sde_window_only else None
+        sde_steps = self.ctx.window if s.sde_window_only else None
         with self.updater.sampling_policy():  # DiffusionNFT samples with its old policy
             trajs = [
                 sample(
                     self.adapter,
                     cond.index(sl),
                     null.index(sl),
-                    self.sigmas,
+                    self.ctx.sigmas,
                     init[sl].to(dev),
                     s.cfg_scale,
                     s.noise_level,
@@ -353,132 +188,16 @@ class Trainer:
         ro.stats.update(self.score(ro, iteration))
         return ro
 
-    # ------------------------------------------------------------------ rewards and advantages
-    def _confidence_scores(self, ro: Rollout, iteration: int) -> torch.Tensor:
-        """This process's per-timestep self-confidence S_t (n, T'), probes from the run's named streams."""
-        lay = ro.layout
-        sc = self.cfg.reward.self_confidence
-        if sc.probe_mode == "per_sample_timestep":
-            groups = torch.arange(len(ro))  # fresh probes for every sample: one "group" per sample
-            seeds = [self.streams.seed_of(Stream.SAMPLE_PROBES, iteration, i) for i in lay.indices]
-            prompt_of = lay.groups
-        else:
-            groups = torch.tensor(lay.groups)
-            seeds = [self.streams.seed_of(Stream.GROUP_PROBES, iteration, g) for g in range(lay.num_groups)]
-            prompt_of = list(range(lay.num_groups))
-        edits = None
-        if sc.edits != "off":  # each scoring group's prompt against its minimal edits
-            dev = ro.z0.device
-            edits = [self.encode(self._edit_prompts(ro.prompts[p])).to(dev) for p in prompt_of]
-        t = self.probe_t.to(ro.z0.device)
-        return self.rewards.confidence.scores(
-            self.adapter, ro.z0, ro.cond, ro.null, t, groups, seeds, edit_conds=edits
-        ).cpu()
-
-    def _edit_prompts(self, prompt: Prompt) -> list[str]:
-        from solace.rewards.prompt_edits import candidate_edits
-
-        sc = self.cfg.reward.self_confidence
-        return candidate_edits(prompt.text, prompt.meta, self.negatives, sc.max_edits)
-
-    @torch.no_grad()
     def score(self, ro: Rollout, iteration: int) -> dict[str, float]:
-        """Every reward of the whole (gathered) batch, mixed; sets ``ro.advantages`` to this process's
-        group-relative advantages; returns the reward and batch statistics."""
-        t0 = time.perf_counter()
-        comps: dict[str, torch.Tensor] = {}
-        scores = None
-        if self.rewards.uses_self_confidence:
-            scores = self._gather(self._confidence_scores(ro, iteration))
-            batches = self._standardization_batches(iteration)
-            comps[SELF_CONFIDENCE] = self.rewards.confidence.aggregate(scores, self.probe_t, batches)
-        images = None
-        if self.rewards.external or self.adapter.wants_batch_images:
-            images = torch.cat([self.adapter.decode(ro.z0[sl]).cpu() for sl in self._batches(len(ro))])
-        if self.rewards.external:
-            for name, r in self.rewards.external_rewards(images, ro.texts, ro.metas).items():
-                comps[name] = self._gather(r)
-        total = self.rewards.combine(comps)
-        t_reward = time.perf_counter() - t0
-        adv, keep, dropped, n_zero = self._advantages(ro, total)
-        ro.rewards = ro.layout.local(total)
-        if scores is not None:
-            ro.confidence = ro.layout.local(scores)
-        flat = all_zero(adv)
-        if flat:
-            self._warn(
-                "every advantage is 0 (rewards tie within every group): no policy signal this iteration"
-            )
-        kept = total if not dropped else total[keep]
-        stats = {
-            "reward/mean": float(kept.mean()),
-            "reward/std": float(kept.std()) if len(kept) > 1 else math.nan,
-        }
-        stats.update({"guard/dropped": float(dropped), "guard/zero_advantages": float(flat)})
-        if self.cfg.grpo.drop_zero_advantages:
-            stats["adv/zero_dropped"] = float(n_zero)
-        stats.update({f"reward/{k}_mean": float(v.mean()) for k, v in comps.items()})
-        if scores is not None:
-            stats.update(
-                {
-                    f"self_confidence/S_t{j:02d}": float(scores[:, c].mean())
-                    for c, j in enumerate(self.probe_idx)
-                }
-            )
-        stats.update({"adv/abs_mean": float(adv.abs().mean()), "adv/max": float(adv.max())})
-        stats.update(self._sample_statistics(ro, images))
-        stats["time/reward"] = t_reward
-        return stats
-
-    def _standardization_batches(self, iteration: int) -> torch.Tensor | None:
-        """The batch of each of the iteration's samples that S_t is standardised over
-        (``reward.self_confidence.standardize_batch``); None: the whole gathered iteration. A function of
-        the global sample index and the run's streams, the same on every process."""
-        sc = self.cfg.reward.self_confidence
-        if not (sc.standardize and sc.standardize_batch):
-            return None
-        gen = self.streams.generator(Stream.STANDARDIZE_BATCHES, iteration, 0)
-        lay = self.layout
-        return standardization_batches(
-            lay.total, sc.standardize_batch, lay.group_size, sc.standardize_shuffle_groups, gen
-        )
-
-    def _advantages(self, ro: Rollout, total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-        """Group-relative advantages of the gathered rewards (this process's share set on ``ro``), with the
-        samples the update leaves out (``ro.keep``): non-finite rewards, and with
-        ``grpo.drop_zero_advantages`` zero advantages. Returns ``(adv, keep, dropped, zero_dropped)``."""
-        g, groups = self.cfg.grpo, ro.layout.all_groups()
-        keep, dropped = drop_nonfinite(total, groups)  # a non-finite reward leaves its group and the update
-        adv = group_advantages_masked(
-            total, groups, keep, global_std=g.global_std, eps=g.adv_eps, clip=g.adv_clip
-        )
-        ro.advantages = ro.layout.local(adv)
-        if dropped:
-            ro.keep = keep
-            self._warn(
-                f"{dropped} sample(s) with a non-finite reward dropped from their groups and the update"
-            )
-        n_zero = 0
-        if g.drop_zero_advantages:  # Flow-GRPO's mask: no policy signal, no part in the loss (KL included)
-            ro.keep, n_zero = drop_zero_advantages(
-                adv, ro.keep, self.acc.num_processes, self.updater.updates_per_iteration
-            )
-        return adv, keep, dropped, n_zero
-
-    def _sample_statistics(self, ro: Rollout, images: torch.Tensor | None) -> dict[str, float]:
-        """Batch means of what the collapse monitor watches and the model's own batch statistics
-        (:meth:`~solace.models.base.AdapterBase.batch_statistics`)."""
-        stats = {"monitor/texture": float(self._gather(latent_texture(ro.z0).cpu()).mean())}
-        if images is not None:
-            for k, v in self.adapter.batch_statistics(images, ro.metas).items():
-                stats[k] = float(self._gather(v).mean())
-        return stats
+        """The rewards of the whole (gathered) batch, mixed, and this process's advantages on ``ro``
+        (:class:`~solace.trainer.scoring.Scorer`); returns the reward and batch statistics."""
+        return self.scorer.score(ro, iteration)
 
     # ------------------------------------------------------------------ policy update
     def update(self, ro: Rollout, iteration: int) -> dict[str, float]:
         """The configured policy update (``train.algorithm``, :mod:`solace.trainer.updates`), its forwards
-        through the wrapped module (:meth:`training_forwards`)."""
-        with self.training_forwards():
+        through the wrapped module (:meth:`~solace.trainer.context.UpdateContext.training_forwards`)."""
+        with self.ctx.training_forwards():
             return self.updater(ro, iteration)
 
     # ------------------------------------------------------------------ evaluation
@@ -503,8 +222,6 @@ class Trainer:
     def save_images(self, iteration: int) -> Path | None:
         """Image grid of fixed prompts and seeds (``eval.image_prompts``; on the toy world one held-out
         prompt per category), 4 samples a row: every process samples its block, the main one writes."""
-        from solace.utils.images import save_grid
-
         prompts = (
             self.cfg.eval.image_prompts
             or self.adapter.image_prompts()
@@ -528,108 +245,34 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------ checkpoints
-    def _checkpoint_tensors(self) -> tuple[dict[str, torch.Tensor], Any, dict[str, torch.Tensor]] | None:
-        """The LoRA, the optimizer (or its state dict) and the update's tensors, whole: on the main process,
-        or under FSDP gathered by every process (None on the others)."""
-        sp = self.sharded
-        if sp is None:
-            if not self.is_main:
-                return None
-            return lora_state_dict(self.adapter.denoiser), self.opt, self._update_tensors()
-        with sp.summoned():
-            lora = {k: v.clone() for k, v in lora_state_dict(self.adapter.denoiser).items()}
-        return lora, full_optimizer_state(self.opt, sp), self._update_tensors()
-
-    def _update_tensors(self) -> dict[str, torch.Tensor]:
-        """The update's own tensors, and the LoRA EMA's as ``lora_ema.*`` (under FSDP gathered whole: call it
-        on every process)."""
-        tensors = dict(self.updater.state_tensors())
-        if self.lora_ema is not None:
-            sp = self.sharded
-            ema = self.lora_ema.state_dict(sp.full if sp is not None else None)
-            tensors.update({f"{EMA_PREFIX}{k}": v for k, v in ema.items()})
-        return tensors
-
-    def _load_update_tensors(self, ck: Path, state: dict[str, Any]) -> None:
-        """The update's state and the LoRA EMA from checkpoint ``ck``. An EMA turned on since (with
-        ``--allow-changes``) starts from the resumed weights."""
-        tensors = load_update_tensors(ck)
-        ema = {k.removeprefix(EMA_PREFIX): v for k, v in tensors.items() if k.startswith(EMA_PREFIX)}
-        self.updater.load(
-            state.get("update", {}), {k: v for k, v in tensors.items() if not k.startswith(EMA_PREFIX)}
-        )
-        if self.lora_ema is None:
-            return
-        if not ema:
-            self._warn(f"{ck} holds no LoRA EMA (lora_ema was off): it starts from the resumed weights")
-            self.lora_ema.reset()
-            return
-        sp = self.sharded
-        self.lora_ema.load_state_dict(ema, sp.local if sp is not None else None)
-
     def checkpoint(self, iteration: int) -> None:
+        """Checkpoint the trained state and the loop's (on every process: :mod:`~.checkpointing`)."""
         self._checkpointed = iteration
-        self.acc.wait_for_everyone()
-        tensors = self._checkpoint_tensors()
-        if self.is_main and tensors is not None:
-            lora, opt, update_tensors = tensors
-            state = {
-                "history": self.history,
-                "evals": self.evals,
-                "monitor": self.monitor.warnings,
-                "monitor_series": self.monitor.series,
-                "reward_history": self.monitor.history,
-                "update": self.updater.state(),
-                "nonfinite": self.guard.state_dict(),
-            }
-            save_checkpoint(
-                self.out / "checkpoints", iteration, lora, lora_header(self.adapter.denoiser), opt, state,
-                config=dataclasses.asdict(self.cfg), update_tensors=update_tensors,
-            )  # fmt: skip
-            prune_checkpoints(self.out / "checkpoints", self.cfg.train.checkpoints_total_limit)
-        self.acc.wait_for_everyone()
+        state = {
+            "history": self.history,
+            "evals": self.evals,
+            "monitor": self.monitor.warnings,
+            "monitor_series": self.monitor.series,
+            "reward_history": self.monitor.history,
+            "nonfinite": self.guard.state_dict(),
+        }
+        self.checkpoints.save(iteration, state)
 
     def resume(self) -> bool:
-        """Continue from the newest intact checkpoint (an interrupted or damaged newer one is passed over with
-        a warning); a changed config stops here unless its fields are safe to change or ``allow_changes``.
-        False (and a line saying so) when there is nothing to resume."""
-        root = self.out / "checkpoints"
-        if self.is_main:
-            clean_partial(root)
-        ck = latest_checkpoint(root)
-        if ck is None:
-            self._warn(f"--resume: no checkpoint in {root}; starting a new run")
+        """Continue from the newest intact checkpoint; False when there is nothing to resume."""
+        state = self.checkpoints.resume()
+        if state is None:
             return False
-        self._check_config_against(read_state(ck).get("config"), ck)
-        for name in check_inputs(self.out, self.cfg, self.allow_changes):
-            self._warn(f"--resume: {name} changed since the run started (allowed)")
-        sp = self.sharded  # FSDP: whole tensors saved, shards loaded
-        to_local = (lambda sd: local_optimizer_state(sd, sp)) if sp else None
-        lora, state = load_checkpoint(ck, self.opt, to_local)
-        with self._whole_lora(writeback=True):
-            unexpected = set_lora_state_dict(self.adapter.denoiser, lora)
-        if unexpected:
-            raise ConfigError("resume", f"{ck}: LoRA keys do not fit this model ({unexpected[:3]} ...)")
         self.start_iteration = int(state["iteration"])
         self.history = state.get("history", [])
         self.evals = state.get("evals", [])
         self.monitor.warnings = state.get("monitor", [])
         self.monitor.series = state.get("monitor_series", {})
         self.monitor.history = state.get("reward_history", [])
-        self._load_update_tensors(ck, state)
         self.guard.load_state_dict(state.get("nonfinite", {}))
         if self.is_main:  # rows logged after the checkpoint are redone
             truncate_log(self.out / "log.csv", self.start_iteration)
         return True
-
-    def _check_config_against(self, old: dict[str, Any] | None, ck: Path) -> None:
-        """Stop on a changed config (listing the fields) before anything is loaded or written."""
-        if old is None:
-            self._warn(f"{ck} records no config (an older checkpoint): the config was not compared")
-            return
-        old = read_recorded_config(old)  # this version's keys and schema
-        for line in check_resume(old, dataclasses.asdict(self.cfg), self.allow_changes):
-            self._warn(f"--resume: {line}")
 
     # ------------------------------------------------------------------ main loop
     def train(self, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
@@ -662,10 +305,11 @@ class Trainer:
             bar.set_postfix(reward=f"{stats['reward/mean']:.3f}", kl=f"{stats.get('train/kl', 0):.2e}")
             done = it + 1
             self._periodic(done)
-            out_of_time = self._rank0_decides(
-                bool(cfg.train.max_minutes) and time.perf_counter() - started >= 60.0 * cfg.train.max_minutes
+            out_of_time = rank0_decides(
+                self.acc,
+                bool(cfg.train.max_minutes) and time.perf_counter() - started >= 60.0 * cfg.train.max_minutes,
             )
-            signalled = self._rank0_decides(stop.signum is not None)
+            signalled = rank0_decides(self.acc, stop.signum is not None)
             ending = done == cfg.train.iterations or out_of_time
             if ending and not signalled:
                 # the end's evaluation and grid before the end checkpoint: a finished run continued to more
@@ -716,7 +360,7 @@ class Trainer:
                         f"{self.out} cannot be written ({e.strerror}); choose another folder",
                     ),
                 )
-        if self._rank0_decides(error is not None):
+        if rank0_decides(self.acc, error is not None):
             raise error or ConfigError(
                 "train.output_dir", f"{self.out} is locked by another run (see rank 0)"
             )
@@ -734,7 +378,7 @@ class Trainer:
         if self.guard.record(stats["guard/dropped"] > 0 or stats.get("train/skipped_steps", 0) > 0):
             self._write_monitor(stopped=self.guard.message())
             raise NonFiniteError(self.guard.message())
-        if self._any_rank(not weights_finite(self.params)):  # never checkpointed, never exported
+        if any_rank(self.acc, not weights_finite(self.params)):  # never checkpointed, never exported
             message = nonfinite_weights_message(it + 1, latest_checkpoint(self.out / "checkpoints"))
             self._write_monitor(stopped=message)
             raise NonFiniteError(message)
@@ -770,7 +414,7 @@ class Trainer:
                     f"{self.out} holds an earlier run ({', '.join(found)}); `--resume` continues it, "
                     "`--overwrite` replaces it, or choose another train.output_dir",
                 )
-        if self._rank0_decides(error is not None):
+        if rank0_decides(self.acc, error is not None):
             raise error or ConfigError("train.output_dir", f"{self.out} holds an earlier run (see rank 0)")
 
     def _start(self, resume: bool, overwrite: bool) -> None:
@@ -798,7 +442,7 @@ class Trainer:
         if t.every and done % t.every == 0 and not any(e["iteration"] == done for e in self.evals):
             self.evaluate(done)
         grid = self.out / "images" / f"iter_{done:06d}.png"  # the main process's view decides (sharded grids)
-        if t.image_every and done % t.image_every == 0 and self._rank0_decides(not grid.exists()):
+        if t.image_every and done % t.image_every == 0 and rank0_decides(self.acc, not grid.exists()):
             self.save_images(done)
 
     def _periodic(self, done: int) -> None:
@@ -817,12 +461,12 @@ class Trainer:
         in ``OUT/lora_trained``."""
         final = self.out / "lora"
         pipe_cls = type(self.adapter.pipeline) if self.adapter.pipeline is not None else None
-        with self._evaluated_weights(), self._whole_lora():
+        with self._evaluated_weights(), self.ctx.whole_lora():
             if self.is_main:
                 save_lora(self.adapter, final, pipeline_class=pipe_cls)
                 write_card(self.cfg, final, pipe_cls, self.evals)
         if self.lora_ema is not None:
-            with self._whole_lora():
+            with self.ctx.whole_lora():
                 if self.is_main:
                     save_lora(self.adapter, self.out / "lora_trained", pipeline_class=pipe_cls)
         return final
@@ -844,8 +488,6 @@ class Trainer:
         if self.is_main:
             result["lora"] = str(final)
             if self.cfg.train.report:
-                from solace.trainer.report import write_report
-
                 result["report"] = str(write_report(self))
             self.trackers.finish()  # every event on disk: a distributed run ends with os._exit
             self._write_monitor()
@@ -888,22 +530,6 @@ class Trainer:
             f"redone on resume); {saved}; `solace train ... --resume` continues",
             stop.signum or 15,
         )
-
-    def _any_rank(self, flag: bool) -> bool:
-        """Whether ``flag`` holds on any process (every process gets the same answer)."""
-        if self.acc.num_processes == 1:
-            return flag
-        t = torch.tensor([float(flag)], device=self.acc.device)
-        return bool(self.acc.reduce(t, reduction="sum").item() > 0)
-
-    def _rank0_decides(self, flag: bool) -> bool:
-        """Rank 0's ``flag`` on every process (a time budget, a signal, a lock): all take the same branch."""
-        if self.acc.num_processes == 1:
-            return flag
-        from accelerate.utils import broadcast
-
-        t = torch.tensor([float(flag)], device=self.acc.device)
-        return bool(broadcast(t, from_process=0).item())
 
     def _write_csv(self, stats: dict[str, float]) -> None:
         if self.is_main:

@@ -1,7 +1,10 @@
 """Policy updates: how a scored :class:`~solace.sampling.rollout.Rollout` becomes optimizer steps.
 
-``train.algorithm`` picks one; prompts, sampling, rewards, advantages, gathering, checkpoints, logging,
-evaluation, monitor and report are the trainer's and shared by both.
+``train.algorithm`` picks one by its registered name (:data:`UPDATES`; a plugin registers more with
+``@UPDATES.register(name)``); prompts, sampling, rewards, advantages, gathering, checkpoints, logging,
+evaluation, monitor and report are the trainer's and shared by all. An update sees the run through its
+:class:`~solace.trainer.context.UpdateContext` (model, parameters, optimizer, accelerator, streams,
+schedule), never the trainer.
 
 * ``flow_grpo`` (:class:`FlowGRPOUpdate`, the paper's): for each step of the trained window, the
   PPO-clipped ratio of the recomputed SDE step log-prob to the stored one, plus ``beta`` KL to the LoRA-off
@@ -25,7 +28,7 @@ import functools
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -33,25 +36,29 @@ from solace.grpo.loss import gaussian_kl, ppo_clip_loss
 from solace.models.base import adapters_disabled
 from solace.nft.ema import EMAPolicy, ema_decay
 from solace.nft.loss import forward_noise, nft_loss, sample_training_timesteps
+from solace.registry import Registry
 from solace.sampling.rollout import Rollout
 from solace.sampling.sampler import step_policy
+from solace.trainer.context import UpdateContext
 from solace.utils.seeding import Stream
 
 if TYPE_CHECKING:
-    from solace.trainer.trainer import Trainer
+    from solace.trainer.config import GRPOCfg, NFTCfg, SamplingCfg, SolaceConfig, TrainCfg
 
-ALGORITHMS = ("flow_grpo", "nft")
+UPDATES: Registry[type[PolicyUpdate]] = Registry("policy update", "train.algorithm")
+"""The updates ``train.algorithm`` names: classes built by ``cls.from_config(ctx, cfg)``."""
 
 
 class PolicyUpdate:
-    """The loop both updates share; subclasses say what one micro-step's loss is."""
+    """The loop every update shares; subclasses say what one micro-step's loss is. An update sees the run
+    through its :class:`~solace.trainer.context.UpdateContext` only."""
 
-    needs_log_probs = True
+    needs_log_probs: ClassVar[bool] = True  # the sampler must keep step log-probs (SDE sampling)
 
     def __init__(
-        self, trainer: Trainer, micro_batch_size: int, inner_epochs: int, updates_per_iteration: int
+        self, ctx: UpdateContext, micro_batch_size: int, inner_epochs: int, updates_per_iteration: int
     ):
-        self.tr = trainer
+        self.ctx = ctx
         self.micro_batch_size = micro_batch_size
         self.inner_epochs = inner_epochs
         self.updates_per_iteration = updates_per_iteration
@@ -59,10 +66,15 @@ class PolicyUpdate:
         self.skipped = 0  # optimizer steps skipped for a non-finite gradient, this iteration
         self.after_step: Callable[[int], Any] | None = None  # called with ``steps`` after each step
 
+    @classmethod
+    def from_config(cls, ctx: UpdateContext, cfg: SolaceConfig) -> PolicyUpdate:
+        """The update with its settings of the run's config."""
+        raise NotImplementedError
+
     def _too_few_kept(self, keep: torch.Tensor) -> bool:
         """Whether some process keeps fewer samples than this update takes optimizer steps: then every
         process skips the update (each must take the same number of steps)."""
-        per_rank = keep.view(self.tr.acc.num_processes, -1).sum(1)
+        per_rank = keep.view(self.ctx.num_processes, -1).sum(1)
         return int(per_rank.min()) < self.updates_per_iteration
 
     # what a subclass defines
@@ -101,7 +113,7 @@ class PolicyUpdate:
         if local_keep is not None and self._too_few_kept(ro.keep):
             return {"train/skipped_steps": float(self.inner_epochs * self.updates_per_iteration)}
         for epoch in range(self.inner_epochs):
-            gen = self.tr.streams.generator(Stream.MINIBATCH_ORDER, iteration, epoch, self.tr.rank)
+            gen = self.ctx.streams.generator(Stream.MINIBATCH_ORDER, iteration, epoch, self.ctx.rank)
             order = torch.randperm(len(ro), generator=gen)
             if local_keep is not None:  # dropped samples take no part (0 * NaN is NaN)
                 order = order[local_keep[order]]
@@ -114,7 +126,7 @@ class PolicyUpdate:
         out["train/skipped_steps"] = float(self.skipped)
         out.update(self.after_iteration())
         out["time/update"] = time.perf_counter() - t0
-        out["train/lr"] = self.tr.opt.param_groups[0]["lr"]
+        out["train/lr"] = self.ctx.optimizer.param_groups[0]["lr"]
         return out
 
     def _optimizer_step(
@@ -122,7 +134,7 @@ class PolicyUpdate:
     ) -> None:
         """One optimizer step over the samples ``chunk``: gradients accumulate over its micro-batches and
         terms, each micro-step scaled by 1 / their number; gradients sync on the last one only."""
-        tr = self.tr
+        c = self.ctx
         micro = list(chunk.split(self.micro_batch_size))
         n_micro = len(micro) * self.terms()
         k = 0
@@ -130,40 +142,45 @@ class PolicyUpdate:
             batch = self.micro_batch(ro, mb, iteration, epoch)
             for term in range(self.terms()):
                 k += 1
-                sync = k == n_micro or tr.acc.num_processes == 1
-                with contextlib.nullcontext() if sync else tr.acc.no_sync(tr.wrapped):
+                sync = k == n_micro or c.num_processes == 1
+                with contextlib.nullcontext() if sync else c.accelerator.no_sync(c.wrapped):
                     loss, parts = self.loss(batch, term)
-                    tr.acc.backward(loss / n_micro)
+                    c.accelerator.backward(loss / n_micro)
                 agg["loss"].append(float(loss.detach()))
                 for name, v in parts.items():
                     agg[name].append(float(v))
-        if tr.sharded is None:  # DDP's gradients are already averaged: the local norm is the global one
-            gn = tr.acc.clip_grad_norm_(tr.params, tr.cfg.optim.max_grad_norm)
+        if c.sharded is None:  # DDP's gradients are already averaged: the local norm is the global one
+            gn = c.accelerator.clip_grad_norm_(c.params, c.max_grad_norm)
         else:  # FSDP: the norm over every process's gradient shards, by the root FSDP module's clip (what
             # accelerate's clip_grad_norm_ calls only when given every parameter of the wrapped model; given
             # the LoRA alone it would clip by this process's shards)
-            gn = tr.sharded.clip_grad_norm_(tr.cfg.optim.max_grad_norm)
+            gn = c.sharded.clip_grad_norm_(c.max_grad_norm)
         if torch.isfinite(gn):  # the norm is all-reduced: every process takes the same decision
             agg["grad_norm"].append(float(gn))
-            tr.opt.step()
+            c.optimizer.step()
         else:
             self.skipped += 1
-        tr.opt.zero_grad(set_to_none=True)
+        c.optimizer.zero_grad(set_to_none=True)
         self.steps += 1
 
 
+@UPDATES.register("flow_grpo")
 class FlowGRPOUpdate(PolicyUpdate):
     """Flow-GRPO (SOLACE Eq. 16): PPO clip on the window's step log-probs + beta KL to the reference."""
 
-    def __init__(self, trainer: Trainer):
-        t = trainer.cfg.train
-        super().__init__(trainer, t.micro_batch_size, t.inner_epochs, t.updates_per_iteration)
+    def __init__(self, ctx: UpdateContext, train: TrainCfg, grpo: GRPOCfg, sampling: SamplingCfg):
+        super().__init__(ctx, train.micro_batch_size, train.inner_epochs, train.updates_per_iteration)
+        self.grpo, self.sampling = grpo, sampling
+
+    @classmethod
+    def from_config(cls, ctx: UpdateContext, cfg: SolaceConfig) -> FlowGRPOUpdate:
+        return cls(ctx, cfg.train, cfg.grpo, cfg.sampling)
 
     def terms(self) -> int:
-        return len(self.tr.window)
+        return len(self.ctx.window)
 
     def micro_batch(self, ro: Rollout, mb: torch.Tensor, iteration: int, epoch: int) -> dict[str, Any]:
-        dev = self.tr.acc.device
+        dev = self.ctx.device
         return {
             "z": ro.latents[mb].to(dev),
             "old": ro.log_probs[mb].to(dev),
@@ -175,20 +192,20 @@ class FlowGRPOUpdate(PolicyUpdate):
     def loss(self, b: dict[str, Any], term: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss of window step ``j``: PPO clip on the recomputed log-prob + beta * KL to the LoRA-off
         reference on the same step."""
-        tr = self.tr
-        s, g, j = tr.cfg.sampling, tr.cfg.grpo, tr.window[term]
+        c = self.ctx
+        s, g, j = self.sampling, self.grpo, c.window[term]
         step_j = functools.partial(
-            step_policy, tr.adapter, b["z"][:, j], b["z"][:, j + 1], tr.sigmas, j, b["cond"], b["null"],
+            step_policy, c.adapter, b["z"][:, j], b["z"][:, j + 1], c.sigmas, j, b["cond"], b["null"],
             s.cfg_scale, s.noise_level, g.detach_uncond,
         )  # fmt: skip
         st = step_j()
         pl, pst = ppo_clip_loss(st.log_prob, b["old"][:, j], b["adv"], g.clip_range)
         loss = pl
-        kl = torch.zeros((), device=tr.acc.device)
+        kl = torch.zeros((), device=c.device)
         if g.beta > 0:
-            with torch.no_grad(), adapters_disabled(tr.adapter.denoiser):
+            with torch.no_grad(), adapters_disabled(c.adapter.denoiser):
                 ref = step_j()
-            dt = tr.sigmas[j + 1] - tr.sigmas[j]
+            dt = c.sigmas[j + 1] - c.sigmas[j]
             kl = gaussian_kl(st.mean, ref.mean, st.std.reshape(-1), dt, g.kl_form).mean()
             loss = loss + g.beta * kl
         parts = {"policy_loss": pl.detach(), "kl": kl.detach()}
@@ -196,19 +213,24 @@ class FlowGRPOUpdate(PolicyUpdate):
         return loss, parts
 
 
+@UPDATES.register("nft")
 class NFTUpdate(PolicyUpdate):
     """DiffusionNFT: advantage-weighted flow matching against the EMA old policy's implicit velocities."""
 
     needs_log_probs = False
 
-    def __init__(self, trainer: Trainer):
-        n, t = trainer.cfg.nft, trainer.cfg.train
-        super().__init__(trainer, t.micro_batch_size, t.inner_epochs, t.updates_per_iteration)
+    def __init__(self, ctx: UpdateContext, train: TrainCfg, nft: NFTCfg):
+        n = nft
+        super().__init__(ctx, train.micro_batch_size, train.inner_epochs, train.updates_per_iteration)
         self.cfg = n
         schedule = functools.partial(
             ema_decay, kind=n.ema, decay=n.ema_decay, rate=n.ema_rate, max_decay=n.ema_max, delay=n.ema_delay
         )
-        self.ema = EMAPolicy(trainer.params, schedule)
+        self.ema = EMAPolicy(ctx.params, schedule)
+
+    @classmethod
+    def from_config(cls, ctx: UpdateContext, cfg: SolaceConfig) -> NFTUpdate:
+        return cls(ctx, cfg.train, cfg.nft)
 
     def terms(self) -> int:
         return self.cfg.timesteps_per_sample
@@ -221,21 +243,21 @@ class NFTUpdate(PolicyUpdate):
     def micro_batch(self, ro: Rollout, mb: torch.Tensor, iteration: int, epoch: int) -> dict[str, Any]:
         """The clean samples, and for each its training timesteps and noises, drawn from streams keyed by
         ``(iteration, global sample index, epoch)`` so they do not depend on batching or processes."""
-        tr, n = self.tr, self.cfg
+        c, n = self.ctx, self.cfg
         lat = tuple(ro.z0.shape[1:])
         ts, eps = [], []
         for i in mb.tolist():
             g = ro.layout.start + i
             ts.append(
                 sample_training_timesteps(
-                    1, n.timesteps, tr.streams.generator(Stream.NFT_TIMESTEPS, iteration, g, epoch),
-                    sigmas=tr.sigmas, shift=n.shift, t_min=n.t_min, t_max=n.t_max,
+                    1, n.timesteps, c.streams.generator(Stream.NFT_TIMESTEPS, iteration, g, epoch),
+                    sigmas=c.sigmas, shift=n.shift, t_min=n.t_min, t_max=n.t_max,
                     per_sample=n.timesteps_per_sample,
                 )[0]
             )  # fmt: skip
-            gen = tr.streams.generator(Stream.NFT_NOISE, iteration, g, epoch)
+            gen = c.streams.generator(Stream.NFT_NOISE, iteration, g, epoch)
             eps.append(torch.randn((n.timesteps_per_sample, *lat), generator=gen))
-        dev = tr.acc.device
+        dev = c.device
         return {
             "x0": ro.z0[mb].to(dev).float(),
             "t": torch.stack(ts).float().to(dev),  # (b, k)
@@ -245,7 +267,7 @@ class NFTUpdate(PolicyUpdate):
         }
 
     def _velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
-        ad = self.tr.adapter
+        ad = self.ctx.adapter
         return ad.velocity(x.to(ad.dtype), t, cond).float()
 
     def loss(self, b: dict[str, Any], term: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -260,7 +282,7 @@ class NFTUpdate(PolicyUpdate):
         loss, st = nft_loss(v, v_old, x_t, t, x0, b["adv"], n.beta, n.adv_max, n.adaptive_weight)
         kl = torch.zeros((), device=v.device)
         if n.kl_beta > 0:
-            with torch.no_grad(), adapters_disabled(self.tr.adapter.denoiser):
+            with torch.no_grad(), adapters_disabled(self.ctx.adapter.denoiser):
                 v_ref = self._velocity(x_t, t, b["cond"])
             kl = ((v - v_ref) ** 2).mean()
             loss = loss + n.kl_beta * kl
@@ -274,15 +296,13 @@ class NFTUpdate(PolicyUpdate):
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The old policy, whole tensors (under FSDP gathered from every process: call it on all)."""
-        sp = self.tr.sharded
-        return self.ema.state_dict(sp.full if sp is not None else None)
+        return self.ema.state_dict(self.ctx.full())
 
     def load(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         super().load(state, tensors)
-        sp = self.tr.sharded
-        self.ema.load_state_dict(tensors, sp.local if sp is not None else None)
+        self.ema.load_state_dict(tensors, self.ctx.local())
 
 
-def make_update(trainer: Trainer) -> PolicyUpdate:
-    """The update ``train.algorithm`` names."""
-    return {"flow_grpo": FlowGRPOUpdate, "nft": NFTUpdate}[trainer.cfg.train.algorithm](trainer)
+def make_update(ctx: UpdateContext, cfg: SolaceConfig) -> PolicyUpdate:
+    """The update ``train.algorithm`` names (a registered one: :data:`UPDATES`), built from ``ctx``."""
+    return UPDATES.get(cfg.train.algorithm).from_config(ctx, cfg)
