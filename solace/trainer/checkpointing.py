@@ -3,11 +3,13 @@ loop's state) and how a run resumes from the newest intact one. The file format 
 newest intact checkpoint, pruning) is :mod:`solace.trainer.checkpoint`'s.
 
 Under FSDP every process gathers the sharded tensors (collectives), the main process writes; a resume
-loads whole tensors and cuts each process's shards.
+loads whole tensors and cuts each process's shards. The end of a run exports the LoRA (:meth:`RunCheckpoints.
+export_lora`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from solace.errors import ConfigError
-from solace.models.lora import lora_header, lora_state_dict, set_lora_state_dict
+from solace.models.lora import lora_header, lora_state_dict, save_lora, set_lora_state_dict
 from solace.nft.ema import EMAPolicy
 from solace.trainer.checkpoint import (
     clean_partial,
@@ -30,6 +32,7 @@ from solace.trainer.checkpoint import (
 from solace.trainer.context import UpdateContext
 from solace.trainer.fsdp import full_optimizer_state, local_optimizer_state
 from solace.trainer.inputs import check_inputs
+from solace.trainer.model_card import write_card
 from solace.trainer.resume_check import check_resume, read_recorded_config
 from solace.trainer.updates import PolicyUpdate
 
@@ -98,6 +101,23 @@ class RunCheckpoints:
             )  # fmt: skip
             prune_checkpoints(self.root, self.cfg.train.checkpoints_total_limit)
         acc.wait_for_everyone()
+
+    def export_lora(self, evals: list[dict[str, Any]]) -> Path:
+        """``OUT/lora``: the LoRA in diffusers' format with its model card (``evals``), written by the main
+        process (under FSDP gathered by every process first); with ``lora_ema`` its EMA (what was
+        evaluated), the trained weights beside it in ``OUT/lora_trained``."""
+        final, adapter = self.out / "lora", self.ctx.adapter
+        pipe_cls = type(adapter.pipeline) if adapter.pipeline is not None else None
+        with self.lora_ema.swapped() if self.lora_ema is not None else contextlib.nullcontext():
+            with self.ctx.whole_lora():
+                if self.is_main:
+                    save_lora(adapter, final, pipeline_class=pipe_cls)
+                    write_card(self.cfg, final, pipe_cls, evals)
+        if self.lora_ema is not None:
+            with self.ctx.whole_lora():
+                if self.is_main:
+                    save_lora(adapter, self.out / "lora_trained", pipeline_class=pipe_cls)
+        return final
 
     def resume(self) -> dict[str, Any] | None:
         """Load the newest intact checkpoint (an interrupted or damaged newer one is passed over with a

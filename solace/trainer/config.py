@@ -23,9 +23,11 @@ from solace.grpo.window import parse_steps
 from solace.models import FAMILIES, ModelFamily, resolve_family
 from solace.prompts import PROMPT_SETS, is_prompt_set, read_prompt_file
 from solace.registry import load_plugins
+from solace.rewards.mixture import COMPONENTS
 from solace.rewards.registry import available_rewards, check_reward, reward_parameters
 from solace.rewards.scorer import SelfConfidenceCfg
 from solace.trainer.precision import check_config as check_precision
+from solace.trainer.updates import UPDATES
 from solace.utils.seeding import check_seed
 
 
@@ -222,9 +224,9 @@ TRACKERS = ("tensorboard", "wandb")
 
 @dataclass
 class TrainCfg:
-    # the policy update: flow_grpo (the paper's: PPO on SDE step log-probs) | nft (DiffusionNFT: forward
-    # process, no log-probs); see solace/trainer/updates.py
-    algorithm: Literal["flow_grpo", "nft"] = "flow_grpo"
+    # the policy update, a registered name (solace.trainer.updates.UPDATES): flow_grpo (the paper's: PPO on
+    # SDE step log-probs) | nft (DiffusionNFT: forward process, no log-probs) | a plugin's
+    algorithm: str = "flow_grpo"
     iterations: int = 100
     # wall-clock budget for the training iterations (the evaluation before training not counted): the run
     # stops after the iteration that reaches it, then checkpoints, evaluates and reports as at the end;
@@ -519,12 +521,13 @@ def validate(cfg: SolaceConfig, check_paths: bool = True) -> None:
     _min(s.prompts_per_step, 1, "sampling.prompts_per_step")
     _min(s.num_steps, 1, "sampling.num_steps")
     _min(s.cfg_scale, 1.0, "sampling.cfg_scale", " (1 disables CFG)")
-    if cfg.train.algorithm == "flow_grpo":
+    if UPDATES.get(cfg.train.algorithm).needs_log_probs:
         check(
             s.noise_level > 0, "sampling.noise_level", f"must be > 0 for GRPO log-probs, got {s.noise_level}"
         )
     else:
         _min(s.noise_level, 0, "sampling.noise_level", " (0: the ODE sampler)")
+    if cfg.train.algorithm == "nft":
         _validate_nft(cfg.nft, s.num_steps)
     _min(s.batch_size, 1, "sampling.batch_size")
     _validate_size(cfg.model)
@@ -709,7 +712,7 @@ def _validate_reward_names(components: list[RewardComponent]) -> None:
     loads."""
     for i, c in enumerate(components):
         check(bool(c.name), f"reward.components[{i}].name", "must name a reward")
-        if c.name != "self_confidence":
+        if c.name not in COMPONENTS:  # an image reward (a registered component takes its own settings)
             check_reward(c.name, dict(c.kwargs), f"reward.components[{i}]")
 
 

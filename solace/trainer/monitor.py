@@ -14,8 +14,10 @@ accuracy fell from 0.59 to 0.13).
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -87,6 +89,18 @@ class CollapseMonitor:
         self.warnings.extend(out)
         return out
 
+    def watch(self, iteration: int, stats: dict[str, float]) -> list[str]:
+        """:meth:`update` with an iteration's logged statistics (``monitor/texture``, ``monitor/foreground``
+        where the model reports it, ``reward/mean``, ``reward/std``)."""
+        nan = float("nan")
+        watched = {
+            "texture": stats["monitor/texture"],
+            "foreground": stats.get("monitor/foreground", nan),
+            "reward_mean": stats["reward/mean"],
+            "reward_std": stats.get("reward/std", nan),
+        }
+        return self.update(iteration, watched)
+
     def update_eval(self, iteration: int, base: dict[str, float], now: dict[str, float]) -> list[str]:
         """Compare an evaluation's image statistics (fixed prompts, fixed noise) with the base model's:
         warn when the foreground fraction or the pixel std fell below its threshold fraction. Unlike the
@@ -118,3 +132,16 @@ class CollapseMonitor:
             return "no collapse signal"
         kinds = sorted({w.split(": ", 1)[1].split(" ")[0] for w in self.warnings})
         return f"TRIPPED ({len(self.warnings)} warnings: {', '.join(kinds)})"
+
+
+def write_monitor(
+    path: Path, monitor: CollapseMonitor, guard_state: dict, dropped: int, stopped: str = ""
+) -> None:
+    """``monitor.json``: the collapse monitor's verdict and warnings, and the non-finite guard's counts
+    (``guard_state``, ``dropped`` samples, why the run ``stopped`` where it did)."""
+    doc = {
+        "verdict": monitor.verdict,
+        "warnings": monitor.warnings,
+        "nonfinite": {**guard_state, "dropped_samples": int(dropped), "stopped": stopped},
+    }
+    path.write_text(json.dumps(doc, indent=1))

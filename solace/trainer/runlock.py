@@ -26,12 +26,15 @@ import sys
 import time
 import uuid
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from solace.errors import ConfigError
-from solace.utils.files import remove_earlier_run
+from solace.trainer.distributed import rank0_decides
+from solace.utils.files import earlier_run, remove_earlier_run
 
 LOCK_NAME = ".solace.lock"
 _BREAK_SUFFIX = ".break"
@@ -273,3 +276,51 @@ class RunLock:
             return False
         finally:
             marker.unlink(missing_ok=True)
+
+
+@contextmanager
+def run_lock(out: Path, acc: Any, warn: Callable[[str], None]) -> Iterator[None]:
+    """Hold the output folder's lock for the run (rank 0 takes it; every rank fails if it cannot)."""
+    lock, error = None, None
+    if acc.is_main_process:
+        lock = RunLock(out)
+        try:
+            msg = lock.acquire()
+            if msg:
+                warn(msg)
+        except ConfigError as e:
+            error = e
+        except OSError as e:  # a file in the way, a read-only or full disk
+            lock = None
+            error = ConfigError(
+                "train.output_dir", f"{out} cannot be written ({e.strerror}); choose another folder"
+            )
+    if rank0_decides(acc, error is not None):
+        raise error or ConfigError("train.output_dir", f"{out} is locked by another run (see rank 0)")
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def claim_folder(
+    out: Path, acc: Any, created: float, asked_resume: bool, overwrite: bool, warn: Callable[[str], None]
+) -> None:
+    """A new run's folder holds no earlier run: stop (naming ``--resume`` and ``--overwrite``), or with
+    ``overwrite`` remove the earlier run's files (those older than ``created``), saying which. ``--resume``
+    with nothing to resume starts anew over a run that never checkpointed (its log is cut), as before."""
+    error = None
+    if acc.is_main_process:
+        found = earlier_run(out, RUN_FILES)
+        if found and overwrite:
+            removed = clear_earlier_run(out, created)
+            warn(f"--overwrite: removed the earlier run's {', '.join(removed)} from {out}")
+        elif found and not asked_resume:
+            error = ConfigError(
+                "train.output_dir",
+                f"{out} holds an earlier run ({', '.join(found)}); `--resume` continues it, "
+                "`--overwrite` replaces it, or choose another train.output_dir",
+            )
+    if rank0_decides(acc, error is not None):
+        raise error or ConfigError("train.output_dir", f"{out} holds an earlier run (see rank 0)")

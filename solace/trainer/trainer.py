@@ -1,24 +1,13 @@
-"""The SOLACE / Flow-GRPO training loop. It only orchestrates; the math lives in sampling/, rewards/, grpo/.
+"""The SOLACE / Flow-GRPO training loop. It only orchestrates: setup (:mod:`~solace.trainer.setup`), the
+policy update (:mod:`~solace.trainer.updates`), scoring (:mod:`~solace.trainer.scoring`), checkpoints
+(:mod:`~solace.trainer.checkpointing`) and the math (sampling/, rewards/, grpo/, nft/) live elsewhere.
 
-One iteration (paper Alg. 1):
-
-1. :meth:`Trainer.sample_rollout`: ``P`` prompts (the same on every process, from ``(seed, iteration)``),
-   ``G`` samples each, split evenly across processes (:class:`~solace.sampling.rollout.GroupLayout`). Each
-   sample's initial and SDE noise depends only on ``(seed, iteration, sample index)``
-   (:class:`~solace.utils.seeding.TrainStreams`), so the samples do not depend on the number of processes.
-   SDE sampling with CFG keeps every latent and step log-prob (no grad): a typed
-   :class:`~solace.sampling.rollout.Rollout`.
-2. :meth:`Trainer.score`: self-confidence on the clean latents (no CFG, probes shared per group) and/or
-   external rewards on decoded images, gathered across processes; group-relative advantages over the
-   gathered batch, each process keeping its own slice.
-3. :meth:`Trainer.update`: for the last ``ceil(rho |T|)`` steps, the PPO-clipped loss on the recomputed
-   log-probs plus ``beta`` KL to the LoRA-off reference; gradients accumulate over (micro-batch x window
-   step) micro-steps, each scaled by 1 / (the number of micro-steps actually trained), then one optimizer
-   step per update.
-4. Logging (progress bar, the experiment trackers of ``train.log_with``, CSV), collapse monitor, periodic
-   evaluation (an :class:`~solace.evaluation.evaluators.Evaluator` chosen from the config: the toy world's
-   exact evaluator or registry metrics), image grids, atomic checkpoints; at the end the LoRA is exported and
-   a report written.
+One iteration (paper Alg. 1): :meth:`Trainer.sample_rollout` samples ``P`` prompts (the same on every
+process, from ``(seed, iteration)``) x ``G`` samples, split evenly across processes, each sample's noise a
+function of ``(seed, iteration, sample index)`` only; :meth:`Trainer.score` mixes the reward components on
+the gathered batch and takes group-relative advantages; :meth:`Trainer.update` runs the configured update.
+Then logging, the collapse monitor, periodic evaluations and image grids, atomic checkpoints; at the end
+the LoRA is exported and a report written.
 """
 
 from __future__ import annotations
@@ -33,11 +22,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from solace.errors import ConfigError
 from solace.evaluation.evaluators import make_evaluator
 from solace.evaluation.sharding import accelerate_shards
 from solace.models.base import Conditioning
-from solace.models.lora import save_lora
 from solace.models.text_cache import ConditioningLRU
 from solace.prompts import PromptSource
 from solace.sampling.generate import generate_shared
@@ -49,19 +36,18 @@ from solace.trainer.config import SolaceConfig, eval_setup, to_yaml
 from solace.trainer.distributed import any_rank, rank0_decides
 from solace.trainer.guard import NonFiniteError, NonFiniteGuard, nonfinite_weights_message, weights_finite
 from solace.trainer.inputs import record_inputs
-from solace.trainer.model_card import write_card
 from solace.trainer.model_setup import load_model, offload_text_encoders, run_prompts
-from solace.trainer.monitor import CollapseMonitor, eval_stats
+from solace.trainer.monitor import CollapseMonitor, eval_stats, write_monitor
 from solace.trainer.report import write_report
 from solace.trainer.resume_check import truncate_log
-from solace.trainer.runlock import RUN_FILES, RunLock, clear_earlier_run
+from solace.trainer.runlock import claim_folder, run_lock
 from solace.trainer.scoring import Scorer
 from solace.trainer.setup import build_context, make_accelerator, make_layout, make_lora_ema
 from solace.trainer.signals import RunInterrupted, StopRequest
 from solace.trainer.tracking import Trackers
 from solace.trainer.updates import make_update
 from solace.utils import interrupt
-from solace.utils.files import append_csv_row, earlier_run
+from solace.utils.files import append_csv_row
 from solace.utils.images import save_grid
 from solace.utils.interrupt import StopNow
 
@@ -279,7 +265,7 @@ class Trainer:
         """Run (or resume) the iterations, then export the LoRA, evaluate and report. One run per output
         folder (a lock; ``overwrite``: a new run may replace an earlier one's files); Ctrl-C / SIGTERM finish
         the iteration, checkpoint and stop (in one process, sampling and evaluations stop within seconds)."""
-        with self._run_lock(), StopRequest() as stop:
+        with run_lock(self.out, self.acc, self._warn), StopRequest() as stop:
             try:
                 return self._train(resume, overwrite, stop)
             except StopNow as e:  # a signal during sampling, rewards, an evaluation or a grid
@@ -333,42 +319,10 @@ class Trainer:
                     )
                 break
         bar.close()
-        if (
-            last <= self.start_iteration
-        ):  # nothing left to train (a finished run resumed): its end samples here
+        if last <= self.start_iteration:  # nothing left to train (a finished run resumed): its end samples
             self._final_samples(last)
         self.stopped_at = last
         return self._finish(last)
-
-    @contextlib.contextmanager
-    def _run_lock(self) -> Any:
-        """Hold the output folder's lock for the run (rank 0 takes it; every rank fails if it cannot)."""
-        lock, error = None, None
-        if self.is_main:
-            lock = RunLock(self.out)
-            try:
-                msg = lock.acquire()
-                if msg:
-                    self._warn(msg)
-            except ConfigError as e:
-                error = e
-            except OSError as e:  # a file in the way, a read-only or full disk
-                lock, error = (
-                    None,
-                    ConfigError(
-                        "train.output_dir",
-                        f"{self.out} cannot be written ({e.strerror}); choose another folder",
-                    ),
-                )
-        if rank0_decides(self.acc, error is not None):
-            raise error or ConfigError(
-                "train.output_dir", f"{self.out} is locked by another run (see rank 0)"
-            )
-        try:
-            yield
-        finally:
-            if lock is not None:
-                lock.release()
 
     def iteration(self, it: int) -> dict[str, float]:
         """One iteration: sample, score, update, monitor, log. Returns its statistics."""
@@ -383,46 +337,20 @@ class Trainer:
             self._write_monitor(stopped=message)
             raise NonFiniteError(message)
         if self.cfg.monitor.enabled:
-            watched = {
-                "texture": stats["monitor/texture"],
-                "foreground": stats.get("monitor/foreground", float("nan")),
-                "reward_mean": stats["reward/mean"],
-                "reward_std": stats.get("reward/std", float("nan")),
-            }
-            for w in self.monitor.update(it + 1, watched):  # 1-based, as log.csv and the evaluations
-                if self.is_main:
-                    tqdm.write(f"WARNING collapse monitor: {w}")
+            for w in self.monitor.watch(it + 1, stats):  # 1-based, as log.csv and the evaluations
+                self._warn(f"collapse monitor: {w}")
         stats["iteration"] = it + 1
         self.history.append(stats)
         self._log(stats, it + 1)
         self._write_csv(stats)
         return stats
 
-    def _claim_folder(self, asked_resume: bool, overwrite: bool) -> None:
-        """A new run's folder holds no earlier run: stop (naming ``--resume`` and ``--overwrite``), or with
-        ``overwrite`` remove the earlier run's files, saying which. ``--resume`` with nothing to resume
-        starts anew over a run that never checkpointed (its log is cut), as before."""
-        error, found = None, []
-        if self.is_main:
-            found = earlier_run(self.out, RUN_FILES)
-            if found and overwrite:
-                removed = clear_earlier_run(self.out, self.created)
-                self._warn(f"--overwrite: removed the earlier run's {', '.join(removed)} from {self.out}")
-            elif found and not asked_resume:
-                error = ConfigError(
-                    "train.output_dir",
-                    f"{self.out} holds an earlier run ({', '.join(found)}); `--resume` continues it, "
-                    "`--overwrite` replaces it, or choose another train.output_dir",
-                )
-        if rank0_decides(self.acc, error is not None):
-            raise error or ConfigError("train.output_dir", f"{self.out} holds an earlier run (see rank 0)")
-
     def _start(self, resume: bool, overwrite: bool) -> None:
         """Write the config, resume or evaluate the base."""
         resumed = self.resume() if resume else False
         self._checkpointed = self.start_iteration
         if not resumed:
-            self._claim_folder(resume, overwrite)
+            claim_folder(self.out, self.acc, self.created, resume, overwrite, self._warn)
         if self.is_main:  # written once every check passed
             (self.out / "config.yaml").write_text(to_yaml(self.cfg))
             record_inputs(self.out, self.cfg)  # what --resume compares the input files with
@@ -455,22 +383,6 @@ class Trainer:
         if t.image_every and done % t.image_every == 0:
             self.save_images(done)
 
-    def _export_lora(self) -> Path:
-        """``OUT/lora``: the LoRA in diffusers' format, written by the main process (under FSDP gathered by
-        every process first); with ``lora_ema`` its EMA (what was evaluated), the trained weights beside it
-        in ``OUT/lora_trained``."""
-        final = self.out / "lora"
-        pipe_cls = type(self.adapter.pipeline) if self.adapter.pipeline is not None else None
-        with self._evaluated_weights(), self.ctx.whole_lora():
-            if self.is_main:
-                save_lora(self.adapter, final, pipeline_class=pipe_cls)
-                write_card(self.cfg, final, pipe_cls, self.evals)
-        if self.lora_ema is not None:
-            with self.ctx.whole_lora():
-                if self.is_main:
-                    save_lora(self.adapter, self.out / "lora_trained", pipeline_class=pipe_cls)
-        return final
-
     def _final_samples(self, last: int) -> None:
         """The last evaluation and image grid, where ``_periodic`` did not make them (every process)."""
         if not self.cfg.train.report:
@@ -484,7 +396,7 @@ class Trainer:
     def _finish(self, last: int) -> dict[str, Any]:
         """Export the LoRA and report (main process), write monitor.json and evals.json."""
         result: dict[str, Any] = {"output_dir": str(self.out)}
-        final = self._export_lora()
+        final = self.checkpoints.export_lora(self.evals)
         if self.is_main:
             result["lora"] = str(final)
             if self.cfg.train.report:
@@ -500,16 +412,9 @@ class Trainer:
         return result
 
     def _write_monitor(self, stopped: str = "") -> None:
-        """monitor.json: the collapse monitor's verdict and warnings, and the non-finite guard's counts."""
-        if not self.is_main:
-            return
-        dropped = sum(h.get("guard/dropped", 0.0) for h in self.history)
-        doc = {
-            "verdict": self.monitor.verdict,
-            "warnings": self.monitor.warnings,
-            "nonfinite": {**self.guard.state_dict(), "dropped_samples": int(dropped), "stopped": stopped},
-        }
-        (self.out / "monitor.json").write_text(json.dumps(doc, indent=1))
+        if self.is_main:
+            dropped = sum(h.get("guard/dropped", 0.0) for h in self.history)
+            write_monitor(self.out / "monitor.json", self.monitor, self.guard.state_dict(), dropped, stopped)
 
     def _stoppable(self) -> contextlib.AbstractContextManager:
         """Work a signal may cut short (it is redone on resume): in one process; with several, a process
