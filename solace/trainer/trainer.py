@@ -150,18 +150,11 @@ class Trainer:
         with self.updater.sampling_policy():  # DiffusionNFT samples with its old policy
             trajs = [
                 sample(
-                    self.adapter,
-                    cond.index(sl),
-                    null.index(sl),
-                    self.ctx.sigmas,
-                    init[sl].to(dev),
-                    s.cfg_scale,
-                    s.noise_level,
-                    sde_steps,
-                    step_noise=step_noise[sl].to(dev),
-                )  # fmt: skip
+                    self.adapter, cond.index(sl), null.index(sl), self.ctx.sigmas, init[sl].to(dev),
+                    s.cfg_scale, s.noise_level, sde_steps, step_noise=step_noise[sl].to(dev),
+                )
                 for sl in self._batches(len(cond))
-            ]
+            ]  # fmt: skip
         latents = torch.cat([t.latents for t in trajs])
         log_probs = torch.cat([t.log_probs for t in trajs])
         ro = Rollout(prompts, lay, cond, null, latents, log_probs)
