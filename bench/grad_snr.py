@@ -103,7 +103,8 @@ def main() -> None:
     out = HERE / "results" / f"grad_snr_{a.tag}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
-    print(f"window {tr.ctx.window}: mean cosine real {res['cos_real_mean']}, shuffled {res['cos_shuffled_mean']}")
+    real, shuffled = res["cos_real_mean"], res["cos_shuffled_mean"]
+    print(f"window {tr.ctx.window}: mean cosine real {real}, shuffled {shuffled}")
     print("real pairs", [round(x, 3) for x in res["cos_real"]])
     print("shuffled pairs", [round(x, 3) for x in res["cos_shuffled"]])
 

@@ -56,7 +56,7 @@ def main() -> None:
         G, sc = cfg.sampling.group_size, cfg.reward.self_confidence
         groups = torch.arange(z0.shape[0]) // G
         seeds = list(range(int(groups.max()) + 1))
-        confidence = tr.scorer.rewards.components["self_confidence"]
+        confidence = tr.scoring.rewards.components["self_confidence"]
         t = confidence.timesteps(tr.ctx.sigmas)[1]
 
         def reward_pass() -> None:

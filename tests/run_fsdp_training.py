@@ -87,7 +87,10 @@ def describe(tr: Trainer) -> dict:
 def stored_dtypes(tr: Trainer) -> dict:
     """After training: the dtypes of the LoRA parameters (the shards: master weights) and AdamW's moments."""
     moments = {
-        str(v.dtype) for s in tr.ctx.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.ndim
+        str(v.dtype)
+        for s in tr.ctx.optimizer.state.values()
+        for v in s.values()
+        if torch.is_tensor(v) and v.ndim
     }
     return {"lora": sorted({str(p.dtype) for p in tr.params}), "moments": sorted(moments)}
 

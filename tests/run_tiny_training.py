@@ -37,7 +37,7 @@ def main() -> None:
         return finish()
     tr = Trainer(cfg)
     ro = tr.collect(0)
-    adv = tr.scorer.gather(ro.advantages.contiguous())
+    adv = tr.scoring.gather(ro.advantages.contiguous())
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / f"advantages_rank{tr.rank}.json").write_text(
         json.dumps(
@@ -45,7 +45,7 @@ def main() -> None:
                 "world": tr.acc.num_processes,
                 "adv": adv.tolist(),
                 "reward": ro.stats["reward/mean"],
-                "final_latents_sum": float(tr.scorer.gather(ro.z0.sum((1, 2, 3)).contiguous()).sum()),
+                "final_latents_sum": float(tr.scoring.gather(ro.z0.sum((1, 2, 3)).contiguous()).sum()),
             }
         )
     )

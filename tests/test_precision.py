@@ -122,7 +122,9 @@ def _bf16_first_update_on_policy(tmp_path, fresh_accelerate) -> None:
     assert abs(stats["train/ratio_min"] - 1) <= RATIO_TOL and abs(stats["train/ratio_max"] - 1) <= RATIO_TOL
     assert stats["train/grad_norm"] > 0
     assert all(p.dtype == torch.float32 for p in bf16.params)  # fp32 LoRA ...
-    moments = [v for s in bf16.ctx.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.ndim]
+    moments = [
+        v for s in bf16.ctx.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.ndim
+    ]
     assert moments and all(v.dtype == torch.float32 for v in moments)  # ... and fp32 AdamW state
     # must fail: log-probs sampled without the autocast the update runs under
     off = trainer("bf16", "c").update(ro32, 0)

@@ -105,7 +105,7 @@ def test_the_trainer_trains_and_probes_the_released_steps(weights, tmp_path):
         "grpo.train_steps": "released_sd3",
     }
     tr = Trainer(load_config("toy", tiny_overrides(weights, tmp_path / "r", **over)))
-    probe_idx, probe_t = tr.scorer.rewards.components["self_confidence"].timesteps(tr.ctx.sigmas)
+    probe_idx, probe_t = tr.scoring.rewards.components["self_confidence"].timesteps(tr.ctx.sigmas)
     assert tr.ctx.window == [4, 5, 6, 7, 8] and probe_idx == [4, 5, 6, 7, 8]
     assert_close(probe_t, tr.ctx.sigmas[4:9])
 
@@ -434,7 +434,7 @@ def test_zero_advantage_samples_leave_the_update(weights, tmp_path, drop):
     tr = Trainer(load_config("toy", tiny_overrides(weights, tmp_path / "z", **over)))
     ro = tr.sample_rollout(0)
     total = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 2.0, 3.0])  # group 0 flat: advantages exactly 0
-    adv, _, dropped, n_zero = tr.scorer.advantages(ro, total)
+    adv, _, dropped, n_zero = tr.scoring.advantages(ro, total)
     assert dropped == 0 and adv[:4].eq(0).all() and adv[4:].ne(0).all()
     trained = []
     micro = tr.updater.micro_batch
@@ -563,7 +563,7 @@ def test_trainer_standardises_each_batch_by_hand(weights, tmp_path, shuffle):
     over = {**SCOPE, "reward.self_confidence.standardize_shuffle_groups": shuffle}
     tr = Trainer(load_config("toy", tiny_overrides(weights, tmp_path / "b", **over)))
     seen = {}
-    scorer = tr.scorer.rewards.components["self_confidence"].scorer
+    scorer = tr.scoring.rewards.components["self_confidence"].scorer
     agg = scorer.aggregate
 
     def spy(scores, t, batch_ids=None):

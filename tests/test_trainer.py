@@ -141,7 +141,7 @@ def test_external_reward_only_training_with_the_toy_evaluator(weights, tmp_path)
     over += ["reward.components=[{name: toy_geneval, weight: 1.0, kwargs: {mode: mixed}}]"]
     cfg = load_config("toy", over)
     tr = Trainer(cfg)
-    assert list(tr.scorer.rewards.components) == ["toy_geneval"]
+    assert list(tr.scoring.rewards.components) == ["toy_geneval"]
     tr.train()
     rows = (tmp_path / "ext" / "log.csv").read_text().splitlines()
     header = rows[0].split(",")

@@ -197,7 +197,7 @@ def test_the_user_negatives_are_read_once_by_the_component_that_uses_them(weight
     with mock.patch.object(confidence_reward, "load_negatives", lambda p: reads.append(p) or real(p)):
         tr = Trainer(load_config("toy", tiny_overrides(weights, tmp_path / "run", **over)))
     assert reads == [str(negatives)]
-    editor = tr.scorer.rewards.components["self_confidence"].editor
+    editor = tr.scoring.rewards.components["self_confidence"].editor
     assert "a photo of a red square" in editor(Prompt("a photo of a red circle"))
     with mock.patch.object(confidence_reward, "load_negatives", lambda p: reads.append(p) or real(p)):
         RewardMixture(tr.cfg)  # the spy sees every read: a second one in the trainer would count

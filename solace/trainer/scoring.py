@@ -34,7 +34,7 @@ def gather(acc: Any, t: torch.Tensor) -> torch.Tensor:
     return acc.gather(t.to(acc.device).contiguous()).cpu()
 
 
-class Scorer:
+class RolloutScoring:
     """Rewards, advantages and batch statistics of a rollout (``score`` sets ``ro.rewards``,
     ``ro.confidence``, ``ro.advantages`` and ``ro.keep``)."""
 

@@ -41,7 +41,7 @@ from solace.trainer.monitor import CollapseMonitor, eval_stats, write_monitor
 from solace.trainer.report import write_report
 from solace.trainer.resume_check import truncate_log
 from solace.trainer.runlock import claim_folder, run_lock
-from solace.trainer.scoring import Scorer
+from solace.trainer.scoring import RolloutScoring
 from solace.trainer.setup import build_context, make_accelerator, make_layout, make_lora_ema
 from solace.trainer.signals import RunInterrupted, StopRequest
 from solace.trainer.tracking import Trackers
@@ -68,7 +68,9 @@ class Trainer:
         self.params = self.ctx.params
         self._cond_cache = ConditioningLRU(cfg.model.embedding_lru_size)
         self.updater = make_update(self.ctx, cfg)  # train.algorithm
-        self.scorer = Scorer(cfg, self.ctx, self.encode, self.updater.updates_per_iteration, self._warn)
+        self.scoring = RolloutScoring(
+            cfg, self.ctx, self.encode, self.updater.updates_per_iteration, self._warn
+        )
         self.source = PromptSource(cfg.data.train_prompts, cfg.train.seed)
         self.lora_ema = make_lora_ema(cfg, self.params)  # what evaluations and the export use, or None
         if self.lora_ema is not None:
@@ -76,7 +78,7 @@ class Trainer:
         self.null = self.adapter.encode_prompts([cfg.sampling.negative_prompt])  # CFG's null
         offload_text_encoders(  # model.offload_text_encoders: the run's prompts encoded, then offloaded
             cfg.model, self.adapter, self.acc,
-            lambda: run_prompts(cfg, self.source, self.scorer.rewards.prompts_to_encode), self.encode,
+            lambda: run_prompts(cfg, self.source, self.scoring.rewards.prompts_to_encode), self.encode,
         )  # fmt: skip
         mc = cfg.monitor
         self.monitor = CollapseMonitor(
@@ -169,8 +171,8 @@ class Trainer:
 
     def score(self, ro: Rollout, iteration: int) -> dict[str, float]:
         """The rewards of the whole (gathered) batch, mixed, and this process's advantages on ``ro``
-        (:class:`~solace.trainer.scoring.Scorer`); returns the reward and batch statistics."""
-        return self.scorer.score(ro, iteration)
+        (:class:`~solace.trainer.scoring.RolloutScoring`); returns the reward and batch statistics."""
+        return self.scoring.score(ro, iteration)
 
     # ------------------------------------------------------------------ policy update
     def update(self, ro: Rollout, iteration: int) -> dict[str, float]:
