@@ -126,6 +126,17 @@ class CollapseMonitor:
         self.warnings.extend(out)
         return out
 
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps (its keys in the checkpoint's state: ``monitor``, ``monitor_series``,
+        ``reward_history``)."""
+        return {"monitor": self.warnings, "monitor_series": self.series, "reward_history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Back from a checkpoint's state (missing keys: empty)."""
+        self.warnings = state.get("monitor", [])
+        self.series = state.get("monitor_series", {})
+        self.history = state.get("reward_history", [])
+
     @property
     def verdict(self) -> str:
         if not self.warnings:

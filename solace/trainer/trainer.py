@@ -128,11 +128,6 @@ class Trainer:
         """The finite scalars to every tracker of ``train.log_with`` (main process)."""
         self.trackers.log(scalars, step)
 
-    def _batches(self, n: int) -> list[slice]:
-        """Slices of ``sampling.batch_size`` samples: the forwards of sampling and decoding."""
-        bs = self.cfg.sampling.batch_size
-        return [slice(b, b + bs) for b in range(0, n, bs)]
-
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
     def sample_rollout(self, iteration: int) -> Rollout:
@@ -155,7 +150,7 @@ class Trainer:
                     self.adapter, cond.index(sl), null.index(sl), self.ctx.sigmas, init[sl].to(dev),
                     s.cfg_scale, s.noise_level, sde_steps, step_noise=step_noise[sl].to(dev),
                 )
-                for sl in self._batches(len(cond))
+                for sl in (slice(b, b + s.batch_size) for b in range(0, len(cond), s.batch_size))
             ]  # fmt: skip
         latents = torch.cat([t.latents for t in trajs])
         log_probs = torch.cat([t.log_probs for t in trajs])
@@ -229,15 +224,8 @@ class Trainer:
     def checkpoint(self, iteration: int) -> None:
         """Checkpoint the trained state and the loop's (on every process: :mod:`~.checkpointing`)."""
         self._checkpointed = iteration
-        state = {
-            "history": self.history,
-            "evals": self.evals,
-            "monitor": self.monitor.warnings,
-            "monitor_series": self.monitor.series,
-            "reward_history": self.monitor.history,
-            "nonfinite": self.guard.state_dict(),
-        }
-        self.checkpoints.save(iteration, state)
+        state = {"history": self.history, "evals": self.evals, **self.monitor.state_dict()}
+        self.checkpoints.save(iteration, {**state, "nonfinite": self.guard.state_dict()})
 
     def resume(self) -> bool:
         """Continue from the newest intact checkpoint; False when there is nothing to resume."""
@@ -247,9 +235,7 @@ class Trainer:
         self.start_iteration = int(state["iteration"])
         self.history = state.get("history", [])
         self.evals = state.get("evals", [])
-        self.monitor.warnings = state.get("monitor", [])
-        self.monitor.series = state.get("monitor_series", {})
-        self.monitor.history = state.get("reward_history", [])
+        self.monitor.load_state_dict(state)
         self.guard.load_state_dict(state.get("nonfinite", {}))
         if self.is_main:  # rows logged after the checkpoint are redone
             truncate_log(self.out / "log.csv", self.start_iteration)
