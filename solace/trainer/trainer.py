@@ -68,8 +68,9 @@ class Trainer:
         self.params = self.ctx.params
         self._cond_cache = ConditioningLRU(cfg.model.embedding_lru_size)
         self.updater = make_update(self.ctx, cfg)  # train.algorithm
+        # the parts below warn through self._warn, looked up when they warn (a caller may redirect it)
         self.scoring = RolloutScoring(
-            cfg, self.ctx, self.encode, self.updater.updates_per_iteration, self._warn
+            cfg, self.ctx, self.encode, self.updater.updates_per_iteration, lambda m: self._warn(m)
         )
         self.source = PromptSource(cfg.data.train_prompts, cfg.train.seed)
         self.lora_ema = make_lora_ema(cfg, self.params)  # what evaluations and the export use, or None
@@ -89,7 +90,7 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self.evals: list[dict[str, Any]] = []
         self.checkpoints = RunCheckpoints(
-            self.out, cfg, self.ctx, self.updater, self.lora_ema, self._warn, allow_changes
+            self.out, cfg, self.ctx, self.updater, self.lora_ema, lambda m: self._warn(m), allow_changes
         )
         # every process samples its block of each evaluation and image grid and receives the others'
         # (shards; under DDP through the bare module, see UpdateContext.training_forwards; under FSDP with as
