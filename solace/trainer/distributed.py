@@ -20,7 +20,8 @@ from datetime import timedelta
 from typing import Any
 
 import torch
-from accelerate.utils import broadcast
+import torch.distributed as dist
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, broadcast
 
 from solace.errors import ConfigError
 
@@ -51,8 +52,6 @@ def accelerator_kwargs(timeout_minutes: float) -> list[Any]:
       (:meth:`UpdateContext.training_forwards`), so a forward some processes run and others not never reaches
       DDP, whatever the Accelerator it was given.
     """
-    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
-
     return [
         InitProcessGroupKwargs(timeout=timedelta(minutes=timeout_minutes)),
         DistributedDataParallelKwargs(broadcast_buffers=False),
@@ -61,8 +60,6 @@ def accelerator_kwargs(timeout_minutes: float) -> list[Any]:
 
 def world_size() -> int:
     """Number of processes in the default process group (1 when none is initialised)."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return 1
@@ -70,15 +67,11 @@ def world_size() -> int:
 
 def is_main_process() -> bool:
     """True on rank 0 of the default process group, and in a run without one."""
-    import torch.distributed as dist
-
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def leave_process_group() -> bool:
     """Wait for every process, then destroy the default process group. True when there was one."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()):
         return False
     dist.barrier()
