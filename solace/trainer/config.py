@@ -95,7 +95,8 @@ class SamplingCfg:
 
 @dataclass
 class RewardComponent:
-    # self_confidence, a registered reward (solace.rewards.registry) or your factory package.module:function
+    # a registered component (solace.rewards.components.COMPONENTS: self_confidence, its settings in
+    # reward.self_confidence), an image reward (solace.rewards.registry) or a factory package.module:function
     name: str = "self_confidence"
     weight: float = 1.0
     kwargs: dict[str, Any] = field(default_factory=dict)
