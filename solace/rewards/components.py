@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -28,10 +28,6 @@ from solace.registry import Registry
 from solace.rewards.registry import build_reward
 from solace.sampling.rollout import Rollout
 from solace.utils.seeding import TrainStreams
-
-if TYPE_CHECKING:
-    from solace.trainer.config import RewardComponent as ComponentSpec
-    from solace.trainer.config import SolaceConfig
 
 
 @dataclass
@@ -89,7 +85,9 @@ class RewardComponent:
         raise NotImplementedError
 
 
-ComponentFactory = Callable[["ComponentSpec", "SolaceConfig"], RewardComponent]
+# ``factory(spec, cfg)``: ``spec`` one ``reward.components`` entry (name, weight, kwargs), ``cfg`` the run's
+# SolaceConfig; their types are not imported (the config checks names against this registry: a cycle).
+ComponentFactory = Callable[[Any, Any], RewardComponent]
 COMPONENTS: Registry[ComponentFactory] = Registry("reward component", "reward.components")
 """Reward components by name (beyond the image rewards of :mod:`solace.rewards.registry`)."""
 
@@ -111,7 +109,7 @@ class ImageReward(RewardComponent):
         return ComponentScore(ctx.gather(reward_scores(self.name, scores, len(images))))
 
 
-def build_component(spec: ComponentSpec, cfg: SolaceConfig) -> RewardComponent:
+def build_component(spec: Any, cfg: Any) -> RewardComponent:
     """The component ``spec.name`` names: a registered one, else an image reward."""
     if spec.name in COMPONENTS:
         return COMPONENTS.get(spec.name)(spec, cfg)

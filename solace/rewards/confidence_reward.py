@@ -11,7 +11,7 @@ scores of this process's samples on (``Rollout.confidence``).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
@@ -22,10 +22,6 @@ from solace.rewards.scorer import SelfConfidenceCfg, SelfConfidenceScorer
 from solace.rewards.self_confidence import standardization_batches
 from solace.sampling.rollout import GroupLayout
 from solace.utils.seeding import Stream
-
-if TYPE_CHECKING:
-    from solace.trainer.config import RewardComponent as ComponentSpec
-    from solace.trainer.config import SolaceConfig
 
 
 class PromptEditor:
@@ -52,7 +48,7 @@ class SelfConfidenceReward(RewardComponent):
         )
 
     @classmethod
-    def from_config(cls, spec: ComponentSpec, cfg: SolaceConfig) -> SelfConfidenceReward:
+    def from_config(cls, spec: Any, cfg: Any) -> SelfConfidenceReward:
         """Settings from ``reward.self_confidence``; the CFG scale (``cfg_in_reward``) from sampling."""
         return cls(spec.name, cfg.reward.self_confidence, cfg.sampling.cfg_scale)
 

@@ -9,16 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
 from solace.prompts import Prompt
 from solace.rewards import confidence_reward  # noqa: F401 - registers the self_confidence component
 from solace.rewards.components import COMPONENTS, RewardComponent, RewardContext, build_component
-
-if TYPE_CHECKING:
-    from solace.trainer.config import SolaceConfig
 
 
 @dataclass
@@ -35,7 +32,7 @@ class MixedReward:
 class RewardMixture:
     """Builds the configured components once (``reward.components``: name, weight, kwargs)."""
 
-    def __init__(self, cfg: SolaceConfig):
+    def __init__(self, cfg: Any):
         self.specs = list(cfg.reward.components)
         self.components: dict[str, RewardComponent] = {s.name: build_component(s, cfg) for s in self.specs}
 
@@ -68,7 +65,7 @@ class RewardMixture:
         return total
 
 
-def component_prompts(cfg: SolaceConfig, prompts: Sequence[Prompt]) -> list[str]:
+def component_prompts(cfg: Any, prompts: Sequence[Prompt]) -> list[str]:
     """The prompts the registered (latent) components of ``cfg`` encode for ``prompts``, without building
     the image rewards (``solace embed``)."""
     comps = [build_component(s, cfg) for s in cfg.reward.components if s.name in COMPONENTS]

@@ -28,7 +28,7 @@ import functools
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -42,9 +42,9 @@ from solace.sampling.sampler import step_policy
 from solace.trainer.context import UpdateContext
 from solace.utils.seeding import Stream
 
-if TYPE_CHECKING:
-    from solace.trainer.config import GRPOCfg, NFTCfg, SamplingCfg, SolaceConfig, TrainCfg
-
+# The config types are not imported (not even for type checking): the config checks ``train.algorithm``
+# against this registry, so an import back would be a cycle. ``cfg`` is the run's
+# :class:`~solace.trainer.config.SolaceConfig`, its sections (``cfg.train``, ``cfg.grpo``, ...) as named.
 UPDATES: Registry[type[PolicyUpdate]] = Registry("policy update", "train.algorithm")
 """The updates ``train.algorithm`` names: classes built by ``cls.from_config(ctx, cfg)``."""
 
@@ -67,7 +67,7 @@ class PolicyUpdate:
         self.after_step: Callable[[int], Any] | None = None  # called with ``steps`` after each step
 
     @classmethod
-    def from_config(cls, ctx: UpdateContext, cfg: SolaceConfig) -> PolicyUpdate:
+    def from_config(cls, ctx: UpdateContext, cfg: Any) -> PolicyUpdate:
         """The update with its settings of the run's config."""
         raise NotImplementedError
 
@@ -168,12 +168,12 @@ class PolicyUpdate:
 class FlowGRPOUpdate(PolicyUpdate):
     """Flow-GRPO (SOLACE Eq. 16): PPO clip on the window's step log-probs + beta KL to the reference."""
 
-    def __init__(self, ctx: UpdateContext, train: TrainCfg, grpo: GRPOCfg, sampling: SamplingCfg):
+    def __init__(self, ctx: UpdateContext, train: Any, grpo: Any, sampling: Any):
         super().__init__(ctx, train.micro_batch_size, train.inner_epochs, train.updates_per_iteration)
         self.grpo, self.sampling = grpo, sampling
 
     @classmethod
-    def from_config(cls, ctx: UpdateContext, cfg: SolaceConfig) -> FlowGRPOUpdate:
+    def from_config(cls, ctx: UpdateContext, cfg: Any) -> FlowGRPOUpdate:
         return cls(ctx, cfg.train, cfg.grpo, cfg.sampling)
 
     def terms(self) -> int:
@@ -219,7 +219,7 @@ class NFTUpdate(PolicyUpdate):
 
     needs_log_probs = False
 
-    def __init__(self, ctx: UpdateContext, train: TrainCfg, nft: NFTCfg):
+    def __init__(self, ctx: UpdateContext, train: Any, nft: Any):
         n = nft
         super().__init__(ctx, train.micro_batch_size, train.inner_epochs, train.updates_per_iteration)
         self.cfg = n
@@ -229,7 +229,7 @@ class NFTUpdate(PolicyUpdate):
         self.ema = EMAPolicy(ctx.params, schedule)
 
     @classmethod
-    def from_config(cls, ctx: UpdateContext, cfg: SolaceConfig) -> NFTUpdate:
+    def from_config(cls, ctx: UpdateContext, cfg: Any) -> NFTUpdate:
         return cls(ctx, cfg.train, cfg.nft)
 
     def terms(self) -> int:
@@ -303,6 +303,6 @@ class NFTUpdate(PolicyUpdate):
         self.ema.load_state_dict(tensors, self.ctx.local())
 
 
-def make_update(ctx: UpdateContext, cfg: SolaceConfig) -> PolicyUpdate:
+def make_update(ctx: UpdateContext, cfg: Any) -> PolicyUpdate:
     """The update ``train.algorithm`` names (a registered one: :data:`UPDATES`), built from ``ctx``."""
     return UPDATES.get(cfg.train.algorithm).from_config(ctx, cfg)
