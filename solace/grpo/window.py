@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from solace.errors import check
 
 
@@ -22,6 +24,36 @@ def train_window(num_steps: int, rho: float) -> list[int]:
     check(0 < rho <= 1, "rho", f"must lie in (0, 1], got {rho}")
     n = math.ceil(round(rho * num_steps, 9))  # round first so 0.7 * 10 = 7.000000000000001 gives 7
     return list(range(num_steps - n, num_steps))
+
+
+def window_sigmas(sigmas: torch.Tensor, steps: list[int]) -> torch.Tensor:
+    """The timesteps at which the window's reverse steps evaluate the model: step ``i`` runs from
+    ``sigmas[i]`` to ``sigmas[i + 1]`` and evaluates the velocity at ``sigmas[i]``, so the window ``steps``
+    trains at ``sigmas[steps]``. With 10 steps and rho = 0.6 (steps 4..9) these are the 6 least noisy
+    sampler timesteps; DiffusionNFT's ``grid`` timesteps restricted to them train where Flow-GRPO does."""
+    check(len(steps) >= 1, "steps", "the window is empty")
+    check(
+        all(0 <= i < len(sigmas) - 1 for i in steps),
+        "steps",
+        f"must lie in [0, {len(sigmas) - 1}), got {steps}",
+    )
+    return torch.as_tensor(sigmas)[list(steps)]
+
+
+def window_t_range(sigmas: torch.Tensor, steps: list[int]) -> tuple[float, float]:
+    """``(t_low, t_high)``: the noise levels the window's steps cover, from ``sigmas[last + 1]`` (the level
+    the last step reaches) to ``sigmas[first]`` (where the first starts). The range of continuous training
+    timesteps that matches the window (DiffusionNFT's ``uniform`` timesteps); a window with a gap covers
+    no single range and is refused. With the rho suffix the low end is ``sigmas[T] = 0``."""
+    check(len(steps) >= 1, "steps", "the window is empty")
+    first, last = min(steps), max(steps)
+    check(
+        sorted(steps) == list(range(first, last + 1)),
+        "steps",
+        f"must be contiguous to cover one range of t, got {sorted(steps)}",
+    )
+    check(0 <= first and last < len(sigmas) - 1, "steps", f"must lie in [0, {len(sigmas) - 1}), got {steps}")
+    return float(sigmas[last + 1]), float(sigmas[first])
 
 
 #: The released scripts' rules, by name: where in the schedule their window of steps starts.

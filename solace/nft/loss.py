@@ -186,6 +186,15 @@ def nft_loss(
     return loss, stats
 
 
+def unshift(t: float, shift: float) -> float:
+    """The inverse of the resolution shift ``t = s u / (1 + (s - 1) u)``: ``u = t / (s - (s - 1) t)``, the
+    uniform draw that the shift maps to ``t`` (monotone, 0 -> 0 and 1 -> 1). Turns a range of ``t`` into the
+    ``[t_min, t_max)`` of :func:`sample_training_timesteps`'s ``uniform`` draws."""
+    check(shift > 0, "shift", f"must be > 0, got {shift}")
+    check(0.0 <= t <= 1.0, "t", f"must lie in [0, 1], got {t}")
+    return t / (shift - (shift - 1) * t)
+
+
 def sample_training_timesteps(
     n: int,
     mode: str = "uniform",

@@ -19,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from solace.errors import ConfigError, check
 from solace.evaluation.evaluators import EvalSetup, evaluator_kind
-from solace.grpo.window import parse_steps
+from solace.grpo.window import parse_steps, train_window
 from solace.models import FAMILIES, ModelFamily, resolve_family
 from solace.prompts import PROMPT_SETS, is_prompt_set, read_prompt_file
 from solace.registry import load_plugins
@@ -140,6 +140,10 @@ class NFTCfg:
     shift: float = 1.0  # uniform only: t = s u / (1 + (s - 1) u) (the model's resolution shift)
     t_min: float = 0.0
     t_max: float = 1.0
+    # train only where Flow-GRPO does: the trained window (grpo.rho / grpo.train_steps, the last
+    # ceil(rho |T|) reverse steps) restricts the grid's sigmas, or in uniform mode the range of t (then leave
+    # t_min / t_max at 0 / 1); off: every timestep (DiffusionNFT)
+    window: bool = False
     ema: Literal["constant", "ramp"] = "constant"  # the old policy's decay schedule
     ema_decay: float = 0.0  # constant: 0 = the policy at the start of the iteration
     ema_rate: float = 0.001  # ramp: d = min(rate * (step - delay), max) (released: 0.001, 0.5, 0)
@@ -530,6 +534,7 @@ def validate(cfg: SolaceConfig, check_paths: bool = True) -> None:
         _min(s.noise_level, 0, "sampling.noise_level", " (0: the ODE sampler)")
     if cfg.train.algorithm == "nft":
         _validate_nft(cfg.nft, s.num_steps)
+        _validate_nft_window(cfg)
     _min(s.batch_size, 1, "sampling.batch_size")
     _validate_size(cfg.model)
     cfg.reward.self_confidence.check(s.num_steps)
@@ -783,6 +788,33 @@ def _validate_nft(n: NFTCfg, num_steps: int) -> None:
     _min(n.ema_rate, 0, "nft.ema_rate")
     _min(n.ema_delay, 0, "nft.ema_delay")
     _min(n.kl_beta, 0, "nft.kl_beta")
+
+
+def _validate_nft_window(cfg: SolaceConfig) -> None:
+    """``nft.window``: the trained window fits the timestep mode (enough grid points for
+    ``timesteps_per_sample``; one contiguous range of t, not also narrowed by ``t_min`` / ``t_max``)."""
+    n, g, s = cfg.nft, cfg.grpo, cfg.sampling
+    if not n.window:
+        return
+    steps = parse_steps(g.train_steps, s.num_steps) if g.train_steps else train_window(s.num_steps, g.rho)
+    if n.timesteps == "grid":
+        check(
+            n.timesteps_per_sample <= len(steps),
+            "nft.timesteps_per_sample",
+            f"asks for {n.timesteps_per_sample} distinct timesteps but the trained window has {len(steps)} "
+            f"steps ({steps}); lower it or widen grpo.rho",
+        )
+        return
+    check(
+        (n.t_min, n.t_max) == (0.0, 1.0),
+        "nft.window",
+        "sets the range of t from the trained window; leave nft.t_min / nft.t_max at 0 / 1 or turn it off",
+    )
+    check(
+        sorted(steps) == list(range(min(steps), max(steps) + 1)),
+        "nft.window",
+        f"uniform timesteps need one contiguous window, grpo.train_steps gives {steps}",
+    )
 
 
 def _validate_released_switches(cfg: SolaceConfig) -> None:

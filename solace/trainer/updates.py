@@ -33,9 +33,10 @@ from typing import Any, ClassVar
 import torch
 
 from solace.grpo.loss import gaussian_kl, ppo_clip_loss
+from solace.grpo.window import window_sigmas, window_t_range
 from solace.models.base import adapters_disabled
 from solace.nft.ema import EMAPolicy, ema_decay
-from solace.nft.loss import forward_noise, nft_loss, sample_training_timesteps
+from solace.nft.loss import forward_noise, nft_loss, sample_training_timesteps, unshift
 from solace.registry import Registry
 from solace.sampling.rollout import Rollout
 from solace.sampling.sampler import step_policy
@@ -213,6 +214,22 @@ class FlowGRPOUpdate(PolicyUpdate):
         return loss, parts
 
 
+def nft_timestep_domain(
+    n: Any, sigmas: torch.Tensor, window: list[int]
+) -> tuple[torch.Tensor, tuple[float, float]]:
+    """Where NFT's training timesteps are drawn: ``(grid, (u_min, u_max))``. With ``nft.window`` on, the
+    trained window of Flow-GRPO (``grpo.rho`` / ``grpo.train_steps``: the last ceil(rho |T|) reverse steps)
+    restricts them: ``grid`` mode draws among the window's sigmas (:func:`~solace.grpo.window.window_sigmas`),
+    ``uniform`` mode within the t range the window covers (:func:`~solace.grpo.window.window_t_range`, taken
+    back through the shift). Off (DiffusionNFT's own): every sampler sigma, ``[nft.t_min, nft.t_max)``."""
+    if not n.window:
+        return sigmas, (n.t_min, n.t_max)
+    if n.timesteps == "grid":
+        return window_sigmas(sigmas, window), (n.t_min, n.t_max)
+    lo, hi = window_t_range(sigmas, window)
+    return sigmas, (unshift(lo, n.shift), unshift(hi, n.shift))
+
+
 @UPDATES.register("nft")
 class NFTUpdate(PolicyUpdate):
     """DiffusionNFT: advantage-weighted flow matching against the EMA old policy's implicit velocities."""
@@ -227,6 +244,7 @@ class NFTUpdate(PolicyUpdate):
             ema_decay, kind=n.ema, decay=n.ema_decay, rate=n.ema_rate, max_decay=n.ema_max, delay=n.ema_delay
         )
         self.ema = EMAPolicy(ctx.params, schedule)
+        self.grid, self.u_range = nft_timestep_domain(n, ctx.sigmas, ctx.window)
 
     @classmethod
     def from_config(cls, ctx: UpdateContext, cfg: Any) -> NFTUpdate:
@@ -251,7 +269,7 @@ class NFTUpdate(PolicyUpdate):
             ts.append(
                 sample_training_timesteps(
                     1, n.timesteps, c.streams.generator(Stream.NFT_TIMESTEPS, iteration, g, epoch),
-                    sigmas=c.sigmas, shift=n.shift, t_min=n.t_min, t_max=n.t_max,
+                    sigmas=self.grid, shift=n.shift, t_min=self.u_range[0], t_max=self.u_range[1],
                     per_sample=n.timesteps_per_sample,
                 )[0]
             )  # fmt: skip
