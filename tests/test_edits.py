@@ -310,3 +310,19 @@ def test_load_negatives_rejects_a_folder_and_a_missing_file(tmp_path):
         load_negatives(tmp_path)
     with pytest.raises(ConfigError, match="does not exist"):
         load_negatives(tmp_path / "missing.jsonl")
+
+
+def test_cycle_kinds_takes_turns_by_hand():
+    """User negatives first as they come, then colour, count, relation, binding, shape in turn, each
+    kind's order kept; nothing lost or repeated."""
+    from solace.rewards.prompt_edits import Edit, cycle_kinds
+
+    def e(kind, p):
+        return Edit(kind, p, None, "")
+
+    edits = [e("colour", "c1"), e("colour", "c2"), e("colour", "c3"), e("shape", "s1"), e("user", "u1")]
+    edits += [e("count", "n1"), e("binding", "b1"), e("shape", "s2"), e("user", "u2")]
+    got = [x.prompt for x in cycle_kinds(edits)]
+    assert got == ["u1", "u2", "c1", "n1", "b1", "s1", "c2", "s2", "c3"]
+    assert cycle_kinds([]) == []
+    assert [x.prompt for x in cycle_kinds(edits[:3])] == ["c1", "c2", "c3"]  # one kind: unchanged

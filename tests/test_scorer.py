@@ -182,13 +182,18 @@ def test_edit_scores_use_exactly_the_prompts_probes(mode):
 
 
 def test_candidate_edits_toy_records_text_rules_and_the_empty_fallback():
-    from solace.rewards.prompt_edits import candidate_edits
+    from solace.rewards.prompt_edits import candidate_edits, cycle_kinds
     from solace.toy.edits import toy_edits
     from solace.toy.world import load_heldout
 
     rec = next(r for r in load_heldout() if r.tag == "color_attr")
-    assert candidate_edits(rec.prompt, rec.to_json(), limit=50) == [e.prompt for e in toy_edits(rec)]
-    assert candidate_edits(rec.prompt, rec.to_json(), limit=3) == [e.prompt for e in toy_edits(rec)][:3]
+    every = toy_edits(rec)
+    assert [e.kind for e in every][:8] == ["colour"] * 8  # in kind order, 8 colour edits come first
+    assert candidate_edits(rec.prompt, rec.to_json(), limit=50) == [e.prompt for e in cycle_kinds(every)]
+    assert sorted(candidate_edits(rec.prompt, rec.to_json(), limit=50)) == sorted(e.prompt for e in every)
+    first = {e.prompt: e.kind for e in every}
+    kinds3 = [first[p] for p in candidate_edits(rec.prompt, rec.to_json(), limit=3)]
+    assert kinds3 == ["colour", "binding", "shape"]  # the kinds take turns: the first 3 hold every kind
     text = candidate_edits("a red car left of a tree", limit=50)
     assert "a red car right of a tree" in text and all(p != "a red car left of a tree" for p in text)
     assert candidate_edits("a photo") == [""]

@@ -354,6 +354,19 @@ def provider_edits(text: str, meta: Mapping) -> list[Edit]:
     return []
 
 
+def cycle_kinds(edits: Sequence[Edit]) -> list[Edit]:
+    """The edits reordered so that kinds take turns: edits of other kinds first as they come (the user's
+    negatives), then one edit of each kind of :data:`KINDS` in turn (colour, count, relation, binding,
+    shape, colour, ...), each kind's own order kept. The first ``n`` then hold every kind the prompt has
+    before any kind's second edit: with a limit of 8, a two-object colour prompt's 8 colour edits no longer
+    crowd out its binding and shape edits."""
+    turns = [[e for e in edits if e.kind == k] for k in KINDS]
+    out = [e for e in edits if e.kind not in KINDS]
+    for i in range(max((len(t) for t in turns), default=0)):
+        out.extend(t[i] for t in turns if i < len(t))
+    return out
+
+
 def candidate_edits(
     text: str,
     meta: Mapping | None = None,
@@ -363,9 +376,10 @@ def candidate_edits(
     """The competing prompts the ``edits`` self-confidence variant scores a sample against, at most
     ``limit`` in a fixed order: for a prompt whose metadata an edit provider knows (:data:`EDIT_PROVIDERS`,
     e.g. an embedded world's exact single-attribute edits) its exact edits, otherwise the user negatives and
-    rule edits of :func:`edits_for`. A prompt with no edit at all (nothing to swap) falls back to the empty
+    rule edits of :func:`edits_for`; kinds taking turns (:func:`cycle_kinds`), so the limit keeps every kind.
+    A prompt with no edit at all (nothing to swap) falls back to the empty
     prompt, so the variant becomes ``S(c) - S(empty)`` for it."""
-    out = [e.prompt for e in provider_edits(text, meta)] if meta else []
-    if not out:
-        out = [e.prompt for e in edits_for(text, negatives, max_per_kind=None)]
-    return out[:limit] or [""]
+    edits = provider_edits(text, meta) if meta else []
+    if not edits:
+        edits = edits_for(text, negatives, max_per_kind=None)
+    return [e.prompt for e in cycle_kinds(edits)][:limit] or [""]
