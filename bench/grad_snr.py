@@ -21,9 +21,7 @@ from pathlib import Path
 
 import torch
 
-from solace.grpo.loss import ppo_clip_loss
 from solace.sampling.rollout import Rollout
-from solace.sampling.sampler import step_policy
 from solace.trainer.config import load_config
 from solace.trainer.trainer import Trainer
 
@@ -31,18 +29,17 @@ HERE = Path(__file__).parent
 
 
 def policy_grad(tr: Trainer, b: Rollout, adv: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
-    s = tr.cfg.sampling
+    """The gradient of the trainer's own Flow-GRPO loss (its update's ``loss``, every window step, the whole
+    batch as one micro-batch) with the advantages ``adv``, summed over the window steps. The KL term adds
+    nothing here: every batch is collected at the LoRA-off start, where the policy equals the reference."""
+    batch = tr.updater.micro_batch(b, torch.arange(len(b)), 0, 0)
+    batch["adv"] = adv.to(batch["adv"])
     total = [torch.zeros_like(p) for p in params]
-    for j in tr.ctx.window:
-        st = step_policy(
-            tr.adapter, b.latents[:, j], b.latents[:, j + 1], tr.ctx.sigmas, j, b.cond, b.null,
-            s.cfg_scale, s.noise_level,
-        )  # fmt: skip
-        loss, _ = ppo_clip_loss(st.log_prob, b.log_probs[:, j], adv, tr.cfg.grpo.clip_range)
+    for term in range(tr.updater.terms()):
+        loss, _ = tr.updater.loss(batch, term)
         for acc, g in zip(total, torch.autograd.grad(loss, params, allow_unused=True), strict=True):
-            if g is None:
-                continue
-            acc += g
+            if g is not None:
+                acc += g
     return torch.cat([g.flatten() for g in total])
 
 
