@@ -32,6 +32,7 @@ from solace.sampling.generate import generate
 from solace.trainer.ablate import run_grid
 from solace.trainer.config import load_config, model_family_of, to_yaml
 from solace.trainer.distributed import finish
+from solace.trainer.experiment import load_experiment
 from solace.trainer.model_setup import embed_prompts
 from solace.trainer.signals import RunInterrupted
 from solace.trainer.trainer import run_training
@@ -50,6 +51,8 @@ DEFAULT_MODEL = default("model.name")
 _MODEL_HELP = (
     f"{DEFAULT_MODEL} (the embedded world's model), a .safetensors of it, a diffusers folder or hub id."
 )
+# `solace ablate`'s conditions when neither --conditions nor --experiment names any (Table 2 + collapse)
+DEFAULT_ABLATION = ["k4", "k8", "k16", "cfg_in_reward", "offline", "rho1", "no_cfg"]
 ModelOpt = Annotated[str, typer.Option("--model", help=_MODEL_HELP)]
 FamilyOpt = Annotated[
     str,
@@ -156,16 +159,30 @@ def train(
 @app.command("ablate", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def ablate(
     ctx: typer.Context,
-    config: str = typer.Option(
-        cli_default("config"), "--config", "-c", help="Base YAML file or preset every condition is laid over."
+    config: str | None = typer.Option(
+        None,
+        "--config",
+        "-c",
+        help=f"Base YAML file or preset every condition is laid over ({cli_default('config')}).",
     ),
-    conditions: str = typer.Option(
-        "k4,k8,k16,cfg_in_reward,offline,rho1,no_cfg",
+    conditions: str | None = typer.Option(
+        None,
         help="Comma list: configs/ablation names (Table 2: k4,k8,k16,cfg_in_reward,offline; collapse: "
-        "rho1,no_cfg; variant: later_half), other presets (solace/configs/) or YAML files of differences.",
+        "rho1,no_cfg; variant: later_half), other presets (solace/configs/) or YAML files of differences. "
+        "With --experiment: which of its conditions run "
+        f"(default: all; without: {','.join(DEFAULT_ABLATION)}).",
     ),
-    seeds: str = typer.Option("0,1,2", help="Comma-separated seeds; every condition runs each."),
-    out: Path = typer.Option(Path("runs/ablate"), help="Grid folder: OUT/<condition>/seed<S>, ablation.md."),
+    seeds: str | None = typer.Option(None, help="Comma-separated seeds; every condition runs each (0,1,2)."),
+    out: Path | None = typer.Option(
+        None, help="Grid folder: OUT/<condition>/seed<S>, ablation.md (runs/ablate)."
+    ),
+    experiment: Path | None = typer.Option(
+        None,
+        "--experiment",
+        "-e",
+        help="An experiment YAML (bench/experiments/*.yaml): base config, conditions, seeds, folder, "
+        "overrides, the evaluation after training and the extra tables; the options above override it.",
+    ),
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Print the equivalent `solace train` commands (e.g. for a cluster) and stop."
     ),
@@ -173,21 +190,26 @@ def ablate(
         False, "--collect-only", help="Train nothing: write the table from the runs finished so far."
     ),
 ) -> None:
-    """The paper's ablations as a grid of `solace train` runs, with one Markdown table and plots.
+    """The paper's ablations, or an experiment file's grid, as `solace train` runs, with one Markdown table
+    and plots.
 
     Extra arguments are overrides shared by every run (train.iterations=10 ...); each condition's own
     settings win over them. Finished runs are kept and a killed grid resumes where it stopped."""
+    names = [c for c in conditions.split(",") if c.strip()] or [""] if conditions is not None else None
     try:
-        seed_list = _seed_list(seeds)
+        exp = load_experiment(experiment) if experiment is not None else None
+        seed_list = _seed_list(seeds) if seeds is not None else (exp.seeds if exp else [0, 1, 2])
+        out = out or (exp.out if exp else Path("runs/ablate"))
         res = run_grid(
-            config,
-            list(ctx.args),
-            [c for c in conditions.split(",") if c.strip()] or [""],
+            config or (exp.config if exp else cli_default("config")),
+            [*(exp.overrides if exp else []), *(exp.split_overrides(ctx.args) if exp else ctx.args)],
+            exp.select(names) if exp else (names or DEFAULT_ABLATION),
             seed_list,
             out,
             dry_run=dry_run,
             echo=typer.echo,
             collect_only=collect_only,
+            experiment=exp,
         )
     except SolaceError as e:
         _fail(e)

@@ -64,10 +64,12 @@ class Condition:
     name: str
     source: Path
     layer: Any  # an OmegaConf config of differences
+    config: str | None = None  # its own base config (an experiment's entry); None: the grid's
+    title: str | None = None  # its label in tables (an experiment's entry); None: LABELS or the name
 
     @property
     def label(self) -> str:
-        return LABELS.get(self.name, self.name)
+        return self.title or LABELS.get(self.name, self.name)
 
 
 def resolve_condition(spec: str) -> Condition:
@@ -110,7 +112,9 @@ def _run_settings(cond: Condition, seed: int, out: Path) -> dict[str, dict[str, 
 def run_config(
     base: str, overrides: list[str], cond: Condition, seed: int, out: Path, check_paths: bool = True
 ) -> SolaceConfig:
-    """The config of one run: base <- overrides <- condition <- (seed, output folder, shared base eval)."""
+    """The config of one run: base (the condition's own, if it names one) <- overrides <- condition <- (seed,
+    output folder, shared base eval)."""
+    base = cond.config or base
     fixed = OmegaConf.create(_run_settings(cond, seed, out))
     cfg = load_config(base, overrides, check_paths=check_paths, layers_after=[cond.layer, fixed])
     cfg.preset = f"{base} + {cond.source.name}"
@@ -121,7 +125,7 @@ def train_command(base: str, overrides: list[str], cond: Condition, seed: int, o
     """The equivalent ``solace train`` command line of one run (to launch the grid elsewhere)."""
     flat = _flatten(OmegaConf.to_container(cond.layer))
     fixed = [f"{s}.{k}={v}" for s, kv in _run_settings(cond, seed, out).items() for k, v in kv.items()]
-    return "solace train --config " + shlex.join([base, *overrides, *flat, *fixed])
+    return "solace train --config " + shlex.join([cond.config or base, *overrides, *flat, *fixed])
 
 
 def _flatten(d: Any, prefix: str = "") -> list[str]:
@@ -359,18 +363,21 @@ def plot(
 def run_grid(
     base: str,
     overrides: list[str],
-    conditions: list[str],
+    conditions: list[str] | list[Condition],
     seeds: list[int],
     out: Path,
     dry_run: bool = False,
     echo: Any = print,
     collect_only: bool = False,
+    experiment: Any = None,
 ) -> dict[str, Any]:
     """Run (or, with ``dry_run``, print) every (condition, seed) training run, then write the table.
-    ``collect_only`` trains nothing: the table holds the runs finished so far (a grid still running)."""
+    ``collect_only`` trains nothing: the table holds the runs finished so far (a grid still running).
+    ``experiment`` (:class:`~solace.trainer.experiment.Experiment`): what each run adds to its record after
+    training (its final evaluation) and the tables written after the grid's own."""
     check(len(seeds) >= 1, "--seeds", "give at least one seed, e.g. 0,1,2")
     check(not Path(out).is_file(), "--out", f"{out} is a file; name the grid's folder")
-    conds = [resolve_condition(c) for c in conditions]
+    conds = [c if isinstance(c, Condition) else resolve_condition(c) for c in conditions]
     names = [c.name for c in conds]
     check(len(set(names)) == len(names), "--conditions", f"a condition is named twice: {', '.join(names)}")
     cfgs = {
@@ -397,16 +404,16 @@ def run_grid(
         if collect_only:
             echo(f"[{i}/{total}] {c.name} seed {s}: not finished, left out")
             continue
-        raw.append(_train_one(cfg, c, s, f"[{i}/{total}]", echo))
+        raw.append(_train_one(cfg, c, s, f"[{i}/{total}]", echo, experiment))
     check(bool(raw), "--collect-only", f"no finished run under {out}; run the grid without --collect-only")
     if not is_main_process():
         return {"table": None, "rows": [], "plots": []}
-    return write_table(raw, conds, out, base, overrides, seeds)
+    return write_table(raw, conds, out, base, overrides, seeds, experiment)
 
 
-def _train_one(cfg: Any, c: Any, seed: int, tag: str, echo: Any) -> dict[str, Any]:
-    """Train (or resume) one run of the grid; its record (evaluations, monitor, history, wall time) is
-    written next to it by the main process."""
+def _train_one(cfg: Any, c: Any, seed: int, tag: str, echo: Any, experiment: Any = None) -> dict[str, Any]:
+    """Train (or resume) one run of the grid; its record (evaluations, monitor, history, wall time, and
+    what the ``experiment`` adds) is written next to it by the main process."""
     run_dir = Path(cfg.train.output_dir)
     resume = (run_dir / "checkpoints" / "latest").exists()
     echo(f"{tag} {c.name} seed {seed}: {'resuming' if resume else 'training'} in {run_dir}")
@@ -424,6 +431,9 @@ def _train_one(cfg: Any, c: Any, seed: int, tag: str, echo: Any) -> dict[str, An
         "history": _read_log(run_dir / "log.csv"),
         "wall_s": time.time() - t0,
     }
+    if experiment is not None:
+        echo(f"{tag} {c.name} seed {seed}: the experiment's evaluation after training")
+        rec.update(experiment.after_run(cfg))
     if is_main_process():  # one writer; every process trains every run
         write_json_atomic(run_dir / "ablate_run.json", rec)
     return rec
@@ -447,11 +457,16 @@ def write_table(
     base: str,
     overrides: list[str],
     seeds: list[int],
+    experiment: Any = None,
 ) -> dict[str, Any]:
     rows = aggregate([summarize_run(r) for r in raw], conds)
-    cmd = "solace ablate --config " + shlex.join(
+    what = ["--config", base]
+    if experiment is not None:  # the command line's overrides: the experiment's own come from its file
+        what = ["--experiment", str(experiment.path)]
+        overrides = [*overrides[len(experiment.overrides) :], *experiment.final_overrides]
+    cmd = "solace ablate " + shlex.join(
         [
-            base,
+            *what,
             "--conditions",
             ",".join(c.name for c in conds),
             "--seeds",
@@ -464,9 +479,13 @@ def write_table(
     header = f"# solace ablate\n\n```bash\n{cmd}\n```"
     md = markdown(rows, header)
     pngs = plot(raw, rows, conds, out)
+    doc = {"command": cmd, "rows": rows, "runs": [summarize_run(r) for r in raw]}
+    if experiment is not None:
+        lines, extra, more = experiment.tables(raw, conds, out)
+        md += "\n" + "\n".join(lines) + "\n"
+        doc.update(extra)
+        pngs += more
     md += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs) + "\n"
     write_text_atomic(out / "ablation.md", md)
-    write_json_atomic(
-        out / "ablation.json", {"command": cmd, "rows": rows, "runs": [summarize_run(r) for r in raw]}
-    )
+    write_json_atomic(out / "ablation.json", doc)
     return {"table": str(out / "ablation.md"), "rows": rows, "plots": [str(p) for p in pngs]}
