@@ -433,7 +433,7 @@ def _train_one(cfg: Any, c: Any, seed: int, tag: str, echo: Any, experiment: Any
     }
     if experiment is not None:
         echo(f"{tag} {c.name} seed {seed}: the experiment's evaluation after training")
-        rec.update(experiment.after_run(cfg))
+        rec.update(experiment.after_run(cfg, rec))
     if is_main_process():  # one writer; every process trains every run
         write_json_atomic(run_dir / "ablate_run.json", rec)
     return rec

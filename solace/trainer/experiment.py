@@ -37,12 +37,13 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from solace.errors import ConfigError, check
 from solace.evaluation.evaluators import EVAL_SEED_OFFSET, make_evaluator
 from solace.models.lora import load_lora
 from solace.trainer.ablate import IMAGE_STATS, Condition, _fmt, _mean_sd, _pct, _series, resolve_condition
-from solace.trainer.config import SolaceConfig
+from solace.trainer.config import SolaceConfig, validate
 from solace.trainer.model_setup import load_model
 
 TABLES = ("per_seed", "budget")
@@ -61,10 +62,14 @@ class FinalEval:
 
     def config(self, cfg: SolaceConfig) -> SolaceConfig:
         """The run's config with the final evaluation's settings (and the seed that gives its noise)."""
-        merged = OmegaConf.merge(OmegaConf.structured(cfg), self.layer)
-        out = OmegaConf.to_object(merged)
+        try:
+            out = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cfg), self.layer))
+        except OmegaConfBaseException as e:
+            key = getattr(e, "full_key", None) or ""
+            raise ConfigError(f"final_eval.set.{key}".rstrip("."), str(e).splitlines()[0]) from None
         if self.seed is not None:  # the evaluator draws its noise from train.seed + EVAL_SEED_OFFSET
             out.train.seed = self.seed - EVAL_SEED_OFFSET
+        validate(out)
         return out
 
 
@@ -104,10 +109,11 @@ class Experiment:
             for o in mine:
                 check("=" in o, "final_eval", f"final_eval.{o!r} is not of the form final_eval.key=value")
             self.final_eval.layer = OmegaConf.merge(self.final_eval.layer, OmegaConf.from_dotlist(mine))
+            self.final_eval.config(SolaceConfig())  # checked before any run trains
         return [o for o in overrides if not o.startswith("final_eval.")]
 
-    def after_run(self, cfg: SolaceConfig) -> dict[str, Any]:
-        return after_run(self, cfg)
+    def after_run(self, cfg: SolaceConfig, record: dict[str, Any]) -> dict[str, Any]:
+        return after_run(self, cfg, len(record.get("history") or []))
 
     def tables(
         self, raw: list[dict[str, Any]], conds: list[Condition], out: Path
@@ -192,6 +198,7 @@ def load_experiment(path: str | Path) -> Experiment:
             f"an integer >= {EVAL_SEED_OFFSET} (none: the run's seed + 999), got {seed!r}",
         )
         final = FinalEval(_layer(fe.get("set") or {}, "final_eval.set"), seed)
+        final.config(SolaceConfig())  # its keys and values checked now, not after the first run's training
     overrides = raw.get("overrides") or []
     check(isinstance(overrides, list | ListConfig), "overrides", "a list of key=value strings")
     return Experiment(
@@ -212,7 +219,7 @@ def _device(cfg: SolaceConfig) -> torch.device:
 
 
 @torch.no_grad()
-def final_evaluation(cfg: SolaceConfig, final: FinalEval) -> list[dict[str, Any]]:
+def final_evaluation(cfg: SolaceConfig, final: FinalEval, iteration: int) -> list[dict[str, Any]]:
     """The run's evaluator with the final evaluation's settings, on the base model (no LoRA; the base
     evaluation read from / written to ``train.base_eval_cache``, so a seed's runs share it) and then with the
     run's exported LoRA (``OUT/lora``), the same prompts and noise: ``[base record, trained record]``."""
@@ -226,16 +233,16 @@ def final_evaluation(cfg: SolaceConfig, final: FinalEval) -> list[dict[str, Any]
     base = ev.evaluate(0)
     load_lora(adapter.denoiser, run_dir / "lora", trainable=False)
     adapter.denoiser.eval()
-    return [base, ev.evaluate(cfg.train.iterations)]
+    return [base, ev.evaluate(iteration)]
 
 
-def after_run(exp: Experiment, cfg: SolaceConfig) -> dict[str, Any]:
+def after_run(exp: Experiment, cfg: SolaceConfig, iterations: int) -> dict[str, Any]:
     """What the experiment adds to a finished run's record: the samples an iteration draws (the budget
-    table's samples/s) and the final evaluation."""
+    table's samples/s) and the final evaluation (its record labelled with the ``iterations`` trained)."""
     s = cfg.sampling
     rec: dict[str, Any] = {"samples_per_iteration": s.prompts_per_step * s.group_size}
     if exp.final_eval is not None:
-        rec["final_evals"] = final_evaluation(cfg, exp.final_eval)
+        rec["final_evals"] = final_evaluation(cfg, exp.final_eval, iterations)
     return rec
 
 
