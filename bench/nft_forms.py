@@ -3,8 +3,10 @@
     python bench/nft_forms.py --out runs/nft_v2 --labels solace_paper \
         --record bench/results/nft_forms
 
-Reads the runs that ``bench/nft_proof.py --label LABEL`` wrote under ``OUT/LABEL/seedN/proof.json`` (and
-``OUT/control/seedN``, the random-reward control of the same settings and seed) and writes, for every label
+Reads the runs of ``solace ablate --experiment bench/experiments/nft_proof.yaml`` (condition LABEL:
+``OUT/LABEL/seedN/ablate_run.json``; or the ``proof.json`` the former ``bench/nft_proof.py --label LABEL``
+wrote), beside ``OUT/control/seedN``, the random-reward control of the same settings and seed, and writes,
+for every label
 and for the seeds where both runs finished:
 
 - overall strict and lenient accuracy on the training-distribution set (64 fresh prompts x 8, the trainer's
@@ -29,36 +31,43 @@ import argparse
 import csv
 import json
 import shutil
-import sys
 from pathlib import Path
 from statistics import mean
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-from nft_proof import plot_evals  # noqa: E402
 
 CATS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
 
 def load(out: Path, label: str, seeds: list[int]) -> dict[int, dict]:
+    """The finished runs of ``label`` by seed: a ``solace ablate`` experiment's records (``ablate_run.json``,
+    its evaluation after training on the held-out set) in the shape of the former proof records."""
     recs = {}
     for s in seeds:
-        p = out / label / f"seed{s}" / "proof.json"
-        if p.exists():
-            recs[s] = json.loads(p.read_text())
+        run = out / label / f"seed{s}"
+        if (run / "proof.json").exists():
+            recs[s] = json.loads((run / "proof.json").read_text())
+        elif (run / "ablate_run.json").exists():
+            rec = json.loads((run / "ablate_run.json").read_text())
+            if len(rec.get("final_evals") or []) == 2:
+                base, final = rec["final_evals"]
+                recs[s] = {**rec, "heldout_base": flat(base), "heldout_final": flat(final)}
     return recs
 
 
-def train_dist(rec: dict, which: int) -> dict:
-    """The trainer's evaluation (``which`` 0: the base, -1: the end) as flat strict/lenient per category."""
-    e = rec["evals"][which]
+def flat(e: dict) -> dict:
+    """An evaluation record as flat strict/lenient per category and the image statistics beside them."""
     return {
         "strict": e["strict"],
         "lenient": e["lenient"],
         "categories": {c: e["categories"][c]["strict"] for c in CATS},
         "categories_lenient": {c: e["categories"][c]["lenient"] for c in CATS},
         "images": e.get("images", {}),
+        **{k: e.get("images", {}).get(k) for k in ("foreground", "objects")},
     }
+
+
+def train_dist(rec: dict, which: int) -> dict:
+    """The trainer's evaluation (``which`` 0: the base, -1: the end) as flat strict/lenient per category."""
+    return flat(rec["evals"][which])
 
 
 def sets(rec: dict) -> dict[str, tuple[dict, dict]]:
@@ -227,6 +236,16 @@ def batch_table(labels: list[str], recs: dict[str, dict[int, dict]], out: Path, 
                 f"{mean(fg[:10]):.3f} -> {mean(fg[-10:]):.3f} | {first if first is not None else 'none'} |"
             )
     return lines
+
+
+def plot_evals(ax, rec: dict, color: str, name: str, alpha: float = 1.0) -> None:
+    """One run's evaluations on an axis: the training-distribution set over training, held-out base -> end."""
+    ev = rec["evals"]
+    ax.plot([e["iteration"] for e in ev], [e["strict"] for e in ev], "o-", color=color,
+            label=f"{name}: train-distribution eval")  # fmt: skip
+    n = ev[-1]["iteration"]
+    ax.plot([0, n], [rec["heldout_base"]["strict"], rec["heldout_final"]["strict"]], "s--", color=color,
+            alpha=alpha, label=f"{name}: held-out eval")  # fmt: skip
 
 
 def plot(labels: list[str], recs: dict[str, dict[int, dict]], seeds: list[int], out: Path, png: Path) -> None:
