@@ -194,7 +194,8 @@ def ablate(
     and plots.
 
     Extra arguments are overrides shared by every run (train.iterations=10 ...); each condition's own
-    settings win over them. Finished runs are kept and a killed grid resumes where it stopped."""
+    settings win over them; with --experiment, final_eval.KEY=VALUE overrides the evaluation after training.
+    Finished runs are kept and a killed grid resumes where it stopped."""
     names = [c for c in conditions.split(",") if c.strip()] or [""] if conditions is not None else None
     try:
         exp = load_experiment(experiment) if experiment is not None else None

@@ -42,7 +42,17 @@ from omegaconf.errors import OmegaConfBaseException
 from solace.errors import ConfigError, check
 from solace.evaluation.evaluators import EVAL_SEED_OFFSET, make_evaluator
 from solace.models.lora import load_lora
-from solace.trainer.ablate import IMAGE_STATS, Condition, _fmt, _mean_sd, _pct, _series, resolve_condition
+from solace.trainer.ablate import (
+    IMAGE_STATS,
+    Condition,
+    _fmt,
+    _mean_sd,
+    _pct,
+    _series,
+    aggregate,
+    resolve_condition,
+    summarize_run,
+)
 from solace.trainer.config import SolaceConfig, validate
 from solace.trainer.model_setup import load_model
 
@@ -311,8 +321,6 @@ def paired_markdown(rows: list[dict[str, Any]], control: str) -> list[str]:
 
 def final_markdown(raw: list[dict[str, Any]], conds: list[Condition]) -> list[str]:
     """The final evaluation per condition (mean ± sd over seeds): base, trained, the changes, the images."""
-    from solace.trainer.ablate import aggregate, summarize_run
-
     finals = [{**r, "evals": r["final_evals"], "history": []} for r in raw if r.get("final_evals")]
     rows = aggregate([summarize_run(r) for r in finals], conds)
     lines = [
@@ -413,7 +421,7 @@ def budget_markdown(rows: list[dict[str, Any]], gain: float) -> list[str]:
 def paired_plot(raw: list[dict[str, Any]], exp: Experiment, conds: list[Condition], out: Path) -> Path | None:
     """One panel a seed: each condition's ``curve`` (10-iteration running mean) and its training
     evaluations (strict accuracy), and the final evaluation base -> after (dashed); the control in gray."""
-    from solace.evaluation.analysis import pyplot, save_figure
+    from solace.evaluation.analysis import pyplot, save_figure  # matplotlib: only when a table is written
 
     seeds = sorted({r["seed"] for r in raw})
     if not seeds:
