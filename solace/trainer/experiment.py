@@ -54,6 +54,7 @@ from solace.trainer.ablate import (
     summarize_run,
 )
 from solace.trainer.config import SolaceConfig, validate
+from solace.trainer.distributed import is_main_process
 from solace.trainer.model_setup import load_model
 
 TABLES = ("per_seed", "budget")
@@ -232,12 +233,13 @@ def _device(cfg: SolaceConfig) -> torch.device:
 def final_evaluation(cfg: SolaceConfig, final: FinalEval, iteration: int) -> list[dict[str, Any]]:
     """The run's evaluator with the final evaluation's settings, on the base model (no LoRA; the base
     evaluation read from / written to ``train.base_eval_cache``, so a seed's runs share it) and then with the
-    run's exported LoRA (``OUT/lora``), the same prompts and noise: ``[base record, trained record]``."""
+    run's exported LoRA (``OUT/lora``), the same prompts and noise: ``[base record, trained record]``.
+    Under several processes each evaluates the whole set (the same records); the main one writes the cache."""
     ecfg = final.config(cfg)
     run_dir = Path(cfg.train.output_dir)
     adapter = load_model(ecfg.model, _device(ecfg))
     scale = ecfg.sampling.eval_cfg_scale or ecfg.sampling.cfg_scale
-    ev = make_evaluator(ecfg, adapter, run_dir / "final_eval", scale)
+    ev = make_evaluator(ecfg, adapter, run_dir / "final_eval", scale, writes=is_main_process())
     check(ev is not None, "final_eval.set", "no evaluator can score these prompts; set data.eval_prompts")
     ev.progress = False
     base = ev.evaluate(0)
