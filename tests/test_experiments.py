@@ -110,6 +110,13 @@ def test_command_line_names_must_be_the_files(tmp_path):
     )
     r = CliRunner().invoke(app, ["ablate", "-e", str(path), "--dry-run", "final_eval.train.seed=3"])
     _one_line_error(r, "final_eval")  # the file has no final evaluation to override
+    path.write_text(yaml.safe_dump({"conditions": [{"name": "a"}], "final_eval": {"seed": 2000}}))
+    bad_final = [("final_eval.seed=5", "final_eval.seed"), ("final_eval.train.eval_every=-1", "eval_every")]
+    for bad, field in bad_final:
+        _one_line_error(CliRunner().invoke(app, ["ablate", "-e", str(path), "--dry-run", bad]), field)
+    exp = load_experiment(path)
+    assert exp.split_overrides(["final_eval.seed=3000", "optim.lr=1e-3"]) == ["optim.lr=1e-3"]
+    assert exp.final_eval.seed == 3000 and exp.final_overrides == ["final_eval.seed=3000"]
     _one_line_error(CliRunner().invoke(app, ["ablate", "-e", str(tmp_path / "none.yaml")]), "--experiment")
 
 

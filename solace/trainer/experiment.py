@@ -112,15 +112,22 @@ class Experiment:
 
     def split_overrides(self, overrides: list[str]) -> list[str]:
         """``final_eval.<key>=value`` of the command line go to the evaluation after training (e.g. a smaller
-        one for a quick check); the others, returned, to the runs."""
+        one for a quick check; ``final_eval.seed=N`` its noise); the others, returned, to the runs."""
         self.final_overrides = [o for o in overrides if o.startswith("final_eval.")]
         mine = [o.removeprefix("final_eval.") for o in self.final_overrides]
         if mine:
-            check(self.final_eval is not None, mine[0], f"{self.path} has no final_eval to override")
+            fe = self.final_eval
+            check(fe is not None, self.final_overrides[0], f"{self.path} has no final_eval to override")
             for o in mine:
                 check("=" in o, "final_eval", f"final_eval.{o!r} is not of the form final_eval.key=value")
-            self.final_eval.layer = OmegaConf.merge(self.final_eval.layer, OmegaConf.from_dotlist(mine))
-            self.final_eval.config(SolaceConfig())  # checked before any run trains
+            seeds = [o.split("=", 1)[1] for o in mine if o.startswith("seed=")]
+            if seeds:
+                ok = seeds[-1].isdigit() and int(seeds[-1]) >= EVAL_SEED_OFFSET
+                check(ok, "final_eval.seed", f"an integer >= {EVAL_SEED_OFFSET}, got {seeds[-1]!r}")
+                fe.seed = int(seeds[-1])
+            layer = OmegaConf.from_dotlist([o for o in mine if not o.startswith("seed=")])
+            fe.layer = OmegaConf.merge(fe.layer, layer)
+            fe.config(SolaceConfig())  # checked before any run trains
         return [o for o in overrides if not o.startswith("final_eval.")]
 
     def after_run(self, cfg: SolaceConfig, record: dict[str, Any]) -> dict[str, Any]:
