@@ -8,6 +8,10 @@ condition always wins over the shared budget. Every (condition, seed) pair is on
 checkpoint. Runs that share a seed evaluate the base once (``eval.base_cache``). At the end
 ``ablation.md`` / ``ablation.json`` hold one row per condition (mean and spread over seeds) and
 ``ablation_curves.png`` / ``ablation_accuracy.png`` the curves and the accuracy change per seed.
+
+``solace ablate --experiment FILE`` runs the grid an experiment file describes
+(:mod:`solace.trainer.experiment`: conditions with their own base config, a control paired by seed, an
+evaluation after training, more tables).
 """
 
 from __future__ import annotations
