@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--prompts", default=str(HERE / "data" / "overfit_two.jsonl"))
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--tag", default="default")
+    ap.add_argument("--json", type=Path, help="result file (bench/results/grad_snr_TAG.json)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
         "--full", action="store_true", help="gradient of every weight (what full fine-tuning sees)"
@@ -97,7 +98,7 @@ def main() -> None:
     for k in ("cos_real", "cos_shuffled"):
         v = res[k]
         res[k + "_mean"] = sum(v) / len(v) if v else None
-    out = HERE / "results" / f"grad_snr_{a.tag}.json"
+    out = a.json or HERE / "results" / f"grad_snr_{a.tag}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
     real, shuffled = res["cos_real_mean"], res["cos_shuffled_mean"]

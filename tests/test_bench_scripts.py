@@ -1,0 +1,67 @@
+"""Bench scripts measure the library, not copies of it: run as commands (never imported), a change to the
+library's code they call changes their result. ``bench/grad_snr.py``: the policy gradient is the trainer's
+own update loss, so that loss patched to ten times itself gives ten times the gradient."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from trainer_helpers import make_tiny_toy_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+# runs a bench script after replacing the Flow-GRPO update's loss by ten times itself
+TENFOLD_LOSS = """
+import runpy, sys
+import solace.trainer.updates as updates
+_loss = updates.FlowGRPOUpdate.loss
+def loss(self, batch, term):
+    value, parts = _loss(self, batch, term)
+    return 10.0 * value, parts
+updates.FlowGRPOUpdate.loss = loss
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def grad_snr(tmp: Path, weights: Path, patch: bool = False) -> dict:
+    tmp.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable]
+    if patch:
+        (tmp / "patched.py").write_text(TENFOLD_LOSS)
+        cmd.append(str(tmp / "patched.py"))
+    cmd += [
+        str(ROOT / "bench" / "grad_snr.py"),
+        "--batches",
+        "2",
+        "--threads",
+        "1",
+        "--json",
+        str(tmp / "r.json"),
+    ]
+    cmd += [f"model.name={weights}", "model.lora.rank=4", "model.lora.alpha=8", "sampling.group_size=4"]
+    cmd += ["sampling.num_steps=4", f"train.output_dir={tmp / 'run'}", "train.device=cpu"]
+    cmd += ["reward.components=[{name: random, weight: 1.0}]"]  # advantages that are not all zero
+    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return json.loads((tmp / "r.json").read_text())
+
+
+def test_grad_snr_takes_the_gradient_of_the_trainers_loss(tmp_path):
+    weights = make_tiny_toy_weights(tmp_path / "tiny.safetensors")
+    base = grad_snr(tmp_path / "base", weights)
+    norms = [b["norm"] for b in base["batches"]]
+    assert len(norms) == 2 and all(n > 0 for n in norms)
+    assert len(base["cos_real"]) == len(base["cos_shuffled"]) == 1
+    tenfold = grad_snr(tmp_path / "patched", weights, patch=True)
+    # the same batches (seeded), the trainer's loss scaled: the gradient scales, its direction does not
+    assert [b["reward_mean"] for b in tenfold["batches"]] == [b["reward_mean"] for b in base["batches"]]
+    for n, m in zip(norms, [b["norm"] for b in tenfold["batches"]], strict=True):
+        assert m == pytest.approx(10 * n, rel=1e-4)
+    assert tenfold["cos_real"] == pytest.approx(base["cos_real"], abs=1e-5)
