@@ -85,9 +85,12 @@ BAD = [
     ({"conditions": [{"name": "a"}], "tables": ["pie"]}, "tables"),
     ({"conditions": [{"name": "a"}], "final_eval": {"seed": 5}}, "final_eval.seed"),
     ({"conditions": [{"name": "a"}], "final_eval": {"set": {"train.eval_samples": 8}}}, "final_eval.set"),
+    # a key of an earlier version names the key that replaced it, in a condition and in the final evaluation
+    ({"conditions": [{"name": "a", "set": {"train.eval_every": 5}}]}, "moved to eval.every"),
+    ({"conditions": [{"name": "a"}], "final_eval": {"set": {"data.eval_prompts": "x"}}}, "to eval.prompts"),
     (
-        {"conditions": [{"name": "a"}], "final_eval": {"set": {"sampling.eval_num_steps": 0}}},
-        "eval_num_steps",
+        {"conditions": [{"name": "a"}], "final_eval": {"set": {"eval.num_steps": 0}}},
+        "eval.num_steps",
     ),
 ]
 
@@ -111,7 +114,7 @@ def test_command_line_names_must_be_the_files(tmp_path):
     r = CliRunner().invoke(app, ["ablate", "-e", str(path), "--dry-run", "final_eval.train.seed=3"])
     _one_line_error(r, "final_eval")  # the file has no final evaluation to override
     path.write_text(yaml.safe_dump({"conditions": [{"name": "a"}], "final_eval": {"seed": 2000}}))
-    bad_final = [("final_eval.seed=5", "final_eval.seed"), ("final_eval.train.eval_every=-1", "eval_every")]
+    bad_final = [("final_eval.seed=5", "final_eval.seed"), ("final_eval.eval.every=-1", "eval.every")]
     for bad, field in bad_final:
         _one_line_error(CliRunner().invoke(app, ["ablate", "-e", str(path), "--dry-run", bad]), field)
     exp = load_experiment(path)
@@ -191,7 +194,7 @@ def test_experiment_end_to_end_on_tiny_toy(tmp_path):
             {
                 "name": "nft",
                 "config": "toy_nft_verifiable",
-                "set": {"nft.micro_batch_size": 4},
+                "set": {"train.micro_batch_size": 4},
                 "label": "NFT",
             },
             {"name": "control", "from": "random_reward"},
@@ -199,9 +202,9 @@ def test_experiment_end_to_end_on_tiny_toy(tmp_path):
         "control": "control",
         "final_eval": {
             "set": {
-                "data.eval_prompts": str(prompts),
-                "sampling.eval_num_steps": 2,
-                "sampling.eval_cfg_scale": 3.0,
+                "eval.prompts": str(prompts),
+                "eval.num_steps": 2,
+                "eval.cfg_scale": 3.0,
             },
             "seed": 1234,
         },
@@ -211,8 +214,8 @@ def test_experiment_end_to_end_on_tiny_toy(tmp_path):
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(exp))
     out = tmp_path / "grid"
-    evals = ["train.report=true", "data.eval_prompts_limit=2", "train.eval_samples_per_prompt=1"]
-    evals += ["sampling.eval_num_steps=2"]
+    evals = ["train.report=true", "eval.prompts_limit=2", "eval.samples_per_prompt=1"]
+    evals += ["eval.num_steps=2"]
     args = [
         "ablate",
         "-e",
@@ -220,7 +223,7 @@ def test_experiment_end_to_end_on_tiny_toy(tmp_path):
         "--out",
         str(out),
         *evals,
-        "final_eval.train.eval_samples_per_prompt=1",
+        "final_eval.eval.samples_per_prompt=1",
     ]
     _ok(CliRunner().invoke(app, args))
     recs = {
@@ -249,7 +252,7 @@ def test_experiment_end_to_end_on_tiny_toy(tmp_path):
     md = (out / "ablation.md").read_text()
     for text in ("Final evaluation", "Against the control `control`", "NFT, seed by seed", "Budget:"):
         assert text in md, text
-    assert "solace ablate --experiment" in md and "final_eval.train.eval_samples_per_prompt=1" in md
+    assert "solace ablate --experiment" in md and "final_eval.eval.samples_per_prompt=1" in md
     assert (out / "paired_curves.png").stat().st_size > 1000 and "paired_curves.png" in md
     # --collect-only tabulates the finished runs again without training or evaluating
     stamp = (out / "nft" / "seed0" / "ablate_run.json").stat().st_mtime_ns

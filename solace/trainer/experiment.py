@@ -15,7 +15,7 @@ settings), and what to tabulate beyond ``solace ablate``'s table::
       - {name: nft, config: toy_nft_verifiable, set: {train.max_minutes: 22}, label: "DiffusionNFT"}
     control: control                    # paired by seed: each condition against this one, seed by seed
     final_eval:                         # after training: the base and the trained model, the same noise
-      set: {data.eval_prompts: toy_heldout, train.eval_samples_per_prompt: 8}
+      set: {eval.prompts: toy_heldout, eval.samples_per_prompt: 8}
       seed: 12345                       # the evaluation noise's seed (default: the run's seed + 999)
     run: [reward, control]              # the conditions run when --conditions names none (default: all)
     tables: [per_seed, budget]          # extra tables: seeds as columns; samples/s and time to +gain
@@ -53,7 +53,7 @@ from solace.trainer.ablate import (
     resolve_condition,
     summarize_run,
 )
-from solace.trainer.config import SolaceConfig, validate
+from solace.trainer.config import SolaceConfig, reject_moved_keys, validate
 from solace.trainer.distributed import is_main_process
 from solace.trainer.model_setup import load_model
 
@@ -73,6 +73,7 @@ class FinalEval:
 
     def config(self, cfg: SolaceConfig) -> SolaceConfig:
         """The run's config with the final evaluation's settings (and the seed that gives its noise)."""
+        reject_moved_keys(self.layer, "final_eval.set")
         try:
             out = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cfg), self.layer))
         except OmegaConfBaseException as e:
@@ -140,7 +141,7 @@ class Experiment:
 
 
 def _layer(mapping: Any, where: str) -> Any:
-    """A config layer from a mapping whose keys may be dotted (``data.eval_prompts: x``) or nested."""
+    """A config layer from a mapping whose keys may be dotted (``eval.prompts: x``) or nested."""
     check(isinstance(mapping, dict | DictConfig), where, f"must be a mapping of settings, got {mapping!r}")
     layer = OmegaConf.create({})
     flat = OmegaConf.to_container(OmegaConf.create(mapping)) if mapping else {}
@@ -171,6 +172,7 @@ def _condition(entry: Any, i: int) -> Condition:
     check(isinstance(name, str) and bool(name), f"{where}.name", "every condition needs a name")
     base = resolve_condition(entry["from"]) if entry.get("from") else None
     layer = OmegaConf.merge(base.layer if base else {}, _layer(entry.get("set") or {}, f"{where}.set"))
+    reject_moved_keys(layer, f"{where}.set")
     source = base.source if base else Path(entry.get("config") or entry["name"])
     return Condition(entry["name"], source, layer, config=entry.get("config"), title=entry.get("label"))
 
@@ -239,15 +241,15 @@ def _device(cfg: SolaceConfig) -> torch.device:
 @torch.no_grad()
 def final_evaluation(cfg: SolaceConfig, final: FinalEval, iteration: int) -> list[dict[str, Any]]:
     """The run's evaluator with the final evaluation's settings, on the base model (no LoRA; the base
-    evaluation read from / written to ``train.base_eval_cache``, so a seed's runs share it) and then with the
+    evaluation read from / written to ``eval.base_cache``, so a seed's runs share it) and then with the
     run's exported LoRA (``OUT/lora``), the same prompts and noise: ``[base record, trained record]``.
     Under several processes each evaluates the whole set (the same records); the main one writes the cache."""
     ecfg = final.config(cfg)
     run_dir = Path(cfg.train.output_dir)
     adapter = load_model(ecfg.model, _device(ecfg))
-    scale = ecfg.sampling.eval_cfg_scale or ecfg.sampling.cfg_scale
+    scale = ecfg.eval.cfg_scale or ecfg.sampling.cfg_scale
     ev = make_evaluator(ecfg, adapter, run_dir / "final_eval", scale, writes=is_main_process())
-    check(ev is not None, "final_eval.set", "no evaluator can score these prompts; set data.eval_prompts")
+    check(ev is not None, "final_eval.set", "no evaluator can score these prompts; set eval.prompts")
     ev.progress = False
     base = ev.evaluate(0)
     load_lora(adapter.denoiser, run_dir / "lora", trainable=False)
