@@ -39,6 +39,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from solace.defaults import cli_default
 from solace.errors import ConfigError, check
 from solace.evaluation.evaluators import EVAL_SEED_OFFSET, make_evaluator
 from solace.models.lora import load_lora
@@ -53,7 +54,7 @@ from solace.trainer.ablate import (
     resolve_condition,
     summarize_run,
 )
-from solace.trainer.config import SolaceConfig, reject_moved_keys, validate
+from solace.trainer.config import SolaceConfig, eval_setup, load_config, reject_moved_keys, validate
 from solace.trainer.distributed import is_main_process
 from solace.trainer.model_setup import load_model
 
@@ -128,7 +129,7 @@ class Experiment:
                 fe.seed = int(seeds[-1])
             layer = OmegaConf.from_dotlist([o for o in mine if not o.startswith("seed=")])
             fe.layer = OmegaConf.merge(fe.layer, layer)
-            fe.config(SolaceConfig())  # checked before any run trains
+            fe.config(load_config())  # checked before any run trains
         return [o for o in overrides if not o.startswith("final_eval.")]
 
     def after_run(self, cfg: SolaceConfig, record: dict[str, Any]) -> dict[str, Any]:
@@ -218,11 +219,11 @@ def load_experiment(path: str | Path) -> Experiment:
             f"an integer >= {EVAL_SEED_OFFSET} (none: the run's seed + 999), got {seed!r}",
         )
         final = FinalEval(_layer(fe.get("set") or {}, "final_eval.set"), seed)
-        final.config(SolaceConfig())  # its keys and values checked now, not after the first run's training
+        final.config(load_config())  # its keys and values checked now, not after the first run's training
     overrides = raw.get("overrides") or []
     check(isinstance(overrides, list | ListConfig), "overrides", "a list of key=value strings")
     return Experiment(
-        path=p, config=str(raw.get("config") or "toy"), seeds=_seeds(raw.get("seeds", [0])),
+        path=p, config=str(raw.get("config") or cli_default("config")), seeds=_seeds(raw.get("seeds", [0])),
         out=Path(raw.get("out") or f"runs/{p.stem}"), overrides=[str(o) for o in overrides],
         conditions=conds, control=control, final_eval=final, extra_tables=tables,
         curve=str(raw.get("curve") or "reward/mean"), gain=float(raw.get("gain", 0.05)),
@@ -247,8 +248,7 @@ def final_evaluation(cfg: SolaceConfig, final: FinalEval, iteration: int) -> lis
     ecfg = final.config(cfg)
     run_dir = Path(cfg.train.output_dir)
     adapter = load_model(ecfg.model, _device(ecfg))
-    scale = ecfg.eval.cfg_scale or ecfg.sampling.cfg_scale
-    ev = make_evaluator(ecfg, adapter, run_dir / "final_eval", scale, writes=is_main_process())
+    ev = make_evaluator(eval_setup(ecfg), adapter, run_dir / "final_eval", writes=is_main_process())
     check(ev is not None, "final_eval.set", "no evaluator can score these prompts; set eval.prompts")
     ev.progress = False
     base = ev.evaluate(0)
