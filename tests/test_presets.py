@@ -61,8 +61,8 @@ def test_every_prompt_file_a_shipped_preset_names_ships(monkeypatch):
 
 
 def test_large_model_presets_bound_their_checkpoints():
-    """SD3.5 / FLUX checkpoints are 0.27-0.78 GiB each (README): their presets keep the newest 3; the toy
-    presets keep all (0)."""
+    """SD3.5 / FLUX checkpoints are 0.27-0.78 GiB each (BENCHMARKS.md, Memory): their presets keep the
+    newest 3; the toy presets keep all (0)."""
     for name in ("sd35m", "sd35m_nft", "flux"):
         assert load_config(name, check_paths=False).train.checkpoints_total_limit == 3, name
     assert load_config("toy", check_paths=False).train.checkpoints_total_limit == 0
