@@ -1,4 +1,4 @@
-"""Does the toy base discriminate better than it generates? (issue 18, item 3)
+"""Does the toy base discriminate better than it generates?
 
 Per category, three figures:
 

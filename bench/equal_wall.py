@@ -1,4 +1,4 @@
-"""The velocity drift of each run of the equal-wall-clock comparison (issue 15): how far each update moved
+"""The velocity drift of each run of the equal-wall-clock comparison: how far each update moved
 the model from the base, measured the same way for both.
 
     solace ablate --experiment bench/experiments/equal_wall.yaml --conditions nft &

@@ -1,4 +1,4 @@
-"""SOLACE's reward forms trained with NFT, read beside the random-reward control (issue 15).
+"""SOLACE's reward forms trained with NFT, read beside the random-reward control.
 
     python bench/nft_forms.py --out runs/nft_v2 --labels solace_paper \
         --record bench/results/nft_forms

@@ -1,5 +1,5 @@
 """Exact parameter counts of the real architectures (built on the meta device: no memory, no download), for
-README's expected-memory table: SD3.5-Medium's MMDiT, FLUX.1-dev's transformer, SD3.5's text encoders and the
+BENCHMARKS' memory table: SD3.5-Medium's MMDiT, FLUX.1-dev's transformer, SD3.5's text encoders and the
 LoRA r = 32 each trainer attaches.
 
     python bench/param_counts.py

@@ -1,5 +1,5 @@
 # ruff: noqa: E501  (a table of cases: one case a line)
-"""Bad inputs and faults, each run on the current code; writes RELIABILITY.md (issue 17).
+"""Bad inputs and faults, each run on the current code; writes RELIABILITY.md.
 
     python bench/reliability.py            # about 3 minutes on 2 cores; tiny toy models, no download
 

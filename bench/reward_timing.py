@@ -1,5 +1,5 @@
 """Time of one toy training iteration, split into sampling / reward / update, and the self-confidence reward
-pass against the bare batched forwards it needs (issue 4; goal: reward pass <= 1.10x the bare forwards).
+pass against the bare batched forwards it needs (goal: reward pass <= 1.10x the bare forwards).
 
     python bench/reward_timing.py --iterations 4 --repeats 5
 

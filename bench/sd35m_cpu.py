@@ -13,7 +13,7 @@ tokens). Images of 64 x 64 px (16 image tokens), one prompt, G = 2, T = 2 steps,
 2. ``/usr/bin/time -v python -m solace train --config sd35m OVERRIDES`` runs one iteration through the CLI;
 3. the figures are gathered into one JSON: wall time and maximum RSS (``time -v``), the trainer's stage
    timers and update statistics (``log.csv``), the LoRA's layers (the exported ``lora/``), and the weights'
-   and LoRA's bytes beside README's expected-memory row for ``model.text_encoder_3=false``.
+   and LoRA's bytes beside BENCHMARKS' memory table row for ``model.text_encoder_3=false``.
 
     python bench/sd35m_cpu.py --json bench/results/sd35m_cpu.json
 """

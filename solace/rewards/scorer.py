@@ -68,7 +68,7 @@ class SelfConfidenceCfg:
     online: bool = True  # score with the policy being trained; False: the frozen base (offline)
     cfg_in_reward: bool = False  # variant: score with the CFG velocity instead of the conditional one
     contrastive: bool = False  # variant: S_t(c) - S_t(empty prompt)
-    # variant (issue 18): S_t(c) against S_t of the prompt's minimal edits c' (colour, count, relation,
+    # variant: S_t(c) against S_t of the prompt's minimal edits c' (colour, count, relation,
     # binding, shape), scored with the same probes and timesteps: off | mean | max | lse (log-posterior of c)
     edits: Literal["off", "mean", "max", "lse"] = "off"
     edit_temperature: float = 1.0  # lse: tau

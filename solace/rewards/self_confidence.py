@@ -205,7 +205,7 @@ EDIT_AGGREGATES = ("mean", "max", "lse")
 def edit_contrast(
     s_c: torch.Tensor, s_edits: torch.Tensor, mode: str = "mean", temperature: float = 1.0
 ) -> torch.Tensor:
-    """Self-confidence of the prompt against its minimal edits, per timestep (issue 18; a Diffusion-Classifier
+    """Self-confidence of the prompt against its minimal edits, per timestep (a Diffusion-Classifier
     reading of S_t: the same image, probes and timesteps under competing prompts, so the image's own
     difficulty cancels). ``s_c`` (B, T) scores prompt c, ``s_edits`` (B, E, T) its E edits c'.
 

@@ -95,7 +95,7 @@ def finish(code: int = 0) -> None:
 def check_backend(distributed_type: Any) -> None:
     """Refuse, before any work, an accelerate backend the trainer does not support yet
     (:data:`UNSUPPORTED_BACKENDS`): a ConfigError that says why and to launch with DDP or FSDP.
-    ``configs/accelerate/`` keeps the DeepSpeed config for when it does (README, Multi-GPU)."""
+    ``configs/accelerate/`` keeps the DeepSpeed config for when it does (docs/gpu.md)."""
     name = str(getattr(distributed_type, "value", distributed_type)).upper()
     if name in UNSUPPORTED_BACKENDS:
         raise ConfigError(
