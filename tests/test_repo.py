@@ -96,3 +96,10 @@ def test_trainer_functions_are_short_and_self_confidence_has_one_home():
         if re.search(r"\b(probe_mse|draw_probes|confidence_scores)\(", p.read_text())
     }
     assert callers == {"solace/rewards/self_confidence.py", "solace/rewards/scorer.py"}, callers
+
+
+def test_readme_is_a_product_page_under_12_kb():
+    """README.md stays short (<= 12 KB): what, findings, demo, main job, tests, GPU, config, extending;
+    details live in docs/, findings in RESULTS.md, figures in BENCHMARKS.md."""
+    size = len((ROOT / "README.md").read_bytes())
+    assert size <= 12 * 1024, f"README.md is {size} bytes"

@@ -41,6 +41,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from solace.defaults import cli_default
 from solace.errors import ConfigError, check
+from solace.evaluation.analysis import pyplot, save_figure
 from solace.evaluation.evaluators import EVAL_SEED_OFFSET, make_evaluator
 from solace.models.lora import load_lora
 from solace.trainer.ablate import (
@@ -432,8 +433,6 @@ def budget_markdown(rows: list[dict[str, Any]], gain: float) -> list[str]:
 def paired_plot(raw: list[dict[str, Any]], exp: Experiment, conds: list[Condition], out: Path) -> Path | None:
     """One panel a seed: each condition's ``curve`` (10-iteration running mean) and its training
     evaluations (strict accuracy), and the final evaluation base -> after (dashed); the control in gray."""
-    from solace.evaluation.analysis import pyplot, save_figure  # matplotlib: only when a table is written
-
     seeds = sorted({r["seed"] for r in raw})
     if not seeds:
         return None
