@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from solace.errors import ConfigError, MissingDependencyError, check
-from solace.models.base import AdapterBase
+from solace.models.base import AdapterBase, SizeRule
+from solace.models.family import MEMORY_SETTINGS, ModelFamily
 from solace.models.text_cache import TextEncoders, text_identity
 
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -191,3 +192,26 @@ class DiffusersAdapter(AdapterBase):
         x = images.to(self.vae.device, self.vae.dtype) * 2 - 1
         z = self.vae.encode(x).latent_dist.mode()
         return (z - shift) * scale
+
+
+_LOADER_KEYS = frozenset(
+    {"device", "dtype", "max_sequence_length", "gradient_checkpointing", "resolution", "height", "width"}
+    | {"embedding_cache", "vae_slicing", "vae_tiling"}
+)
+"""The ``model.*`` settings every diffusers family's ``from_pretrained`` reads (a family adds its own)."""
+
+
+def diffusers_family(adapter: type, class_marker: str, sizes: SizeRule, own: frozenset[str]) -> ModelFamily:
+    """A diffusers pipeline family: loads ``adapter.from_pretrained`` with the settings it reads (the common
+    ones and the family's ``own``), and ``auto`` picks it for a pipeline whose class name (from
+    ``model_index.json``; never the model's name) contains ``class_marker``."""
+    keys = _LOADER_KEYS | own
+
+    def load(model: str, **settings: Any) -> Any:
+        return adapter.from_pretrained(model, **{k: v for k, v in settings.items() if k in keys})
+
+    def recognises(model: str, pipeline_class: str | None) -> bool:
+        return pipeline_class is not None and class_marker in pipeline_class
+
+    settings = frozenset({"max_sequence_length", "gradient_checkpointing", *own, *MEMORY_SETTINGS})
+    return ModelFamily(load=load, recognises=recognises, sizes=sizes, settings=settings)

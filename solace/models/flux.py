@@ -50,10 +50,11 @@ from solace.models.diffusers_common import (
     DiffusersAdapter,
     check_scheduler_config,
     default_device,
+    diffusers_family,
     load_pipeline,
     parse_dtype,
 )
-from solace.models.family import FAMILIES, MEMORY_SETTINGS, ModelFamily
+from solace.models.family import FAMILIES
 from solace.sampling.schedule import flux_mu, flux_sigmas, shift_sigmas
 
 FLUX_SIZES = SizeRule(grid="2 * vae_scale_factor")
@@ -282,40 +283,4 @@ class FluxAdapter(DiffusersAdapter):
         return torch.cat([out, torch.zeros(1)])
 
 
-_LOADER_KEYS = frozenset(
-    {
-        "device",
-        "dtype",
-        "guidance_scale",
-        "max_sequence_length",
-        "gradient_checkpointing",
-        "resolution",
-        "height",
-        "width",
-    }
-    | {"embedding_cache", "vae_slicing", "vae_tiling"}
-)
-
-
-def load_flux(model: str, **settings: Any) -> FluxAdapter:
-    """The ``flux`` family's loader: :meth:`FluxAdapter.from_pretrained` with the settings it reads."""
-    return FluxAdapter.from_pretrained(model, **{k: v for k, v in settings.items() if k in _LOADER_KEYS})
-
-
-def is_flux(model: str, pipeline_class: str | None) -> bool:
-    """``auto`` picks flux for a ``Flux*`` pipeline (the class name in
-    ``model_index.json``; never by the model's name)."""
-    return pipeline_class is not None and "Flux" in pipeline_class
-
-
-FAMILIES.register(
-    "flux",
-    ModelFamily(
-        load=load_flux,
-        recognises=is_flux,
-        sizes=FLUX_SIZES,
-        settings=frozenset(
-            {"guidance_scale", "max_sequence_length", "gradient_checkpointing", *MEMORY_SETTINGS}
-        ),
-    ),
-)
+FAMILIES.register("flux", diffusers_family(FluxAdapter, "Flux", FLUX_SIZES, frozenset({"guidance_scale"})))

@@ -30,10 +30,11 @@ from solace.models.diffusers_common import (
     DiffusersAdapter,
     check_scheduler_config,
     default_device,
+    diffusers_family,
     load_pipeline,
     parse_dtype,
 )
-from solace.models.family import FAMILIES, MEMORY_SETTINGS, ModelFamily
+from solace.models.family import FAMILIES
 from solace.sampling.schedule import flow_match_sigmas, flux_mu
 
 SD3_SIZES = SizeRule(grid="vae_scale_factor * patch_size")
@@ -203,40 +204,6 @@ class SD3Adapter(DiffusersAdapter):
         return flow_match_sigmas(num_steps, self.shift, self.num_train_timesteps, mu=mu, time_shift_type=kind)
 
 
-_LOADER_KEYS = frozenset(
-    {
-        "device",
-        "dtype",
-        "text_encoder_3",
-        "max_sequence_length",
-        "gradient_checkpointing",
-        "resolution",
-        "height",
-        "width",
-    }
-    | {"embedding_cache", "vae_slicing", "vae_tiling"}
-)
-
-
-def load_sd3(model: str, **settings: Any) -> SD3Adapter:
-    """The ``sd3`` family's loader: :meth:`SD3Adapter.from_pretrained` with the settings it reads."""
-    return SD3Adapter.from_pretrained(model, **{k: v for k, v in settings.items() if k in _LOADER_KEYS})
-
-
-def is_sd3(model: str, pipeline_class: str | None) -> bool:
-    """``auto`` picks sd3 for a ``StableDiffusion3*`` pipeline (the class name in
-    ``model_index.json``; never by the model's name)."""
-    return pipeline_class is not None and "StableDiffusion3" in pipeline_class
-
-
 FAMILIES.register(
-    "sd3",
-    ModelFamily(
-        load=load_sd3,
-        recognises=is_sd3,
-        sizes=SD3_SIZES,
-        settings=frozenset(
-            {"text_encoder_3", "max_sequence_length", "gradient_checkpointing", *MEMORY_SETTINGS}
-        ),
-    ),
+    "sd3", diffusers_family(SD3Adapter, "StableDiffusion3", SD3_SIZES, frozenset({"text_encoder_3"}))
 )
