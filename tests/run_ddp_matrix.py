@@ -30,6 +30,11 @@ from solace.trainer.config import load_config  # noqa: E402
 from solace.trainer.distributed import finish  # noqa: E402
 from solace.trainer.trainer import Trainer  # noqa: E402
 
+# two logged self-confidence forms (premise): scored on every process's first group, never trained on
+PREMISE = (
+    "premise.components=[{name: self_confidence, label: paper}, "
+    "{name: self_confidence, label: contrastive, kwargs: {contrastive: true}}]"
+)
 TIMEOUT_MINUTES = 7  # not torch's default (30): the test sees that the setting reached the process group
 UPDATES = {
     "grpo0": {"grpo.beta": 0.0},
@@ -48,8 +53,9 @@ EVERY = {
 
 def config(model: str, update: str, out: Path, weights: str, pipes: dict[str, str], prompts: str, clip: str):
     extra = {**EVERY, **UPDATES[update]}
-    if model == "toy":
-        return load_config("toy", tiny_overrides(weights, out, **extra, **{"eval.prompts_limit": 4}))
+    if model == "toy":  # with the premise logged: each process scores its first group (a collective path)
+        extra.update({"eval.prompts_limit": 4, "premise.groups": 2})
+        return load_config("toy", [*tiny_overrides(weights, out, **extra), PREMISE])
     extra.update(
         {
             "eval.metrics": "[clip_score]",

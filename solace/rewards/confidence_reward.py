@@ -18,7 +18,7 @@ import torch
 from solace.prompts import Prompt
 from solace.rewards.components import COMPONENTS, ComponentScore, RewardComponent, RewardContext
 from solace.rewards.prompt_edits import candidate_edits, load_negatives
-from solace.rewards.scorer import SelfConfidenceCfg, SelfConfidenceScorer
+from solace.rewards.scorer import SelfConfidenceCfg, SelfConfidenceScorer, settings_with
 from solace.rewards.self_confidence import standardization_batches
 from solace.sampling.rollout import GroupLayout
 from solace.utils.seeding import Stream
@@ -49,8 +49,10 @@ class SelfConfidenceReward(RewardComponent):
 
     @classmethod
     def from_config(cls, spec: Any, cfg: Any) -> SelfConfidenceReward:
-        """Settings from ``reward.self_confidence``; the CFG scale (``cfg_in_reward``) from sampling."""
-        return cls(spec.name, cfg.reward.self_confidence, cfg.sampling.cfg_scale)
+        """Settings from ``reward.self_confidence`` with the entry's ``kwargs`` laid over them (e.g. a logged
+        form, ``{contrastive: true}``); the CFG scale (``cfg_in_reward``) from sampling."""
+        settings = settings_with(cfg.reward.self_confidence, dict(spec.kwargs or {}), f"{spec.name}.kwargs")
+        return cls(spec.name, settings, cfg.sampling.cfg_scale)
 
     def prompts_to_encode(self, prompts: Sequence[Prompt]) -> list[str]:
         """Every prompt's competing prompts (the ``edits`` variant), else none."""

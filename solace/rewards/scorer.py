@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from solace.errors import ConfigError, check
 from solace.grpo.window import RELEASED_RULES, released_steps
@@ -118,6 +120,20 @@ class SelfConfidenceCfg:
             f"{prefix}.probe_guidance",
             f"must be >= 0 (0: the model's own guidance), got {self.probe_guidance}",
         )
+
+
+def settings_with(base: SelfConfidenceCfg, overrides: dict, field: str) -> SelfConfidenceCfg:
+    """``base`` with some of its fields replaced (a reward component's ``kwargs``, e.g. one logged form
+    ``{contrastive: true}`` beside the run's own settings), each key and value checked against the schema:
+    an unknown key or a wrong type is a ConfigError naming ``field`` and the fix."""
+    if not overrides:
+        return base
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(base), dict(overrides))
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        msg = str(e).splitlines()[0]
+        raise ConfigError(field, f"{msg} (it takes reward.self_confidence's keys and values)") from None
 
 
 def probe_steps(spec: str, num_steps: int, field: str = "reward.self_confidence.timesteps") -> list[int]:

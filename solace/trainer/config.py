@@ -25,7 +25,7 @@ from solace.prompts import PROMPT_SETS, is_prompt_set, read_prompt_file
 from solace.registry import load_plugins
 from solace.rewards.mixture import COMPONENTS
 from solace.rewards.registry import available_rewards, check_reward, reward_parameters
-from solace.rewards.scorer import SelfConfidenceCfg
+from solace.rewards.scorer import SelfConfidenceCfg, settings_with
 from solace.trainer.precision import check_config as check_precision
 from solace.trainer.updates import UPDATES
 from solace.utils.seeding import check_seed
@@ -100,6 +100,30 @@ class RewardComponent:
     name: str = "self_confidence"
     weight: float = 1.0
     kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PremiseComponent:
+    # a reward component scored for the log only (premise): its name and kwargs as in reward.components
+    # (self_confidence's kwargs replace reward.self_confidence's settings, e.g. {contrastive: true}); label:
+    # its log key, premise/<label>_auc (default: the name)
+    name: str = "self_confidence"
+    label: str = ""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    weight: float = 1.0  # unused: never mixed into the reward
+
+
+@dataclass
+class PremiseCfg:
+    """The paper's premise measured while the run trains, never trained on: each component scores a fixed
+    slice of every ``every``-th training batch (each process's first prompt groups, ``groups`` in all) and
+    the run logs its within-group AUC against the model's per-sample correctness ``label`` (a per-sample
+    statistic of the family's batch statistics; the toy world: its exact evaluator's ``train/strict_acc``)."""
+
+    components: list[PremiseComponent] = field(default_factory=list)
+    groups: int = 2
+    every: int = 1
+    label: str = "train/strict_acc"
 
 
 @dataclass
@@ -279,6 +303,7 @@ class SolaceConfig:
     nft: NFTCfg = field(default_factory=NFTCfg)
     optim: OptimCfg = field(default_factory=OptimCfg)
     monitor: MonitorCfg = field(default_factory=MonitorCfg)
+    premise: PremiseCfg = field(default_factory=PremiseCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
     lora_ema: LoraEMACfg = field(default_factory=LoraEMACfg)
@@ -539,12 +564,13 @@ def validate(cfg: SolaceConfig, check_paths: bool = True) -> None:
     _validate_size(cfg.model)
     cfg.reward.self_confidence.check(s.num_steps)
     check(len(cfg.reward.components) >= 1, "reward.components", "needs at least one reward")
-    _validate_reward_names(cfg.reward.components)
+    _validate_reward_names(cfg.reward.components, cfg)
     check(
         any(c.weight != 0 for c in cfg.reward.components),
         "reward.components",
         "every weight is 0: the reward would be constant and nothing trained; give a component a weight",
     )
+    _validate_premise(cfg)
     _validate_grpo(cfg.grpo, s.num_steps)
     _validate_released_switches(cfg)
     o, t, lora = cfg.optim, cfg.train, cfg.model.lora
@@ -711,15 +737,54 @@ def _validate_size(m: ModelCfg) -> None:
     family.sizes.check(name, {"model.height": m.height, "model.width": m.width})
 
 
-def _validate_reward_names(components: list[RewardComponent]) -> None:
+def _validate_premise(cfg: SolaceConfig) -> None:
+    """``premise``: logged components named like reward components, unique labels, a slice of at least one
+    and at most the iteration's groups (whole groups per process are checked when the run knows its
+    processes)."""
+    p = cfg.premise
+    if not p.components:
+        return
+    _validate_reward_names(p.components, cfg, "premise.components")
+    labels = [c.label or c.name for c in p.components]
+    check(
+        len(set(labels)) == len(labels),
+        "premise.components",
+        f"two entries log under one label ({', '.join(labels)}); give each a distinct label",
+    )
+    for i, label in enumerate(labels):
+        check(
+            label.replace("_", "").replace("-", "").isalnum(),
+            f"premise.components[{i}].label",
+            f"{label!r} names a log key: letters, digits, _ and - only",
+        )
+    _min(p.groups, 1, "premise.groups")
+    check(
+        p.groups <= cfg.sampling.prompts_per_step,
+        "premise.groups",
+        f"is a slice of the iteration's {cfg.sampling.prompts_per_step} prompt groups, got {p.groups}",
+    )
+    _min(p.every, 1, "premise.every")
+    check(bool(p.label), "premise.label", "name the per-sample correctness statistic, e.g. train/strict_acc")
+
+
+def _validate_reward_names(
+    components: list[RewardComponent] | list[PremiseComponent],
+    cfg: SolaceConfig,
+    where: str = "reward.components",
+) -> None:
     """Every component names a reward whose factory resolves (a registered name, or a user factory
     ``package.module:function``, imported now) and accepts its kwargs: a typo, a missing module or function
     or a bad keyword fails in one line naming ``reward.components[i].name`` / ``.kwargs``, before any model
     loads."""
     for i, c in enumerate(components):
-        check(bool(c.name), f"reward.components[{i}].name", "must name a reward")
-        if c.name not in COMPONENTS:  # an image reward (a registered component takes its own settings)
-            check_reward(c.name, dict(c.kwargs), f"reward.components[{i}]")
+        check(bool(c.name), f"{where}[{i}].name", "must name a reward")
+        if c.name == "self_confidence" and c.kwargs:  # they replace some of reward.self_confidence's settings
+            field_ = f"{where}[{i}].kwargs"
+            settings_with(cfg.reward.self_confidence, dict(c.kwargs), field_).check(
+                cfg.sampling.num_steps, field_
+            )
+        elif c.name not in COMPONENTS:  # an image reward (a registered component takes its own settings)
+            check_reward(c.name, dict(c.kwargs), f"{where}[{i}]")
 
 
 def _validate_prompt_files(cfg: SolaceConfig) -> None:

@@ -16,12 +16,14 @@ import torch
 
 from solace.grpo.advantages import drop_zero_advantages
 from solace.models.base import Conditioning
+from solace.prompts import Prompt
 from solace.rewards.components import RewardContext
 from solace.rewards.mixture import RewardMixture
-from solace.sampling.rollout import Rollout
+from solace.sampling.rollout import GroupLayout, Rollout
 from solace.trainer.context import UpdateContext
 from solace.trainer.guard import all_zero, drop_nonfinite, group_advantages_masked
 from solace.trainer.monitor import latent_texture
+from solace.trainer.premise import PremiseProbe
 
 if TYPE_CHECKING:
     from solace.trainer.config import SolaceConfig
@@ -45,10 +47,16 @@ class RolloutScoring:
         encode: Callable[[list[str]], Conditioning],
         min_kept: int,
         warn: Callable[[str], None],
+        layout: GroupLayout,
     ):
         self.cfg, self.ctx, self.encode, self.warn = cfg, ctx, encode, warn
         self.min_kept = min_kept  # samples each process keeps at least (the update's optimizer steps)
         self.rewards = RewardMixture(cfg)
+        self.premise = PremiseProbe(cfg, layout, ctx.num_processes, ctx.accelerator.process_index)
+
+    def prompts_to_encode(self, prompts: list[Prompt]) -> list[str]:
+        """What the reward components and the logged premise components encode beyond the run's prompts."""
+        return [*self.rewards.prompts_to_encode(prompts), *self.premise.prompts_to_encode(prompts)]
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
         return gather(self.ctx.accelerator, t)
@@ -73,7 +81,8 @@ class RolloutScoring:
         t0 = time.perf_counter()
         rc = self.context(ro, iteration)
         mixed = self.rewards.score(rc)
-        images = rc.images() if self.rewards.needs_images or self.ctx.adapter.wants_batch_images else None
+        want = self.rewards.needs_images or self.ctx.adapter.wants_batch_images or self.premise.due(iteration)
+        images = rc.images() if want else None
         t_reward = time.perf_counter() - t0
         total = mixed.total
         adv, keep, dropped, n_zero = self.advantages(ro, total)
@@ -96,7 +105,12 @@ class RolloutScoring:
             stats["adv/zero_dropped"] = float(n_zero)
         stats.update(mixed.stats)
         stats.update({"adv/abs_mean": float(adv.abs().mean()), "adv/max": float(adv.max())})
-        stats.update(self.sample_statistics(ro, images))
+        per_sample = self.per_sample_statistics(ro, images)
+        stats.update({k: float(v.mean()) for k, v in per_sample.items()})
+        if self.premise.due(iteration):
+            t1 = time.perf_counter()
+            stats.update(self.premise.score(rc, per_sample, self.warn))
+            stats["time/premise"] = time.perf_counter() - t1
         stats["time/reward"] = t_reward
         return stats
 
@@ -120,11 +134,12 @@ class RolloutScoring:
             ro.keep, n_zero = drop_zero_advantages(adv, ro.keep, self.ctx.num_processes, self.min_kept)
         return adv, keep, dropped, n_zero
 
-    def sample_statistics(self, ro: Rollout, images: torch.Tensor | None) -> dict[str, float]:
-        """Batch means of what the collapse monitor watches and the model's own batch statistics
-        (:meth:`~solace.models.base.AdapterBase.batch_statistics`)."""
-        stats = {"monitor/texture": float(self.gather(latent_texture(ro.z0).cpu()).mean())}
+    def per_sample_statistics(self, ro: Rollout, images: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """What the collapse monitor watches and the model's own batch statistics
+        (:meth:`~solace.models.base.AdapterBase.batch_statistics`), per sample of the whole gathered batch
+        (the log has their means)."""
+        stats = {"monitor/texture": self.gather(latent_texture(ro.z0).cpu())}
         if images is not None:
             for k, v in self.ctx.adapter.batch_statistics(images, ro.metas).items():
-                stats[k] = float(self.gather(v).mean())
+                stats[k] = self.gather(v)
         return stats

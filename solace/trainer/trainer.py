@@ -70,7 +70,12 @@ class Trainer:
         self.updater = make_update(self.ctx, cfg)  # train.algorithm
         # the parts below warn through self._warn, looked up when they warn (a caller may redirect it)
         self.scoring = RolloutScoring(
-            cfg, self.ctx, self.encode, self.updater.updates_per_iteration, lambda m: self._warn(m)
+            cfg,
+            self.ctx,
+            self.encode,
+            self.updater.updates_per_iteration,
+            lambda m: self._warn(m),
+            self.layout,
         )
         self.source = PromptSource(cfg.data.train_prompts, cfg.train.seed)
         self.lora_ema = make_lora_ema(cfg, self.params)  # what evaluations and the export use, or None
@@ -79,7 +84,7 @@ class Trainer:
         self.null = self.adapter.encode_prompts([cfg.sampling.negative_prompt])  # CFG's null
         offload_text_encoders(  # model.offload_text_encoders: the run's prompts encoded, then offloaded
             cfg.model, self.adapter, self.acc,
-            lambda: run_prompts(cfg, self.source, self.scoring.rewards.prompts_to_encode), self.encode,
+            lambda: run_prompts(cfg, self.source, self.scoring.prompts_to_encode), self.encode,
         )  # fmt: skip
         mc = cfg.monitor
         self.monitor = CollapseMonitor(
