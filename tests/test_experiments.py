@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from PIL import Image
 from trainer_helpers import make_tiny_toy_weights, tiny_overrides
 from typer.testing import CliRunner
 
@@ -83,6 +84,7 @@ BAD = [
     ({"conditions": [{"name": "a"}], "control": "b"}, "control"),
     ({"conditions": [{"name": "a"}], "run": ["b"]}, "run"),
     ({"conditions": [{"name": "a"}], "tables": ["pie"]}, "tables"),
+    ({"conditions": [{"name": "a"}], "curve": ["reward/mean", 3]}, "curve"),
     ({"conditions": [{"name": "a"}], "final_eval": {"seed": 5}}, "final_eval.seed"),
     ({"conditions": [{"name": "a"}], "final_eval": {"set": {"train.eval_samples": 8}}}, "final_eval.set"),
     # a key of an earlier version names the key that replaced it, in a condition and in the final evaluation
@@ -209,7 +211,7 @@ def test_experiment_end_to_end_on_tiny_toy(tmp_path):
             "seed": 1234,
         },
         "tables": ["per_seed", "budget"],
-        "curve": "reward/mean",
+        "curve": ["reward/mean", "monitor/texture"],
     }
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(exp))
@@ -254,6 +256,9 @@ def test_experiment_end_to_end_on_tiny_toy(tmp_path):
         assert text in md, text
     assert "solace ablate --experiment" in md and "final_eval.eval.samples_per_prompt=1" in md
     assert (out / "paired_curves.png").stat().st_size > 1000 and "paired_curves.png" in md
+    assert load_experiment(path).curve == ["reward/mean", "monitor/texture"]  # a row of panels each
+    w, h = Image.open(out / "paired_curves.png").size
+    assert h > 0.6 * w  # two seeds side by side (11 in), two rows of 4 in (one row: 0.36)
     # --collect-only tabulates the finished runs again without training or evaluating
     stamp = (out / "nft" / "seed0" / "ablate_run.json").stat().st_mtime_ns
     again = CliRunner().invoke(app, [*args, "--collect-only"])

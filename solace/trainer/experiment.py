@@ -19,7 +19,8 @@ settings), and what to tabulate beyond ``solace ablate``'s table::
       seed: 12345                       # the evaluation noise's seed (default: the run's seed + 999)
     run: [reward, control]              # the conditions run when --conditions names none (default: all)
     tables: [per_seed, budget]          # extra tables: seeds as columns; samples/s and time to +gain
-    curve: train/strict_acc             # the logged value the paired plot draws, one panel a seed
+    curve: train/strict_acc             # the logged value the paired plot draws, one panel a seed (a list:
+                                        # a row of panels each, e.g. [train/strict_acc, premise/paper_auc])
     gain: 0.05                          # the budget table's "time to +gain" on the training evaluation
 
 The runs are ordinary ``solace ablate`` runs (``OUT/<condition>/seed<S>``, kept when finished, resumed when
@@ -98,7 +99,7 @@ class Experiment:
     control: str | None = None
     final_eval: FinalEval | None = None
     extra_tables: list[str] = field(default_factory=list)
-    curve: str = "reward/mean"
+    curve: list[str] = field(default_factory=lambda: ["reward/mean"])
     gain: float = 0.05
     description: str = ""
     run: list[str] = field(default_factory=list)  # the conditions run by default (empty: all)
@@ -185,6 +186,15 @@ def _seeds(raw: Any) -> list[int]:
     return seeds
 
 
+def _curves(raw: Any) -> list[str]:
+    """``curve``: one logged key or a list of them (default ``reward/mean``)."""
+    keys = [raw] if isinstance(raw, str) else list(raw or ["reward/mean"])
+    check(
+        all(isinstance(k, str) and k for k in keys), "curve", f"a logged key or a list of them, got {raw!r}"
+    )
+    return keys
+
+
 def load_experiment(path: str | Path) -> Experiment:
     """Read and check an experiment file (see the module docstring); errors name the key and the fix."""
     p = Path(path)
@@ -227,7 +237,7 @@ def load_experiment(path: str | Path) -> Experiment:
         path=p, config=str(raw.get("config") or cli_default("config")), seeds=_seeds(raw.get("seeds", [0])),
         out=Path(raw.get("out") or f"runs/{p.stem}"), overrides=[str(o) for o in overrides],
         conditions=conds, control=control, final_eval=final, extra_tables=tables,
-        curve=str(raw.get("curve") or "reward/mean"), gain=float(raw.get("gain", 0.05)),
+        curve=_curves(raw.get("curve")), gain=float(raw.get("gain", 0.05)),
         description=str(raw.get("description") or ""), run=run,
     )  # fmt: skip
 
@@ -431,41 +441,56 @@ def budget_markdown(rows: list[dict[str, Any]], gain: float) -> list[str]:
 
 
 def paired_plot(raw: list[dict[str, Any]], exp: Experiment, conds: list[Condition], out: Path) -> Path | None:
-    """One panel a seed: each condition's ``curve`` (10-iteration running mean) and its training
-    evaluations (strict accuracy), and the final evaluation base -> after (dashed); the control in gray."""
+    """One column a seed, one row a ``curve`` key: each condition's logged value (10-iteration running mean
+    of its finite values); the first row also its training evaluations (strict accuracy) and the final
+    evaluation base -> after (dashed). The control in gray."""
     seeds = sorted({r["seed"] for r in raw})
     if not seeds:
         return None
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(seeds), figsize=(5.5 * len(seeds), 4), squeeze=False)
+    rows = len(exp.curve)
+    fig, axes = plt.subplots(rows, len(seeds), figsize=(5.5 * len(seeds), 4 * rows), squeeze=False)
     runs = {(r["condition"], r["seed"]): r for r in raw}
-    for ax, seed in zip(axes[0], seeds, strict=True):
+    for col, seed in enumerate(seeds):
         for i, c in enumerate(conds):
             r = runs.get((c.name, seed))
             if r is None:
                 continue
             color = "tab:gray" if c.name == exp.control else plt.get_cmap("tab10")(i % 10)
-            _draw_run(ax, r, c.name, color, exp.curve)
-        ax.set_title(f"seed {seed}")
-        ax.set_xlabel("iteration")
-        ax.set_ylabel("strict accuracy")
-    axes[0][0].legend(fontsize=7)
+            for row, key in enumerate(exp.curve):
+                _draw_series(axes[row][col], r, c.name, color, key)
+            _draw_evals(axes[0][col], r, c.name, color)
+        axes[0][col].set_title(f"seed {seed}")
+        axes[-1][col].set_xlabel("iteration")
+        for row, key in enumerate(exp.curve):
+            axes[row][col].set_ylabel("strict accuracy" if row == 0 else key)
+    for row in range(rows):
+        axes[row][0].legend(fontsize=7)
     return save_figure(plt, fig, out / "paired_curves.png", dpi=110)
 
 
-def _draw_run(ax: Any, r: dict[str, Any], name: str, color: Any, curve: str) -> None:
-    ys = [y for y in _series(r.get("history") or [], curve) if math.isfinite(y)]
-    k = 10
-    smooth = [sum(ys[max(0, i - k + 1) : i + 1]) / len(ys[max(0, i - k + 1) : i + 1]) for i in range(len(ys))]
+def _draw_series(ax: Any, r: dict[str, Any], name: str, color: Any, key: str, k: int = 10) -> None:
+    """The logged ``key`` of a run by iteration, as the running mean of its last ``k`` finite values."""
+    ys = _series(r.get("history") or [], key)
+    xs, smooth = [], []
+    for i in range(len(ys)):
+        window = [y for y in ys[max(0, i - k + 1) : i + 1] if math.isfinite(y)]
+        if window and math.isfinite(ys[i]):
+            xs.append(i + 1)
+            smooth.append(sum(window) / len(window))
     if smooth:
-        ax.plot(range(1, len(ys) + 1), smooth, color=color, alpha=0.5, label=f"{name}: {curve} ({k}-it mean)")
+        ax.plot(xs, smooth, color=color, alpha=0.5, label=f"{name}: {key} ({k}-it mean)")
+
+
+def _draw_evals(ax: Any, r: dict[str, Any], name: str, color: Any) -> None:
+    """A run's training evaluations (strict accuracy) and its final evaluation, base -> after (dashed)."""
     ev = [e for e in r.get("evals") or [] if "strict" in e]
     if ev:
         ax.plot([e["iteration"] for e in ev], [e["strict"] for e in ev], "o-", color=color,
                 label=f"{name}: training eval")  # fmt: skip
     fb, fa = _strict_pair(r.get("final_evals"))
     if math.isfinite(fb):
-        n = ev[-1]["iteration"] if ev else len(ys)
+        n = ev[-1]["iteration"] if ev else len(r.get("history") or [])
         ax.plot([0, n], [fb, fa], "s--", color=color, label=f"{name}: final eval")
 
 
