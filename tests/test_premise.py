@@ -26,6 +26,7 @@ from solace.rewards.components import (
     RewardContext,
     build_component,
 )
+from solace.rewards.mixture import component_prompts
 from solace.sampling.rollout import GroupLayout, Rollout
 from solace.trainer.config import PremiseComponent, load_config
 from solace.trainer.premise import PremiseProbe, premise_slice, premise_stats
@@ -225,3 +226,12 @@ def test_a_run_logs_the_premise_and_trains_bitwise_the_same(tmp_path):
             assert (math.isnan(auc) and groups == 0) or 0.0 <= auc <= 1.0
         assert float(y["time/premise"]) > 0
     assert not any(k.startswith("premise/") for k in plain[0])
+
+
+def test_solace_embed_encodes_what_the_logged_components_encode():
+    cfg = load_config("toy", [], check_paths=False)
+    prompts = [Prompt("a red circle and a blue square")]
+    assert component_prompts(cfg, prompts) == []  # the paper form encodes nothing beyond the prompt
+    cfg.premise.components = [PremiseComponent(label="edits", kwargs={"edits": "mean"})]
+    edits = component_prompts(cfg, prompts)
+    assert edits and all(e != prompts[0].text for e in edits)  # the logged edits form's competing prompts

@@ -66,7 +66,8 @@ class RewardMixture:
 
 
 def component_prompts(cfg: Any, prompts: Sequence[Prompt]) -> list[str]:
-    """The prompts the registered (latent) components of ``cfg`` encode for ``prompts``, without building
-    the image rewards (``solace embed``)."""
-    comps = [build_component(s, cfg) for s in cfg.reward.components if s.name in COMPONENTS]
+    """The prompts the registered (latent) components of ``cfg`` encode for ``prompts``, those of the reward
+    and those logged (``premise``), without building the image rewards (``solace embed``)."""
+    specs = [*cfg.reward.components, *cfg.premise.components]
+    comps = [build_component(s, cfg) for s in specs if s.name in COMPONENTS]
     return [t for c in comps for t in c.prompts_to_encode(prompts)]
