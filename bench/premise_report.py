@@ -97,20 +97,25 @@ def report(runs: dict[str, dict[int, list[dict]]]) -> tuple[list[str], dict]:
                     f"| {cond} | {s} | {p['third']} ({it}) | {f3(p['batch_strict'])} | {' | '.join(cells)} |"
                 )
     change: dict = {}
-    lines += ["", "AUC, last third minus first third (mean over seeds [each seed]):", ""]
-    lines += ["| form | reward runs | controls | reward - control |", "|---|---|---|---|"]
+    paired = sorted(set(runs.get("reward", {})) & set(runs.get("control", {})))
+    title = "AUC, last third minus first third (mean over seeds [each seed]; reward - control over the seeds"
+    lines += ["", f"{title} with both runs: {paired}):", ""]
+    lines += ["| form | reward runs | controls | reward - control (paired) |", "|---|---|---|---|"]
     for form in FORMS:
         d = {
-            cond: [parts[-1][f"{form}_auc"] - parts[0][f"{form}_auc"] for _, parts in sorted(by_seed.items())]
+            cond: {
+                s: parts[-1][f"{form}_auc"] - parts[0][f"{form}_auc"] for s, parts in sorted(by_seed.items())
+            }
             for cond, by_seed in runs.items()
         }
         change[form] = d
-        m = {c: mean(v) if v and all(math.isfinite(x) for x in v) else math.nan for c, v in d.items()}
-        cells = [
-            f"{m.get(c, math.nan):+.3f} [{', '.join(f'{x:+.3f}' for x in d.get(c, []))}]"
-            for c in ("reward", "control")
-        ]
-        gap = m.get("reward", math.nan) - m.get("control", math.nan)
+        cells = []
+        for c in ("reward", "control"):
+            v = list(d.get(c, {}).values())
+            m = mean(v) if v and all(math.isfinite(x) for x in v) else math.nan
+            cells.append(f"{m:+.3f} [{', '.join(f'{x:+.3f}' for x in v)}]")
+        gaps = [d["reward"][s] - d["control"][s] for s in paired]
+        gap = mean(gaps) if gaps else math.nan
         lines.append(f"| {form} | {cells[0]} | {cells[1]} | {gap:+.3f} |")
     return lines, {"runs": runs, "auc_change_last_minus_first_third": change}
 
