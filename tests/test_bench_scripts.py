@@ -11,23 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from trainer_helpers import make_tiny_toy_weights
+from trainer_helpers import TENFOLD_LOSS, make_tiny_toy_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-
-# runs a bench script after replacing the Flow-GRPO update's loss by ten times itself
-TENFOLD_LOSS = """
-import runpy, sys
-import solace.trainer.updates as updates
-_loss = updates.FlowGRPOUpdate.loss
-def loss(self, batch, term):
-    value, parts = _loss(self, batch, term)
-    return 10.0 * value, parts
-updates.FlowGRPOUpdate.loss = loss
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
 
 
 def grad_snr(tmp: Path, weights: Path, patch: bool = False) -> dict:

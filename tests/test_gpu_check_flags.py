@@ -12,25 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from trainer_helpers import TENFOLD_LOSS
 
 from solace.sampling.sampler import sample
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench" / "gpu_check.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-
-# runs the benchmark as a script after replacing FlowGRPOUpdate.loss by ten times itself
-PATCHED_LOSS = """
-import runpy, sys
-import solace.trainer.updates as updates
-_loss = updates.FlowGRPOUpdate.loss
-def loss(self, batch, term):
-    value, parts = _loss(self, batch, term)
-    return 10.0 * value, parts
-updates.FlowGRPOUpdate.loss = loss
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +62,7 @@ def test_flags_reach_the_trainer_and_its_forwards(tmp_path, pipeline):
 def test_a_change_to_the_trainers_update_changes_the_benchmarks_result(tmp_path, pipeline):
     base = run_bench(tmp_path / "base", pipeline)
     no_kl = run_bench(tmp_path / "beta0", pipeline, "grpo.beta=0")
-    tenfold = run_bench(tmp_path / "patched", pipeline, patch=PATCHED_LOSS)
+    tenfold = run_bench(tmp_path / "patched", pipeline, patch=TENFOLD_LOSS)
     b, z, p = (r["iterations"][0] for r in (base, no_kl, tenfold))
     # the samples and rewards come before the update: the same in all three
     assert b["stats"]["reward/mean"] == z["stats"]["reward/mean"] == p["stats"]["reward/mean"]

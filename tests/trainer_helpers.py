@@ -25,6 +25,22 @@ def make_tiny_toy_weights(path: str | Path, seed: int = 0) -> Path:
     return Path(path)
 
 
+# A script that runs a bench script (argv[1:]) after replacing the Flow-GRPO update's loss by ten times
+# itself: a bench figure that follows the library's loss scales with it (test_bench_scripts,
+# test_gpu_check_flags)
+TENFOLD_LOSS = """
+import runpy, sys
+import solace.trainer.updates as updates
+_loss = updates.FlowGRPOUpdate.loss
+def loss(self, batch, term):
+    value, parts = _loss(self, batch, term)
+    return 10.0 * value, parts
+updates.FlowGRPOUpdate.loss = loss
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 # The small run both the toy and the tiny-diffusers trainer tests use (2 iterations of 2 groups of 4).
 TINY_RUN = {
     "model.lora.rank": 4,
