@@ -23,7 +23,15 @@ all scored with the group's probes and timesteps: ``edits_mean``, ``edits_max`` 
         --out bench/results/signal_edits
 
 ``--variants`` picks what is computed (``edits`` stands for every edit form); the samples depend only on
-``--seed``, so rows of runs with the same seed compare. ``raw.safetensors`` keeps per sample: strict,
+``--seed``, so rows of runs with the same seed compare. ``--categories`` scores only those categories' prompts
+(each keeps its index in the full list, so its samples are the full run's); with ``--reuse DIR`` the other
+prompts' scores come from an earlier run's ``raw.safetensors`` (same seed, group, CFG and probes; their
+samples are drawn again and must give the recorded correctness, and their edits must be unchanged), so a
+change that touches one category is re-measured at that category's cost:
+
+    python bench/signal_report.py --variants paper,contrastive,empty_only,edits,-pixel_std,-foreground \
+        --categories color_attr --reuse bench/results/signal_edits --out bench/results/signal_edits_cycled
+ ``raw.safetensors`` keeps per sample: strict,
 lenient, S_t(c), S_t(empty) and S_t of each edit (NaN-padded), for ``bench/edit_gap.py``.
 """
 
@@ -38,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 
 from solace.evaluation.analysis import auc
 from solace.rewards.prompt_edits import candidate_edits
@@ -72,28 +80,47 @@ def edit_forms(s_c: torch.Tensor, s_e: torch.Tensor, ts: torch.Tensor) -> dict[s
     return out
 
 
-def check_batched_variant(ad, z0, cond, null, ts, one_group, seed, econd, s_c, s_e) -> None:
+def check_batched_variant(ad, z0, cond, null, ts, one_group, seed, econd, s_c, s_e, K) -> None:
     """The trained ``edits`` variant (one batched pass over the edits) equals the forms computed here."""
-    sc = SelfConfidenceScorer(SelfConfidenceCfg(edits="mean"))
+    sc = SelfConfidenceScorer(SelfConfidenceCfg(num_probes=K, edits="mean"))
     got = sc.scores(ad, z0, cond, null, ts, one_group, [seed + 1], [econd])
     want = edit_contrast(s_c, s_e, "mean")
     assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
+
+
+def draw_group(ad: ToyAdapter, prompt: str, G: int, cfg: float, seed: int):
+    """The group's samples (the training sampler: SDE, 10 steps, CFG), their images and exact scores."""
+    cond1, null1 = ad.encode_prompts([prompt]), ad.encode_prompts([""])
+    z0 = generate_group(ad, cond1, null1, G, 10, cfg, seed, "sde", batch_size=G)
+    imgs = to_uint8(ad.decode(z0))
+    return z0, imgs, [score_detections(detect(a), REC[prompt]) for a in imgs]
+
+
+def blind_rewards(z0: torch.Tensor, imgs) -> dict[str, np.ndarray]:
+    """The two prompt-blind baselines: less pixel spread, less foreground."""
+    return {
+        "-pixel_std": -z0.flatten(1).std(1).numpy(),
+        "-foreground": -np.array([(segment(a) >= 0).sum() for a in imgs], dtype=float),
+    }
+
+
+def kept(rewards: dict, variants) -> dict:
+    return {
+        k: rewards[k] for k in rewards if k in variants or (k.startswith("edits_") and "edits" in variants)
+    }
 
 
 @torch.no_grad()
 def score_group(
     ad: ToyAdapter, prompt: str, G: int, cfg: float, K: int, seed: int, variants, first=False
 ) -> dict:
-    sig = ad.sigmas(10)
-    ts = sig[:-1]
-    cond1, null1 = ad.encode_prompts([prompt]), ad.encode_prompts([""])
-    cond, null = cond1.index([0] * G), null1.index([0] * G)
-    z0 = generate_group(ad, cond1, null1, G, 10, cfg, seed, "sde", batch_size=G)
+    ts = ad.sigmas(10)[:-1]
+    cond = ad.encode_prompts([prompt]).index([0] * G)
+    null = ad.encode_prompts([""]).index([0] * G)
+    z0, imgs, sc = draw_group(ad, prompt, G, cfg, seed)
     one_group = torch.zeros(G, dtype=torch.long)
     paper = SelfConfidenceScorer(SelfConfidenceCfg(num_probes=K))
     half = list(range(len(ts) // 2, len(ts)))
-    imgs = to_uint8(ad.decode(z0))
-    sc = [score_detections(detect(a), REC[prompt]) for a in imgs]
     # the same group probes (seed + 1) for the conditional, empty-prompt, CFG-scored and edit forms
     s_c = paper.scores(ad, z0, cond, null, ts, one_group, [seed + 1])
     rewards = {"paper": aggregate(s_c, ts), "later_half": aggregate(s_c[:, half], ts[half])}
@@ -122,12 +149,9 @@ def score_group(
             1,
         )
         if first:
-            check_batched_variant(ad, z0, cond, null, ts, one_group, seed, econd, s_c, s_e)
+            check_batched_variant(ad, z0, cond, null, ts, one_group, seed, econd, s_c, s_e, K)
         rewards |= edit_forms(s_c, s_e, ts)
-    rewards = {k: v.numpy() for k, v in rewards.items()}
-    rewards["-pixel_std"] = -z0.flatten(1).std(1).numpy()
-    rewards["-foreground"] = -np.array([(segment(a) >= 0).sum() for a in imgs], dtype=float)
-    keep = [k for k in rewards if k in variants or (k.startswith("edits_") and "edits" in variants)]
+    rewards = {k: v.numpy() for k, v in rewards.items()} | blind_rewards(z0, imgs)
     return {
         "strict": np.array([s["strict"] for s in sc]),
         "lenient": np.array([s["lenient"] for s in sc]),
@@ -135,7 +159,88 @@ def score_group(
         "S_u": None if s_u is None else s_u.numpy(),
         "S_e": None if s_e is None else s_e.numpy(),
         "edits": edits,
-        "rewards": {k: rewards[k] for k in keep},
+        "rewards": kept(rewards, variants),
+    }
+
+
+REUSABLE = ("paper", "later_half", "contrastive", "empty_only", "edits", "-pixel_std", "-foreground")
+
+
+class ReuseError(ValueError):
+    """An earlier run's scores do not belong to this run's samples."""
+
+
+def load_reuse(path: Path, a: argparse.Namespace) -> dict[str, dict]:
+    """An earlier run's per-sample scores by prompt (``raw.safetensors`` + ``raw_groups.json``), after
+    checking that it drew its samples with this run's seed, group size, CFG and probe count."""
+    files = [path / "signal.json", path / "raw.safetensors", path / "raw_groups.json"]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise ReuseError(f"--reuse: {', '.join(missing)} not found; point it at a signal_report --out folder")
+    settings = json.loads(files[0].read_text())["settings"]
+    for key in ("seed", "group", "cfg", "probes"):
+        if settings[key] != getattr(a, key):
+            raise ReuseError(
+                f"--reuse: {path} was run with --{key} {settings[key]}, this run has {getattr(a, key)}; "
+                f"use the same --{key} (the reused scores belong to its samples)"
+            )
+    raw = load_file(str(files[1]))
+    out = {}
+    for j, g in enumerate(json.loads(files[2].read_text())):
+        rows = raw["group"] == j
+        n_edits = len(g["edits"]) if np.isfinite(raw["S_e"][rows][:, : len(g["edits"])]).all() else 0
+        out[g["prompt"]] = {
+            "tag": g["tag"],
+            "edits": g["edits"] if n_edits else [],
+            "strict": raw["strict"][rows].astype(np.float64),
+            "lenient": raw["lenient"][rows].astype(np.float64),
+            "S_t": raw["S_c"][rows],
+            "S_u": None if np.isnan(raw["S_u"][rows]).all() else raw["S_u"][rows],
+            "S_e": raw["S_e"][rows][:, :n_edits] if n_edits else None,
+        }
+    return out
+
+
+@torch.no_grad()
+def reuse_group(ad: ToyAdapter, prompt: str, G: int, cfg: float, seed: int, variants, stored: dict) -> dict:
+    """A group's rewards from an earlier run's scores: its samples are drawn again (cheap: no scoring) for
+    the exact correctness, which must match the recorded one, and the prompt-blind baselines."""
+    z0, imgs, sc = draw_group(ad, prompt, G, cfg, seed)
+    strict = np.array([s["strict"] for s in sc], dtype=np.float64)
+    if not np.array_equal(strict, stored["strict"]):
+        raise ReuseError(
+            f"--reuse: {prompt!r} draws other samples than the reused run recorded (strict {strict.tolist()} "
+            f"vs {stored['strict'].tolist()}); rescore it (add its category to --categories)"
+        )
+    ts = ad.sigmas(10)[:-1]
+    s_c = torch.from_numpy(stored["S_t"])
+    half = list(range(len(ts) // 2, len(ts)))
+    rewards = {"paper": aggregate(s_c, ts), "later_half": aggregate(s_c[:, half], ts[half])}
+    if {"contrastive", "empty_only"} & set(variants):
+        if stored["S_u"] is None:
+            raise ReuseError(
+                f"--reuse: the reused run has no S(empty) for {prompt!r}; drop contrastive/empty_only"
+            )
+        s_u = torch.from_numpy(stored["S_u"])
+        rewards |= {"contrastive": aggregate(s_c - s_u, ts), "empty_only": aggregate(s_u, ts)}
+    if "edits" in variants:
+        now = candidate_edits(prompt, REC[prompt].to_json(), limit=MAX_EDITS)
+        if stored["S_e"] is None or sorted(now) != sorted(stored["edits"]):
+            raise ReuseError(
+                f"--reuse: {prompt!r}'s edits are not the reused run's ({len(now)} now); "
+                "rescore it (add its category to --categories)"
+            )
+        rewards |= edit_forms(s_c, torch.from_numpy(stored["S_e"]), ts)
+    rewards = {k: v.numpy() for k, v in rewards.items()} | blind_rewards(z0, imgs)
+    return {
+        "strict": strict,
+        "lenient": np.array([s["lenient"] for s in sc], dtype=np.float64),
+        "S_t": stored["S_t"],
+        "S_u": stored["S_u"],
+        "S_e": stored["S_e"],
+        "edits": stored["edits"],
+        "rewards": kept(rewards, variants),
+        "reused": True,
     }
 
 
@@ -197,25 +302,62 @@ def main() -> None:
     p.add_argument(
         "--variants", default=",".join(ALL_VARIANTS), help="comma list of " + ",".join(ALL_VARIANTS)
     )
+    p.add_argument("--categories", default="", help="score only these categories' prompts (comma list)")
+    p.add_argument(
+        "--reuse", default="", help="take the other prompts' scores from this earlier --out folder"
+    )
     a = p.parse_args()
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
     bad = [v for v in variants if v not in ALL_VARIANTS]
     if bad:
         p.error(f"--variants: unknown {bad}; choose from {','.join(ALL_VARIANTS)}")
+    scored = [c.strip() for c in a.categories.split(",") if c.strip()] or list(CATEGORIES)
+    bad = [c for c in scored if c not in CATEGORIES]
+    if bad:
+        p.error(f"--categories: unknown {bad}; choose from {','.join(CATEGORIES)}")
+    not_stored = [v for v in variants if v not in REUSABLE]
+    if a.reuse and not_stored:
+        p.error(f"--reuse: {not_stored} are not kept in raw.safetensors; drop them from --variants")
     torch.set_num_threads(a.threads)
+    try:
+        stored = load_reuse(Path(a.reuse), a) if a.reuse else {}
+    except ReuseError as e:
+        p.error(str(e))
     ad = ToyAdapter()
     held = list(load_heldout())
     recs = [held[i] for i in np.linspace(0, len(held) - 1, min(a.prompts, len(held))).round().astype(int)]
     REC.update({r.prompt: r for r in recs})
     t0 = time.perf_counter()
     groups = []
+    first = True
     for i, r in enumerate(recs):
-        g = score_group(ad, r.prompt, a.group, a.cfg, a.probes, a.seed * 100_003 + i, variants, first=i == 0)
+        seed = a.seed * 100_003 + i  # the prompt's index in the full list: the same samples with --categories
+        try:
+            if r.tag in scored:
+                g = score_group(ad, r.prompt, a.group, a.cfg, a.probes, seed, variants, first=first)
+                first = False
+            elif r.prompt in stored:
+                g = reuse_group(ad, r.prompt, a.group, a.cfg, seed, variants, stored[r.prompt])
+            else:
+                continue
+        except ReuseError as e:
+            p.error(str(e))
         g["tag"], g["prompt"] = r.tag, r.prompt
         groups.append(g)
-        print(f"[{i + 1}/{len(recs)}] {r.prompt}: strict {g['strict'].mean():.2f}", flush=True)
+        how = "reused" if g.get("reused") else "scored"
+        print(f"[{i + 1}/{len(recs)}] {r.prompt}: strict {g['strict'].mean():.2f} ({how})", flush=True)
+    if not groups:
+        p.error(
+            f"--categories: none of the {len(recs)} prompts is in {scored}; pick categories the prompts hold"
+        )
     names = list(groups[0]["rewards"])
-    res: dict = {"settings": vars(a), "seconds": time.perf_counter() - t0, "variants": {}}
+    res: dict = {
+        "settings": vars(a),
+        "seconds": time.perf_counter() - t0,
+        "groups_scored": sum(not g.get("reused") for g in groups),
+        "groups_reused": sum(bool(g.get("reused")) for g in groups),
+        "variants": {},
+    }
     for name in names:
         per_cat: dict[str, list[float]] = defaultdict(list)
         aucs, aucs_len, best, rand, oracle = [], [], [], [], []

@@ -52,3 +52,43 @@ def test_grad_snr_takes_the_gradient_of_the_trainers_loss(tmp_path):
     for n, m in zip(norms, [b["norm"] for b in tenfold["batches"]], strict=True):
         assert m == pytest.approx(10 * n, rel=1e-4)
     assert tenfold["cos_real"] == pytest.approx(base["cos_real"], abs=1e-5)
+
+
+def signal_report(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "bench" / "signal_report.py"), "--prompts", "5", "--group", "4"]
+    cmd += ["--probes", "2", "--threads", "1", "--variants", "paper,contrastive,empty_only,edits,-pixel_std"]
+    cmd += ["--out", str(out), *extra]
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def test_signal_report_rescores_one_category_and_reuses_the_rest_exactly(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    full = signal_report(tmp_path / "full")
+    assert full.returncode == 0, full.stderr[-3000:]
+    part = signal_report(tmp_path / "part", "--categories", "color_attr", "--reuse", str(tmp_path / "full"))
+    assert part.returncode == 0, part.stderr[-3000:]
+    a = json.loads((tmp_path / "full" / "signal.json").read_text())
+    b = json.loads((tmp_path / "part" / "signal.json").read_text())
+    # the 5 prompts: single_object, position and 3 color_attr; only the color_attr ones are scored again
+    assert (b["groups_scored"], b["groups_reused"]) == (3, 2)
+    assert part.stdout.count("(reused)") == 2 and part.stdout.count("(scored)") == 3
+    assert b["variants"] == a["variants"] and b["auc_strict_per_timestep"] == a["auc_strict_per_timestep"]
+    # without --reuse, only the chosen category is reported
+    alone = signal_report(tmp_path / "alone", "--categories", "color_attr", "--variants", "paper")
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    c = json.loads((tmp_path / "alone" / "signal.json").read_text())
+    assert (c["groups_scored"], c["groups_reused"]) == (3, 0)
+    assert set(c["variants"]["paper"]["auc_strict_per_category"]) <= {"color_attr"}
+
+    # must refuse: another seed than the reused run's, and reused scores whose samples are not these
+    other = signal_report(
+        tmp_path / "x", "--seed", "1", "--categories", "color_attr", "--reuse", str(tmp_path / "full")
+    )
+    assert other.returncode == 2 and "--reuse" in other.stderr and "--seed" in other.stderr
+    raw = load_file(str(tmp_path / "full" / "raw.safetensors"))
+    raw["strict"][raw["group"] == 0] = 1.0 - raw["strict"][raw["group"] == 0]
+    save_file(raw, str(tmp_path / "full" / "raw.safetensors"))
+    moved = signal_report(tmp_path / "y", "--categories", "color_attr", "--reuse", str(tmp_path / "full"))
+    assert moved.returncode == 2 and "draws other samples" in moved.stderr
+    assert not (tmp_path / "y" / "signal.json").exists()
