@@ -96,11 +96,25 @@ def report(runs: dict[str, dict[int, list[dict]]]) -> tuple[list[str], dict]:
                 lines.append(
                     f"| {cond} | {s} | {p['third']} ({it}) | {f3(p['batch_strict'])} | {' | '.join(cells)} |"
                 )
+    lines += ["", "Mean over seeds [each seed] per third:", ""]
+    lines += ["| condition | third | batch strict | AUC paper | AUC contrastive |", "|---|---|---|---|---|"]
+    for cond, by_seed in runs.items():
+        per_seed = [parts for _, parts in sorted(by_seed.items())]
+        for k in range(min(len(parts) for parts in per_seed)):
+            cells = []
+            for key in ("batch_strict", *(f"{f}_auc" for f in FORMS)):
+                v = [parts[k][key] for parts in per_seed]
+                cells.append(f3(mean(v)) if key == "batch_strict" else seeds_cell(v, "{:.3f}"))
+            lines.append(f"| {cond} | {k + 1} | {' | '.join(cells)} |")
     change: dict = {}
+    tests: dict = {}
     paired = sorted(set(runs.get("reward", {})) & set(runs.get("control", {})))
     title = "AUC, last third minus first third (mean over seeds [each seed]; reward - control over the seeds"
     lines += ["", f"{title} with both runs: {paired}):", ""]
-    lines += ["| form | reward runs | controls | reward - control (paired) |", "|---|---|---|---|"]
+    lines += [
+        "| form | reward runs | controls | reward - control (paired) | one-sample t (df), two-sided p |",
+        "|---|---|---|---|---|",
+    ]
     for form in FORMS:
         d = {
             cond: {
@@ -109,15 +123,32 @@ def report(runs: dict[str, dict[int, list[dict]]]) -> tuple[list[str], dict]:
             for cond, by_seed in runs.items()
         }
         change[form] = d
-        cells = []
-        for c in ("reward", "control"):
-            v = list(d.get(c, {}).values())
-            m = mean(v) if v and all(math.isfinite(x) for x in v) else math.nan
-            cells.append(f"{m:+.3f} [{', '.join(f'{x:+.3f}' for x in v)}]")
+        cells = [seeds_cell(list(d.get(c, {}).values())) for c in ("reward", "control")]
         gaps = [d["reward"][s] - d["control"][s] for s in paired]
-        gap = mean(gaps) if gaps else math.nan
-        lines.append(f"| {form} | {cells[0]} | {cells[1]} | {gap:+.3f} |")
-    return lines, {"runs": runs, "auc_change_last_minus_first_third": change}
+        t, df, pval = one_sample_t(gaps)
+        test = "-" if not math.isfinite(t) else f"{t:.2f} ({df}), {pval:.2f}"
+        lines.append(f"| {form} | {cells[0]} | {cells[1]} | {seeds_cell(gaps)} | {test} |")
+        tests[form] = {"paired_seeds": paired, "gaps": gaps, "t": t, "df": df, "p": pval}
+    return lines, {"runs": runs, "auc_change_last_minus_first_third": change, "paired_test": tests}
+
+
+def seeds_cell(v: list[float], fmt: str = "{:+.3f}") -> str:
+    """``mean [each seed]``; the mean is ``-`` when a seed's value is missing (NaN)."""
+    m = mean(v) if v and all(math.isfinite(x) for x in v) else math.nan
+    head = "-" if not math.isfinite(m) else fmt.format(m)
+    return f"{head} [{', '.join('-' if not math.isfinite(x) else fmt.format(x) for x in v)}]"
+
+
+def one_sample_t(v: list[float]) -> tuple[float, int, float]:
+    """Student's t of the mean of ``v`` against 0, its degrees of freedom and two-sided p (NaN below two
+    finite values or with no spread)."""
+    from scipy import stats
+
+    v = [x for x in v if math.isfinite(x)]
+    if len(v) < 2 or max(v) == min(v):
+        return math.nan, max(len(v) - 1, 0), math.nan
+    r = stats.ttest_1samp(v, 0.0)
+    return float(r.statistic), len(v) - 1, float(r.pvalue)
 
 
 def plot(runs: dict[str, dict[int, list[dict]]], path: Path) -> None:
@@ -157,7 +188,9 @@ def main() -> None:
     a = ap.parse_args()
     runs = load(a.out, [int(s) for s in a.seeds.split(",")])
     if not runs:
-        raise SystemExit(f"error: --out: no runs with a log.csv under {a.out}/{{reward,control}}/seed*")
+        ap.error(
+            f"--out: no runs with a log.csv under {a.out}/{{reward,control}}/seed*; point it at the grid"
+        )
     lines, doc = report(runs)
     print("\n".join(lines))
     if a.record:

@@ -92,3 +92,64 @@ def test_signal_report_rescores_one_category_and_reuses_the_rest_exactly(tmp_pat
     moved = signal_report(tmp_path / "y", "--categories", "color_attr", "--reuse", str(tmp_path / "full"))
     assert moved.returncode == 2 and "draws other samples" in moved.stderr
     assert not (tmp_path / "y" / "signal.json").exists()
+
+
+def write_premise_log(path: Path, paper: list[tuple[float, int]], strict: float) -> None:
+    """A run's log.csv with 6 iterations (thirds of 2): the paper form's (AUC, groups) per iteration, the
+    contrastive form at 0.5 throughout."""
+    path.mkdir(parents=True)
+    rows = [
+        "iteration,train/strict_acc,premise/paper_auc,premise/paper_groups,premise/contrastive_auc,"
+        "premise/contrastive_groups"
+    ]
+    for i, (a, g) in enumerate(paper, start=1):
+        rows.append(f"{i},{strict},{'' if g == 0 else a},{g},0.5,3")
+    (path / "log.csv").write_text("\n".join(rows) + "\n")
+
+
+def test_premise_report_pools_by_groups_and_pairs_by_seed(tmp_path):
+    # reward runs: first third pooled (0.4 x 1 + 0.7 x 2) / 3 = 0.6; an iteration with no group is skipped;
+    # last third 0.7 / 0.8 / 0.9 -> changes +0.1 / +0.2 / +0.3. Controls: 0.6 -> 0.6, no change.
+    for s, last in enumerate((0.7, 0.8, 0.9)):
+        write_premise_log(
+            tmp_path / "reward" / f"seed{s}",
+            [(0.4, 1), (0.7, 2), (0.9, 0), (0.6, 1), (last, 4), (last, 4)],
+            0.5,
+        )
+        write_premise_log(tmp_path / "control" / f"seed{s}", [(0.6, 2)] * 6, 0.4)
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "premise_report.py"),
+        "--out",
+        str(tmp_path),
+        "--seeds",
+        "0,1,2",
+    ]
+    r = subprocess.run(
+        [*cmd, "--record", str(tmp_path / "rec")],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads((tmp_path / "rec" / "report.json").read_text())
+    first = doc["runs"]["reward"]["0"][0]
+    assert first["paper_auc"] == pytest.approx(0.6) and first["paper_groups"] == 3
+    test = doc["paired_test"]["paper"]
+    assert test["gaps"] == pytest.approx([0.1, 0.2, 0.3])
+    assert test["t"] == pytest.approx(0.2 / (0.1 / 3**0.5)) and test["df"] == 2
+    assert doc["paired_test"]["contrastive"]["gaps"] == [0.0, 0.0, 0.0]  # no spread: no t
+    assert "| paper | +0.200 [+0.100, +0.200, +0.300] | +0.000 [+0.000, +0.000, +0.000] |" in r.stdout
+    assert (tmp_path / "rec" / "premise.png").stat().st_size > 0
+    # must refuse, in one line with exit 2: a folder without the grid's runs
+    bad = subprocess.run(
+        [*cmd[:2], "--out", str(tmp_path / "rec")],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "--out" in bad.stderr and "Traceback" not in bad.stderr
