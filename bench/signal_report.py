@@ -104,6 +104,15 @@ def blind_rewards(z0: torch.Tensor, imgs) -> dict[str, np.ndarray]:
     }
 
 
+def scored_forms(s_c: torch.Tensor, s_u: torch.Tensor | None, ts: torch.Tensor) -> dict[str, torch.Tensor]:
+    """R of the paper's form, its later half and (given S_t(empty)) the contrastive and empty-prompt forms."""
+    half = list(range(len(ts) // 2, len(ts)))
+    out = {"paper": aggregate(s_c, ts), "later_half": aggregate(s_c[:, half], ts[half])}
+    if s_u is not None:
+        out |= {"contrastive": aggregate(s_c - s_u, ts), "empty_only": aggregate(s_u, ts)}
+    return out
+
+
 def kept(rewards: dict, variants) -> dict:
     return {
         k: rewards[k] for k in rewards if k in variants or (k.startswith("edits_") and "edits" in variants)
@@ -123,11 +132,10 @@ def score_group(
     half = list(range(len(ts) // 2, len(ts)))
     # the same group probes (seed + 1) for the conditional, empty-prompt, CFG-scored and edit forms
     s_c = paper.scores(ad, z0, cond, null, ts, one_group, [seed + 1])
-    rewards = {"paper": aggregate(s_c, ts), "later_half": aggregate(s_c[:, half], ts[half])}
     s_u = s_e = None
     if {"contrastive", "empty_only"} & set(variants):
         s_u = paper.scores(ad, z0, null, null, ts, one_group, [seed + 1])
-        rewards |= {"contrastive": aggregate(s_c - s_u, ts), "empty_only": aggregate(s_u, ts)}
+    rewards = scored_forms(s_c, s_u, ts)
     if "cfg" in variants:
         s_cfg = SelfConfidenceScorer(SelfConfidenceCfg(num_probes=K, cfg_in_reward=True), cfg).scores(
             ad, z0, cond, null, ts, one_group, [seed + 1]
@@ -214,15 +222,14 @@ def reuse_group(ad: ToyAdapter, prompt: str, G: int, cfg: float, seed: int, vari
         )
     ts = ad.sigmas(10)[:-1]
     s_c = torch.from_numpy(stored["S_t"])
-    half = list(range(len(ts) // 2, len(ts)))
-    rewards = {"paper": aggregate(s_c, ts), "later_half": aggregate(s_c[:, half], ts[half])}
+    s_u = None
     if {"contrastive", "empty_only"} & set(variants):
         if stored["S_u"] is None:
             raise ReuseError(
                 f"--reuse: the reused run has no S(empty) for {prompt!r}; drop contrastive/empty_only"
             )
         s_u = torch.from_numpy(stored["S_u"])
-        rewards |= {"contrastive": aggregate(s_c - s_u, ts), "empty_only": aggregate(s_u, ts)}
+    rewards = scored_forms(s_c, s_u, ts)
     if "edits" in variants:
         now = candidate_edits(prompt, REC[prompt].to_json(), limit=MAX_EDITS)
         if stored["S_e"] is None or sorted(now) != sorted(stored["edits"]):
