@@ -265,3 +265,46 @@ def test_experiment_end_to_end_on_tiny_toy(tmp_path):
     _ok(again)
     assert again.stdout.count("done before, kept") == 4
     assert (out / "nft" / "seed0" / "ablate_run.json").stat().st_mtime_ns == stamp
+
+
+def test_final_evaluation_of_a_run_on_a_merged_lora_starts_from_that_model(tmp_path: Path) -> None:
+    """A run on top of an earlier LoRA folded into the base (``model.lora.merge_init``, the two-stage runs)
+    is evaluated after training against that model, not the bare base: its base record is the merged
+    model's, and with a fresh (no-op) LoRA exported the trained record equals it. Without merge_init (the
+    earlier LoRA trained on, exported with the run) the base is the bare one, which the earlier LoRA visibly
+    changes."""
+    from solace.models.lora import add_lora, save_lora
+    from solace.toy.adapter import ToyAdapter
+    from solace.trainer.config import load_config
+    from solace.trainer.experiment import FinalEval, final_evaluation
+
+    weights = make_tiny_toy_weights(tmp_path / "toy.safetensors")
+    stage1 = ToyAdapter(weights=weights)
+    add_lora(stage1.denoiser, 4, 8, ToyAdapter.lora_target_modules)
+    with torch.no_grad():
+        for name, p in stage1.denoiser.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # PEFT's LoRA starts as a no-op: make the earlier LoRA act
+    init = save_lora(stage1, tmp_path / "stage1")
+    run = tmp_path / "run"
+    fresh = ToyAdapter(weights=weights)
+    add_lora(fresh.denoiser, 4, 8, ToyAdapter.lora_target_modules)  # the run's exported LoRA: a no-op
+    save_lora(fresh, run / "lora")
+    final = FinalEval(
+        {"eval": {"prompts": str(ROOT / "bench" / "data" / "heldout_2_per_category.jsonl"), "num_steps": 2}}, 1234
+    )
+
+    def evaluate(**lora: object) -> list[dict]:
+        over = {"eval.samples_per_prompt": 2, "model.lora.init_from": str(init), **lora}
+        cfg = load_config("toy", tiny_overrides(weights, run, **over))
+        return final_evaluation(cfg, final, 1)
+
+    def pixels(rec: dict) -> tuple:
+        return rec["strict"], rec["images"]["foreground"], rec["images"]["pixel_std"]
+
+    merged_base, merged_trained = evaluate(**{"model.lora.merge_init": True})
+    kept_apart = evaluate(**{"model.lora.merge_init": False})[0]
+    bare = evaluate(**{"model.lora.init_from": ""})[0]
+    assert pixels(merged_trained) == pixels(merged_base)  # a no-op LoRA on the merged model
+    assert pixels(merged_base) != pixels(bare)  # the earlier LoRA is in the merged run's base
+    assert pixels(kept_apart) == pixels(bare)  # a LoRA kept apart (trained on): the base is the bare one

@@ -58,7 +58,7 @@ from solace.trainer.ablate import (
 )
 from solace.trainer.config import SolaceConfig, eval_setup, load_config, reject_moved_keys, validate
 from solace.trainer.distributed import is_main_process
-from solace.trainer.model_setup import load_model
+from solace.trainer.model_setup import load_model, merge_init
 
 TABLES = ("per_seed", "budget")
 KEYS = {"name", "description", "config", "seeds", "out", "overrides", "conditions", "control", "final_eval"}
@@ -252,13 +252,15 @@ def _device(cfg: SolaceConfig) -> torch.device:
 
 @torch.no_grad()
 def final_evaluation(cfg: SolaceConfig, final: FinalEval, iteration: int) -> list[dict[str, Any]]:
-    """The run's evaluator with the final evaluation's settings, on the base model (no LoRA; the base
+    """The run's evaluator with the final evaluation's settings, on the base model (no LoRA, or
+    ``model.lora.init_from`` folded in under ``model.lora.merge_init``, as in training; the base
     evaluation read from / written to ``eval.base_cache``, so a seed's runs share it) and then with the
     run's exported LoRA (``OUT/lora``), the same prompts and noise: ``[base record, trained record]``.
     Under several processes each evaluates the whole set (the same records); the main one writes the cache."""
     ecfg = final.config(cfg)
     run_dir = Path(cfg.train.output_dir)
     adapter = load_model(ecfg.model, _device(ecfg))
+    merge_init(ecfg.model, adapter.denoiser)  # a run on top of a merged LoRA: that model is its base
     ev = make_evaluator(eval_setup(ecfg), adapter, run_dir / "final_eval", writes=is_main_process())
     check(ev is not None, "final_eval.set", "no evaluator can score these prompts; set eval.prompts")
     ev.progress = False

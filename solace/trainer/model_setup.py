@@ -2,6 +2,8 @@
 
 * :func:`load_model`: the adapter ``model.*`` describes, with the SD3/FLUX settings (dtype, height / width,
   T5, guidance, gradient checkpointing, embedding cache on disk, VAE slicing / tiling).
+* :func:`merge_init`: ``model.lora.init_from`` folded into that model under ``model.lora.merge_init``: the
+  base a run's fresh LoRA trains on, is held to by the KL and is evaluated against.
 * :func:`run_prompts`: every prompt a run encodes: the empty prompt, the training prompts, what the reward
   components encode for them (the ``edits`` variant's minimal edits), the image-grid prompts.
 * :func:`offload_text_encoders`: ``model.offload_text_encoders``: those prompts encoded once (into the disk
@@ -19,6 +21,7 @@ import torch
 from solace.errors import ConfigError, check
 from solace.models import load_adapter
 from solace.models.base import Conditioning
+from solace.models.lora import load_lora
 from solace.models.text_cache import precompute
 from solace.prompts import Prompt, PromptSource, evaluation_prompts, is_prompt_set
 from solace.rewards.mixture import component_prompts
@@ -46,6 +49,17 @@ def load_model(m: ModelCfg, device: torch.device | str) -> Any:
         text_encoder_3=m.text_encoder_3,
     )
     return load_adapter(m.name, m.family, device=device, **settings)
+
+
+def merge_init(m: ModelCfg, denoiser: torch.nn.Module) -> bool:
+    """Under ``model.lora.merge_init``, fold the LoRA of ``model.lora.init_from`` into ``denoiser``'s weights
+    (its ``model.lora.alpha`` for a file without metadata), so that the loaded model is the one the run
+    starts from: the base of its fresh LoRA, of its KL term and of every evaluation of it. True when it
+    did."""
+    if not (m.lora.init_from and m.lora.merge_init):
+        return False
+    load_lora(denoiser, m.lora.init_from, merge=True, alpha=m.lora.alpha)
+    return True
 
 
 def run_prompts(cfg: SolaceConfig, source: PromptSource, more: MorePrompts) -> list[str]:

@@ -20,11 +20,12 @@ from accelerate.utils import DistributedType
 
 from solace.errors import ConfigError
 from solace.grpo.window import parse_steps, train_window
-from solace.models.lora import add_lora, load_lora, lora_parameters
+from solace.models.lora import add_lora, lora_parameters
 from solace.nft.ema import EMAPolicy, ema_decay
 from solace.sampling.rollout import GroupLayout
 from solace.trainer.context import UpdateContext
 from solace.trainer.distributed import accelerator_kwargs, check_backend
+from solace.trainer.model_setup import merge_init
 from solace.trainer.fsdp import ShardedParams, check_lora_units, check_uniform_dtype, prepare_plugin
 from solace.trainer.precision import ACCELERATE_NAME, LAUNCHER, check_accelerate, launcher_precision, set_tf32
 from solace.trainer.tracking import log_with
@@ -80,11 +81,8 @@ def trainable(
     den.requires_grad_(False)
     targets = m.lora.target_modules or adapter.lora_target_modules
     torch.manual_seed(cfg.train.seed)  # same seed, same initial LoRA
-    if m.lora.init_from and m.lora.merge_init:
-        load_lora(den, m.lora.init_from, merge=True, alpha=m.lora.alpha)  # alpha: a file without metadata
-        add_lora(den, m.lora.rank, m.lora.alpha, targets)
-    else:
-        add_lora(den, m.lora.rank, m.lora.alpha, targets, init_from=m.lora.init_from)
+    merged = merge_init(m, den)  # the run's base: init_from folded in, a fresh LoRA on top
+    add_lora(den, m.lora.rank, m.lora.alpha, targets, init_from=None if merged else m.lora.init_from)
     params = lora_parameters(den)
     opt = torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
     if acc.num_processes == 1:
