@@ -135,3 +135,28 @@ def test_train_end_to_end_and_lora_round_trip(kind, tmp_path):
         rtol=0,
         atol=2e-5,
     )
+
+    # A fresh LoRA on top of that one folded into the base (model.lora.merge_init): its model card's lines
+    # fold the first LoRA in, then load this one, and give the trainer's model; this LoRA alone does not.
+    cfg3 = load_config(
+        None,
+        train_overrides(
+            folder,
+            tmp_path / "run3",
+            _prompt_file(tmp_path),
+            **{"model.lora.init_from": res["lora"], "model.lora.merge_init": True, "train.iterations": 1},
+        ),
+    )
+    tr3 = Trainer(cfg3)
+    res3 = tr3.train()
+    ours3 = _trainer_latents(tr3, noise, 3, cfg.sampling.cfg_scale)
+    card3 = (Path(res3["lora"]) / "README.md").read_text()
+    assert "folded into the base" in card3 and str(res["lora"]) in card3
+    code3 = card3.split("```python\n")[1].split("```")[0]
+    scope3: dict = {}
+    exec(code3.replace(f'{cls}.from_pretrained("{folder}")', "FRESH"), {"FRESH": make_tiny_sd3(seed=0)}, scope3)
+    theirs3 = _pipeline_latents(scope3["pipe"], noise, 3, cfg.sampling.cfg_scale, False)
+    torch.testing.assert_close(ours3, theirs3, rtol=0, atol=2e-5)
+    alone = make_tiny_sd3(seed=0, with_t5=True)
+    alone.load_lora_weights(res3["lora"])
+    assert (_pipeline_latents(alone, noise, 3, cfg.sampling.cfg_scale, False) - ours3).abs().max() > 1e-4

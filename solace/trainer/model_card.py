@@ -19,11 +19,19 @@ def card_text(cfg: Any, folder: Path, pipeline_class: type | None, evals: list[d
         tags=["lora", "solace", "text-to-image", "reinforcement-learning"],
     )
     rewards = ", ".join(f"{c.name} x {c.weight}" for c in cfg.reward.components)
+    lora = cfg.model.lora
+    init = lora.init_from if lora.init_from and lora.merge_init else None  # this LoRA's base: init folded in
     if pipeline_class is not None:
+        fold = (
+            f'pipe.load_lora_weights("{init}", adapter_name="init")  # the LoRA this one was trained on top of\n'
+            "pipe.fuse_lora(adapter_names=[\"init\"])  # folded into the base, as in training\n"
+            "pipe.unload_lora_weights()\n"
+        ) if init else ""  # fmt: skip
         load = (
             "```python\n"
             f"from diffusers import {pipeline_class.__name__}\n\n"
             f'pipe = {pipeline_class.__name__}.from_pretrained("{base}")\n'
+            f"{fold}"
             f'pipe.load_lora_weights("{folder}")\n'
             "```"
         )
@@ -40,6 +48,12 @@ def card_text(cfg: Any, folder: Path, pipeline_class: type | None, evals: list[d
         f"- sampling: G = {cfg.sampling.group_size}, {cfg.sampling.num_steps} steps, "
         f"CFG {cfg.sampling.cfg_scale}",
     ]
+    if init:
+        lines.append(
+            f"- trained on top of the LoRA `{init}` folded into the base (`model.lora.merge_init`): this LoRA "
+            "acts on that model, so fold that one in first"
+            + ("" if pipeline_class is not None else " (`solace sample --lora` alone shows it on the bare base)")
+        )
     if evals:
         first, last = evals[0], evals[-1]
         shown = {k: v for k, v in last.items() if isinstance(v, int | float) and k != "iteration"}
