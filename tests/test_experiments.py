@@ -291,7 +291,8 @@ def test_final_evaluation_of_a_run_on_a_merged_lora_starts_from_that_model(tmp_p
     add_lora(fresh.denoiser, 4, 8, ToyAdapter.lora_target_modules)  # the run's exported LoRA: a no-op
     save_lora(fresh, run / "lora")
     final = FinalEval(
-        {"eval": {"prompts": str(ROOT / "bench" / "data" / "heldout_2_per_category.jsonl"), "num_steps": 2}}, 1234
+        {"eval": {"prompts": str(ROOT / "bench" / "data" / "heldout_2_per_category.jsonl"), "num_steps": 2}},
+        1234,
     )
 
     def evaluate(**lora: object) -> list[dict]:

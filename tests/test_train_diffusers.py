@@ -154,7 +154,9 @@ def test_train_end_to_end_and_lora_round_trip(kind, tmp_path):
     assert "folded into the base" in card3 and str(res["lora"]) in card3
     code3 = card3.split("```python\n")[1].split("```")[0]
     scope3: dict = {}
-    exec(code3.replace(f'{cls}.from_pretrained("{folder}")', "FRESH"), {"FRESH": make_tiny_sd3(seed=0)}, scope3)
+    exec(
+        code3.replace(f'{cls}.from_pretrained("{folder}")', "FRESH"), {"FRESH": make_tiny_sd3(seed=0)}, scope3
+    )
     theirs3 = _pipeline_latents(scope3["pipe"], noise, 3, cfg.sampling.cfg_scale, False)
     torch.testing.assert_close(ours3, theirs3, rtol=0, atol=2e-5)
     alone = make_tiny_sd3(seed=0, with_t5=True)

@@ -23,7 +23,7 @@ def card_text(cfg: Any, folder: Path, pipeline_class: type | None, evals: list[d
     init = lora.init_from if lora.init_from and lora.merge_init else None  # this LoRA's base: init folded in
     if pipeline_class is not None:
         fold = (
-            f'pipe.load_lora_weights("{init}", adapter_name="init")  # the LoRA this one was trained on top of\n'
+            f'pipe.load_lora_weights("{init}", adapter_name="init")  # this LoRA was trained on top of it\n'
             "pipe.fuse_lora(adapter_names=[\"init\"])  # folded into the base, as in training\n"
             "pipe.unload_lora_weights()\n"
         ) if init else ""  # fmt: skip
@@ -50,9 +50,13 @@ def card_text(cfg: Any, folder: Path, pipeline_class: type | None, evals: list[d
     ]
     if init:
         lines.append(
-            f"- trained on top of the LoRA `{init}` folded into the base (`model.lora.merge_init`): this LoRA "
-            "acts on that model, so fold that one in first"
-            + ("" if pipeline_class is not None else " (`solace sample --lora` alone shows it on the bare base)")
+            f"- trained on top of the LoRA `{init}` folded into the base (`model.lora.merge_init`): "
+            "this LoRA acts on that model, so fold that one in first"
+            + (
+                ""
+                if pipeline_class is not None
+                else " (`solace sample --lora` alone shows it on the bare base)"
+            )
         )
     if evals:
         first, last = evals[0], evals[-1]

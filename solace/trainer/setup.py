@@ -25,8 +25,8 @@ from solace.nft.ema import EMAPolicy, ema_decay
 from solace.sampling.rollout import GroupLayout
 from solace.trainer.context import UpdateContext
 from solace.trainer.distributed import accelerator_kwargs, check_backend
-from solace.trainer.model_setup import merge_init
 from solace.trainer.fsdp import ShardedParams, check_lora_units, check_uniform_dtype, prepare_plugin
+from solace.trainer.model_setup import merge_init
 from solace.trainer.precision import ACCELERATE_NAME, LAUNCHER, check_accelerate, launcher_precision, set_tf32
 from solace.trainer.tracking import log_with
 from solace.utils.seeding import TrainStreams
