@@ -21,22 +21,7 @@ def card_text(cfg: Any, folder: Path, pipeline_class: type | None, evals: list[d
     rewards = ", ".join(f"{c.name} x {c.weight}" for c in cfg.reward.components)
     lora = cfg.model.lora
     init = lora.init_from if lora.init_from and lora.merge_init else None  # this LoRA's base: init folded in
-    if pipeline_class is not None:
-        fold = (
-            f'pipe.load_lora_weights("{init}", adapter_name="init")  # this LoRA was trained on top of it\n'
-            "pipe.fuse_lora(adapter_names=[\"init\"])  # folded into the base, as in training\n"
-            "pipe.unload_lora_weights()\n"
-        ) if init else ""  # fmt: skip
-        load = (
-            "```python\n"
-            f"from diffusers import {pipeline_class.__name__}\n\n"
-            f'pipe = {pipeline_class.__name__}.from_pretrained("{base}")\n'
-            f"{fold}"
-            f'pipe.load_lora_weights("{folder}")\n'
-            "```"
-        )
-    else:
-        load = f'```bash\nsolace sample --model {base} --lora {folder} -p "a photo of a circle"\n```'
+    load = load_lines(base, folder, pipeline_class, init)
     lines = [
         f"# LoRA for `{base}` trained with solace",
         "",
@@ -49,14 +34,12 @@ def card_text(cfg: Any, folder: Path, pipeline_class: type | None, evals: list[d
         f"CFG {cfg.sampling.cfg_scale}",
     ]
     if init:
+        bare = (
+            "" if pipeline_class is not None else " (`solace sample --lora` alone shows it on the bare base)"
+        )
         lines.append(
             f"- trained on top of the LoRA `{init}` folded into the base (`model.lora.merge_init`): "
-            "this LoRA acts on that model, so fold that one in first"
-            + (
-                ""
-                if pipeline_class is not None
-                else " (`solace sample --lora` alone shows it on the bare base)"
-            )
+            f"this LoRA acts on that model, so fold that one in first{bare}"
         )
     if evals:
         first, last = evals[0], evals[-1]
@@ -76,6 +59,26 @@ def card_text(cfg: Any, folder: Path, pipeline_class: type | None, evals: list[d
         "The run's own record: `config.yaml`, `report.md` beside `lora/`.",
     ]
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"))
+
+
+def load_lines(base: str, folder: Path, pipeline_class: type | None, init: str | None) -> str:
+    """The card's code block that loads the LoRA in ``folder``: diffusers lines for a pipeline (``init``, the
+    LoRA it was trained on top of, folded in first), else ``solace sample``."""
+    if pipeline_class is None:
+        return f'```bash\nsolace sample --model {base} --lora {folder} -p "a photo of a circle"\n```'
+    fold = (
+        f'pipe.load_lora_weights("{init}", adapter_name="init")  # this LoRA was trained on top of it\n'
+        "pipe.fuse_lora(adapter_names=[\"init\"])  # folded into the base, as in training\n"
+        "pipe.unload_lora_weights()\n"
+    ) if init else ""  # fmt: skip
+    return (
+        "```python\n"
+        f"from diffusers import {pipeline_class.__name__}\n\n"
+        f'pipe = {pipeline_class.__name__}.from_pretrained("{base}")\n'
+        f"{fold}"
+        f'pipe.load_lora_weights("{folder}")\n'
+        "```"
+    )
 
 
 def write_card(cfg: Any, folder: Path, pipeline_class: type | None, evals: list[dict[str, Any]]) -> Path:
