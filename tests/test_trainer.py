@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -104,6 +106,35 @@ def test_max_minutes_stops_early_then_evaluates_reports_and_resumes(weights, tmp
     # the stop's evaluation precedes its checkpoint, so the resumed run's record keeps it
     assert [e["iteration"] for e in saved] == [0, 1, 3] and saved[-1]["strict"] == res2["evals"][-1]["strict"]
     assert len((tmp_path / "t" / "log.csv").read_text().splitlines()) == 4
+
+
+def test_a_resumed_runs_wall_time_counts_every_process_up_to_its_checkpoint(weights, tmp_path):
+    """The run's wall time (``solace ablate``'s minutes) is that of every process that trained it: the
+    checkpoint keeps the time up to it, the resumed process adds its own; a checkpoint without the record
+    (an earlier version's) gives NaN, never the resumed part alone."""
+    over = tiny_overrides(weights, tmp_path / "t", **{"train.iterations": 1, "train.checkpoint_every": 1})
+    res = Trainer(load_config("toy", over)).train()
+    state = tmp_path / "t" / "checkpoints" / "iter_000001" / "state.json"
+    recorded = json.loads(state.read_text())
+    assert 0 < recorded["wall_s"] <= res["wall_s"]
+    for before in (1000.0, None):  # an earlier process's 1000 s; then a checkpoint without the record
+        if before is None:
+            recorded.pop("wall_s")
+        else:
+            recorded["wall_s"] = before
+        state.write_text(json.dumps(recorded))
+        (tmp_path / "t" / "checkpoints" / "latest").write_text("iter_000001")
+        for later in (tmp_path / "t" / "checkpoints").glob("iter_00000[2-9]"):
+            shutil.rmtree(later)
+        trainer = Trainer(load_config("toy", [*over, "train.iterations=2"]))
+        started = time.time()
+        res2 = trainer.train(resume=True)
+        ended = time.time()
+        assert res2["iterations"] == 2
+        if before is None:
+            assert math.isnan(res2["wall_s"])
+        else:
+            assert started - trainer.created <= res2["wall_s"] - before <= ended - trainer.created
 
 
 @pytest.mark.parametrize("same", [True, False])

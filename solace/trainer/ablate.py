@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import shlex
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -421,7 +420,6 @@ def _train_one(cfg: Any, c: Any, seed: int, tag: str, echo: Any, experiment: Any
     run_dir = Path(cfg.train.output_dir)
     resume = (run_dir / "checkpoints" / "latest").exists()
     echo(f"{tag} {c.name} seed {seed}: {'resuming' if resume else 'training'} in {run_dir}")
-    t0 = time.time()
     # the grid's own folder: a run killed before its first checkpoint starts again
     res = run_training(cfg, resume=resume, overwrite=not resume)
     mon = run_dir / "monitor.json"
@@ -433,7 +431,7 @@ def _train_one(cfg: Any, c: Any, seed: int, tag: str, echo: Any, experiment: Any
         "monitor": res.get("monitor", ""),
         "warnings": json.loads(mon.read_text()).get("warnings", []) if mon.exists() else [],
         "history": _read_log(run_dir / "log.csv"),
-        "wall_s": time.time() - t0,
+        "wall_s": res["wall_s"],  # over every process that trained it, when resumed
     }
     if experiment is not None:
         echo(f"{tag} {c.name} seed {seed}: the experiment's evaluation after training")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ from solace.utils.interrupt import StopNow
 class Trainer:
     def __init__(self, cfg: SolaceConfig, accelerator: Any | None = None, allow_changes: bool = False):
         self.created = time.time()  # before the trackers open their files (--overwrite keeps those)
+        self.wall_before = 0.0  # seconds earlier processes of this run spent, up to the checkpoint resumed
         self.cfg = cfg
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
@@ -231,7 +233,14 @@ class Trainer:
         """Checkpoint the trained state and the loop's (on every process: :mod:`~.checkpointing`)."""
         self._checkpointed = iteration
         state = {"history": self.history, "evals": self.evals, **self.monitor.state_dict()}
-        self.checkpoints.save(iteration, {**state, "nonfinite": self.guard.state_dict()})
+        state.update(nonfinite=self.guard.state_dict(), wall_s=self.wall_s())
+        self.checkpoints.save(iteration, state)
+
+    def wall_s(self) -> float:
+        """The run's wall time so far: this process's (from building the trainer) and that of the earlier
+        processes up to the checkpoint this one resumed (time spent after it is redone, so not counted;
+        NaN when that checkpoint predates this record)."""
+        return self.wall_before + time.time() - self.created
 
     def resume(self) -> bool:
         """Continue from the newest intact checkpoint; False when there is nothing to resume."""
@@ -243,6 +252,7 @@ class Trainer:
         self.evals = state.get("evals", [])
         self.monitor.load_state_dict(state)
         self.guard.load_state_dict(state.get("nonfinite", {}))
+        self.wall_before = float(state.get("wall_s", math.nan))
         if self.is_main:  # rows logged after the checkpoint are redone
             truncate_log(self.out / "log.csv", self.start_iteration)
         return True
@@ -394,7 +404,7 @@ class Trainer:
             (self.out / "evals.json").write_text(json.dumps(self.evals, indent=1))
         if self.evaluator is not None and self.evals:
             result["eval_summary"] = self.evaluator.summary(self.evals)
-        result.update(monitor=self.monitor.verdict, evals=self.evals, iterations=last)
+        result.update(monitor=self.monitor.verdict, evals=self.evals, iterations=last, wall_s=self.wall_s())
         self.acc.wait_for_everyone()
         return result
 
