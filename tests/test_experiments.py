@@ -300,12 +300,15 @@ def test_final_evaluation_of_a_run_on_a_merged_lora_starts_from_that_model(tmp_p
         cfg = load_config("toy", tiny_overrides(weights, run, **over))
         return final_evaluation(cfg, final, 1)
 
-    def pixels(rec: dict) -> tuple:
-        return rec["strict"], rec["images"]["foreground"], rec["images"]["pixel_std"]
+    def same(a: dict, b: dict) -> bool:
+        """The same images up to float rounding (a no-op LoRA's forward rounds like the bare layer's on
+        some CPUs only: under ATEN_CPU_CAPABILITY=default they differ in the 9th digit)."""
+        stats = [(x["images"]["foreground"], x["images"]["pixel_std"]) for x in (a, b)]
+        return a["strict"] == b["strict"] and stats[0] == pytest.approx(stats[1], rel=1e-6, abs=1e-9)
 
     merged_base, merged_trained = evaluate(**{"model.lora.merge_init": True})
     kept_apart = evaluate(**{"model.lora.merge_init": False})[0]
     bare = evaluate(**{"model.lora.init_from": ""})[0]
-    assert pixels(merged_trained) == pixels(merged_base)  # a no-op LoRA on the merged model
-    assert pixels(merged_base) != pixels(bare)  # the earlier LoRA is in the merged run's base
-    assert pixels(kept_apart) == pixels(bare)  # a LoRA kept apart (trained on): the base is the bare one
+    assert same(merged_trained, merged_base)  # a no-op LoRA on the merged model
+    assert not same(merged_base, bare)  # the earlier LoRA is in the merged run's base (foreground 0.47, 0.39)
+    assert same(kept_apart, bare)  # a LoRA kept apart (trained on): the base is the bare one
